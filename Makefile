@@ -1,0 +1,30 @@
+# Two entry points on a fresh clone:
+#   make demo  -> creates .venv, installs fop with the benchmark extra, runs fop-bench's default
+#   make test  -> creates .venv, installs fop with the test extra, runs the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# A CPU build of torch; users with a GPU install their own torch (fop needs torch>=2.3).
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: venv demo test install-test
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+
+venv: $(PY)
+
+demo: $(PY)
+	$(PIP) install -q -e ".[bench]"
+	$(VENV)/bin/fop-bench
+
+install-test: $(PY)
+	$(PIP) install -q -e ".[test]"
+	# independent K-FAC reference for tests/test_crosscheck.py; --no-deps keeps torchvision out
+	$(PIP) install -q --no-deps curvlinops-for-pytorch einconv linear_operator backpack-for-pytorch
+
+test: install-test
+	$(PY) -m pytest -q

@@ -1,0 +1,11 @@
+"""fop: FOP (Fisher-Orthogonal Projection) and K-FAC optimizers for PyTorch.
+
+    from fop import FOP
+    optimizer = FOP(model, lr=0.1)   # the one line that changes in a training loop
+"""
+
+from . import functional
+from .optimizer import FOP, KFAC, KroneckerOptimizer
+
+__all__ = ["FOP", "KFAC", "KroneckerOptimizer", "functional"]
+__version__ = "0.1.0"

@@ -1,0 +1,244 @@
+"""The mathematics of K-FAC and FOP for one layer, as plain functions.
+
+Notation (see ``docs/fop-algorithm.md`` of the project): a layer's gradient is a matrix ``X`` of
+shape ``(out, in)`` (bias folded in as the last input column). The Kronecker factors are
+``A`` (in, in), the second moment of the layer inputs, and ``G`` (out, out), the second moment of the
+per-sample output gradients. The Fisher block is ``F = A ⊗ G`` and acts on a gradient matrix as::
+
+    F·X = G X A
+
+The damped Fisher is ``M = F + λI``. With the eigendecompositions ``A = Q_A diag(a) Q_Aᵀ`` and
+``G = Q_G diag(g) Q_Gᵀ`` the damping is exact (not the usual factored approximation)::
+
+    M⁻¹X = Q_G [ (Q_Gᵀ X Q_A) / (g aᵀ + λ) ] Q_Aᵀ
+
+All functions accept leading batch dimensions (``(..., out, in)`` gradients with ``(..., in, in)``
+and ``(..., out, out)`` factors), so that layers of one shape can be processed together. None of
+them synchronises with the host: guards are expressed with ``torch.where``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Eigen",
+    "FOPDirection",
+    "compute_dtype",
+    "damped_inverse",
+    "damped_inverse_eigen",
+    "eigen_factor",
+    "fisher_inner",
+    "fisher_mv",
+    "fop_direction",
+    "fop_direction_eigen",
+    "inner",
+    "kfac_direction",
+    "kfac_direction_eigen",
+    "to_eigenbasis",
+    "from_eigenbasis",
+]
+
+
+class Eigen(NamedTuple):
+    """Eigendecomposition ``F = Q diag(values) Qᵀ`` of a symmetric positive semi-definite factor."""
+
+    values: Tensor
+    vectors: Tensor
+
+
+class FOPDirection(NamedTuple):
+    """Result of :func:`fop_direction`.
+
+    ``direction`` is ``η*·n_comb`` (the update before the learning rate), ``beta`` is ``β*``,
+    ``eta`` is ``η*`` and ``projection`` is the Fisher projection scalar ``s``.
+    """
+
+    direction: Tensor
+    beta: Tensor
+    eta: Tensor
+    projection: Tensor
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype curvature is computed in: float64 stays float64, everything else is float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def inner(x: Tensor, y: Tensor) -> Tensor:
+    """Frobenius inner product ``⟨X, Y⟩ = Σ_ij X_ij Y_ij`` over the last two dimensions."""
+    return (x * y).sum(dim=(-2, -1))
+
+
+def fisher_mv(x: Tensor, a: Tensor, g: Tensor) -> Tensor:
+    """Kronecker-factored Fisher-vector product ``(A ⊗ G)·X = G X A``."""
+    return g @ x @ a
+
+
+def fisher_inner(x: Tensor, y: Tensor, a: Tensor, g: Tensor) -> Tensor:
+    """Fisher inner product ``⟨X, F·Y⟩ = ⟨X, G Y A⟩``."""
+    return inner(x, fisher_mv(y, a, g))
+
+
+def eigen_factor(factor: Tensor, previous: Eigen | None = None) -> Eigen:
+    """Eigendecomposition of a symmetric PSD factor, with numerical guards.
+
+    The decomposition runs in float32 (float64 for float64 factors) whatever the autocast state.
+    If ``torch.linalg.eigh`` fails to converge it is retried in float64 with a small diagonal
+    jitter. Negative round-off eigenvalues are clamped to zero. Non-finite results never escape:
+    where they occur, ``previous`` is kept (or the identity basis with zero eigenvalues, i.e.
+    a plain damped gradient step, when there is no previous decomposition).
+    """
+    dtype = compute_dtype(factor.dtype)
+    sym = factor.to(dtype)
+    sym = 0.5 * (sym + sym.transpose(-2, -1))
+    with torch.autocast(device_type=sym.device.type, enabled=False):
+        try:
+            values, vectors = torch.linalg.eigh(sym)
+        except RuntimeError:  # ill-conditioned input: retry in float64 with a jitter
+            wide = sym.to(torch.float64)
+            n = wide.shape[-1]
+            jitter = 1e-10 * wide.diagonal(dim1=-2, dim2=-1).abs().mean(-1).clamp_min(1e-30)
+            wide = wide + jitter[..., None, None] * torch.eye(n, dtype=wide.dtype, device=wide.device)
+            try:
+                values, vectors = torch.linalg.eigh(wide)
+            except RuntimeError:
+                values = torch.full(sym.shape[:-1], float("nan"), dtype=torch.float64, device=sym.device)
+                vectors = torch.full_like(wide, float("nan"))
+            values, vectors = values.to(dtype), vectors.to(dtype)
+    values = values.clamp_min(0.0)
+    finite = torch.isfinite(values).all(-1) & torch.isfinite(vectors).all(dim=(-2, -1))
+    if previous is None:
+        n = sym.shape[-1]
+        fallback = Eigen(
+            torch.zeros_like(values),
+            torch.eye(n, dtype=dtype, device=sym.device).expand_as(sym),
+        )
+    else:
+        fallback = Eigen(previous.values.to(dtype), previous.vectors.to(dtype))
+    values = torch.where(finite[..., None], values, fallback.values)
+    vectors = torch.where(finite[..., None, None], vectors, fallback.vectors)
+    return Eigen(values, vectors)
+
+
+def to_eigenbasis(x: Tensor, eig_a: Eigen, eig_g: Eigen) -> Tensor:
+    """Rotate a gradient matrix into the Kronecker eigenbasis: ``X̃ = Q_Gᵀ X Q_A``."""
+    return eig_g.vectors.transpose(-2, -1) @ x @ eig_a.vectors
+
+
+def from_eigenbasis(x: Tensor, eig_a: Eigen, eig_g: Eigen) -> Tensor:
+    """Inverse of :func:`to_eigenbasis`: ``X = Q_G X̃ Q_Aᵀ``."""
+    return eig_g.vectors @ x @ eig_a.vectors.transpose(-2, -1)
+
+
+def _fisher_eigenvalues(eig_a: Eigen, eig_g: Eigen) -> Tensor:
+    """Eigenvalues of ``A ⊗ G`` laid out as an (out, in) matrix: ``g aᵀ``."""
+    return eig_g.values[..., :, None] * eig_a.values[..., None, :]
+
+
+def damped_inverse_eigen(x: Tensor, eig_a: Eigen, eig_g: Eigen, damping: float | Tensor) -> Tensor:
+    """``M⁻¹X = (A ⊗ G + λI)⁻¹ X`` from the factors' eigendecompositions (exact damping)."""
+    rotated = to_eigenbasis(x, eig_a, eig_g)
+    return from_eigenbasis(rotated / (_fisher_eigenvalues(eig_a, eig_g) + damping), eig_a, eig_g)
+
+
+def damped_inverse(x: Tensor, a: Tensor, g: Tensor, damping: float | Tensor) -> Tensor:
+    """``M⁻¹X = (A ⊗ G + λI)⁻¹ X`` from the factors themselves (decomposes them first)."""
+    dtype = compute_dtype(x.dtype)
+    return damped_inverse_eigen(x.to(dtype), eigen_factor(a), eigen_factor(g), damping)
+
+
+def kfac_direction_eigen(grad: Tensor, eig_a: Eigen, eig_g: Eigen, damping: float | Tensor) -> Tensor:
+    """K-FAC's natural-gradient direction ``M⁻¹ g`` (alias of :func:`damped_inverse_eigen`)."""
+    return damped_inverse_eigen(grad, eig_a, eig_g, damping)
+
+
+def kfac_direction(grad: Tensor, a: Tensor, g: Tensor, damping: float | Tensor) -> Tensor:
+    """K-FAC's natural-gradient direction ``(A ⊗ G + λI)⁻¹ g`` for one layer."""
+    return damped_inverse(grad, a, g, damping)
+
+
+def fop_direction_eigen(
+    g1: Tensor,
+    g2: Tensor,
+    eig_a: Eigen,
+    eig_g: Eigen,
+    damping: float | Tensor,
+    eps: float = 1e-12,
+    projection: bool = True,
+) -> FOPDirection:
+    """FOP's layer direction from the factors' eigendecompositions; see :func:`fop_direction`.
+
+    Everything happens in the eigenbasis, where ``F`` and ``M⁻¹`` are diagonal and the inner
+    products are unchanged (the basis is orthogonal): four small matmuls rotate ``g_avg`` and
+    ``g_diff`` in, two rotate ``n_comb`` out.
+    """
+    avg = to_eigenbasis(0.5 * (g1 + g2), eig_a, eig_g)
+    fisher = _fisher_eigenvalues(eig_a, eig_g)
+    inv_m = 1.0 / (fisher + damping)
+    n_avg = avg * inv_m
+    a_avg = inner(avg, n_avg)  # ⟨g_avg, M⁻¹ g_avg⟩
+    if not projection:
+        zero = torch.zeros_like(a_avg)
+        return FOPDirection(from_eigenbasis(n_avg, eig_a, eig_g), zero, torch.ones_like(a_avg), zero)
+
+    diff = to_eigenbasis(g1 - g2, eig_a, eig_g)
+    f_avg = fisher * avg  # F·g_avg
+    s = inner(diff, f_avg) / (inner(avg, f_avg) + eps)
+    perp = diff - s[..., None, None] * avg  # Fisher-orthogonal to g_avg
+    n_perp = perp * inv_m
+    b = inner(avg, n_perp)  # ⟨g_avg, M⁻¹ g_perp⟩
+    c = inner(perp, n_perp)  # ⟨g_perp, M⁻¹ g_perp⟩ ≥ 0
+    tiny = torch.finfo(c.dtype).eps * a_avg.abs()
+    beta = torch.where(c > tiny, b / torch.where(c > tiny, c, torch.ones_like(c)), torch.zeros_like(c))
+    n_comb = n_avg + beta[..., None, None] * n_perp
+    # ⟨g_avg, n_comb⟩ and ⟨g_comb, n_comb⟩ in closed form (M⁻¹ is symmetric)
+    numer = a_avg + beta * b
+    denom = a_avg + 2.0 * beta * b + beta * beta * c
+    eta = torch.where(denom > 0, numer / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.ones_like(denom))
+    direction = from_eigenbasis(eta[..., None, None] * n_comb, eig_a, eig_g)
+    return FOPDirection(direction, beta, eta, s)
+
+
+def fop_direction(
+    g1: Tensor,
+    g2: Tensor,
+    a: Tensor,
+    g: Tensor,
+    damping: float | Tensor,
+    eps: float = 1e-12,
+    projection: bool = True,
+) -> FOPDirection:
+    """FOP's update direction for one layer, before the learning rate.
+
+    Given the mean-loss gradients ``g1``, ``g2`` of the two sub-batches (``(out, in)`` matrices),
+    the Kronecker factors ``A`` (in, in), ``G`` (out, out) and the damping ``λ``::
+
+        g_avg  = (g1 + g2) / 2,          g_diff = g1 − g2
+        s      = ⟨g_diff, F g_avg⟩ / (⟨g_avg, F g_avg⟩ + ε)           (Fisher projection)
+        g_perp = g_diff − s g_avg                                   (⟨g_avg, F g_perp⟩ = 0)
+        n_avg  = M⁻¹ g_avg,              n_perp = M⁻¹ g_perp,       M = A ⊗ G + λI
+        β*     = ⟨g_avg, n_perp⟩ / ⟨g_perp, n_perp⟩                 (0 if ⟨g_perp, n_perp⟩ ≈ 0)
+        g_comb = g_avg + β* g_perp,      n_comb = n_avg + β* n_perp
+        η*     = ⟨g_avg, n_comb⟩ / ⟨g_comb, n_comb⟩
+        return   η* · n_comb
+
+    ``β*`` minimises the paper's quadratic model of ``L1 + L2`` along ``n_comb(β)``:
+    ``m(β) = −⟨g1 + g2, n_comb(β)⟩ + ½⟨n_comb(β), M n_comb(β)⟩``.
+
+    ``η*`` uses the convention ``g_tot = g_avg`` (the paper's Eq. 17 writes ``g1 + g2``, which only
+    doubles it): it minimises the model of the *mean* loss ``(L1 + L2)/2`` along ``n_comb``,
+    ``m(η) = −η⟨g_avg, n_comb⟩ + ½η²⟨n_comb, M n_comb⟩``. With
+    ``r = ⟨g_avg, n_perp⟩² / (⟨g_perp, n_perp⟩⟨g_avg, n_avg⟩) ∈ [0, 1]`` this is
+    ``η* = (1 + r) / (1 + 3r) ∈ [½, 1]``, and ``η* = 1`` when ``β* = 0``: with ``projection=False``
+    (``β* = 0``) the result is exactly K-FAC's step ``M⁻¹ g_avg``.
+
+    Returns a :class:`FOPDirection` ``(direction, beta, eta, projection)``.
+    """
+    dtype = compute_dtype(g1.dtype)
+    return fop_direction_eigen(
+        g1.to(dtype), g2.to(dtype), eigen_factor(a), eigen_factor(g), damping, eps, projection
+    )

@@ -1,0 +1,437 @@
+"""``FOP`` and ``KFAC``: one Kronecker-factored engine, with and without the Fisher-orthogonal projection.
+
+A drop-in ``torch.optim.Optimizer`` built from the *model*::
+
+    optimizer = FOP(model, lr=0.1)
+    for x, y in loader:
+        optimizer.zero_grad()
+        loss_fn(model(x), y).backward()
+        optimizer.step()
+
+Module hooks capture each supported layer's inputs and output gradients during the ordinary
+backward pass (see :mod:`fop.curvature`); ``step()`` turns them into Kronecker factors, the two
+sub-batch gradients and the update. Parameters outside supported layers follow a first-order rule
+(SGD with momentum or AdamW) on the averaged gradient, in their own parameter group.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Iterable, Union
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from . import functional as Fn
+from .curvature import CaptureMode, KroneckerLayer, LayerStats, make_layer, supports
+from .first_order import adamw_update, masked_copy_, sgd_update
+
+__all__ = ["FOP", "KFAC", "KroneckerOptimizer"]
+
+Interval = Union[int, Callable[[int], int]]
+ExcludeSpec = Iterable[Union[nn.Module, str, type]]
+
+_FALLBACK_RULES = ("sgd", "adamw")
+_FACTOR_KEYS = ("A", "G", "A_values", "A_vectors", "G_values", "G_vectors")
+
+
+class KroneckerOptimizer(Optimizer):
+    """Shared engine of :class:`FOP` and :class:`KFAC` (``projection`` tells them apart).
+
+    Args:
+        model: the module to train. Its ``nn.Linear`` and ``nn.Conv2d`` (``groups=1``) layers get
+            Kronecker curvature; every other trainable parameter goes to the fallback group.
+        lr: base learning rate ``η0`` of the curvature group.
+        momentum: momentum of the update ``θ ← θ − lr·buf``, ``buf ← μ·buf + d`` (as torch SGD).
+        weight_decay: L2 term ``wd·θ`` added to the preconditioned direction (and, for the
+            fallback group, as SGD's coupled or AdamW's decoupled decay).
+        nesterov: Nesterov momentum.
+        damping: ``λ`` in ``M = A ⊗ G + λI``, applied exactly through the factors' eigenbases.
+        factor_decay: running-average decay of the factors, ``A ← ρA + (1−ρ)A_batch``.
+        curvature_update_interval: capture factor statistics every this many steps (an ``int``
+            or a callable ``step -> int``).
+        inverse_update_interval: recompute the eigendecompositions every this many steps.
+        projection_eps: ``ε`` in the projection scalar ``s = ⟨g_diff, F g_avg⟩/(⟨g_avg, F g_avg⟩+ε)``.
+        fallback: ``"sgd"`` or ``"adamw"``, the rule for parameters outside supported layers.
+        fallback_lr: learning rate of the fallback group (default ``lr`` for SGD, 1e-3 for AdamW).
+        fallback_betas, fallback_eps: AdamW's coefficients for the fallback group.
+        exclude: modules (instances, names as in ``model.named_modules()`` or types) kept out of
+            curvature; their parameters use the fallback rule (e.g. ``exclude=[model.fc]``).
+    """
+
+    projection: bool = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float | Tensor = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        damping: float = 1e-3,
+        factor_decay: float = 0.95,
+        curvature_update_interval: Interval = 10,
+        inverse_update_interval: Interval = 10,
+        projection_eps: float = 1e-12,
+        fallback: str = "sgd",
+        fallback_lr: float | None = None,
+        fallback_betas: tuple[float, float] = (0.9, 0.999),
+        fallback_eps: float = 1e-8,
+        exclude: ExcludeSpec = (),
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"{type(self).__name__} takes the model (an nn.Module), not {type(model).__name__}: "
+                f"it hooks the model's layers; write {type(self).__name__}(model, lr=...)"
+            )
+        _check_nonneg("lr", lr)
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        _check_nonneg("weight_decay", weight_decay)
+        if nesterov and momentum <= 0:
+            raise ValueError("nesterov=True requires momentum > 0")
+        if not (isinstance(damping, (int, float)) and damping > 0):
+            raise ValueError(f"damping must be a positive float, got {damping!r}")
+        if not 0.0 <= factor_decay < 1.0:
+            raise ValueError(f"factor_decay must be in [0, 1), got {factor_decay}")
+        _check_interval("curvature_update_interval", curvature_update_interval)
+        _check_interval("inverse_update_interval", inverse_update_interval)
+        if not projection_eps >= 0:
+            raise ValueError(f"projection_eps must be >= 0, got {projection_eps}")
+        if fallback not in _FALLBACK_RULES:
+            raise ValueError(f"fallback must be one of {_FALLBACK_RULES}, got {fallback!r}")
+        if fallback_lr is not None:
+            _check_nonneg("fallback_lr", fallback_lr)
+        if not (len(fallback_betas) == 2 and all(0.0 <= b < 1.0 for b in fallback_betas)):
+            raise ValueError(f"fallback_betas must be two floats in [0, 1), got {fallback_betas}")
+        if not fallback_eps > 0:
+            raise ValueError(f"fallback_eps must be > 0, got {fallback_eps}")
+
+        self.curvature_update_interval = curvature_update_interval
+        self.inverse_update_interval = inverse_update_interval
+        self._mode = CaptureMode(halves=self.projection, factors=True, total=not self.projection)
+        self.layers: list[KroneckerLayer] = _discover_layers(model, exclude, self._mode)
+        self._steps = 0  # step() calls: drives the update intervals
+        self._warned: set[str] = set()
+
+        curvature_ids = {id(p) for layer in self.layers for p in layer.params()}
+        rest = [p for p in _unique_params(model) if id(p) not in curvature_ids]
+        defaults = dict(
+            lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov, damping=damping,
+            factor_decay=factor_decay, projection_eps=projection_eps, rule=fallback,
+            betas=tuple(fallback_betas), eps=fallback_eps,
+        )  # fmt: skip
+        groups: list[dict[str, Any]] = []
+        if self.layers:
+            groups.append({"params": [p for layer in self.layers for p in layer.params()], "rule": "kronecker"})
+        if rest:
+            if fallback_lr is None:
+                fallback_lr = lr if fallback == "sgd" else 1e-3
+            groups.append({"params": rest, "rule": fallback, "lr": fallback_lr})
+        super().__init__(groups, defaults)
+        for layer in self.layers:
+            layer.attach()
+        self._skipped = torch.zeros((), dtype=torch.int64, device=_device_of(model))
+        if not self.layers:
+            warnings.warn(
+                f"{type(self).__name__}: the model has no supported layer (Linear, Conv2d with groups=1); "
+                f"every parameter uses the '{fallback}' fallback rule",
+                stacklevel=2,
+            )
+
+    # ------------------------------------------------------------------------------ torch.optim API
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group of parameters; user-added groups follow the fallback rule (``rule`` key)."""
+        rule = param_group.setdefault("rule", self.defaults["rule"])
+        if rule == "kronecker" and getattr(self, "_kronecker_group_added", False):
+            raise ValueError("the 'kronecker' group is made by the constructor; added groups take rule 'sgd' or 'adamw'")
+        self._kronecker_group_added = getattr(self, "_kronecker_group_added", False) or rule == "kronecker"
+        if rule not in _FALLBACK_RULES + ("kronecker",):
+            raise ValueError(f"param group rule must be one of {_FALLBACK_RULES}, got {rule!r}")
+        super().add_param_group(param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As ``Optimizer.zero_grad``, and drops the statistics captured since the last step."""
+        super().zero_grad(set_to_none=set_to_none)
+        for layer in self.layers:
+            layer.reset()
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["fop"] = {"steps": self._steps, "skipped_steps": self._skipped.clone()}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("fop", None)
+        if extra is None:
+            raise ValueError(
+                f"not a {type(self).__name__} checkpoint: the 'fop' entry (step counters) is missing; "
+                "load a state_dict() saved from FOP or KFAC"
+            )
+        super().load_state_dict(state_dict)
+        for layer in self.layers:
+            state = self.state.get(layer.weight, {})
+            dtype = Fn.compute_dtype(layer.weight.dtype)
+            for key in _FACTOR_KEYS:
+                if key in state:
+                    state[key] = state[key].to(dtype)
+        self._steps = int(extra["steps"])
+        self._skipped = extra["skipped_steps"].to(self._skipped.device).clone()
+        for layer in self.layers:
+            layer.reset()
+        self._set_capture_mode()
+
+    # ------------------------------------------------------------------------------ diagnostics
+    @property
+    def skipped_steps(self) -> Tensor:
+        """Number of steps skipped because of non-finite gradients (a device tensor)."""
+        return self._skipped
+
+    def diagnostics(self) -> dict[str, dict[str, Tensor]]:
+        """Per-layer ``beta`` (β*), ``eta`` (η*) and ``projection`` (s) of the last step.
+
+        Values are device tensors (reading them synchronises); K-FAC reports β* = 0, η* = 1.
+        """
+        return {layer.name: dict(layer.last) for layer in self.layers if getattr(layer, "last", None)}
+
+    def remove_hooks(self) -> None:
+        """Detach the module hooks (the optimizer then no longer sees curvature)."""
+        for layer in self.layers:
+            layer.detach()
+
+    # ------------------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """One optimization step (``closure`` is supported but not needed)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        ok = self._finite_gradients()
+        inverse_step = self._steps % _interval_at(self.inverse_update_interval, self._steps) == 0
+        for group in self.param_groups:
+            if group["rule"] == "kronecker":
+                self._kronecker_step(group, ok, inverse_step)
+            else:
+                self._first_order_step(group, [p for p in group["params"] if p.grad is not None], ok)
+        self._skipped.add_((~ok).to(self._skipped.dtype))
+        self._steps += 1
+        self._set_capture_mode()
+        return loss
+
+    def _finite_gradients(self) -> Tensor:
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return torch.ones((), dtype=torch.bool, device=self._skipped.device)
+        norms = torch._foreach_norm(grads)
+        return torch.isfinite(torch.stack([n.to(norms[0].device, torch.float32) for n in norms]).sum())
+
+    def _set_capture_mode(self) -> None:
+        k = self._steps
+        missing = any("A" not in self.state.get(layer.weight, {}) for layer in self.layers)
+        self._mode.factors = missing or k % _interval_at(self.curvature_update_interval, k) == 0
+        self._mode.total = self._mode.factors and not self.projection
+
+    def _kronecker_step(self, group: dict[str, Any], ok: Tensor, inverse_step: bool) -> None:
+        params, directions = [], []
+        for layer in self.layers:
+            grad = layer.folded_param_grad()
+            if grad is None:  # frozen or unused this step
+                layer.reset()
+                continue
+            if not layer.captured():
+                self._warn_once(
+                    layer.name,
+                    f"{layer.name}: its parameters got gradients without passing through the module's "
+                    "forward (e.g. F.linear(x, module.weight)); they get the first-order rule this step",
+                )
+                params += layer.params()
+                directions += [p.grad if p.grad is not None else torch.zeros_like(p) for p in layer.params()]
+                continue
+            stats = layer.collect()
+            state = self.state[layer.weight]
+            ratio = _loss_scale_ratio(grad, stats.total) if stats.total is not None else None
+            if stats.a is not None and ratio is not None:
+                self._update_factors(state, stats, ratio, group["factor_decay"], ok)
+            if "A" not in state:  # no factors yet: plain gradient this once
+                direction = grad
+            else:
+                if inverse_step or "A_values" not in state:
+                    self._update_eigen(state)
+                direction = self._direction(layer, state, grad, stats, ratio, group)
+            params += layer.params()
+            directions += layer.unfold_direction(direction)
+        self._apply_sgd(group, params, directions, ok)
+
+    def _update_factors(self, state: dict, stats: LayerStats, ratio: Tensor, decay: float, ok: Tensor) -> None:
+        assert stats.a is not None and stats.gg is not None
+        a_new, g_new = stats.a, stats.gg * ratio * ratio
+        if "A" not in state:
+            state["A"], state["G"] = a_new.clone(), g_new.clone()
+            # a first capture with non-finite values must not poison the state
+            eye_a = torch.eye(a_new.shape[0], dtype=a_new.dtype, device=a_new.device)
+            eye_g = torch.eye(g_new.shape[0], dtype=g_new.dtype, device=g_new.device)
+            good = ok & torch.isfinite(a_new).all() & torch.isfinite(g_new).all()
+            state["A"] = torch.where(good, a_new, eye_a)
+            state["G"] = torch.where(good, g_new, eye_g)
+            return
+        good = ok & torch.isfinite(a_new).all() & torch.isfinite(g_new).all()
+        masked_copy_(state["A"], torch.lerp(state["A"], a_new, 1 - decay), good)
+        masked_copy_(state["G"], torch.lerp(state["G"], g_new, 1 - decay), good)
+
+    def _update_eigen(self, state: dict) -> None:
+        previous_a = Fn.Eigen(state["A_values"], state["A_vectors"]) if "A_values" in state else None
+        previous_g = Fn.Eigen(state["G_values"], state["G_vectors"]) if "G_values" in state else None
+        eig_a = Fn.eigen_factor(state["A"], previous_a)
+        eig_g = Fn.eigen_factor(state["G"], previous_g)
+        state["A_values"], state["A_vectors"] = eig_a
+        state["G_values"], state["G_vectors"] = eig_g
+
+    def _direction(
+        self, layer: KroneckerLayer, state: dict, grad: Tensor, stats: LayerStats, ratio: Tensor | None,
+        group: dict[str, Any],
+    ) -> Tensor:  # fmt: skip
+        eig_a = Fn.Eigen(state["A_values"], state["A_vectors"])
+        eig_g = Fn.Eigen(state["G_values"], state["G_vectors"])
+        damping = group["damping"]
+        if self.projection and stats.g1 is not None and stats.g2 is not None and not stats.single_sample:
+            assert ratio is not None
+            result = Fn.fop_direction_eigen(
+                stats.g1 * ratio, stats.g2 * ratio, eig_a, eig_g, damping, group["projection_eps"]
+            )
+            layer.last = {"beta": result.beta, "eta": result.eta, "projection": result.projection}
+            return result.direction
+        if self.projection:
+            self._warn_once(
+                f"single:{layer.name}",
+                f"{layer.name}: a forward batch of one sample cannot be split in two halves; "
+                "this step is a K-FAC step (beta = 0, eta = 1) for the layer",
+            )
+        zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
+        layer.last = {"beta": zero, "eta": torch.ones_like(zero), "projection": zero}
+        return Fn.kfac_direction_eigen(grad, eig_a, eig_g, damping)
+
+    def _apply_sgd(self, group: dict[str, Any], params: list[Tensor], directions: list[Tensor], ok: Tensor) -> None:
+        buffers = [self.state[p].get("momentum_buffer") for p in params]
+        new_buffers = sgd_update(
+            params, directions, buffers, lr=group["lr"], momentum=group["momentum"],
+            weight_decay=group["weight_decay"], nesterov=group["nesterov"], ok=ok,
+        )  # fmt: skip
+        for p, buf in zip(params, new_buffers):
+            if buf is not None:
+                self.state[p]["momentum_buffer"] = buf
+
+    def _first_order_step(self, group: dict[str, Any], params: list[Tensor], ok: Tensor) -> None:
+        if group["rule"] == "sgd":
+            self._apply_sgd(group, params, [p.grad for p in params], ok)
+        else:
+            adamw_update(
+                params, [p.grad for p in params], [self.state[p] for p in params], lr=group["lr"],
+                betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"], ok=ok,
+            )  # fmt: skip
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, stacklevel=4)
+
+
+class FOP(KroneckerOptimizer):
+    """Fisher-Orthogonal Projection (Lu & Armour, AAAI 2026) for Linear and Conv2d layers.
+
+    Each forward batch is split into two halves; per layer, the Fisher-orthogonal component of
+    the halves' gradient difference is mixed into K-FAC's natural gradient with the layer-wise
+    coefficients ``β*`` and ``η*`` of :func:`fop.functional.fop_direction`. Arguments: see
+    :class:`KroneckerOptimizer`.
+    """
+
+    projection = True
+
+
+class KFAC(KroneckerOptimizer):
+    """K-FAC with exactly damped Kronecker factors: the FOP engine with ``β* = 0`` and ``η* = 1``.
+
+    Arguments: see :class:`KroneckerOptimizer`.
+    """
+
+    projection = False
+
+
+# ---------------------------------------------------------------------------------- helpers
+def _loss_scale_ratio(param_grad: Tensor, hooked_total: Tensor) -> Tensor:
+    """``r = ⟨p.grad, C⟩ / ⟨C, C⟩``: what ``step()`` sees relative to what the hooks saw.
+
+    The hooks see the back-propagated loss, ``p.grad`` the gradient the user hands to the step
+    (unscaled by ``GradScaler``, possibly clipped): ``p.grad = r·C``. Scaling the captured
+    sub-batch gradients by ``r`` and the output-gradient factor by ``r²`` makes everything refer to
+    the loss whose gradient is ``p.grad``, without being told the scale.
+    """
+    cc = Fn.inner(hooked_total, hooked_total)
+    gc = Fn.inner(param_grad, hooked_total)
+    return torch.where(cc > 0, gc / torch.where(cc > 0, cc, torch.ones_like(cc)), torch.ones_like(cc))
+
+
+def _discover_layers(model: nn.Module, exclude: ExcludeSpec, mode: CaptureMode) -> list[KroneckerLayer]:
+    excluded_modules: set[int] = set()
+    excluded_names: set[str] = set()
+    excluded_types: tuple[type, ...] = ()
+    for item in exclude:
+        if isinstance(item, nn.Module):
+            excluded_modules.add(id(item))
+        elif isinstance(item, str):
+            excluded_names.add(item)
+        elif isinstance(item, type):
+            excluded_types += (item,)
+        else:
+            raise TypeError(f"exclude takes modules, module names or module types, got {item!r}")
+    names = {name for name, _ in model.named_modules()}
+    unknown = excluded_names - names
+    if unknown:
+        raise ValueError(f"exclude names not found in the model: {sorted(unknown)}")
+    layers, seen = [], set()
+    for name, module in model.named_modules():
+        if id(module) in seen or not supports(module):
+            continue
+        seen.add(id(module))
+        if id(module) in excluded_modules or name in excluded_names or isinstance(module, excluded_types):
+            continue
+        if not module.weight.requires_grad:  # frozen at construction: nothing to precondition
+            continue
+        layers.append(make_layer(name or type(module).__name__, module, mode))
+    return layers
+
+
+def _unique_params(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _check_nonneg(name: str, value: float | Tensor) -> None:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} as a Tensor must have one element")
+        value = float(value)
+    if not (isinstance(value, (int, float)) and value >= 0):
+        raise ValueError(f"{name} must be a float >= 0, got {value!r}")
+
+
+def _check_interval(name: str, value: Interval) -> None:
+    if callable(value):
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1 or a callable step -> int, got {value!r}")
+
+
+def _interval_at(interval: Interval, step: int) -> int:
+    value = interval(step) if callable(interval) else interval
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"update interval callable returned {value!r} at step {step}; it must return an int >= 1")
+    return value
+
