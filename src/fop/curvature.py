@@ -27,9 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import compute_dtype
+from .functional import compute_dtype, inner
 
-__all__ = ["CaptureMode", "KroneckerLayer", "LinearLayer", "Conv2dLayer", "LayerStats", "make_layer", "supports"]
+__all__ = [
+    "CaptureMode", "KroneckerLayer", "LinearLayer", "Conv2dLayer", "LayerStats", "LayerWork", "make_layer", "supports",
+]  # fmt: skip
 
 # Large convolutions unfold their patches in chunks of this many samples to bound memory.
 _UNFOLD_CHUNK = 256
@@ -61,6 +63,47 @@ class LayerStats:
     a: Tensor | None = None
     gg: Tensor | None = None
     single_sample: bool = False  # some forward had one sample: the halves are not available
+
+
+@dataclass
+class LayerWork:
+    """One layer's inputs to a step, in the units of ``p.grad`` (compute dtype, folded).
+
+    ``grad`` is the averaged gradient, ``g1``/``g2`` the sub-batch gradients (None for K-FAC or
+    when a batch could not be split), ``a``/``g`` this step's factor estimates (None when the step
+    captured no curvature). ``direction`` is filled in by the layer's owner.
+    """
+
+    layer: KroneckerLayer
+    grad: Tensor
+    g1: Tensor | None = None
+    g2: Tensor | None = None
+    a: Tensor | None = None
+    g: Tensor | None = None
+    direction: Tensor | None = None
+
+    @classmethod
+    def from_capture(cls, layer: KroneckerLayer, halves: bool) -> LayerWork:
+        """Collect the layer's captured statistics and rescale them to ``p.grad``'s loss.
+
+        The hooks see the back-propagated loss, ``p.grad`` the gradient handed to the step
+        (unscaled by ``GradScaler``, possibly clipped): ``p.grad = r·C`` with ``C`` the hooks'
+        total, ``r = ⟨p.grad, C⟩/⟨C, C⟩``. Sub-batch gradients are scaled by ``r``, the
+        output-gradient factor by ``r²``, so all refer to the loss whose gradient is ``p.grad``.
+        """
+        grad = layer.folded_param_grad()
+        assert grad is not None
+        stats = layer.collect()
+        work = cls(layer, grad)
+        if stats.total is None:
+            return work
+        cc = inner(stats.total, stats.total)
+        ratio = torch.where(cc > 0, inner(grad, stats.total) / torch.where(cc > 0, cc, torch.ones_like(cc)), 1.0)
+        if halves and stats.g1 is not None and stats.g2 is not None and not stats.single_sample:
+            work.g1, work.g2 = stats.g1 * ratio, stats.g2 * ratio
+        if stats.a is not None and stats.gg is not None:
+            work.a, work.g = stats.a, stats.gg * (ratio * ratio)
+        return work
 
 
 @dataclass

@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import functional as Fn
-from .curvature import CaptureMode, KroneckerLayer, LayerStats, make_layer, supports
+from .curvature import CaptureMode, KroneckerLayer, LayerWork, make_layer, supports
+from .distributed import Communicator, LocalCommunicator
 from .first_order import adamw_update, masked_copy_, sgd_update
 
 __all__ = ["FOP", "KFAC", "KroneckerOptimizer"]
@@ -112,6 +113,7 @@ class KroneckerOptimizer(Optimizer):
         self.inverse_update_interval = inverse_update_interval
         self._mode = CaptureMode(halves=self.projection, factors=True, total=not self.projection)
         self.layers: list[KroneckerLayer] = _discover_layers(model, exclude, self._mode)
+        self.communicator: Communicator = LocalCommunicator()
         self._steps = 0  # step() calls: drives the update intervals
         self._warned: set[str] = set()
 
@@ -213,9 +215,12 @@ class KroneckerOptimizer(Optimizer):
         inverse_step = self._steps % _interval_at(self.inverse_update_interval, self._steps) == 0
         for group in self.param_groups:
             if group["rule"] == "kronecker":
-                self._kronecker_step(group, ok, inverse_step)
-            else:
-                self._first_order_step(group, [p for p in group["params"] if p.grad is not None], ok)
+                ok = self._kronecker_step(group, ok, inverse_step)
+        for group in self.param_groups:
+            if group["rule"] != "kronecker":
+                params = [p for p in group["params"] if p.grad is not None]
+                ok = self.communicator.reduce_first_order(params, ok)
+                self._first_order_step(group, params, ok)
         self._skipped.add_((~ok).to(self._skipped.dtype))
         self._steps += 1
         self._set_capture_mode()
@@ -234,11 +239,11 @@ class KroneckerOptimizer(Optimizer):
         self._mode.factors = missing or k % _interval_at(self.curvature_update_interval, k) == 0
         self._mode.total = self._mode.factors and not self.projection
 
-    def _kronecker_step(self, group: dict[str, Any], ok: Tensor, inverse_step: bool) -> None:
-        params, directions = [], []
+    def _kronecker_step(self, group: dict[str, Any], ok: Tensor, inverse_step: bool) -> Tensor:
+        """Curvature layers: gather this step's work, reduce it, let owners compute, share, apply."""
+        params, directions, work = [], [], []
         for layer in self.layers:
-            grad = layer.folded_param_grad()
-            if grad is None:  # frozen or unused this step
+            if layer.weight.grad is None:  # frozen or unused this step
                 layer.reset()
                 continue
             if not layer.captured():
@@ -250,34 +255,39 @@ class KroneckerOptimizer(Optimizer):
                 params += layer.params()
                 directions += [p.grad if p.grad is not None else torch.zeros_like(p) for p in layer.params()]
                 continue
-            stats = layer.collect()
-            state = self.state[layer.weight]
-            ratio = _loss_scale_ratio(grad, stats.total) if stats.total is not None else None
-            if stats.a is not None and ratio is not None:
-                self._update_factors(state, stats, ratio, group["factor_decay"], ok)
-            if "A" not in state:  # no factors yet: plain gradient this once
-                direction = grad
-            else:
-                if inverse_step or "A_values" not in state:
-                    self._update_eigen(state)
-                direction = self._direction(layer, state, grad, stats, ratio, group)
-            params += layer.params()
-            directions += layer.unfold_direction(direction)
+            work.append(LayerWork.from_capture(layer, self.projection))
+        ok = self.communicator.reduce(work, ok)
+        for item in work:
+            if self.communicator.owns(item.layer):
+                item.direction = self._layer_direction(item, group, ok, inverse_step)
+        self.communicator.share(work)
+        for item in work:
+            assert item.direction is not None
+            params += item.layer.params()
+            directions += item.layer.unfold_direction(item.direction)
         self._apply_sgd(group, params, directions, ok)
+        return ok
 
-    def _update_factors(self, state: dict, stats: LayerStats, ratio: Tensor, decay: float, ok: Tensor) -> None:
-        assert stats.a is not None and stats.gg is not None
-        a_new, g_new = stats.a, stats.gg * ratio * ratio
+    def _layer_direction(self, item: LayerWork, group: dict[str, Any], ok: Tensor, inverse_step: bool) -> Tensor:
+        """Factor update, eigendecomposition and FOP/K-FAC direction of one layer (its owner's job)."""
+        state = self.state[item.layer.weight]
+        if item.a is not None and item.g is not None:
+            self._update_factors(state, item.a, item.g, group["factor_decay"], ok)
+        if "A" not in state:  # no factors yet: plain gradient this once
+            return item.grad
+        if inverse_step or "A_values" not in state:
+            self._update_eigen(state)
+        return self._direction(item, state, group)
+
+    def _update_factors(self, state: dict, a_new: Tensor, g_new: Tensor, decay: float, ok: Tensor) -> None:
+        good = ok & torch.isfinite(a_new).all() & torch.isfinite(g_new).all()
         if "A" not in state:
-            state["A"], state["G"] = a_new.clone(), g_new.clone()
             # a first capture with non-finite values must not poison the state
             eye_a = torch.eye(a_new.shape[0], dtype=a_new.dtype, device=a_new.device)
             eye_g = torch.eye(g_new.shape[0], dtype=g_new.dtype, device=g_new.device)
-            good = ok & torch.isfinite(a_new).all() & torch.isfinite(g_new).all()
             state["A"] = torch.where(good, a_new, eye_a)
             state["G"] = torch.where(good, g_new, eye_g)
             return
-        good = ok & torch.isfinite(a_new).all() & torch.isfinite(g_new).all()
         masked_copy_(state["A"], torch.lerp(state["A"], a_new, 1 - decay), good)
         masked_copy_(state["G"], torch.lerp(state["G"], g_new, 1 - decay), good)
 
@@ -289,18 +299,13 @@ class KroneckerOptimizer(Optimizer):
         state["A_values"], state["A_vectors"] = eig_a
         state["G_values"], state["G_vectors"] = eig_g
 
-    def _direction(
-        self, layer: KroneckerLayer, state: dict, grad: Tensor, stats: LayerStats, ratio: Tensor | None,
-        group: dict[str, Any],
-    ) -> Tensor:  # fmt: skip
+    def _direction(self, item: LayerWork, state: dict, group: dict[str, Any]) -> Tensor:
+        layer = item.layer
         eig_a = Fn.Eigen(state["A_values"], state["A_vectors"])
         eig_g = Fn.Eigen(state["G_values"], state["G_vectors"])
         damping = group["damping"]
-        if self.projection and stats.g1 is not None and stats.g2 is not None and not stats.single_sample:
-            assert ratio is not None
-            result = Fn.fop_direction_eigen(
-                stats.g1 * ratio, stats.g2 * ratio, eig_a, eig_g, damping, group["projection_eps"]
-            )
+        if self.projection and item.g1 is not None and item.g2 is not None:
+            result = Fn.fop_direction_eigen(item.g1, item.g2, eig_a, eig_g, damping, group["projection_eps"])
             layer.last = {"beta": result.beta, "eta": result.eta, "projection": result.projection}
             return result.direction
         if self.projection:
@@ -309,9 +314,9 @@ class KroneckerOptimizer(Optimizer):
                 f"{layer.name}: a forward batch of one sample cannot be split in two halves; "
                 "this step is a K-FAC step (beta = 0, eta = 1) for the layer",
             )
-        zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
+        zero = torch.zeros((), dtype=item.grad.dtype, device=item.grad.device)
         layer.last = {"beta": zero, "eta": torch.ones_like(zero), "projection": zero}
-        return Fn.kfac_direction_eigen(grad, eig_a, eig_g, damping)
+        return Fn.kfac_direction_eigen(item.grad, eig_a, eig_g, damping)
 
     def _apply_sgd(self, group: dict[str, Any], params: list[Tensor], directions: list[Tensor], ok: Tensor) -> None:
         buffers = [self.state[p].get("momentum_buffer") for p in params]
@@ -360,19 +365,6 @@ class KFAC(KroneckerOptimizer):
 
 
 # ---------------------------------------------------------------------------------- helpers
-def _loss_scale_ratio(param_grad: Tensor, hooked_total: Tensor) -> Tensor:
-    """``r = ⟨p.grad, C⟩ / ⟨C, C⟩``: what ``step()`` sees relative to what the hooks saw.
-
-    The hooks see the back-propagated loss, ``p.grad`` the gradient the user hands to the step
-    (unscaled by ``GradScaler``, possibly clipped): ``p.grad = r·C``. Scaling the captured
-    sub-batch gradients by ``r`` and the output-gradient factor by ``r²`` makes everything refer to
-    the loss whose gradient is ``p.grad``, without being told the scale.
-    """
-    cc = Fn.inner(hooked_total, hooked_total)
-    gc = Fn.inner(param_grad, hooked_total)
-    return torch.where(cc > 0, gc / torch.where(cc > 0, cc, torch.ones_like(cc)), torch.ones_like(cc))
-
-
 def _discover_layers(model: nn.Module, exclude: ExcludeSpec, mode: CaptureMode) -> list[KroneckerLayer]:
     excluded_modules: set[int] = set()
     excluded_names: set[str] = set()
