@@ -61,7 +61,8 @@ class KroneckerOptimizer(Optimizer):
             curvature; their parameters use the fallback rule (e.g. ``exclude=[model.fc]``).
     """
 
-    projection: bool = True
+    projection: bool = True  # FOP's projection on (the direction uses β*, η*)
+    splits_batch: bool = True  # the hooks form the two sub-batch gradients
 
     def __init__(
         self,
@@ -111,7 +112,7 @@ class KroneckerOptimizer(Optimizer):
 
         self.curvature_update_interval = curvature_update_interval
         self.inverse_update_interval = inverse_update_interval
-        self._mode = CaptureMode(halves=self.projection, factors=True, total=not self.projection)
+        self._mode = CaptureMode(halves=self.splits_batch, factors=True, total=not self.splits_batch)
         self.layers: list[KroneckerLayer] = _discover_layers(model, exclude, self._mode)
         self.communicator: Communicator = LocalCommunicator()
         self._steps = 0  # step() calls: drives the update intervals
@@ -237,7 +238,7 @@ class KroneckerOptimizer(Optimizer):
         k = self._steps
         missing = any("A" not in self.state.get(layer.weight, {}) for layer in self.layers)
         self._mode.factors = missing or k % _interval_at(self.curvature_update_interval, k) == 0
-        self._mode.total = self._mode.factors and not self.projection
+        self._mode.total = self._mode.factors and not self._mode.halves
 
     def _kronecker_step(self, group: dict[str, Any], ok: Tensor, inverse_step: bool) -> Tensor:
         """Curvature layers: gather this step's work, reduce it, let owners compute, share, apply."""
@@ -255,7 +256,7 @@ class KroneckerOptimizer(Optimizer):
                 params += layer.params()
                 directions += [p.grad if p.grad is not None else torch.zeros_like(p) for p in layer.params()]
                 continue
-            work.append(LayerWork.from_capture(layer, self.projection))
+            work.append(LayerWork.from_capture(layer, self._mode.halves))
         ok = self.communicator.reduce(work, ok)
         for item in work:
             if self.communicator.owns(item.layer):
@@ -304,11 +305,13 @@ class KroneckerOptimizer(Optimizer):
         eig_a = Fn.Eigen(state["A_values"], state["A_vectors"])
         eig_g = Fn.Eigen(state["G_values"], state["G_vectors"])
         damping = group["damping"]
-        if self.projection and item.g1 is not None and item.g2 is not None:
-            result = Fn.fop_direction_eigen(item.g1, item.g2, eig_a, eig_g, damping, group["projection_eps"])
+        if self.splits_batch and item.g1 is not None and item.g2 is not None:
+            result = Fn.fop_direction_eigen(
+                item.g1, item.g2, eig_a, eig_g, damping, group["projection_eps"], self.projection
+            )
             layer.last = {"beta": result.beta, "eta": result.eta, "projection": result.projection}
             return result.direction
-        if self.projection:
+        if self.splits_batch:
             self._warn_once(
                 f"single:{layer.name}",
                 f"{layer.name}: a forward batch of one sample cannot be split in two halves; "
@@ -349,10 +352,13 @@ class FOP(KroneckerOptimizer):
     Each forward batch is split into two halves; per layer, the Fisher-orthogonal component of
     the halves' gradient difference is mixed into K-FAC's natural gradient with the layer-wise
     coefficients ``β*`` and ``η*`` of :func:`fop.functional.fop_direction`. Arguments: see
-    :class:`KroneckerOptimizer`.
+    :class:`KroneckerOptimizer`; in addition ``projection=False`` switches the projection off
+    (``β* = 0``, ``η* = 1``: K-FAC on ``g_avg = (g1 + g2)/2``, for ablations).
     """
 
-    projection = True
+    def __init__(self, model: nn.Module, *args: Any, projection: bool = True, **kwargs: Any) -> None:
+        self.projection = projection
+        super().__init__(model, *args, **kwargs)
 
 
 class KFAC(KroneckerOptimizer):
@@ -362,6 +368,7 @@ class KFAC(KroneckerOptimizer):
     """
 
     projection = False
+    splits_batch = False
 
 
 # ---------------------------------------------------------------------------------- helpers

@@ -1,0 +1,149 @@
+"""Benchmark tasks: a model, a dataset and the default protocol settings, by name.
+
+A task is one :class:`Task` object registered with :func:`register` from a small module of this
+package (see :mod:`fop.bench.tasks.digits_mlp` for the shortest one); adding a task means adding a
+module and importing it at the bottom of this file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from fop.bench.data import ImageDataset
+from fop.bench.errors import BenchError
+
+__all__ = ["CurvatureDefaults", "DataOptions", "Task", "get_task", "register", "task_names"]
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """What the command line says about the data; each task uses the fields it needs."""
+
+    path: Path | None = None
+    subset: int | None = None
+    imbalance: float | None = None
+    cache_dir: Path | None = None
+    download: bool = False
+
+
+@dataclass(frozen=True)
+class CurvatureDefaults:
+    """K-FAC / FOP settings of a task.
+
+    ``reference_interval`` is the curvature (and inverse) update interval in steps at the task's
+    reference batch size; see :func:`fop.bench.optimizers.curvature_interval` for how it shrinks
+    with larger batches, down to ``min_interval``. ``fallback`` is the first-order rule of the
+    parameters outside Linear/Conv2d layers (``"sgd"`` or ``"adamw"``; with ``"adamw"`` their
+    learning rate follows the AdamW schedule of the task).
+    """
+
+    damping: float = 1e-3
+    factor_decay: float = 0.95
+    reference_interval: int = 50
+    min_interval: int = 5
+    fallback: str = "sgd"
+
+
+@dataclass(frozen=True)
+class Task:
+    """One benchmark task and its default protocol.
+
+    Attributes:
+        name: the ``--task`` value.
+        summary: one line for ``--list``.
+        load_data: reads the dataset (raises :class:`BenchError` on bad input).
+        build_model: ``(dataset, width) -> nn.Module``; ``width=None`` means the standard size.
+        default_target: accuracy target for a loaded dataset (it may depend on its ``kind``).
+        batch_sizes: default ``--batch-sizes``.
+        reference_batch: the batch size at which ``base_lrs`` hold (learning-rate scaling rule).
+        base_lrs: base learning rate per optimizer name at ``reference_batch``.
+        weight_decays: weight decay per optimizer name; the key ``"default"`` covers the others.
+        max_epochs: default ``--max-epochs`` (also the length of the cosine schedule).
+        warmup_epochs: linear warmup length, in epochs (fractions allowed).
+        crop_padding: random-crop padding of the augmentation (``None``: no augmentation).
+        curvature: K-FAC / FOP settings.
+        lr_grid: default ``--lr-grid`` (factors on the scaled learning rate).
+        max_micro_batch: largest micro-batch (gradient accumulation above it); ``None``: no limit.
+        metric: ``"accuracy"``, or ``"error"`` to report Top-1 error (100 − accuracy).
+        data_options: which :class:`DataOptions` fields the task reads (``"path"``, ``"imbalance"``).
+    """
+
+    name: str
+    summary: str
+    load_data: Callable[[DataOptions], ImageDataset]
+    build_model: Callable[[ImageDataset, int | None], nn.Module]
+    default_target: Callable[[ImageDataset], float]
+    batch_sizes: tuple[int, ...]
+    reference_batch: int
+    base_lrs: Mapping[str, float]
+    weight_decays: Mapping[str, float]
+    max_epochs: int
+    warmup_epochs: float
+    crop_padding: int | None = None
+    curvature: CurvatureDefaults = field(default_factory=CurvatureDefaults)
+    lr_grid: tuple[float, ...] = (1.0,)
+    seeds: tuple[int, ...] = (0,)
+    optimizers: tuple[str, ...] = ("sgd", "adamw", "kfac", "fop")
+    max_micro_batch: int | None = None
+    metric: str = "accuracy"
+    data_options: frozenset[str] = frozenset()
+
+    def weight_decay(self, optimizer: str) -> float:
+        """Weight decay of ``optimizer`` on this task."""
+        return self.weight_decays.get(optimizer, self.weight_decays["default"])
+
+
+_REGISTRY: dict[str, Task] = {}
+
+
+def register(task: Task) -> Task:
+    """Add ``task`` to the registry (names are unique) and return it."""
+    if task.name in _REGISTRY:
+        raise ValueError(f"task {task.name!r} is registered twice")
+    _REGISTRY[task.name] = task
+    return task
+
+
+def task_names() -> list[str]:
+    """Registered task names, in registration order (the default task first)."""
+    return list(_REGISTRY)
+
+
+def get_task(name: str) -> Task:
+    """The task called ``name``; :class:`BenchError` naming the choices if there is none."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise BenchError(f"unknown task {name!r} (choose from {', '.join(_REGISTRY)})") from None
+
+
+def targets_by_kind(targets: Mapping[str, float]) -> Callable[[ImageDataset], float]:
+    """A ``default_target`` looking the dataset's ``kind`` up in ``targets``."""
+
+    def default_target(dataset: ImageDataset) -> float:
+        try:
+            return targets[dataset.kind]
+        except KeyError:
+            raise BenchError(f"no default target for {dataset.kind} data; give --target") from None
+
+    return default_target
+
+
+def cifar10_from_options(options: DataOptions, task: str) -> ImageDataset:
+    """CIFAR-10 from ``options.path`` (the JPEG pack or an original folder), as the CIFAR tasks read it."""
+    from fop.bench.data import load_cifar10
+
+    if options.path is None:
+        raise BenchError(
+            f"task {task} needs --data PATH (the CIFAR-10 JPEG pack .npz or a CIFAR-10 folder; "
+            "or set FOP_CIFAR10_DATA)"
+        )
+    return load_cifar10(options.path, subset=options.subset, cache_dir=options.cache_dir, download=options.download)
+
+
+# Registration order is the order of `--list`; the first task is the default.
+from fop.bench.tasks import digits_mlp, cifar10_resnet18, cifar10_lt_resnet32, cifar10_vit  # noqa: E402,F401

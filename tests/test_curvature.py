@@ -1,0 +1,227 @@
+"""Hook-captured sub-batch gradients and Kronecker factors against separate float64 passes."""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fop import FOP, KFAC
+from fop.curvature import LayerWork
+
+DTYPE = torch.float64
+
+
+class SeqModel(nn.Module):
+    """Linear on (batch, seq, features) inputs: every position is a row of the factors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(4, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.inner(x)).mean(1))
+
+
+class TwiceModel(nn.Module):
+    """One Linear used twice in a forward: gradients of both uses add up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.shared(torch.tanh(self.shared(x))))
+
+
+def conv_model(**conv_kwargs) -> nn.Module:
+    conv = nn.Conv2d(3, 4, **conv_kwargs)
+    with torch.no_grad():
+        probe = conv(torch.zeros(1, 3, 7, 7))
+    return nn.Sequential(conv, nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(probe.numel(), 3))
+
+
+CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "linear": (lambda: nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=True), nn.Linear(6, 3)), (4,)),
+    "linear-no-bias": (lambda: nn.Sequential(nn.Linear(4, 6, bias=False), nn.Tanh(), nn.Linear(6, 3)), (4,)),
+    "linear-3d": (SeqModel, (5, 4)),
+    "linear-twice": (TwiceModel, (4,)),
+    "conv-3x3-pad1": (lambda: conv_model(kernel_size=3, padding=1), (3, 7, 7)),
+    "conv-stride2-nobias": (lambda: conv_model(kernel_size=3, stride=2, bias=False), (3, 7, 7)),
+    "conv-dilation2": (lambda: conv_model(kernel_size=3, dilation=2, padding=2), (3, 7, 7)),
+    "conv-rect-kernel": (lambda: conv_model(kernel_size=(2, 3), stride=(1, 2)), (3, 7, 7)),
+    "conv-same": (lambda: conv_model(kernel_size=4, padding="same"), (3, 7, 7)),
+    "conv-reflect": (lambda: conv_model(kernel_size=3, padding=1, padding_mode="reflect"), (3, 7, 7)),
+}
+
+
+def make(case: str, n: int, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(seed)
+    build, shape = CASES[case]
+    model = build().to(DTYPE)
+    x = torch.randn(n, *shape, dtype=DTYPE)
+    y = torch.randint(0, 3, (n,))
+    return model, x, y
+
+
+def folded_grads(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    modules = dict(model.named_modules())
+    out = {}
+    for name in names:
+        m = modules[name]
+        w = m.weight.grad.reshape(m.weight.shape[0], -1)
+        out[name] = w if m.bias is None else torch.cat([w, m.bias.grad[:, None]], 1)
+    return out
+
+
+def reference_grad(model: nn.Module, chunks: list[tuple[torch.Tensor, torch.Tensor]], names: list[str]) -> dict:
+    """Gradient of the mean loss over the union of ``chunks``, by a separate backward pass."""
+    ref = copy.deepcopy(model)
+    x = torch.cat([c[0] for c in chunks])
+    y = torch.cat([c[1] for c in chunks])
+    F.cross_entropy(ref(x), y).backward()
+    return folded_grads(ref, names)
+
+
+def captured(optimizer: FOP) -> dict[str, LayerWork]:
+    return {layer.name: LayerWork.from_capture(layer, True) for layer in optimizer.layers}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("n", [6, 7])
+def test_sub_batch_gradients_equal_separate_passes(case: str, n: int) -> None:
+    model, x, y = make(case, n)
+    reference = copy.deepcopy(model)
+    optimizer = FOP(model)
+    F.cross_entropy(model(x), y).backward()
+    work = captured(optimizer)
+    names = list(work)
+    n1 = (n + 1) // 2
+    g1 = reference_grad(reference, [(x[:n1], y[:n1])], names)
+    g2 = reference_grad(reference, [(x[n1:], y[n1:])], names)
+    for name in names:
+        torch.testing.assert_close(work[name].g1, g1[name], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(work[name].g2, g2[name], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["linear", "linear-3d", "conv-3x3-pad1"])
+def test_sub_batch_gradients_with_accumulation(case: str) -> None:
+    """Two micro-batches, loss/2 each: g1 is the mean-loss gradient of both first halves."""
+    model, x, y = make(case, 8)
+    reference = copy.deepcopy(model)
+    optimizer = FOP(model)
+    for chunk in (slice(0, 4), slice(4, 8)):
+        (F.cross_entropy(model(x[chunk]), y[chunk]) / 2).backward()
+    work = captured(optimizer)
+    names = list(work)
+    g1 = reference_grad(reference, [(x[0:2], y[0:2]), (x[4:6], y[4:6])], names)
+    g2 = reference_grad(reference, [(x[2:4], y[2:4]), (x[6:8], y[6:8])], names)
+    full = reference_grad(reference, [(x, y)], names)
+    for name in names:
+        torch.testing.assert_close(work[name].g1, g1[name], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(work[name].g2, g2[name], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(work[name].grad, full[name], rtol=1e-10, atol=1e-12)
+
+
+def patches_by_loops(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """Every receptive field of ``conv`` as a row, by explicit indexing (independent of unfold)."""
+    kh, kw = conv.kernel_size
+    sh, sw = conv.stride
+    dh, dw = conv.dilation
+    ph, pw = conv.padding
+    xp = F.pad(x, (pw, pw, ph, ph))
+    rows = []
+    for n in range(x.shape[0]):
+        for i in range(0, xp.shape[2] - dh * (kh - 1), sh):
+            for j in range(0, xp.shape[3] - dw * (kw - 1), sw):
+                rows.append(xp[n, :, i : i + dh * (kh - 1) + 1 : dh, j : j + dw * (kw - 1) + 1 : dw].reshape(-1))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("case", ["linear", "linear-3d", "conv-3x3-pad1", "conv-stride2-nobias", "conv-dilation2"])
+def test_factors_equal_explicit_second_moments(case: str) -> None:
+    model, x, y = make(case, 6)
+    for module in model.modules():  # retain_grad below must see the layer's own output
+        if isinstance(module, nn.ReLU):
+            module.inplace = False
+    optimizer = FOP(model)
+    layer = optimizer.layers[0]
+    inputs: list[torch.Tensor] = []
+    outputs: list[torch.Tensor] = []
+
+    def keep(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        inputs.append(args[0].detach())
+        out.retain_grad()
+        outputs.append(out)
+
+    layer.module.register_forward_hook(keep)
+    n = x.shape[0]
+    F.cross_entropy(model(x), y).backward()
+    work = captured(optimizer)[layer.name]
+    module = layer.module
+    if isinstance(module, nn.Conv2d):
+        rows = patches_by_loops(inputs[0], module)
+        deltas = outputs[0].grad.permute(0, 2, 3, 1).reshape(-1, module.out_channels)
+    else:
+        rows = inputs[0].reshape(-1, inputs[0].shape[-1])
+        deltas = outputs[0].grad.reshape(-1, outputs[0].shape[-1])
+    if module.bias is not None:
+        rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=DTYPE)], 1)
+    per_sample = deltas * n  # δ of a mean loss: n·∂L/∂out
+    torch.testing.assert_close(work.a, rows.T @ rows / rows.shape[0])
+    torch.testing.assert_close(work.g, per_sample.T @ per_sample / n)
+
+
+def test_eval_and_no_grad_forwards_leave_statistics_alone() -> None:
+    model, x, y = make("linear", 6)
+    optimizer = FOP(model)
+    model.eval()
+    F.cross_entropy(model(x), y).backward()
+    model.train()
+    with torch.no_grad():
+        model(x)
+    for layer in optimizer.layers:
+        assert not layer.captured()
+        assert layer._pending.a_rows == 0 and layer._pending.a_sum is None
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    assert all(layer.captured() for layer in optimizer.layers)
+
+
+def test_zero_grad_drops_pending_statistics() -> None:
+    """A step skipped by GradScaler is followed by zero_grad: nothing of it may leak into the next."""
+    model, x, y = make("linear", 6)
+    optimizer = KFAC(model)
+    F.cross_entropy(model(x), y).backward()
+    optimizer.zero_grad()
+    assert not any(layer.captured() for layer in optimizer.layers)
+    model2, *_ = make("linear", 6)
+    model2.load_state_dict(model.state_dict())
+    F.cross_entropy(model(x[:3]), y[:3]).backward()  # cleared by model.zero_grad(set_to_none) below
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    fresh = KFAC(model2)
+    F.cross_entropy(model2(x), y).backward()
+    for a, b in zip(captured(optimizer).values(), captured(fresh).values()):
+        torch.testing.assert_close(a.a, b.a)
+        torch.testing.assert_close(a.g, b.g)
+
+
+def test_in_place_activation_after_layer_keeps_output_gradient() -> None:
+    """ReLU(inplace=True) overwrites the layer output; the hook must still see ∂L/∂output."""
+    model, x, y = make("linear", 8)
+    reference = copy.deepcopy(model)
+    reference[1] = nn.ReLU(inplace=False)
+    optimizer = FOP(model)
+    F.cross_entropy(model(x), y).backward()
+    ref_opt = FOP(reference)
+    F.cross_entropy(reference(x), y).backward()
+    for a, b in zip(captured(optimizer).values(), captured(ref_opt).values()):
+        torch.testing.assert_close(a.g1, b.g1)
+        torch.testing.assert_close(a.g, b.g)
