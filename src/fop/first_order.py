@@ -88,8 +88,9 @@ def adamw_update(
         step = state["step"] + 1
         exp_avg = state["exp_avg"].lerp(grad, 1 - beta1)
         exp_avg_sq = state["exp_avg_sq"] * beta2 + (1 - beta2) * grad * grad
-        bias1 = 1 - beta1**step
-        bias2 = 1 - beta2**step
+        t = step.to(torch.float64 if param.dtype == torch.float64 else torch.float32)
+        bias1 = 1 - beta1**t
+        bias2 = 1 - beta2**t
         update = (exp_avg / bias1) / ((exp_avg_sq / bias2).sqrt() + eps)
         if weight_decay != 0:
             update = update + weight_decay * param

@@ -133,6 +133,7 @@ class KroneckerOptimizer(Optimizer):
                 fallback_lr = lr if fallback == "sgd" else 1e-3
             groups.append({"params": rest, "rule": fallback, "lr": fallback_lr})
         super().__init__(groups, defaults)
+        self._set_capture_mode()
         for layer in self.layers:
             layer.attach()
         self._skipped = torch.zeros((), dtype=torch.int64, device=_device_of(model))
@@ -236,8 +237,9 @@ class KroneckerOptimizer(Optimizer):
 
     def _set_capture_mode(self) -> None:
         k = self._steps
+        due = k % _interval_at(self.curvature_update_interval, k) == 0
         missing = any("A" not in self.state.get(layer.weight, {}) for layer in self.layers)
-        self._mode.factors = missing or k % _interval_at(self.curvature_update_interval, k) == 0
+        self._mode.factors = due or missing
         self._mode.total = self._mode.factors and not self._mode.halves
 
     def _kronecker_step(self, group: dict[str, Any], ok: Tensor, inverse_step: bool) -> Tensor:

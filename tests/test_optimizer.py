@@ -1,0 +1,424 @@
+"""FOP and KFAC as torch.optim optimizers: steps against dense references, state, AMP, guards."""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fop import FOP, KFAC
+
+DTYPE = torch.float64
+FAST = dict(curvature_update_interval=1, inverse_update_interval=1)
+
+
+def mlp(seed: int = 0, dtype: torch.dtype = DTYPE) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4)).to(dtype)
+
+
+def cnn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
+        nn.Flatten(), nn.Linear(4 * 6 * 6, 5),
+    ).to(DTYPE)  # fmt: skip
+
+
+def batches(n_batches: int, n: int = 8, shape: tuple = (6,), classes: int = 4, seed: int = 1) -> list:
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(n, *shape, generator=gen, dtype=DTYPE), torch.randint(0, classes, (n,), generator=gen))
+        for _ in range(n_batches)
+    ]
+
+
+def train(model: nn.Module, optimizer: torch.optim.Optimizer, data: list) -> None:
+    for x, y in data:
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+
+def params(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def assert_same(a: list[torch.Tensor], b: list[torch.Tensor], **tol) -> None:
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, **tol)
+
+
+# ------------------------------------------------------------------------------------ the step
+def test_kfac_step_equals_dense_damped_natural_gradient() -> None:
+    """One-layer model: Δθ = −lr·(A ⊗ G + λI)⁻¹ g with A, G formed by hand."""
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3).to(DTYPE)
+    x, y = torch.randn(10, 5, dtype=DTYPE), torch.randint(0, 3, (10,))
+    before = torch.cat([model.weight, model.bias[:, None]], 1).detach().clone()
+    lr, damping = 0.3, 0.02
+    optimizer = KFAC(model, lr=lr, momentum=0.0, damping=damping, **FAST)
+    F.cross_entropy(model(x), y).backward()
+    grad = torch.cat([model.weight.grad, model.bias.grad[:, None]], 1).clone()
+    optimizer.step()
+    a_rows = torch.cat([x, torch.ones(10, 1, dtype=DTYPE)], 1)
+    a = a_rows.T @ a_rows / 10
+    delta = torch.softmax(before[:, :-1].matmul(x.T).T + before[:, -1], 1) - F.one_hot(y, 3).to(DTYPE)
+    g = delta.T @ delta / 10  # per-sample gradients of the loss w.r.t. the logits
+    m = torch.kron(a, g) + damping * torch.eye(18, dtype=DTYPE)
+    step = torch.linalg.solve(m, grad.T.reshape(-1)).reshape(6, 3).T
+    after = torch.cat([model.weight, model.bias[:, None]], 1).detach()
+    torch.testing.assert_close(after, before - lr * step)
+
+
+def test_fop_without_projection_equals_kfac() -> None:
+    data = batches(5)
+    m1, m2 = mlp(), mlp()
+    kw = dict(lr=0.2, momentum=0.9, weight_decay=1e-3, damping=1e-2, curvature_update_interval=2)
+    train(m1, KFAC(m1, **kw), data)
+    train(m2, FOP(m2, projection=False, **kw), data)
+    assert_same(params(m1), params(m2), rtol=1e-9, atol=1e-12)
+
+
+def test_fop_differs_from_kfac_and_reports_diagnostics() -> None:
+    data = batches(3)
+    m1, m2 = mlp(), mlp()
+    fop_opt = FOP(m1, lr=0.1, **FAST)
+    train(m1, fop_opt, data)
+    train(m2, KFAC(m2, lr=0.1, **FAST), data)
+    assert max(float((a - b).abs().max()) for a, b in zip(params(m1), params(m2))) > 1e-6
+    diag = fop_opt.diagnostics()
+    assert set(diag) == {"0", "2"}
+    for values in diag.values():
+        assert 0.5 <= float(values["eta"]) <= 1.0
+        assert torch.isfinite(values["beta"]) and torch.isfinite(values["projection"])
+
+
+def test_fop_step_is_the_functional_direction() -> None:
+    """The optimizer's update is −lr·fop_direction(g1, g2, A, G, λ) of the hook-captured halves."""
+    from fop.functional import fop_direction
+
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3).to(DTYPE)
+    x, y = torch.randn(8, 5, dtype=DTYPE), torch.randint(0, 3, (8,))
+    before = torch.cat([model.weight, model.bias[:, None]], 1).detach().clone()
+    halves = []
+    for part in (slice(0, 4), slice(4, 8)):
+        ref = copy.deepcopy(model)
+        F.cross_entropy(ref(x[part]), y[part]).backward()
+        halves.append(torch.cat([ref.weight.grad, ref.bias.grad[:, None]], 1))
+    optimizer = FOP(model, lr=0.5, momentum=0.0, damping=0.05, **FAST)
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    state = optimizer.state[model.weight]
+    expected = fop_direction(halves[0], halves[1], state["A"], state["G"], 0.05)
+    after = torch.cat([model.weight, model.bias[:, None]], 1).detach()
+    torch.testing.assert_close(after, before - 0.5 * expected.direction)
+
+
+def test_factors_update_on_their_interval_only() -> None:
+    model = mlp()
+    optimizer = KFAC(model, curvature_update_interval=3, inverse_update_interval=3)
+    snapshots = []
+    for x, y in batches(7):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        snapshots.append(optimizer.state[model[0].weight]["A"].clone())
+    changed = [not torch.equal(snapshots[i], snapshots[i - 1]) for i in range(1, 7)]
+    assert changed == [False, False, True, False, False, True]
+
+
+def test_callable_intervals() -> None:
+    model = mlp()
+    optimizer = FOP(model, curvature_update_interval=lambda step: 1 if step < 2 else 100)
+    train(model, optimizer, batches(4))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    with pytest.raises(ValueError, match="int >= 1"):
+        FOP(mlp(), curvature_update_interval=lambda step: 0)
+
+
+def test_gradient_accumulation_step_matches_whole_batch() -> None:
+    """Micro-batches of halves: FOP's halves per micro-batch; whole batch of the same halves."""
+    data = batches(1, n=8)[0]
+    x, y = data
+    m1, m2 = mlp(), mlp()
+    o1, o2 = KFAC(m1, **FAST), KFAC(m2, **FAST)
+    F.cross_entropy(m1(x), y).backward()
+    o1.step()
+    for part in (slice(0, 4), slice(4, 8)):
+        (F.cross_entropy(m2(x[part]), y[part]) / 2).backward()
+    o2.step()
+    assert_same(params(m1), params(m2), rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------ state
+@pytest.mark.parametrize("cls", [FOP, KFAC])
+def test_checkpoint_resume_continues_exactly(cls: type) -> None:
+    data = batches(8)
+    kw = dict(lr=0.1, weight_decay=1e-3, curvature_update_interval=3, inverse_update_interval=2)
+    model = cnn()
+    conv_data = [(torch.randn(8, 3, 6, 6, dtype=DTYPE, generator=torch.Generator().manual_seed(i)), y) for i, (_, y) in enumerate(data)]
+    conv_data = [(x, y % 5) for x, y in conv_data]
+    optimizer = cls(model, fallback="adamw", **kw)
+    train(model, optimizer, conv_data[:4])
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, buffer)
+    train(model, optimizer, conv_data[4:])
+    uninterrupted = params(model)
+
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    resumed = cnn(seed=5)
+    resumed.load_state_dict(checkpoint["model"])
+    optimizer2 = cls(resumed, fallback="adamw", **kw)
+    optimizer2.load_state_dict(checkpoint["optim"])
+    train(resumed, optimizer2, conv_data[4:])
+    assert_same(params(resumed), uninterrupted, rtol=0, atol=0)
+
+
+def test_load_rejects_foreign_checkpoint() -> None:
+    model = mlp()
+    sgd_state = torch.optim.SGD(model.parameters(), lr=0.1).state_dict()
+    with pytest.raises(ValueError, match="not a FOP checkpoint"):
+        FOP(model).load_state_dict(sgd_state)
+
+
+def test_lr_scheduler_scales_every_group() -> None:
+    model = cnn()
+    optimizer = FOP(model, lr=0.1, fallback="adamw", fallback_lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    optimizer.step()
+    scheduler.step()
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.05, 5e-4])
+    assert [g["rule"] for g in optimizer.param_groups] == ["kronecker", "adamw"]
+
+
+def test_add_param_group_uses_fallback_rule() -> None:
+    model = mlp()
+    extra = nn.Parameter(torch.ones(3, dtype=DTYPE))
+    optimizer = FOP(model, lr=0.1, momentum=0.0)
+    optimizer.add_param_group({"params": [extra], "lr": 0.5})
+    (extra.sum() * 2).backward()
+    optimizer.step()
+    torch.testing.assert_close(extra.detach(), torch.full((3,), 0.0, dtype=DTYPE))
+    with pytest.raises(ValueError, match="kronecker"):
+        optimizer.add_param_group({"params": [nn.Parameter(torch.ones(1))], "rule": "kronecker"})
+
+
+# ------------------------------------------------------------------------------------ fallback
+class Bare(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 6, dtype=DTYPE))
+        self.norm = nn.LayerNorm(6).to(DTYPE)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x * self.scale)[:, :4]
+
+
+@pytest.mark.parametrize("rule", ["sgd", "adamw"])
+def test_model_without_supported_layer_is_the_first_order_rule(rule: str) -> None:
+    data = batches(4)
+    m1, m2 = Bare(), Bare()
+    with pytest.warns(UserWarning, match="no supported layer"):
+        ours = FOP(m1, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2, fallback=rule, fallback_lr=0.05)
+    if rule == "sgd":
+        theirs = torch.optim.SGD(m2.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2)
+    else:
+        theirs = torch.optim.AdamW(m2.parameters(), lr=0.05, weight_decay=1e-2)
+    train(m1, ours, data)
+    train(m2, theirs, data)
+    assert_same(params(m1), params(m2), rtol=1e-10, atol=1e-12)
+
+
+def test_exclude_keeps_modules_out_of_curvature() -> None:
+    model = mlp()
+    assert [layer.name for layer in FOP(model, exclude=[model[2]]).layers] == ["0"]
+    assert [layer.name for layer in FOP(model, exclude=["0"]).layers] == ["2"]
+    assert FOP(model, exclude=[nn.Linear]).layers == []
+    with pytest.raises(ValueError, match="not found"):
+        FOP(model, exclude=["nope"])
+
+
+def test_frozen_layers_stay_put() -> None:
+    model = mlp()
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    optimizer = FOP(model, **FAST)
+    assert [layer.name for layer in optimizer.layers] == ["2"]
+    frozen = params(model)[:2]
+    train(model, optimizer, batches(2))
+    assert_same(params(model)[:2], frozen, rtol=0, atol=0)
+    # frozen after construction: the layer is skipped, the rest trains
+    model[2].weight.requires_grad_(False)
+    model[2].bias.requires_grad_(False)
+    for p in model[0].parameters():
+        p.requires_grad_(True)
+    before = params(model)
+    train(model, optimizer, batches(2, seed=3))
+    assert_same(params(model)[2:], before[2:], rtol=0, atol=0)
+
+
+def test_batch_of_one_is_a_documented_kfac_step() -> None:
+    data = batches(3, n=1)
+    m1, m2 = mlp(), mlp()
+    with pytest.warns(UserWarning, match="cannot be split"):
+        train(m1, FOP(m1, **FAST), data)
+    train(m2, KFAC(m2, **FAST), data)
+    assert_same(params(m1), params(m2), rtol=1e-10, atol=1e-12)
+
+
+def test_layer_called_outside_its_forward_gets_first_order_rule() -> None:
+    class Functional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(6, 4).to(DTYPE)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.linear(x, self.fc.weight, self.fc.bias)
+
+    model = Functional()
+    optimizer = FOP(model, lr=0.1, momentum=0.0)
+    x, y = batches(1)[0]
+    F.cross_entropy(model(x), y).backward()
+    expected = model.fc.weight.detach() - 0.1 * model.fc.weight.grad
+    with pytest.warns(UserWarning, match="without passing through"):
+        optimizer.step()
+    torch.testing.assert_close(model.fc.weight.detach(), expected)
+
+
+# ------------------------------------------------------------------------------------ guards
+def test_non_finite_gradient_changes_nothing_and_is_counted() -> None:
+    model = cnn()
+    optimizer = FOP(model, fallback="adamw", **FAST)
+    data = batches(2, shape=(3, 6, 6), classes=5)
+    train(model, optimizer, data[:1])
+    before_params = params(model)
+    before_state = copy.deepcopy(optimizer.state_dict())
+    x, y = data[1]
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    model[0].weight.grad[0, 0, 0, 0] = float("nan")
+    optimizer.step()
+    assert_same(params(model), before_params, rtol=0, atol=0)
+    after_state = optimizer.state_dict()
+    for key, state in before_state["state"].items():
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor):
+                torch.testing.assert_close(after_state["state"][key][name], value, rtol=0, atol=0)
+    assert int(optimizer.skipped_steps) == 1
+    train(model, optimizer, data[:1])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_grad_scaler_with_constant_scale_matches_unscaled() -> None:
+    data = batches(4)
+    m1, m2 = mlp(), mlp()
+    train(m1, FOP(m1, **FAST), data)
+    optimizer = FOP(m2, **FAST)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=10**6)
+    for x, y in data:
+        optimizer.zero_grad()
+        scaler.scale(F.cross_entropy(m2(x), y)).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    assert_same(params(m1), params(m2), rtol=1e-9, atol=1e-12)
+
+
+def test_grad_scaler_overflow_step_leaves_no_trace() -> None:
+    data = batches(3)
+    m1, m2 = mlp(), mlp()
+    o1 = KFAC(m1, **FAST)
+    train(m1, o1, data[1:])
+    o2 = KFAC(m2, **FAST)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    for i, (x, y) in enumerate(data):
+        o2.zero_grad()
+        loss = F.cross_entropy(m2(x), y)
+        if i == 0:
+            loss = loss * float("inf")
+        scaler.scale(loss).backward()
+        scaler.step(o2)
+        scaler.update()
+    assert scaler.get_scale() == 2.0**7  # the overflow was seen and the step skipped
+    assert_same(params(m1), params(m2), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(o1.state[m1[0].weight]["G"], o2.state[m2[0].weight]["G"])
+
+
+def test_bf16_autocast_trains_with_float32_curvature() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(8 * 6 * 6, 5)
+    )  # fmt: skip
+    optimizer = FOP(model, lr=0.05, **FAST)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 3, 6, 6, generator=gen), torch.randint(0, 5, (32,), generator=gen)
+    losses = []
+    for _ in range(15):
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0]
+    state = optimizer.state[model[0].weight]
+    assert state["A"].dtype == torch.float32 and state["G_vectors"].dtype == torch.float32
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_closure_is_supported() -> None:
+    model = mlp()
+    optimizer = KFAC(model)
+    x, y = batches(1)[0]
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    assert torch.isfinite(optimizer.step(closure))
+
+
+INVALID = [
+    ("lr", -0.1, "lr"),
+    ("momentum", 1.0, "momentum"),
+    ("weight_decay", -1.0, "weight_decay"),
+    ("damping", 0.0, "damping"),
+    ("damping", -1e-3, "damping"),
+    ("factor_decay", 1.0, "factor_decay"),
+    ("curvature_update_interval", 0, "curvature_update_interval"),
+    ("inverse_update_interval", 2.5, "inverse_update_interval"),
+    ("projection_eps", -1.0, "projection_eps"),
+    ("fallback", "lamb", "fallback"),
+    ("fallback_lr", -1.0, "fallback_lr"),
+    ("fallback_betas", (0.9, 1.0), "fallback_betas"),
+    ("fallback_eps", 0.0, "fallback_eps"),
+]
+
+
+@pytest.mark.parametrize("cls", [FOP, KFAC])
+@pytest.mark.parametrize("name,value,message", INVALID)
+def test_invalid_hyperparameters_raise(cls: type, name: str, value: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        cls(mlp(), **{name: value})
+
+
+def test_nesterov_needs_momentum_and_model_is_required() -> None:
+    with pytest.raises(ValueError, match="nesterov"):
+        FOP(mlp(), momentum=0.0, nesterov=True)
+    with pytest.raises(TypeError, match="takes the model"):
+        FOP(list(mlp().parameters()))  # type: ignore[arg-type]
+
+
+def test_no_warnings_in_a_normal_run() -> None:
+    model = cnn()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(model, FOP(model), batches(3, shape=(3, 6, 6), classes=5))
