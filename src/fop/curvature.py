@@ -260,7 +260,7 @@ def _fold_bias_moment(rows: Tensor, with_bias: bool) -> Tensor:
     if not with_bias:
         return core
     col = rows.sum(0)
-    count = torch.tensor([rows.shape[0]], dtype=rows.dtype, device=rows.device)
+    count = rows.new_full((1,), float(rows.shape[0]))  # no host-to-device copy
     top = torch.cat([core, col[:, None]], dim=1)
     bottom = torch.cat([col, count])[None, :]
     return torch.cat([top, bottom], dim=0)
