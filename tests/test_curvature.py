@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fop import FOP, KFAC
-from fop.curvature import LayerWork
+from fop.curvature import LayerWork, loss_scale_ratio
 
 DTYPE = torch.float64
 
@@ -90,7 +90,8 @@ def reference_grad(model: nn.Module, chunks: list[tuple[torch.Tensor, torch.Tens
 
 
 def captured(optimizer: FOP) -> dict[str, LayerWork]:
-    return {layer.name: LayerWork.from_capture(layer, True) for layer in optimizer.layers}
+    ratio = loss_scale_ratio(optimizer.layers)
+    return {layer.name: LayerWork.from_capture(layer, ratio) for layer in optimizer.layers}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -127,6 +128,22 @@ def test_sub_batch_gradients_with_accumulation(case: str) -> None:
         torch.testing.assert_close(work[name].g1, g1[name], rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(work[name].g2, g2[name], rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(work[name].grad, full[name], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["linear", "conv-stride2-nobias"])
+def test_sub_batch_gradients_with_unequal_micro_batches(case: str) -> None:
+    """Micro-batches of 6 and 3 samples (loss/2 each): each is split (3|3, 2|1) and weighted alike."""
+    model, x, y = make(case, 9)
+    reference = copy.deepcopy(model)
+    optimizer = FOP(model)
+    for chunk in (slice(0, 6), slice(6, 9)):
+        (F.cross_entropy(model(x[chunk]), y[chunk]) / 2).backward()
+    work = captured(optimizer)
+    names = list(work)
+    parts = [reference_grad(reference, [(x[s], y[s])], names) for s in (slice(0, 3), slice(6, 8), slice(3, 6), slice(8, 9))]
+    for name in names:
+        torch.testing.assert_close(work[name].g1, (parts[0][name] + parts[1][name]) / 2, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(work[name].g2, (parts[2][name] + parts[3][name]) / 2, rtol=1e-10, atol=1e-12)
 
 
 def patches_by_loops(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:

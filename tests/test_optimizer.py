@@ -17,9 +17,9 @@ DTYPE = torch.float64
 FAST = dict(curvature_update_interval=1, inverse_update_interval=1)
 
 
-def mlp(seed: int = 0, dtype: torch.dtype = DTYPE) -> nn.Module:
+def mlp(seed: int = 0, dtype: torch.dtype = DTYPE, bias: bool = True) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4)).to(dtype)
+    return nn.Sequential(nn.Linear(6, 8, bias=bias), nn.Tanh(), nn.Linear(8, 4, bias=bias)).to(dtype)
 
 
 def cnn(seed: int = 0) -> nn.Module:
@@ -317,9 +317,11 @@ def test_non_finite_gradient_changes_nothing_and_is_counted() -> None:
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_grad_scaler_with_constant_scale_matches_unscaled() -> None:
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_grad_scaler_with_constant_scale_matches_unscaled(bias: bool) -> None:
+    """The loss scale is read off the bias gradients, or a reference layer's when there are none."""
     data = batches(4)
-    m1, m2 = mlp(), mlp()
+    m1, m2 = mlp(bias=bias), mlp(bias=bias)
     train(m1, FOP(m1, **FAST), data)
     optimizer = FOP(m2, **FAST)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=10**6)
@@ -365,7 +367,7 @@ def test_bf16_autocast_trains_with_float32_curvature() -> None:
             loss = F.cross_entropy(model(x), y)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < 0.5 * losses[0]
     state = optimizer.state[model[0].weight]
     assert state["A"].dtype == torch.float32 and state["G_vectors"].dtype == torch.float32

@@ -20,17 +20,18 @@ refuse in-place modifications of their outputs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import compute_dtype, inner
+from .functional import compute_dtype
 
 __all__ = [
-    "CaptureMode", "KroneckerLayer", "LinearLayer", "Conv2dLayer", "LayerStats", "LayerWork", "make_layer", "supports",
+    "CaptureMode", "KroneckerLayer", "LinearLayer", "Conv2dLayer", "LayerStats", "LayerWork", "loss_scale_ratio",
+    "make_layer", "supports",
 ]  # fmt: skip
 
 # Large convolutions unfold their patches in chunks of this many samples to bound memory.
@@ -43,26 +44,23 @@ class CaptureMode:
 
     halves: bool = True  # FOP: record the two sub-batch gradients
     factors: bool = True  # a curvature step: record the factor statistics
-    total: bool = False  # record the hook-side total gradient (for the loss-scale ratio)
+    total: bool = False  # record the reference gradient of bias-free models (for the loss-scale ratio)
 
 
 @dataclass
 class LayerStats:
-    """What one layer captured over a cycle (one or more backward passes), in compute dtype.
+    """What one layer captured over a cycle, in the units of ``p.grad`` (compute dtype, folded).
 
-    ``g1``/``g2`` are the sub-batch gradients and ``total`` the whole-batch gradient as the hooks
-    saw it, all folded ``(out, in + 1)`` (bias column last) and in the units of the loss that was
-    back-propagated (so still multiplied by a ``GradScaler`` scale, if any). ``a`` is
-    ``Σ a aᵀ / rows`` and ``gg`` is ``Σ δ δᵀ · samples`` (δ the per-row output gradients of the
-    back-propagated loss, i.e. ``1/n`` times the per-sample gradients of a mean loss).
+    ``g1``/``g2`` are the sub-batch gradients (None when not captured or when some forward had a
+    single sample), ``a = Σ a aᵀ / rows`` and ``g = samples · Σ δ δᵀ`` the factor estimates
+    (δ: per-row output gradients of the back-propagated loss, i.e. ``1/n`` times the per-sample
+    gradients of a mean loss), None when the cycle captured no curvature.
     """
 
     g1: Tensor | None = None
     g2: Tensor | None = None
-    total: Tensor | None = None
     a: Tensor | None = None
-    gg: Tensor | None = None
-    single_sample: bool = False  # some forward had one sample: the halves are not available
+    g: Tensor | None = None
 
 
 @dataclass
@@ -83,41 +81,52 @@ class LayerWork:
     direction: Tensor | None = None
 
     @classmethod
-    def from_capture(cls, layer: KroneckerLayer, halves: bool) -> LayerWork:
-        """Collect the layer's captured statistics and rescale them to ``p.grad``'s loss.
-
-        The hooks see the back-propagated loss, ``p.grad`` the gradient handed to the step
-        (unscaled by ``GradScaler``, possibly clipped): ``p.grad = r·C`` with ``C`` the hooks'
-        total, ``r = ⟨p.grad, C⟩/⟨C, C⟩``. Sub-batch gradients are scaled by ``r``, the
-        output-gradient factor by ``r²``, so all refer to the loss whose gradient is ``p.grad``.
-        """
+    def from_capture(cls, layer: KroneckerLayer, ratio: Tensor) -> LayerWork:
+        """Collect the layer's statistics, rescaled by the loss-scale ratio (:func:`loss_scale_ratio`)."""
         grad = layer.folded_param_grad()
         assert grad is not None
-        stats = layer.collect()
-        work = cls(layer, grad)
-        if stats.total is None:
-            return work
-        cc = inner(stats.total, stats.total)
-        ratio = torch.where(cc > 0, inner(grad, stats.total) / torch.where(cc > 0, cc, torch.ones_like(cc)), 1.0)
-        if halves and stats.g1 is not None and stats.g2 is not None and not stats.single_sample:
-            work.g1, work.g2 = stats.g1 * ratio, stats.g2 * ratio
-        if stats.a is not None and stats.gg is not None:
-            work.a, work.g = stats.a, stats.gg * (ratio * ratio)
-        return work
+        stats = layer.collect(grad, ratio)
+        return cls(layer, grad, stats.g1, stats.g2, stats.a, stats.g)
+
+
+def loss_scale_ratio(layers: list[KroneckerLayer]) -> Tensor | None:
+    """``r = ⟨p.grad, C⟩ / ⟨C, C⟩``: the gradient handed to ``step()`` relative to what the hooks saw.
+
+    The hooks see the back-propagated loss; ``p.grad`` has been unscaled by ``GradScaler``,
+    averaged over accumulation steps by the user's loss, possibly clipped: ``p.grad = r·C``, with
+    one ``r`` for the whole model. ``C`` is each layer's hook-side *reference* gradient (its bias
+    gradient ``Σ δ``, cheap; or, in a model without biases, the full gradient of one small layer).
+    Sub-batch gradients are scaled by ``r`` and the output-gradient factor by ``r²``, so everything
+    refers to the loss whose gradient is ``p.grad``, without being told the scale.
+    """
+    num: Tensor | None = None
+    den: Tensor | None = None
+    for layer in layers:
+        pair = layer.reference_pair()
+        if pair is None:
+            continue
+        param_grad, hooked = pair
+        num = _add(num, (param_grad * hooked).sum())
+        den = _add(den, (hooked * hooked).sum())
+    if num is None or den is None:
+        return None
+    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.ones_like(den))
 
 
 @dataclass
 class _Pending:
-    g1: Tensor | None = None
-    g2: Tensor | None = None
-    total: Tensor | None = None
+    g1: Tensor | None = None  # Σ (n/n1)·C1 over forwards
+    c1: Tensor | None = None  # Σ C1: the raw first-half contributions
+    split: tuple[int, int] | None = None  # (n, n1) of the first split forward
+    g2_other: Tensor | None = None  # Σ (n/n2)·C2 of forwards split differently from the first
+    c2_other: Tensor | None = None  # Σ C2 of those
+    reference: Tensor | None = None  # hook-side bias gradient Σ δ, or full gradient (no bias)
     a_sum: Tensor | None = None
     a_rows: int = 0
     gg_sum: Tensor | None = None
     samples: int = 0
     backward_calls: int = 0
     single_sample: bool = False
-    open_forwards: list = field(default_factory=list)
 
 
 def _add(acc: Tensor | None, value: Tensor) -> Tensor:
@@ -140,6 +149,7 @@ class KroneckerLayer:
         self.out_features = self.weight.shape[0]
         self.in_features = self.weight[0].numel() + (1 if self.bias is not None else 0)
         self.last: dict[str, Tensor] = {}  # diagnostics of the last step
+        self.is_reference = False  # records its full gradient for the loss-scale ratio (no biases)
         self._pending = _Pending()
         self._handles: list = []
 
@@ -172,6 +182,13 @@ class KroneckerLayer:
         output.register_hook(lambda grad_out: self._backward_hook(x, grad_out, mode))
 
     def _backward_hook(self, x: Tensor, grad_out: Tensor, mode: CaptureMode) -> None:
+        """Record this forward's share: first-half gradient, reference gradient, factor statistics.
+
+        Only the first half's gradient ``C1`` is formed here (half the FLOPs of a weight gradient);
+        the second half's is recovered at the step as ``p.grad/r − ΣC1``, exactly, whenever all
+        forwards of the cycle were split alike (the usual case). A forward split differently (say a
+        smaller last micro-batch) forms its ``C2`` explicitly too.
+        """
         pending = self._pending
         pending.backward_calls += 1
         n = x.shape[0] if x.dim() > self._unbatched_dims else 1
@@ -181,18 +198,25 @@ class KroneckerLayer:
             rows = self._output_rows(grad_out).to(dtype)
             pending.gg_sum = _add(pending.gg_sum, rows.T @ rows)
             pending.samples += n
-        if mode.halves and n >= 2:
-            n1 = (n + 1) // 2
-            c1 = self._folded_grad(x[:n1], grad_out[:n1]).to(dtype)
+        if self.bias is not None and self.bias.requires_grad:
+            pending.reference = _add(pending.reference, self._output_rows(grad_out).sum(0).to(dtype))
+        elif self.is_reference and (mode.total or mode.halves):
+            pending.reference = _add(pending.reference, self._folded_grad(x, grad_out).to(dtype))
+        if not mode.halves:
+            return
+        if n < 2:
+            pending.single_sample = True
+            return
+        n1 = (n + 1) // 2
+        c1 = self._folded_grad(x[:n1], grad_out[:n1]).to(dtype)
+        pending.g1 = _add(pending.g1, c1 * (n / n1))
+        pending.c1 = _add(pending.c1, c1)
+        if pending.split is None:
+            pending.split = (n, n1)
+        elif pending.split != (n, n1):
             c2 = self._folded_grad(x[n1:], grad_out[n1:]).to(dtype)
-            pending.g1 = _add(pending.g1, c1 * (n / n1))
-            pending.g2 = _add(pending.g2, c2 * (n / (n - n1)))
-            pending.total = _add(pending.total, c1 + c2)
-        else:
-            if mode.halves:
-                pending.single_sample = True
-            if mode.total or mode.halves:
-                pending.total = _add(pending.total, self._folded_grad(x, grad_out).to(dtype))
+            pending.g2_other = _add(pending.g2_other, c2 * (n / (n - n1)))
+            pending.c2_other = _add(pending.c2_other, c2)
 
     def _accumulate_input_factor(self, x: Tensor) -> None:
         a_sum, rows = self._input_second_moment(x)
@@ -204,13 +228,39 @@ class KroneckerLayer:
         """Whether a backward pass went through the hooks since the last step."""
         return self._pending.backward_calls > 0
 
-    def collect(self) -> LayerStats:
-        """The cycle's statistics (normalised), then reset for the next cycle."""
+    def reference_pair(self) -> tuple[Tensor, Tensor] | None:
+        """``(p.grad, C)`` of this layer's loss-scale reference, if it recorded one."""
+        reference = self._pending.reference
+        if reference is None:
+            return None
+        if reference.dim() == 1:
+            assert self.bias is not None
+            if self.bias.grad is None:
+                return None
+            return self.bias.grad.to(reference.dtype), reference
+        grad = self.folded_param_grad()
+        return None if grad is None else (grad, reference)
+
+    def collect(self, grad: Tensor, ratio: Tensor | None) -> LayerStats:
+        """The cycle's statistics in ``p.grad``'s units (``grad`` is the folded ``p.grad``), then reset.
+
+        ``g1 = r·Σ(n/n1)C1``; ``g2 = (n/n2)(p.grad − r·ΣC1 − r·ΣC2') + r·Σ(n'/n2')C2'`` where the
+        primed sums run over forwards split differently from the first; ``G = r²·samples·Σδδᵀ``.
+        """
         p = self._pending
-        stats = LayerStats(g1=p.g1, g2=p.g2, total=p.total, single_sample=p.single_sample)
+        stats = LayerStats()
+        r = ratio if ratio is not None else torch.ones((), dtype=grad.dtype, device=grad.device)
+        if p.g1 is not None and p.c1 is not None and p.split is not None and not p.single_sample:
+            n, n1 = p.split
+            rest = grad - r * p.c1
+            stats.g1 = r * p.g1
+            if p.c2_other is not None and p.g2_other is not None:
+                stats.g2 = (rest - r * p.c2_other) * (n / (n - n1)) + r * p.g2_other
+            else:
+                stats.g2 = rest * (n / (n - n1))
         if p.a_sum is not None and p.gg_sum is not None and p.a_rows > 0:
             stats.a = p.a_sum / p.a_rows
-            stats.gg = p.gg_sum * p.samples
+            stats.g = p.gg_sum * (p.samples * r * r)
         self.reset()
         return stats
 

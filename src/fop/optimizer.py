@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import functional as Fn
-from .curvature import CaptureMode, KroneckerLayer, LayerWork, make_layer, supports
+from .curvature import CaptureMode, KroneckerLayer, LayerWork, loss_scale_ratio, make_layer, supports
 from .distributed import Communicator, LocalCommunicator
 from .first_order import adamw_update, masked_copy_, sgd_update
 
@@ -114,6 +114,8 @@ class KroneckerOptimizer(Optimizer):
         self.inverse_update_interval = inverse_update_interval
         self._mode = CaptureMode(halves=self.splits_batch, factors=True, total=not self.splits_batch)
         self.layers: list[KroneckerLayer] = _discover_layers(model, exclude, self._mode)
+        if self.layers and all(layer.bias is None or not layer.bias.requires_grad for layer in self.layers):
+            min(self.layers, key=lambda layer: layer.weight.numel()).is_reference = True
         self.communicator: Communicator = LocalCommunicator()
         self._steps = 0  # step() calls: drives the update intervals
         self._warned: set[str] = set()
@@ -244,7 +246,7 @@ class KroneckerOptimizer(Optimizer):
 
     def _kronecker_step(self, group: dict[str, Any], ok: Tensor, inverse_step: bool) -> Tensor:
         """Curvature layers: gather this step's work, reduce it, let owners compute, share, apply."""
-        params, directions, work = [], [], []
+        params, directions, captured = [], [], []
         for layer in self.layers:
             if layer.weight.grad is None:  # frozen or unused this step
                 layer.reset()
@@ -258,7 +260,9 @@ class KroneckerOptimizer(Optimizer):
                 params += layer.params()
                 directions += [p.grad if p.grad is not None else torch.zeros_like(p) for p in layer.params()]
                 continue
-            work.append(LayerWork.from_capture(layer, self._mode.halves))
+            captured.append(layer)
+        ratio = loss_scale_ratio(captured)
+        work = [LayerWork.from_capture(layer, ratio) for layer in captured]
         ok = self.communicator.reduce(work, ok)
         for item in work:
             if self.communicator.owns(item.layer):
@@ -266,8 +270,10 @@ class KroneckerOptimizer(Optimizer):
         self.communicator.share(work)
         for item in work:
             assert item.direction is not None
-            params += item.layer.params()
-            directions += item.layer.unfold_direction(item.direction)
+            for param, direction in zip(item.layer.params(), item.layer.unfold_direction(item.direction)):
+                if param.requires_grad:  # a frozen bias of a trained weight stays put
+                    params.append(param)
+                    directions.append(direction)
         self._apply_sgd(group, params, directions, ok)
         return ok
 

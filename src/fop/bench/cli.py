@@ -1,0 +1,300 @@
+"""``fop-bench``: time-to-accuracy benchmark of FOP against SGD, AdamW and K-FAC.
+
+With no arguments it runs the embedded default (``digits-mlp``: scikit-learn's digits, all four
+optimizers, the whole training split as one batch) on the CPU in a few minutes and prints the table.
+``fop-bench --help`` lists the options; ``docs/benchmark.md`` describes the protocol.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn, TypeVar
+
+from fop.bench.errors import BenchError
+
+if TYPE_CHECKING:  # the heavy imports happen inside _run, after argument parsing
+    import torch
+
+    from fop.bench.runner import RunSpec, SweepConfig
+    from fop.bench.tasks import Task
+
+__all__ = ["main"]
+
+PROG = "fop-bench"
+DATA_ENV = "FOP_CIFAR10_DATA"
+T = TypeVar("T")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors become :class:`BenchError` (one line, exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise BenchError(message)
+
+
+def _list_of(convert: Callable[[str], T], what: str) -> Callable[[str], tuple[T, ...]]:
+    def parse(text: str) -> tuple[T, ...]:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"empty list of {what}")
+        try:
+            return tuple(convert(item) for item in items)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {what}") from None
+
+    return parse
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError(text)
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError(text)
+    return value
+
+
+def _name_value(text: str) -> tuple[str, float]:
+    name, separator, value = text.partition("=")
+    if not separator:
+        raise ValueError(text)
+    return name.strip().lower(), _positive_float(value)
+
+
+def _single(convert: Callable[[str], T], what: str) -> Callable[[str], T]:
+    def parse(text: str) -> T:
+        try:
+            return convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser of ``fop-bench``."""
+    parser = _Parser(
+        prog=PROG,
+        description="Time-to-accuracy benchmark of FOP against SGD, AdamW and K-FAC across batch sizes. "
+        "Without arguments: the embedded digits-mlp task on the CPU (a few minutes, no download).",
+        epilog="Protocol and examples: docs/benchmark.md. Rerunning a command resumes it: finished runs are skipped.",
+    )
+    what = parser.add_argument_group("what to run")
+    what.add_argument("--task", default="digits-mlp", help="benchmark task (default: digits-mlp; --list shows all)")
+    what.add_argument("--list", action="store_true", help="list the tasks with their defaults and exit")
+    what.add_argument(
+        "--optimizers", type=_list_of(str, "names"),
+        help="comma-separated: sgd, adamw, kfac, fop, any torch.optim class, pytorch-optimizer names (default: sgd,adamw,kfac,fop)",
+    )
+    what.add_argument("--batch-sizes", type=_list_of(_positive_int, "positive integers"), help="comma-separated batch sizes (default: the task's)")
+    what.add_argument("--seeds", type=_list_of(int, "integers"), help="comma-separated seeds (default: the task's, e.g. 0)")
+    what.add_argument("--lr-grid", type=_list_of(_positive_float, "positive numbers"), help="factors on the scaled learning rate, the same tuning budget for every optimizer; the best is reported (default: the task's)")
+    what.add_argument("--max-epochs", type=_single(_positive_int, "a positive integer"), help="epoch budget; a run not reaching the target by then is a miss (default: the task's)")
+    what.add_argument("--target", type=_single(_positive_float, "a number"), help="test-accuracy target, as a fraction (0.88) or percent (88) (default: the task's)")
+    what.add_argument("--stop-at-target", action="store_true", help="end each run when it reaches the target (faster; final accuracy is then at that epoch)")
+    what.add_argument("--baseline", help="optimizer the speedups are computed against (default: sgd if run, else the first)")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", type=Path, help=f"CIFAR-10 JPEG pack (.npz) or CIFAR-10 folder (python pickles) for the CIFAR tasks (default: ${DATA_ENV})")
+    data.add_argument("--download", action="store_true", help="download the original CIFAR-10 into --data with torchvision if missing")
+    data.add_argument("--imbalance", type=_single(_positive_float, "a number"), help="imbalance factor of cifar10-lt-resnet32 (default 100; the paper also uses 50)")
+    data.add_argument("--subset", type=_single(_positive_int, "a positive integer"), help="use at most N training and N test images, class-balanced (quick runs, tests)")
+    data.add_argument("--cache-dir", type=Path, help="where the decoded JPEG pack is cached (default: $FOP_CACHE_DIR or ~/.cache/fop)")
+
+    tuning = parser.add_argument_group("optimizer settings")
+    tuning.add_argument("--base-lr", type=_list_of(_name_value, "NAME=VALUE pairs"), help="override base learning rates at the task's reference batch, e.g. fop=0.05,adamw=2e-3")
+    tuning.add_argument("--lr-scaling", choices=("linear", "sqrt"), help="scaling rule for all optimizers (default: linear for SGD-like, K-FAC and FOP; sqrt for adaptive ones)")
+    tuning.add_argument("--curvature-interval", type=_single(_positive_int, "a positive integer"), help="fixed K-FAC/FOP curvature and inverse update interval in steps (default: the batch-size rule)")
+    tuning.add_argument("--damping", type=_single(_positive_float, "a positive number"), help="K-FAC/FOP damping (default: the task's, 1e-3)")
+
+    machine = parser.add_argument_group("machine and output")
+    machine.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ... (default: auto)")
+    machine.add_argument("--micro-batch", type=_single(_positive_int, "a positive integer"), help="accumulate gradients over micro-batches of this size (must divide each batch size; default: the task's memory limit)")
+    machine.add_argument("--threads", type=_single(_positive_int, "a positive integer"), help="CPU threads of torch (default: torch's choice)")
+    machine.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA")
+    machine.add_argument("--width", type=_single(_positive_int, "a positive integer"), help="model width (MLP hidden units, ResNet base channels, ViT dimension; default: the task's)")
+    machine.add_argument("--out", type=Path, help="output folder for runs.jsonl, results.md and the plot (default: bench-runs/<task>)")
+    machine.add_argument("--no-progress", action="store_true", help="no progress bars (one line per run instead)")
+    return parser
+
+
+def _list_tasks() -> str:
+    from fop.bench.tasks import get_task, task_names
+
+    lines = []
+    for name in task_names():
+        task = get_task(name)
+        lines.append(f"{name}: {task.summary}")
+        lines.append(
+            f"    batch sizes {','.join(map(str, task.batch_sizes))}; max epochs {task.max_epochs}; "
+            f"lr grid {','.join(f'{f:g}' for f in task.lr_grid)}; base lrs at batch {task.reference_batch}: "
+            + ", ".join(f"{k}={v:g}" for k, v in task.base_lrs.items())
+        )
+    return "\n".join(lines)
+
+
+def _resolve_device(text: str) -> torch.device:
+    import torch
+
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise BenchError(f"unknown device {text!r} (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BenchError(f"--device {text}: CUDA is not available on this machine (use --device cpu)")
+    if device.type not in ("cpu", "cuda"):
+        raise BenchError(f"--device {text}: only cpu and cuda are supported")
+    return device
+
+
+def _target(value: float | None, default: float) -> float:
+    if value is None:
+        return default
+    fraction = value / 100 if value > 1 else value
+    if not 0 < fraction <= 1:
+        raise BenchError(f"--target {value:g} is not an accuracy (give a fraction like 0.88 or a percent like 88)")
+    return fraction
+
+
+def _check_task_options(args: argparse.Namespace, task_name: str, data_options: frozenset[str]) -> None:
+    for option, field in (("--imbalance", "imbalance"), ("--data", "path")):
+        value = args.imbalance if field == "imbalance" else args.data
+        if value is not None and field not in data_options:
+            raise BenchError(f"{option} does not apply to task {task_name}")
+
+
+def _protocol_lines(task: Task, config: SweepConfig, plan: Sequence[RunSpec]) -> list[str]:
+    """Protocol facts of this sweep for the report header."""
+    lr_rules = sorted({(spec.optimizer, spec.lr_scaling) for spec in plan})
+    intervals = sorted({(spec.batch_size, spec.hyperparameters.curvature_interval) for spec in plan})
+    micro = sorted({(spec.batch_size, spec.micro_batch) for spec in plan if spec.micro_batch != spec.batch_size})
+    lines = [
+        f"protocol: learning rates scaled from the base at batch {task.reference_batch} "
+        f"({', '.join(f'{name} {rule}' for name, rule in lr_rules)}), {task.warmup_epochs:g} warmup epochs, "
+        f"cosine decay to 0 at epoch {config.max_epochs}; the last partial batch of each epoch is dropped",
+        f"K-FAC/FOP: damping {plan[0].hyperparameters.damping:g}, curvature and inverse update interval "
+        + ", ".join(f"{interval} steps at batch {batch}" for batch, interval in intervals)
+        + f", first-order fallback {task.curvature.fallback}",
+        "device data path: dataset resident on the device as uint8, augmentation "
+        + (f"(random crop, padding {task.crop_padding}, flip) on the device" if task.crop_padding else "none")
+        + (", bf16 autocast and channels_last on CUDA" if config.bf16 else ""),
+    ]
+    if micro:
+        lines.append("micro-batches (gradient accumulation): " + ", ".join(f"{m} at batch {b}" for b, m in micro))
+    return lines
+
+
+def _run(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if args.list:
+        print(_list_tasks())
+        return 0
+
+    from fop.bench.data import BatchPipeline
+    from fop.bench.optimizers import resolve_optimizer
+    from fop.bench.report import environment, format_report, format_table1, plot_curves, summarize
+    from fop.bench.runner import ResultStore, SweepConfig, plan_runs, run_sweep
+    from fop.bench.tasks import DataOptions, get_task
+
+    started = time.perf_counter()
+    command = shlex.join([PROG, *argv])
+    task = get_task(args.task)
+    _check_task_options(args, task.name, task.data_options)
+    optimizer_names = tuple(dict.fromkeys(name.lower() for name in (args.optimizers or task.optimizers)))
+    optimizers = {spec.name: spec for spec in map(resolve_optimizer, optimizer_names)}
+    baseline = (args.baseline or ("sgd" if "sgd" in optimizers else optimizer_names[0])).lower()
+    if baseline not in optimizers:
+        raise BenchError(f"--baseline {baseline} is not among the optimizers run ({', '.join(optimizers)})")
+    device = _resolve_device(args.device)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+    data_path = args.data or (Path(os.environ[DATA_ENV]) if "path" in task.data_options and os.environ.get(DATA_ENV) else None)
+    dataset = task.load_data(
+        DataOptions(path=data_path, subset=args.subset, imbalance=args.imbalance, cache_dir=args.cache_dir, download=args.download)
+    )
+    config = SweepConfig(
+        optimizers=tuple(optimizers),
+        batch_sizes=args.batch_sizes or task.batch_sizes,
+        lr_grid=args.lr_grid or task.lr_grid,
+        seeds=args.seeds or task.seeds,
+        max_epochs=args.max_epochs or task.max_epochs,
+        target=_target(args.target, task.default_target(dataset)),
+        device=str(device),
+        micro_batch=args.micro_batch,
+        width=args.width,
+        subset=args.subset,
+        lr_scaling=args.lr_scaling,
+        base_lrs=tuple(args.base_lr or ()),
+        curvature_interval=args.curvature_interval,
+        damping=args.damping,
+        bf16=not args.fp32,
+        stop_at_target=args.stop_at_target,
+    )
+    plan = plan_runs(config, task, dataset, list(optimizers.values()))
+
+    out = args.out or Path("bench-runs") / task.name
+    env = environment(device)
+    print(f"{PROG}: {task.name} on {env['hardware']}, torch {env['torch']}: {len(plan)} runs -> {out}", file=sys.stderr)
+    pipeline = BatchPipeline(dataset, device, crop_padding=task.crop_padding, channels_last=device.type == "cuda")
+    records = run_sweep(
+        plan, task, dataset, pipeline, optimizers, ResultStore(out / "runs.jsonl"),
+        context={"environment": env, "command": command}, progress=not args.no_progress,
+    )
+
+    plot_file = "accuracy_vs_time.png"
+    title = f"{task.name}: {env['hardware']}, torch {env['torch']}\n{command}"
+    plot_curves(records, out / plot_file, config.batch_sizes, config.optimizers, config.target, task.metric, title)
+    report = format_report(
+        task=task.name, summary_line=task.summary, records=records, batch_sizes=config.batch_sizes,
+        optimizers=config.optimizers, baseline=baseline, metric=task.metric, target=config.target,
+        protocol=_protocol_lines(task, config, plan), env=env, command=command,
+        dataset=dataset.summary(), plot_file=plot_file,
+    )
+    (out / "results.md").write_text(report, encoding="utf-8")
+
+    seeds = len(config.seeds)
+    print(
+        f"\n{task.name}: epochs / seconds to {100 * config.target:g}% test accuracy "
+        f"(median of {seeds} seed{'s' * (seeds > 1)}, best of {len(config.lr_grid)} lr; (×) speedup vs {baseline}; "
+        f"— not reached in {config.max_epochs} epochs)"
+    )
+    print(f"{env['hardware']}; torch {env['torch']}; command: {command}\n")
+    print(format_table1(summarize(records), config.batch_sizes, config.optimizers, baseline))
+    print(f"\nfull report: {out / 'results.md'}; plot: {out / plot_file}; runs: {out / 'runs.jsonl'}")
+    print(f"total wall time {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``fop-bench`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status.
+
+    Bad input prints one line ``fop-bench: error: ...`` on stderr and returns 2.
+    """
+    try:
+        return _run(list(sys.argv[1:] if argv is None else argv))
+    except BenchError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; finished runs are saved, rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""Optimizers by name, and the protocol's rules for learning rate, schedule and curvature interval.
+
+Names: ``sgd`` (Nesterov momentum 0.9), ``adamw``, ``kfac`` and ``fop`` (this package), any
+``torch.optim`` class by its name in any case (``rmsprop``, ``RAdam``, ...), and, when the
+``pytorch-optimizer`` package is installed, its optimizers (``lamb``, ``lars``, ...).
+
+Rules (documented in ``docs/benchmark.md``):
+
+- :func:`scaled_lr`: base learning rate at the task's reference batch, scaled linearly with the
+  batch size (SGD, K-FAC, FOP: the paper's rule) or by the square root (adaptive methods such as
+  AdamW, whose updates do not grow with the gradient's size);
+- :func:`warmup_cosine`: linear warmup, then cosine decay to zero at the last epoch, for every
+  optimizer alike (so K-FAC and FOP share one schedule);
+- :func:`curvature_interval`: samples between curvature updates held fixed, so the interval in
+  steps shrinks as the batch grows, down to every 5 steps.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fop.bench.errors import BenchError
+
+__all__ = [
+    "CURVATURE_OPTIMIZERS",
+    "Hyperparameters",
+    "OptimizerSpec",
+    "curvature_interval",
+    "resolve_optimizer",
+    "scaled_lr",
+    "warmup_cosine",
+]
+
+LINEAR = "linear"
+SQRT = "sqrt"
+SCALING_RULES = (LINEAR, SQRT)
+CURVATURE_OPTIMIZERS = ("kfac", "fop")
+SGD_MOMENTUM = 0.9
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    """Everything an optimizer of one run is built with.
+
+    The curvature fields are read by K-FAC and FOP only. ``fallback_lr`` is the learning rate of
+    their first-order fallback group (``None``: the main ``lr``).
+    """
+
+    lr: float
+    weight_decay: float
+    momentum: float = SGD_MOMENTUM
+    damping: float = 1e-3
+    factor_decay: float = 0.95
+    curvature_interval: int = 10
+    fallback: str = "sgd"
+    fallback_lr: float | None = None
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """How to build one named optimizer.
+
+    ``scaling`` is its default learning-rate scaling rule; ``default_lr`` its own default learning
+    rate (used when the task has no base learning rate for it); ``uses_curvature`` marks K-FAC/FOP.
+    """
+
+    name: str
+    build: Callable[[nn.Module, Hyperparameters], torch.optim.Optimizer]
+    scaling: str
+    default_lr: float | None = None
+    uses_curvature: bool = False
+
+
+# ----------------------------------------------------------------------------------------------
+# Rules
+
+
+def scaled_lr(base_lr: float, batch_size: int, reference_batch: int, rule: str) -> float:
+    """Learning rate at ``batch_size`` from ``base_lr`` at ``reference_batch``.
+
+    ``"linear"``: ``base_lr · B / B_ref``; ``"sqrt"``: ``base_lr · sqrt(B / B_ref)``.
+    """
+    ratio = batch_size / reference_batch
+    if rule == LINEAR:
+        return base_lr * ratio
+    if rule == SQRT:
+        return base_lr * math.sqrt(ratio)
+    raise BenchError(f"unknown learning-rate scaling rule {rule!r} (choose from {', '.join(SCALING_RULES)})")
+
+
+def curvature_interval(batch_size: int, reference_batch: int, reference_interval: int, min_interval: int = 5) -> int:
+    """Steps between curvature (and inverse) updates at ``batch_size``.
+
+    The number of training samples between two updates is held at its value at the reference
+    batch, ``reference_interval · reference_batch``, so the update frequency in steps grows with
+    the batch size:  ``max(min_interval, round(reference_interval · reference_batch / batch_size))``.
+    The paper's floor is every 5 steps.
+    """
+    return max(min_interval, round(reference_interval * reference_batch / batch_size))
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """Learning-rate factor for :class:`torch.optim.lr_scheduler.LambdaLR`.
+
+    Step ``s`` (0-based) uses ``(s + 1) / warmup_steps`` during warmup, then
+    ``½ (1 + cos(π · (s − warmup) / (total − warmup)))``, reaching 0 after the last step.
+    """
+    warmup_steps = max(0, min(warmup_steps, total_steps - 1))
+    decay_steps = max(1, total_steps - warmup_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / decay_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+# ----------------------------------------------------------------------------------------------
+# Factory
+
+
+def _sgd(model: nn.Module, hp: Hyperparameters) -> torch.optim.Optimizer:
+    return torch.optim.SGD(
+        model.parameters(), lr=hp.lr, momentum=hp.momentum, nesterov=True, weight_decay=hp.weight_decay
+    )
+
+
+def _adamw(model: nn.Module, hp: Hyperparameters) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+
+
+def _curvature_builder(class_name: str) -> Callable[[nn.Module, Hyperparameters], torch.optim.Optimizer]:
+    def build(model: nn.Module, hp: Hyperparameters) -> torch.optim.Optimizer:
+        import fop
+
+        optimizer_class = getattr(fop, class_name)
+        return optimizer_class(
+            model,
+            lr=hp.lr,
+            momentum=hp.momentum,
+            weight_decay=hp.weight_decay,
+            damping=hp.damping,
+            factor_decay=hp.factor_decay,
+            curvature_update_interval=hp.curvature_interval,
+            inverse_update_interval=hp.curvature_interval,
+            fallback=hp.fallback,
+            fallback_lr=hp.fallback_lr,
+        )
+
+    build.__name__ = f"build_{class_name.lower()}"
+    return build
+
+
+_BUILTIN = {
+    "sgd": OptimizerSpec("sgd", _sgd, LINEAR),
+    "adamw": OptimizerSpec("adamw", _adamw, SQRT),
+    "kfac": OptimizerSpec("kfac", _curvature_builder("KFAC"), LINEAR, uses_curvature=True),
+    "fop": OptimizerSpec("fop", _curvature_builder("FOP"), LINEAR, uses_curvature=True),
+}
+
+
+def _generic_builder(optimizer_class: type) -> Callable[[nn.Module, Hyperparameters], torch.optim.Optimizer]:
+    accepted = inspect.signature(optimizer_class).parameters
+
+    def build(model: nn.Module, hp: Hyperparameters) -> torch.optim.Optimizer:
+        kwargs = {"lr": hp.lr}
+        if "weight_decay" in accepted:
+            kwargs["weight_decay"] = hp.weight_decay
+        return optimizer_class(model.parameters(), **kwargs)
+
+    return build
+
+
+def _default_lr(optimizer_class: type) -> float | None:
+    parameter = inspect.signature(optimizer_class).parameters.get("lr")
+    default = None if parameter is None else parameter.default
+    return float(default) if isinstance(default, (int, float)) and not isinstance(default, bool) else None
+
+
+def _torch_optim_class(name: str) -> type | None:
+    for attribute in dir(torch.optim):
+        candidate = getattr(torch.optim, attribute)
+        if (
+            attribute.lower() == name.lower()
+            and isinstance(candidate, type)
+            and issubclass(candidate, torch.optim.Optimizer)
+            and candidate is not torch.optim.Optimizer
+        ):
+            return candidate
+    return None
+
+
+def _pytorch_optimizer_class(name: str) -> type | None:
+    try:
+        import pytorch_optimizer
+    except ImportError:
+        return None
+    try:
+        return pytorch_optimizer.load_optimizer(name.lower())
+    except Exception:  # the package raises its own error types for unknown names
+        return None
+
+
+# Optimizers whose update is proportional to the gradient (scaled linearly); all others are
+# treated as adaptive (square-root scaling).
+_SGD_LIKE_TAGS = ("sgd", "lars")
+
+
+def resolve_optimizer(name: str) -> OptimizerSpec:
+    """The :class:`OptimizerSpec` of ``name``, or :class:`BenchError` if unknown or unavailable."""
+    key = name.strip().lower()
+    if key in _BUILTIN:
+        spec = _BUILTIN[key]
+        if spec.uses_curvature:
+            _require_fop(key)
+        return spec
+    optimizer_class = _torch_optim_class(key) or _pytorch_optimizer_class(key)
+    if optimizer_class is None:
+        raise BenchError(
+            f"unknown optimizer {name!r} (choose from sgd, adamw, kfac, fop, any torch.optim class such as "
+            "rmsprop or radam, or install pytorch-optimizer for lamb, lars, ...)"
+        )
+    scaling = LINEAR if any(tag in key for tag in _SGD_LIKE_TAGS) else SQRT
+    return OptimizerSpec(key, _generic_builder(optimizer_class), scaling, default_lr=_default_lr(optimizer_class))
+
+
+def _require_fop(name: str) -> None:
+    try:
+        import fop
+
+        getattr(fop, name.upper())
+    except (ImportError, AttributeError) as exc:
+        raise BenchError(f"optimizer {name!r} is not available: {exc}") from None

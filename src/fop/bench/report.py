@@ -1,0 +1,367 @@
+"""Reports of a sweep: the paper's Table 1 in Markdown, Figure 2 as a PNG, and their header.
+
+Each (batch size, optimizer) cell aggregates the seeds of every learning rate of the grid and keeps
+the best learning rate (the shortest median time to target; if none reaches it, the highest median
+best accuracy). Medians are over seeds, a run that misses the target counts as infinitely slow, so a
+cell reaches the target when at least half of its seeds do.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["Cell", "environment", "format_report", "format_table1", "plot_curves", "summarize"]
+
+MISS = "—"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (batch size, optimizer) result: the best learning rate's runs, aggregated over seeds."""
+
+    batch_size: int
+    optimizer: str
+    lr: float
+    lr_factor: float
+    runs: tuple[dict[str, Any], ...]
+
+    @property
+    def seeds(self) -> int:
+        return len(self.runs)
+
+    @property
+    def reached(self) -> int:
+        return sum(run["seconds_to_target"] is not None for run in self.runs)
+
+    def median(self, field: str) -> float:
+        """Median over seeds of ``field``; a missing value (target not reached) counts as +inf."""
+        return statistics.median(math.inf if run[field] is None else run[field] for run in self.runs)
+
+    def spread(self, field: str) -> tuple[float, float] | None:
+        """(min, max) over the seeds that have ``field``; ``None`` if none has."""
+        values = [run[field] for run in self.runs if run[field] is not None]
+        return (min(values), max(values)) if values else None
+
+    @property
+    def epochs(self) -> float:
+        return self.median("epochs_to_target")
+
+    @property
+    def seconds(self) -> float:
+        return self.median("seconds_to_target")
+
+    @property
+    def hit(self) -> bool:
+        return math.isfinite(self.seconds)
+
+    def sort_key(self) -> tuple[float, float]:
+        return (self.seconds, -self.median("best_accuracy"))
+
+
+def summarize(records: Iterable[dict[str, Any]]) -> dict[tuple[int, str], Cell]:
+    """Cells by ``(batch_size, optimizer)``, each at its best learning rate of the grid."""
+    groups: dict[tuple[int, str, float], list[dict[str, Any]]] = defaultdict(list)
+    for record in records:
+        spec = record["spec"]
+        groups[(spec["batch_size"], spec["optimizer"], spec["lr_factor"])].append(record)
+    best: dict[tuple[int, str], Cell] = {}
+    for (batch_size, optimizer, factor), runs in groups.items():
+        runs.sort(key=lambda run: run["spec"]["seed"])
+        cell = Cell(batch_size, optimizer, runs[0]["spec"]["hyperparameters"]["lr"], factor, tuple(runs))
+        current = best.get((batch_size, optimizer))
+        if current is None or cell.sort_key() < current.sort_key():
+            best[(batch_size, optimizer)] = cell
+    return best
+
+
+# ----------------------------------------------------------------------------------------------
+# Formatting helpers
+
+
+def _seconds(value: float) -> str:
+    if value >= 100:
+        return f"{value:.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def _number(value: float) -> str:
+    return f"{value:g}"
+
+
+def _percent(accuracy: float, metric: str) -> str:
+    return f"{100 * (1 - accuracy) if metric == 'error' else 100 * accuracy:.2f}"
+
+
+def _range(bounds: tuple[float, float] | None, fmt: Any) -> str:
+    return "" if bounds is None or bounds[0] == bounds[1] else f" [{fmt(bounds[0])}–{fmt(bounds[1])}]"
+
+
+def _markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _metric_name(metric: str) -> str:
+    return "Top-1 error (%)" if metric == "error" else "test accuracy (%)"
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables
+
+
+def format_table1(
+    cells: dict[tuple[int, str], Cell], batch_sizes: Sequence[int], optimizers: Sequence[str], baseline: str | None
+) -> str:
+    """The paper's Table 1: rows batch sizes, columns optimizers, cells ``epochs / seconds (×speedup)``.
+
+    The speedup is the baseline's median seconds over the cell's, at the same batch size.
+    """
+    rows = []
+    for batch_size in batch_sizes:
+        reference = cells.get((batch_size, baseline)) if baseline else None
+        row = [str(batch_size)]
+        for optimizer in optimizers:
+            cell = cells.get((batch_size, optimizer))
+            if cell is None or not cell.hit:
+                row.append(MISS)
+                continue
+            text = f"{_number(cell.epochs)} / {_seconds(cell.seconds)} s"
+            if reference is not None and reference.hit and optimizer != baseline:
+                text += f" (×{reference.seconds / cell.seconds:.2f})"
+            row.append(text)
+        rows.append(row)
+    return _markdown_table(["batch", *optimizers], rows)
+
+
+def format_final_table(
+    cells: dict[tuple[int, str], Cell], batch_sizes: Sequence[int], optimizers: Sequence[str], metric: str
+) -> str:
+    """Final (and best) test metric of every cell, median over seeds."""
+    rows = []
+    for batch_size in batch_sizes:
+        row = [str(batch_size)]
+        for optimizer in optimizers:
+            cell = cells.get((batch_size, optimizer))
+            row.append(
+                MISS
+                if cell is None
+                else f"{_percent(cell.median('final_accuracy'), metric)} ({_percent(cell.median('best_accuracy'), metric)})"
+            )
+        rows.append(row)
+    return _markdown_table(["batch", *optimizers], rows)
+
+
+def format_fastest_table(cells: dict[tuple[int, str], Cell], optimizers: Sequence[str], baseline: str | None) -> str:
+    """Each optimizer's fastest batch size, and its speedup over the baseline's fastest."""
+    fastest: dict[str, Cell] = {}
+    for cell in cells.values():
+        if cell.hit and (cell.optimizer not in fastest or cell.seconds < fastest[cell.optimizer].seconds):
+            fastest[cell.optimizer] = cell
+    reference = fastest.get(baseline) if baseline else None
+    rows = []
+    for optimizer in optimizers:
+        cell = fastest.get(optimizer)
+        if cell is None:
+            rows.append([optimizer, MISS, MISS, MISS])
+            continue
+        speedup = f"×{reference.seconds / cell.seconds:.2f}" if reference is not None else MISS
+        rows.append([optimizer, str(cell.batch_size), f"{_number(cell.epochs)} / {_seconds(cell.seconds)} s", speedup])
+    return _markdown_table(["optimizer", "fastest batch", "epochs / seconds", f"speedup vs {baseline}'s fastest"], rows)
+
+
+def format_details(cells: dict[tuple[int, str], Cell], batch_sizes: Sequence[int], optimizers: Sequence[str], metric: str) -> str:
+    """Per-cell detail: chosen learning rate, seeds reaching the target, spreads, cost per step."""
+    rows = []
+    for batch_size in batch_sizes:
+        for optimizer in optimizers:
+            cell = cells.get((batch_size, optimizer))
+            if cell is None:
+                continue
+            epochs = MISS if not cell.hit else _number(cell.epochs) + _range(cell.spread("epochs_to_target"), _number)
+            seconds = MISS if not cell.hit else _seconds(cell.seconds) + _range(cell.spread("seconds_to_target"), _seconds)
+            diverged = sum(run["status"] == "diverged" for run in cell.runs)
+            memory_mib = max(run["peak_memory_bytes"] for run in cell.runs) / 2**20
+            rows.append(
+                [
+                    str(batch_size),
+                    optimizer,
+                    f"{cell.lr:.3g} (×{_number(cell.lr_factor)})",
+                    f"{cell.reached}/{cell.seeds}" + (f", {diverged} diverged" if diverged else ""),
+                    epochs,
+                    seconds,
+                    _percent(cell.median("best_accuracy"), metric),
+                    _percent(cell.median("final_accuracy"), metric),
+                    f"{1000 * cell.median('median_step_seconds'):.1f}",
+                    f"{100 * cell.median('optimizer_share'):.0f}%",
+                    f"{memory_mib:.0f}",
+                ]
+            )
+    header = [
+        "batch", "optimizer", "lr (grid factor)", "reached", "epochs [min–max]", "seconds [min–max]",
+        f"best {'error' if metric == 'error' else 'acc'} %", f"final {'error' if metric == 'error' else 'acc'} %",
+        "step ms", "optimizer share", "peak MiB",
+    ]
+    return _markdown_table(header, rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# Environment and the full report
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Hardware and software of this process, for every report and record."""
+    if device.type == "cuda":
+        hardware = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(device)}"
+    else:
+        hardware = f"CPU {_cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    return {
+        "hardware": hardware,
+        "device": str(device),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def format_report(
+    *,
+    task: str,
+    summary_line: str,
+    records: Sequence[dict[str, Any]],
+    batch_sizes: Sequence[int],
+    optimizers: Sequence[str],
+    baseline: str | None,
+    metric: str,
+    target: float,
+    protocol: Sequence[str],
+    env: dict[str, Any],
+    command: str,
+    dataset: dict[str, Any],
+    plot_file: str | None = None,
+) -> str:
+    """The Markdown report of a sweep: header, Table 1, final metric, fastest batch, details."""
+    cells = summarize(records)
+    seeds = sorted({record["spec"]["seed"] for record in records})
+    grid = sorted({record["spec"]["lr_factor"] for record in records})
+    max_epochs = max((record["spec"]["max_epochs"] for record in records), default=0)
+    target_text = f"{100 * target:g}% test accuracy" + (
+        f" (Top-1 error {100 * (1 - target):g}%)" if metric == "error" else ""
+    )
+    lines = [
+        f"# fop-bench: {task}",
+        "",
+        summary_line,
+        "",
+        f"- command: `{command}`",
+        f"- hardware: {env['hardware']}; torch {env['torch']}"
+        + (f" (CUDA {env['cuda']})" if env.get("cuda") else "")
+        + f", Python {env['python']}, {env['platform']}",
+        f"- data: {dataset['kind']} from {dataset['source']}: {dataset['train_size']} train / "
+        f"{dataset['test_size']} test images, train class counts {dataset['train_class_counts']}",
+        f"- written: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        *(f"- {item}" for item in protocol),
+        "",
+        f"## Time to {target_text} (Table 1 layout)",
+        "",
+        f"Cells: epochs / training seconds until the test accuracy first reaches the target (evaluation "
+        f"not timed), median over {len(seeds)} seed(s) {seeds}, best of {len(grid)} learning rate(s) per cell "
+        f"(grid factors {', '.join(_number(f) for f in grid)}); "
+        + (f"(×s): speedup in seconds over {baseline} at the same batch size; " if baseline else "")
+        + f"{MISS}: not reached within {max_epochs} epochs.",
+        "",
+        format_table1(cells, batch_sizes, optimizers, baseline),
+        "",
+        f"## Final {_metric_name(metric)}, best in run in parentheses (median over seeds)",
+        "",
+        format_final_table(cells, batch_sizes, optimizers, metric),
+        "",
+        "## Fastest batch size per optimizer",
+        "",
+        format_fastest_table(cells, optimizers, baseline),
+        "",
+        "## Details",
+        "",
+        "Spreads are [min–max] over the seeds that reached the target. Step time is the median over "
+        "all steps; the optimizer share is the fraction of step time spent in `optimizer.step()`. "
+        "Peak memory is CUDA max allocated on GPUs and the process's resident set size on CPUs.",
+        "",
+        format_details(cells, batch_sizes, optimizers, metric),
+        "",
+    ]
+    if plot_file:
+        lines += [f"![{_metric_name(metric)} against training time]({plot_file})", ""]
+    return "\n".join(lines)
+
+
+def plot_curves(
+    records: Sequence[dict[str, Any]],
+    path: Path,
+    batch_sizes: Sequence[int],
+    optimizers: Sequence[str],
+    target: float,
+    metric: str,
+    title: str,
+) -> None:
+    """Figure 2: test metric against training seconds, one panel per batch size.
+
+    Each optimizer is drawn at its chosen learning rate, one line per seed.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    cells = summarize(records)
+    columns = min(3, len(batch_sizes))
+    rows = math.ceil(len(batch_sizes) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.8 * rows), squeeze=False)
+    colors = {name: f"C{index}" for index, name in enumerate(optimizers)}
+    to_metric = (lambda a: 100 * (1 - a)) if metric == "error" else (lambda a: 100 * a)
+    for axis, batch_size in zip(axes.flat, batch_sizes):
+        for optimizer in optimizers:
+            cell = cells.get((batch_size, optimizer))
+            if cell is None:
+                continue
+            for index, run in enumerate(cell.runs):
+                seconds = [point["seconds"] for point in run["curve"]]
+                values = [to_metric(point["accuracy"]) for point in run["curve"]]
+                label = f"{optimizer} (lr {cell.lr:.3g})" if index == 0 else None
+                axis.plot(seconds, values, color=colors[optimizer], alpha=1.0 if index == 0 else 0.4, label=label)
+        axis.axhline(to_metric(target), color="grey", linestyle="--", linewidth=1, label="target")
+        axis.set_title(f"batch {batch_size}")
+        axis.set_xlabel("training time (s)")
+        axis.set_ylabel(_metric_name(metric))
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    for axis in list(axes.flat)[len(batch_sizes) :]:
+        axis.set_visible(False)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

@@ -1,0 +1,496 @@
+"""The sweep: planning runs, the timed training loop, and the resumable JSON-lines result file.
+
+Timing protocol (see ``docs/benchmark.md``): only training is timed. Evaluation after each epoch
+runs outside the clock. On CUDA the host synchronises only at epoch boundaries; per-step times come
+from CUDA events read after that synchronisation, so measuring does not slow the step down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fop.bench.data import BatchPipeline, ImageDataset
+from fop.bench.errors import BenchError
+from fop.bench.optimizers import (
+    Hyperparameters,
+    OptimizerSpec,
+    curvature_interval,
+    scaled_lr,
+    warmup_cosine,
+)
+from fop.bench.tasks import Task
+
+__all__ = ["ResultStore", "RunSpec", "SweepConfig", "plan_runs", "resolve_micro_batch", "run_sweep", "train_run"]
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """The sweep the command line asked for (defaults already filled in from the task)."""
+
+    optimizers: tuple[str, ...]
+    batch_sizes: tuple[int, ...]
+    lr_grid: tuple[float, ...]
+    seeds: tuple[int, ...]
+    max_epochs: int
+    target: float
+    device: str
+    micro_batch: int | None = None
+    width: int | None = None
+    subset: int | None = None
+    lr_scaling: str | None = None
+    base_lrs: tuple[tuple[str, float], ...] = ()
+    curvature_interval: int | None = None
+    damping: float | None = None
+    bf16: bool = True
+    stop_at_target: bool = False
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything that determines one training run; its :meth:`key` identifies it on resume."""
+
+    task: str
+    data: str
+    optimizer: str
+    batch_size: int
+    micro_batch: int
+    lr_factor: float
+    lr_scaling: str
+    hyperparameters: Hyperparameters
+    seed: int
+    max_epochs: int
+    warmup_epochs: float
+    target: float
+    width: int | None
+    device: str
+    bf16: bool
+    stop_at_target: bool
+
+    @property
+    def key(self) -> str:
+        """Stable hash of all fields: a finished run with the same key is skipped on resume."""
+        canonical = json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:20]
+
+    @property
+    def label(self) -> str:
+        """Short human-readable name, e.g. ``fop b=1437 lr=0.225 s=0``."""
+        return f"{self.optimizer} b={self.batch_size} lr={self.hyperparameters.lr:.3g} s={self.seed}"
+
+
+def resolve_micro_batch(batch_size: int, requested: int | None, task_limit: int | None) -> int:
+    """Micro-batch size of gradient accumulation for ``batch_size``.
+
+    An explicit ``requested`` size must divide the batch (a larger one means no accumulation).
+    Otherwise the task's ``task_limit`` applies: the largest divisor of the batch not above it.
+    """
+    if requested is not None:
+        if requested < 1:
+            raise BenchError(f"--micro-batch must be positive, got {requested}")
+        if requested >= batch_size:
+            return batch_size
+        if batch_size % requested:
+            raise BenchError(f"--micro-batch {requested} does not divide batch size {batch_size}")
+        return requested
+    if task_limit is None or batch_size <= task_limit:
+        return batch_size
+    divisor = max(d for d in range(1, task_limit + 1) if batch_size % d == 0)
+    if divisor < 2:
+        raise BenchError(f"batch size {batch_size} has no micro-batch size <= {task_limit}; give --micro-batch")
+    return divisor
+
+
+def plan_runs(config: SweepConfig, task: Task, dataset: ImageDataset, optimizers: Sequence[OptimizerSpec]) -> list[RunSpec]:
+    """All runs of the sweep: batch sizes x optimizers x learning-rate factors x seeds."""
+    base_lr_overrides = dict(config.base_lrs)
+    data = json.dumps({k: v for k, v in dataset.summary().items() if k != "source"}, sort_keys=True)
+    runs = []
+    for batch_size in config.batch_sizes:
+        if batch_size > dataset.train_size:
+            raise BenchError(
+                f"batch size {batch_size} is larger than the training set ({dataset.train_size} images)"
+            )
+        micro_batch = resolve_micro_batch(batch_size, config.micro_batch, task.max_micro_batch)
+        interval = config.curvature_interval or curvature_interval(
+            batch_size, task.reference_batch, task.curvature.reference_interval, task.curvature.min_interval
+        )
+        for spec in optimizers:
+            if spec.uses_curvature and micro_batch < 2:
+                raise BenchError(f"{spec.name} splits each micro-batch in two halves: micro-batch must be >= 2")
+            base_lr = _base_lr(spec, task, base_lr_overrides)
+            scaling = config.lr_scaling or spec.scaling
+            fallback_lr = _fallback_lr(task, config, base_lr_overrides, batch_size)
+            for factor in config.lr_grid:
+                lr = factor * scaled_lr(base_lr, batch_size, task.reference_batch, scaling)
+                hyperparameters = Hyperparameters(
+                    lr=lr,
+                    weight_decay=task.weight_decay(spec.name),
+                    damping=config.damping or task.curvature.damping,
+                    factor_decay=task.curvature.factor_decay,
+                    curvature_interval=interval,
+                    fallback=task.curvature.fallback,
+                    fallback_lr=None if fallback_lr is None else factor * fallback_lr,
+                )
+                for seed in config.seeds:
+                    runs.append(
+                        RunSpec(
+                            task=task.name,
+                            data=data,
+                            optimizer=spec.name,
+                            batch_size=batch_size,
+                            micro_batch=micro_batch,
+                            lr_factor=factor,
+                            lr_scaling=scaling,
+                            hyperparameters=hyperparameters,
+                            seed=seed,
+                            max_epochs=config.max_epochs,
+                            warmup_epochs=task.warmup_epochs,
+                            target=config.target,
+                            width=config.width,
+                            device=torch.device(config.device).type,
+                            bf16=config.bf16,
+                            stop_at_target=config.stop_at_target,
+                        )
+                    )
+    return runs
+
+
+def _base_lr(spec: OptimizerSpec, task: Task, overrides: dict[str, float]) -> float:
+    if spec.name in overrides:
+        return overrides[spec.name]
+    if spec.name in task.base_lrs:
+        return task.base_lrs[spec.name]
+    if spec.default_lr is not None:
+        return spec.default_lr
+    raise BenchError(f"no base learning rate for optimizer {spec.name!r} on {task.name}; give --base-lr {spec.name}=VALUE")
+
+
+def _fallback_lr(task: Task, config: SweepConfig, overrides: dict[str, float], batch_size: int) -> float | None:
+    """K-FAC/FOP's AdamW fallback group follows the AdamW schedule of the task (sgd: the main lr)."""
+    if task.curvature.fallback != "adamw":
+        return None
+    base = overrides.get("adamw", task.base_lrs["adamw"])
+    return scaled_lr(base, batch_size, task.reference_batch, config.lr_scaling or "sqrt")
+
+
+# ----------------------------------------------------------------------------------------------
+# Measuring
+
+
+class StepClock:
+    """Timestamps inside the training loop that never synchronise the host with the device.
+
+    On CUDA a mark is a recorded CUDA event; elsewhere it is ``time.perf_counter()``. Intervals are
+    read with :meth:`seconds` after :meth:`synchronize`.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def mark(self) -> Any:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def synchronize(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def seconds(self, start: Any, end: Any) -> float:
+        return start.elapsed_time(end) / 1000.0 if self.cuda else end - start
+
+
+class MemoryMeter:
+    """Peak memory of a run: CUDA max allocated, or the process's resident set size on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.kind = "cuda_max_allocated" if self.cuda else "process_rss"
+        self._peak = 0
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def sample(self) -> None:
+        if not self.cuda:
+            self._peak = max(self._peak, _resident_bytes())
+
+    def peak_bytes(self) -> int:
+        return int(torch.cuda.max_memory_allocated()) if self.cuda else self._peak
+
+
+def _resident_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager[Any]:
+    if bf16 and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, pipeline: BatchPipeline, batch_size: int, bf16: bool) -> float:
+    """Test accuracy in [0, 1] (model in eval mode, no gradients)."""
+    model.eval()
+    correct = torch.zeros((), dtype=torch.int64, device=pipeline.device)
+    total = 0
+    for images, labels in pipeline.test_batches(batch_size):
+        with _autocast(pipeline.device, bf16):
+            correct += (model(images).argmax(dim=1) == labels).sum()
+        total += labels.numel()
+    model.train()
+    return correct.item() / max(1, total)
+
+
+def _diagnostics_summary(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """Median over layers of FOP's last β* and η* (empty for optimizers without diagnostics)."""
+    diagnostics = getattr(optimizer, "diagnostics", None)
+    if diagnostics is None:
+        return {}
+    summary = {}
+    layers = diagnostics().values()
+    for name in ("beta", "eta"):
+        values = [float(v) for layer in layers if name in layer for v in torch.as_tensor(layer[name]).flatten()]
+        finite = [v for v in values if math.isfinite(v)]
+        if finite:
+            summary[f"{name}_median"] = statistics.median(finite)
+    return summary
+
+
+def _progress_bar(total: int, label: str, enabled: bool) -> Any:
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        enabled = False
+    if not enabled:
+        return contextlib.nullcontext(_SilentBar())
+    return tqdm(total=total, desc=label, unit="ep", file=sys.stderr, leave=True, dynamic_ncols=True)
+
+
+class _SilentBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, text: str) -> None:
+        pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def train_run(
+    spec: RunSpec,
+    task: Task,
+    dataset: ImageDataset,
+    pipeline: BatchPipeline,
+    optimizer_spec: OptimizerSpec,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train one run and return its result record (see ``docs/benchmark.md`` for the fields)."""
+    device = pipeline.device
+    torch.manual_seed(spec.seed)
+    model = task.build_model(dataset, spec.width).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    model.train()
+    optimizer = optimizer_spec.build(model, spec.hyperparameters)
+    steps_per_epoch = pipeline.train_size // spec.batch_size
+    total_steps = steps_per_epoch * spec.max_epochs
+    warmup_steps = round(spec.warmup_epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup_steps))
+    generator = torch.Generator(device=device).manual_seed(spec.seed)
+    clock, memory = StepClock(device), MemoryMeter(device)
+    eval_batch = task.max_micro_batch or 4096
+
+    curve: list[dict[str, Any]] = []
+    step_seconds: list[float] = []
+    optimizer_seconds = 0.0
+    train_seconds = 0.0
+    reached: dict[str, Any] | None = None
+    status = "ok"
+    with _progress_bar(spec.max_epochs, spec.label, progress) as bar:
+        for epoch in range(1, spec.max_epochs + 1):
+            clock.synchronize()
+            epoch_start = time.perf_counter()
+            marks, loss_sum = _train_epoch(model, optimizer, scheduler, pipeline, spec, generator, clock, memory)
+            clock.synchronize()
+            train_seconds += time.perf_counter() - epoch_start
+            for start, before_step, end in marks:
+                step_seconds.append(clock.seconds(start, end))
+                optimizer_seconds += clock.seconds(before_step, end)
+
+            loss = loss_sum.item() / steps_per_epoch
+            accuracy = evaluate(model, pipeline, eval_batch, spec.bf16) if math.isfinite(loss) else 0.0
+            point = {"epoch": epoch, "seconds": train_seconds, "accuracy": accuracy, "loss": loss}
+            point.update(_diagnostics_summary(optimizer))
+            curve.append(point)
+            if reached is None and accuracy >= spec.target:
+                reached = point
+            bar.update(1)
+            bar.set_postfix_str(
+                f"acc={accuracy:.4f} train={train_seconds:.1f}s"
+                + (f" target@{reached['epoch']}" if reached else "")
+            )
+            if not math.isfinite(loss):
+                status = "diverged"
+                break
+            if reached is not None and spec.stop_at_target:
+                break
+
+    accuracies = [point["accuracy"] for point in curve]
+    return {
+        "key": spec.key,
+        "spec": dataclasses.asdict(spec),
+        "status": status,
+        "epochs_run": len(curve),
+        "epochs_to_target": None if reached is None else reached["epoch"],
+        "seconds_to_target": None if reached is None else reached["seconds"],
+        "best_accuracy": max(accuracies),
+        "final_accuracy": accuracies[-1],
+        "train_seconds": train_seconds,
+        "steps_per_epoch": steps_per_epoch,
+        "median_step_seconds": statistics.median(step_seconds),
+        "optimizer_share": optimizer_seconds / max(sum(step_seconds), 1e-12),
+        "peak_memory_bytes": memory.peak_bytes(),
+        "memory_kind": memory.kind,
+        "dataset": dataset.summary(),
+        "curve": curve,
+    }
+
+
+def _train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    pipeline: BatchPipeline,
+    spec: RunSpec,
+    generator: torch.Generator,
+    clock: StepClock,
+    memory: MemoryMeter,
+) -> tuple[list[tuple[Any, Any, Any]], Tensor]:
+    """One epoch of optimizer steps (the last partial batch is dropped).
+
+    Returns the clock marks ``(start, before optimizer.step, end)`` of every step and the summed
+    mean training loss of the steps, as a device tensor (read after synchronisation).
+    """
+    order = torch.randperm(pipeline.train_size, generator=generator, device=pipeline.device)
+    loss_sum = torch.zeros((), device=pipeline.device)
+    marks = []
+    batch_size = spec.batch_size
+    for batch in _batches(order, batch_size):
+        start = clock.mark()
+        optimizer.zero_grad(set_to_none=True)
+        for micro in batch.split(spec.micro_batch):
+            images, labels = pipeline.train_batch(micro, generator)
+            weight = micro.numel() / batch_size
+            with _autocast(pipeline.device, spec.bf16):
+                loss = F.cross_entropy(model(images), labels)
+            (loss * weight).backward()
+            loss_sum += loss.detach().float() * weight
+        memory.sample()
+        before_step = clock.mark()
+        optimizer.step()
+        scheduler.step()
+        marks.append((start, before_step, clock.mark()))
+    return marks, loss_sum
+
+
+def _batches(order: Tensor, batch_size: int) -> Iterator[Tensor]:
+    for start in range(0, order.numel() - batch_size + 1, batch_size):
+        yield order[start : start + batch_size]
+
+
+# ----------------------------------------------------------------------------------------------
+# Results file and the sweep
+
+
+class ResultStore:
+    """Append-only JSON-lines file of finished runs, one record per line.
+
+    A sweep killed while writing leaves at most one partial last line; it is ignored on reading,
+    and the next append starts on a fresh line.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> dict[str, dict[str, Any]]:
+        """Finished runs by key (later lines win)."""
+        records: dict[str, dict[str, Any]] = {}
+        if not self.path.is_file():
+            return records
+        with open(self.path, encoding="utf-8") as handle:
+            for line in handle:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(record, dict) and "key" in record:
+                    records[record["key"]] = record
+        return records
+
+    def append(self, record: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a+", encoding="utf-8") as handle:
+            handle.seek(0, os.SEEK_END)
+            if handle.tell() > 0:
+                handle.seek(handle.tell() - 1)
+                if handle.read(1) != "\n":
+                    handle.write("\n")
+            handle.write(json.dumps(record, sort_keys=True) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def run_sweep(
+    plan: Sequence[RunSpec],
+    task: Task,
+    dataset: ImageDataset,
+    pipeline: BatchPipeline,
+    optimizers: dict[str, OptimizerSpec],
+    store: ResultStore,
+    context: dict[str, Any],
+    progress: bool = True,
+    log: Any = sys.stderr,
+) -> list[dict[str, Any]]:
+    """Train every planned run not already in ``store`` and return the records of the whole plan.
+
+    ``context`` (environment, command) is stored with each new record.
+    """
+    finished = store.load()
+    todo = [spec for spec in plan if spec.key not in finished]
+    if len(todo) < len(plan):
+        print(f"resuming: {len(plan) - len(todo)} of {len(plan)} runs already finished in {store.path}, skipped", file=log)
+    for number, spec in enumerate(todo, 1):
+        if not progress:
+            print(f"[{number}/{len(todo)}] {spec.label}", file=log)
+        record = train_run(spec, task, dataset, pipeline, optimizers[spec.optimizer], progress)
+        record.update(context)
+        store.append(record)
+        finished[spec.key] = record
+    return [finished[spec.key] for spec in plan]
