@@ -264,9 +264,7 @@ class KroneckerOptimizer(Optimizer):
         ratio = loss_scale_ratio(captured)
         work = [LayerWork.from_capture(layer, ratio) for layer in captured]
         ok = self.communicator.reduce(work, ok)
-        for item in work:
-            if self.communicator.owns(item.layer):
-                item.direction = self._layer_direction(item, group, ok, inverse_step)
+        self._owner_directions([item for item in work if self.communicator.owns(item.layer)], group, ok, inverse_step)
         self.communicator.share(work)
         for item in work:
             assert item.direction is not None
@@ -277,16 +275,16 @@ class KroneckerOptimizer(Optimizer):
         self._apply_sgd(group, params, directions, ok)
         return ok
 
-    def _layer_direction(self, item: LayerWork, group: dict[str, Any], ok: Tensor, inverse_step: bool) -> Tensor:
-        """Factor update, eigendecomposition and FOP/K-FAC direction of one layer (its owner's job)."""
-        state = self.state[item.layer.weight]
-        if item.a is not None and item.g is not None:
-            self._update_factors(state, item.a, item.g, group["factor_decay"], ok)
-        if "A" not in state:  # no factors yet: plain gradient this once
-            return item.grad
-        if inverse_step or "A_values" not in state:
-            self._update_eigen(state)
-        return self._direction(item, state, group)
+    def _owner_directions(self, owned: list[LayerWork], group: dict[str, Any], ok: Tensor, inverse_step: bool) -> None:
+        """Factor updates, eigendecompositions and FOP/K-FAC directions of the layers owned here."""
+        states = [self.state[item.layer.weight] for item in owned]
+        for item, state in zip(owned, states):
+            if item.a is not None and item.g is not None:
+                self._update_factors(state, item.a, item.g, group["factor_decay"], ok)
+        self._update_eigen([s for s in states if "A" in s and (inverse_step or "A_values" not in s)])
+        for item, state in zip(owned, states):
+            # no factors yet (a layer first seen on a step without capture): plain gradient this once
+            item.direction = self._direction(item, state, group) if "A" in state else item.grad
 
     def _update_factors(self, state: dict, a_new: Tensor, g_new: Tensor, decay: float, ok: Tensor) -> None:
         good = ok & torch.isfinite(a_new).all() & torch.isfinite(g_new).all()
@@ -300,13 +298,24 @@ class KroneckerOptimizer(Optimizer):
         masked_copy_(state["A"], torch.lerp(state["A"], a_new, 1 - decay), good)
         masked_copy_(state["G"], torch.lerp(state["G"], g_new, 1 - decay), good)
 
-    def _update_eigen(self, state: dict) -> None:
-        previous_a = Fn.Eigen(state["A_values"], state["A_vectors"]) if "A_values" in state else None
-        previous_g = Fn.Eigen(state["G_values"], state["G_vectors"]) if "G_values" in state else None
-        eig_a = Fn.eigen_factor(state["A"], previous_a)
-        eig_g = Fn.eigen_factor(state["G"], previous_g)
-        state["A_values"], state["A_vectors"] = eig_a
-        state["G_values"], state["G_vectors"] = eig_g
+    def _update_eigen(self, states: list[dict]) -> None:
+        """Eigendecompose the factors, batched over factors of one shape (one ``eigh`` call each)."""
+        for key in ("A", "G"):
+            buckets: dict[tuple, list[dict]] = {}
+            for state in states:
+                factor = state[key]
+                bucket = (tuple(factor.shape), factor.dtype, factor.device, f"{key}_values" in state)
+                buckets.setdefault(bucket, []).append(state)
+            for (*_, has_previous), bucket_states in buckets.items():
+                previous = None
+                if has_previous:
+                    previous = Fn.Eigen(
+                        torch.stack([s[f"{key}_values"] for s in bucket_states]),
+                        torch.stack([s[f"{key}_vectors"] for s in bucket_states]),
+                    )
+                eig = Fn.eigen_factor(torch.stack([s[key] for s in bucket_states]), previous)
+                for i, state in enumerate(bucket_states):
+                    state[f"{key}_values"], state[f"{key}_vectors"] = eig.values[i], eig.vectors[i]
 
     def _direction(self, item: LayerWork, state: dict, group: dict[str, Any]) -> Tensor:
         layer = item.layer
