@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.grad import conv2d_weight
 
 from .functional import compute_dtype
 
@@ -81,7 +82,7 @@ class LayerWork:
     direction: Tensor | None = None
 
     @classmethod
-    def from_capture(cls, layer: KroneckerLayer, ratio: Tensor) -> LayerWork:
+    def from_capture(cls, layer: KroneckerLayer, ratio: Tensor | None) -> LayerWork:
         """Collect the layer's statistics, rescaled by the loss-scale ratio (:func:`loss_scale_ratio`)."""
         grad = layer.folded_param_grad()
         assert grad is not None
@@ -388,7 +389,7 @@ class Conv2dLayer(KroneckerLayer):
         if grad_out.dim() == 3:
             grad_out = grad_out.unsqueeze(0)
         grad_out = grad_out.to(x.dtype)
-        w = torch.nn.grad.conv2d_weight(
+        w = conv2d_weight(
             x, self.weight.shape, grad_out, self.stride, self.padding, self.dilation, 1
         ).reshape(self.out_features, -1)
         if self.bias is None:

@@ -17,7 +17,7 @@ sub-batch gradients and the update. Parameters outside supported layers follow a
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Iterable, Union
+from typing import Any, Callable, Iterable, Sequence, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +25,7 @@ from torch.optim import Optimizer
 
 from . import functional as Fn
 from .curvature import CaptureMode, KroneckerLayer, LayerWork, loss_scale_ratio, make_layer, supports
-from .distributed import Communicator, LocalCommunicator
+from .distributed import Communicator, make_communicator
 from .first_order import adamw_update, masked_copy_, sgd_update
 
 __all__ = ["FOP", "KFAC", "KroneckerOptimizer"]
@@ -59,6 +59,12 @@ class KroneckerOptimizer(Optimizer):
         fallback_betas, fallback_eps: AdamW's coefficients for the fallback group.
         exclude: modules (instances, names as in ``model.named_modules()`` or types) kept out of
             curvature; their parameters use the fallback rule (e.g. ``exclude=[model.fc]``).
+        distributed: ``None`` (auto): run on ``torch.distributed`` when a process group of two or more
+            processes is initialised (dual-gradient reduction by rank parity, layer specialists; see
+            :mod:`fop.distributed` and ``docs/distributed.md``); ``False``: train locally; ``True``:
+            require a process group; or a configured :class:`fop.distributed.DistributedCommunicator`.
+        replicated: distributed only: every process computes every layer's curvature (one
+            all-reduce per step) instead of one owner process per layer.
     """
 
     projection: bool = True  # FOP's projection on (the direction uses β*, η*)
@@ -81,6 +87,8 @@ class KroneckerOptimizer(Optimizer):
         fallback_betas: tuple[float, float] = (0.9, 0.999),
         fallback_eps: float = 1e-8,
         exclude: ExcludeSpec = (),
+        distributed: bool | Communicator | None = None,
+        replicated: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -116,7 +124,7 @@ class KroneckerOptimizer(Optimizer):
         self.layers: list[KroneckerLayer] = _discover_layers(model, exclude, self._mode)
         if self.layers and all(layer.bias is None or not layer.bias.requires_grad for layer in self.layers):
             min(self.layers, key=lambda layer: layer.weight.numel()).is_reference = True
-        self.communicator: Communicator = LocalCommunicator()
+        self.communicator: Communicator = make_communicator(model, distributed, replicated, type(self).__name__)
         self._steps = 0  # step() calls: drives the update intervals
         self._warned: set[str] = set()
 
@@ -132,13 +140,14 @@ class KroneckerOptimizer(Optimizer):
             groups.append({"params": [p for layer in self.layers for p in layer.params()], "rule": "kronecker"})
         if rest:
             if fallback_lr is None:
-                fallback_lr = lr if fallback == "sgd" else 1e-3
+                fallback_lr = lr if fallback == "sgd" else 1e-3  # type: ignore[assignment]
             groups.append({"params": rest, "rule": fallback, "lr": fallback_lr})
         super().__init__(groups, defaults)
         self._set_capture_mode()
         for layer in self.layers:
             layer.attach()
         self._skipped = torch.zeros((), dtype=torch.int64, device=_device_of(model))
+        self.communicator.setup(self, model)  # distributed: checks agreement, assigns owners
         if not self.layers:
             warnings.warn(
                 f"{type(self).__name__}: the model has no supported layer (Linear, Conv2d with groups=1); "
@@ -166,7 +175,7 @@ class KroneckerOptimizer(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["fop"] = {"steps": self._steps, "skipped_steps": self._skipped.clone()}
-        return state
+        return self.communicator.gather_state(self, state)  # distributed: a collective
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
@@ -187,6 +196,7 @@ class KroneckerOptimizer(Optimizer):
         self._skipped = extra["skipped_steps"].to(self._skipped.device).clone()
         for layer in self.layers:
             layer.reset()
+        self.communicator.loaded(self)  # distributed: shards the curvature, checks agreement
         self._set_capture_mode()
 
     # ------------------------------------------------------------------------------ diagnostics
@@ -240,7 +250,7 @@ class KroneckerOptimizer(Optimizer):
     def _set_capture_mode(self) -> None:
         k = self._steps
         due = k % _interval_at(self.curvature_update_interval, k) == 0
-        missing = any("A" not in self.state.get(layer.weight, {}) for layer in self.layers)
+        missing = any(not self.communicator.has_factors(self.state, layer) for layer in self.layers)
         self._mode.factors = due or missing
         self._mode.total = self._mode.factors and not self._mode.halves
 
@@ -338,7 +348,9 @@ class KroneckerOptimizer(Optimizer):
         layer.last = {"beta": zero, "eta": torch.ones_like(zero), "projection": zero}
         return Fn.kfac_direction_eigen(item.grad, eig_a, eig_g, damping)
 
-    def _apply_sgd(self, group: dict[str, Any], params: list[Tensor], directions: list[Tensor], ok: Tensor) -> None:
+    def _apply_sgd(
+        self, group: dict[str, Any], params: Sequence[Tensor], directions: Sequence[Tensor], ok: Tensor
+    ) -> None:
         buffers = [self.state[p].get("momentum_buffer") for p in params]
         new_buffers = sgd_update(
             params, directions, buffers, lr=group["lr"], momentum=group["momentum"],
@@ -349,11 +361,12 @@ class KroneckerOptimizer(Optimizer):
                 self.state[p]["momentum_buffer"] = buf
 
     def _first_order_step(self, group: dict[str, Any], params: list[Tensor], ok: Tensor) -> None:
+        grads = [cast(Tensor, p.grad) for p in params]
         if group["rule"] == "sgd":
-            self._apply_sgd(group, params, [p.grad for p in params], ok)
+            self._apply_sgd(group, params, grads, ok)
         else:
             adamw_update(
-                params, [p.grad for p in params], [self.state[p] for p in params], lr=group["lr"],
+                params, grads, [self.state[p] for p in params], lr=group["lr"],
                 betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"], ok=ok,
             )  # fmt: skip
 
