@@ -8,11 +8,12 @@ optimizers, the whole training split as one batch) on the CPU in a few minutes a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, TypeVar
 
@@ -21,13 +22,14 @@ from fop.bench.errors import BenchError
 if TYPE_CHECKING:  # the heavy imports happen inside _run, after argument parsing
     import torch
 
+    from fop.bench.optimizers import OptimizerSpec
     from fop.bench.runner import RunSpec, SweepConfig
     from fop.bench.tasks import Task
 
 __all__ = ["main"]
 
 PROG = "fop-bench"
-DATA_ENV = "FOP_CIFAR10_DATA"
+DATA_ENV = "FOP_CIFAR10"  # default of --data, shared with the test suite
 T = TypeVar("T")
 
 
@@ -91,41 +93,152 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Protocol and examples: docs/benchmark.md. Rerunning a command resumes it: finished runs are skipped.",
     )
     what = parser.add_argument_group("what to run")
-    what.add_argument("--task", default="digits-mlp", help="benchmark task (default: digits-mlp; --list shows all)")
+    what.add_argument(
+        "--task", metavar="NAME", default="digits-mlp", help="benchmark task (default: digits-mlp; --list shows all)"
+    )
     what.add_argument("--list", action="store_true", help="list the tasks with their defaults and exit")
     what.add_argument(
-        "--optimizers", type=_list_of(str, "names"),
-        help="comma-separated: sgd, adamw, kfac, fop, any torch.optim class, pytorch-optimizer names (default: sgd,adamw,kfac,fop)",
+        "--optimizers",
+        metavar="LIST",
+        type=_list_of(str, "names"),
+        help="comma-separated: sgd, adamw, kfac, fop, any torch.optim class, pytorch-optimizer names "
+        "(default: sgd,adamw,kfac,fop)",
     )
-    what.add_argument("--batch-sizes", type=_list_of(_positive_int, "positive integers"), help="comma-separated batch sizes (default: the task's)")
-    what.add_argument("--seeds", type=_list_of(int, "integers"), help="comma-separated seeds (default: the task's, e.g. 0)")
-    what.add_argument("--lr-grid", type=_list_of(_positive_float, "positive numbers"), help="factors on the scaled learning rate, the same tuning budget for every optimizer; the best is reported (default: the task's)")
-    what.add_argument("--max-epochs", type=_single(_positive_int, "a positive integer"), help="epoch budget; a run not reaching the target by then is a miss (default: the task's)")
-    what.add_argument("--target", type=_single(_positive_float, "a number"), help="test-accuracy target, as a fraction (0.88) or percent (88) (default: the task's)")
-    what.add_argument("--stop-at-target", action="store_true", help="end each run when it reaches the target (faster; final accuracy is then at that epoch)")
-    what.add_argument("--baseline", help="optimizer the speedups are computed against (default: sgd if run, else the first)")
+    what.add_argument(
+        "--batch-sizes",
+        metavar="LIST",
+        type=_list_of(_positive_int, "positive integers"),
+        help="comma-separated batch sizes (default: the task's)",
+    )
+    what.add_argument(
+        "--seeds",
+        metavar="LIST",
+        type=_list_of(int, "integers"),
+        help="comma-separated seeds (default: the task's, e.g. 0)",
+    )
+    what.add_argument(
+        "--lr-grid",
+        metavar="LIST",
+        type=_list_of(_positive_float, "positive numbers"),
+        help="factors on the scaled learning rate, the same tuning budget for every optimizer; "
+        "the best is reported (default: the task's)",
+    )
+    what.add_argument(
+        "--max-epochs",
+        metavar="N",
+        type=_single(_positive_int, "a positive integer"),
+        help="epoch budget; a run not reaching the target by then is a miss (default: the task's)",
+    )
+    what.add_argument(
+        "--target",
+        metavar="ACC",
+        type=_single(_positive_float, "a number"),
+        help="test-accuracy target, as a fraction (0.88) or percent (88) (default: the task's)",
+    )
+    what.add_argument(
+        "--stop-at-target",
+        action="store_true",
+        help="end each run when it reaches the target (faster; final accuracy is then at that epoch)",
+    )
+    what.add_argument(
+        "--baseline",
+        metavar="NAME",
+        help="optimizer the speedups are computed against (default: sgd if run, else the first)",
+    )
 
     data = parser.add_argument_group("data")
-    data.add_argument("--data", type=Path, help=f"CIFAR-10 JPEG pack (.npz) or CIFAR-10 folder (python pickles) for the CIFAR tasks (default: ${DATA_ENV})")
-    data.add_argument("--download", action="store_true", help="download the original CIFAR-10 into --data with torchvision if missing")
-    data.add_argument("--imbalance", type=_single(_positive_float, "a number"), help="imbalance factor of cifar10-lt-resnet32 (default 100; the paper also uses 50)")
-    data.add_argument("--subset", type=_single(_positive_int, "a positive integer"), help="use at most N training and N test images, class-balanced (quick runs, tests)")
-    data.add_argument("--cache-dir", type=Path, help="where the decoded JPEG pack is cached (default: $FOP_CACHE_DIR or ~/.cache/fop)")
+    data.add_argument(
+        "--data",
+        metavar="PATH",
+        type=Path,
+        help=f"CIFAR-10 JPEG pack (.npz) or CIFAR-10 folder (python pickles) for the CIFAR tasks "
+        f"(default: ${DATA_ENV})",
+    )
+    data.add_argument(
+        "--download", action="store_true", help="download the original CIFAR-10 into --data with torchvision if missing"
+    )
+    data.add_argument(
+        "--imbalance",
+        metavar="FACTOR",
+        type=_single(_positive_float, "a number"),
+        help="imbalance factor of cifar10-lt-resnet32 (default 100; the paper also uses 50)",
+    )
+    data.add_argument(
+        "--subset",
+        metavar="N",
+        type=_single(_positive_int, "a positive integer"),
+        help="use at most N training and N test images, class-balanced (quick runs, tests)",
+    )
+    data.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        type=Path,
+        help="where the decoded JPEG pack is cached (default: $FOP_CACHE_DIR or ~/.cache/fop)",
+    )
 
     tuning = parser.add_argument_group("optimizer settings")
-    tuning.add_argument("--base-lr", type=_list_of(_name_value, "NAME=VALUE pairs"), help="override base learning rates at the task's reference batch, e.g. fop=0.05,adamw=2e-3")
-    tuning.add_argument("--lr-scaling", choices=("linear", "sqrt"), help="scaling rule for all optimizers (default: linear for SGD-like, K-FAC and FOP; sqrt for adaptive ones)")
-    tuning.add_argument("--curvature-interval", type=_single(_positive_int, "a positive integer"), help="fixed K-FAC/FOP curvature and inverse update interval in steps (default: the batch-size rule)")
-    tuning.add_argument("--damping", type=_single(_positive_float, "a positive number"), help="K-FAC/FOP damping (default: the task's, 1e-3)")
+    tuning.add_argument(
+        "--base-lr",
+        metavar="NAME=LR,...",
+        type=_list_of(_name_value, "NAME=VALUE pairs"),
+        help="override base learning rates at the task's reference batch, e.g. fop=0.05,adamw=2e-3",
+    )
+    tuning.add_argument(
+        "--lr-scaling",
+        choices=("linear", "sqrt"),
+        help="scaling rule for all optimizers (default: linear for SGD-like, K-FAC and FOP; sqrt for adaptive ones)",
+    )
+    tuning.add_argument(
+        "--curvature-interval",
+        metavar="STEPS",
+        type=_single(_positive_int, "a positive integer"),
+        help="fixed K-FAC/FOP curvature and inverse update interval in steps (default: the batch-size rule)",
+    )
+    tuning.add_argument(
+        "--damping",
+        metavar="LAMBDA",
+        type=_single(_positive_float, "a positive number"),
+        help="K-FAC/FOP damping (default: the task's; 1e-3 for the CIFAR tasks)",
+    )
 
     machine = parser.add_argument_group("machine and output")
-    machine.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ... (default: auto)")
-    machine.add_argument("--micro-batch", type=_single(_positive_int, "a positive integer"), help="accumulate gradients over micro-batches of this size (must divide each batch size; default: the task's memory limit)")
-    machine.add_argument("--threads", type=_single(_positive_int, "a positive integer"), help="CPU threads of torch (default: torch's choice)")
+    machine.add_argument(
+        "--device",
+        metavar="DEVICE",
+        default="auto",
+        help="auto (cuda if available), cpu, cuda, cuda:1, ... (default: auto)",
+    )
+    machine.add_argument(
+        "--micro-batch",
+        metavar="N",
+        type=_single(_positive_int, "a positive integer"),
+        help="accumulate gradients over micro-batches of this size (must divide each batch size; "
+        "default: the task's memory limit)",
+    )
+    machine.add_argument(
+        "--threads",
+        metavar="N",
+        type=_single(_positive_int, "a positive integer"),
+        help="CPU threads of torch (default: the task's choice, 1 for digits-mlp, else torch's)",
+    )
     machine.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA")
-    machine.add_argument("--width", type=_single(_positive_int, "a positive integer"), help="model width (MLP hidden units, ResNet base channels, ViT dimension; default: the task's)")
-    machine.add_argument("--out", type=Path, help="output folder for runs.jsonl, results.md and the plot (default: bench-runs/<task>)")
-    machine.add_argument("--no-progress", action="store_true", help="no progress bars (one line per run instead)")
+    machine.add_argument(
+        "--width",
+        metavar="N",
+        type=_single(_positive_int, "a positive integer"),
+        help="model width (MLP hidden units, ResNet base channels, ViT dimension; default: the task's)",
+    )
+    machine.add_argument(
+        "--out",
+        metavar="DIR",
+        type=Path,
+        help="output folder for runs.jsonl, results.md and the plot (default: bench-runs/<task>)",
+    )
+    machine.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bars, one line per finished run instead (also the default when stderr is not a terminal)",
+    )
     return parser
 
 
@@ -138,7 +251,7 @@ def _list_tasks() -> str:
         lines.append(f"{name}: {task.summary}")
         lines.append(
             f"    batch sizes {','.join(map(str, task.batch_sizes))}; max epochs {task.max_epochs}; "
-            f"lr grid {','.join(f'{f:g}' for f in task.lr_grid)}; base lrs at batch {task.reference_batch}: "
+            f"lr grid {','.join(f'{f:.3g}' for f in task.lr_grid)}; base lrs at batch {task.reference_batch}: "
             + ", ".join(f"{k}={v:g}" for k, v in task.base_lrs.items())
         )
     return "\n".join(lines)
@@ -160,24 +273,25 @@ def _resolve_device(text: str) -> torch.device:
     return device
 
 
-def _target(value: float | None, default: float) -> float:
-    if value is None:
-        return default
+def _target_fraction(value: float) -> float:
+    """``--target`` as a fraction: 0.88 stays, 88 (a percent) becomes 0.88."""
     fraction = value / 100 if value > 1 else value
     if not 0 < fraction <= 1:
         raise BenchError(f"--target {value:g} is not an accuracy (give a fraction like 0.88 or a percent like 88)")
     return fraction
 
 
-def _check_task_options(args: argparse.Namespace, task_name: str, data_options: frozenset[str]) -> None:
-    for option, field in (("--imbalance", "imbalance"), ("--data", "path")):
-        value = args.imbalance if field == "imbalance" else args.data
-        if value is not None and field not in data_options:
-            raise BenchError(f"{option} does not apply to task {task_name}")
+def _check_task_options(args: argparse.Namespace, task: Task) -> None:
+    """Reject data options the task does not read (``--data`` for digits, ``--imbalance`` off CIFAR-10-LT)."""
+    for flag, field, value in (("--data", "path", args.data), ("--imbalance", "imbalance", args.imbalance)):
+        if value is not None and field not in task.data_options:
+            raise BenchError(f"{flag} does not apply to task {task.name}")
 
 
 def _protocol_lines(task: Task, config: SweepConfig, plan: Sequence[RunSpec]) -> list[str]:
     """Protocol facts of this sweep for the report header."""
+    from fop.bench.optimizers import CURVATURE_OPTIMIZERS
+
     lr_rules = sorted({(spec.optimizer, spec.lr_scaling) for spec in plan})
     intervals = sorted({(spec.batch_size, spec.hyperparameters.curvature_interval) for spec in plan})
     micro = sorted({(spec.batch_size, spec.micro_batch) for spec in plan if spec.micro_batch != spec.batch_size})
@@ -185,13 +299,17 @@ def _protocol_lines(task: Task, config: SweepConfig, plan: Sequence[RunSpec]) ->
         f"protocol: learning rates scaled from the base at batch {task.reference_batch} "
         f"({', '.join(f'{name} {rule}' for name, rule in lr_rules)}), {task.warmup_epochs:g} warmup epochs, "
         f"cosine decay to 0 at epoch {config.max_epochs}; the last partial batch of each epoch is dropped",
-        f"K-FAC/FOP: damping {plan[0].hyperparameters.damping:g}, curvature and inverse update interval "
-        + ", ".join(f"{interval} steps at batch {batch}" for batch, interval in intervals)
-        + f", first-order fallback {task.curvature.fallback}",
         "device data path: dataset resident on the device as uint8, augmentation "
         + (f"(random crop, padding {task.crop_padding}, flip) on the device" if task.crop_padding else "none")
-        + (", bf16 autocast and channels_last on CUDA" if config.bf16 else ""),
+        + (", channels_last" if config.device.startswith("cuda") else "")
+        + (", bf16 autocast" if config.device.startswith("cuda") and config.bf16 else ""),
     ]
+    if any(spec.optimizer in CURVATURE_OPTIMIZERS for spec in plan):
+        lines.append(
+            f"K-FAC/FOP: damping {plan[0].hyperparameters.damping:g}, curvature and inverse update interval "
+            + ", ".join(f"{interval} steps at batch {batch}" for batch, interval in intervals)
+            + f", first-order fallback {task.curvature.fallback}"
+        )
     if micro:
         lines.append("micro-batches (gradient accumulation): " + ", ".join(f"{m} at batch {b}" for b, m in micro))
     return lines
@@ -203,30 +321,71 @@ def _run(argv: Sequence[str]) -> int:
         print(_list_tasks())
         return 0
 
-    from fop.bench.data import BatchPipeline
     from fop.bench.optimizers import resolve_optimizer
-    from fop.bench.report import environment, format_report, format_table1, plot_curves, summarize
-    from fop.bench.runner import ResultStore, SweepConfig, plan_runs, run_sweep
-    from fop.bench.tasks import DataOptions, get_task
+    from fop.bench.tasks import get_task
 
     started = time.perf_counter()
     command = shlex.join([PROG, *argv])
     task = get_task(args.task)
-    _check_task_options(args, task.name, task.data_options)
+    _check_task_options(args, task)
     optimizer_names = tuple(dict.fromkeys(name.lower() for name in (args.optimizers or task.optimizers)))
     optimizers = {spec.name: spec for spec in map(resolve_optimizer, optimizer_names)}
     baseline = (args.baseline or ("sgd" if "sgd" in optimizers else optimizer_names[0])).lower()
     if baseline not in optimizers:
         raise BenchError(f"--baseline {baseline} is not among the optimizers run ({', '.join(optimizers)})")
     device = _resolve_device(args.device)
-    if args.threads:
-        import torch
+    threads = args.threads or (task.cpu_threads if device.type == "cpu" else None)
+    with _torch_threads(threads):
+        return _sweep(args, task, optimizers, baseline, device, command, started)
 
-        torch.set_num_threads(args.threads)
 
-    data_path = args.data or (Path(os.environ[DATA_ENV]) if "path" in task.data_options and os.environ.get(DATA_ENV) else None)
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """Run with ``threads`` torch CPU threads (``None``: unchanged), restoring the count after."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _sweep(
+    args: argparse.Namespace,
+    task: Task,
+    optimizers: dict[str, OptimizerSpec],
+    baseline: str,
+    device: torch.device,
+    command: str,
+    started: float,
+) -> int:
+    """Load the data, train every run not yet finished, write and print the reports."""
+    from fop.bench.data import BatchPipeline
+    from fop.bench.report import (
+        environment,
+        format_final_table,
+        format_report,
+        format_table1,
+        plot_curves,
+        summarize,
+    )
+    from fop.bench.runner import ResultStore, SweepConfig, plan_runs, run_sweep
+    from fop.bench.tasks import DataOptions
+
+    data_path = args.data or (
+        Path(os.environ[DATA_ENV]) if "path" in task.data_options and os.environ.get(DATA_ENV) else None
+    )
     dataset = task.load_data(
-        DataOptions(path=data_path, subset=args.subset, imbalance=args.imbalance, cache_dir=args.cache_dir, download=args.download)
+        DataOptions(
+            path=data_path,
+            subset=args.subset,
+            imbalance=args.imbalance,
+            cache_dir=args.cache_dir,
+            download=args.download,
+        )
     )
     config = SweepConfig(
         optimizers=tuple(optimizers),
@@ -234,11 +393,10 @@ def _run(argv: Sequence[str]) -> int:
         lr_grid=args.lr_grid or task.lr_grid,
         seeds=args.seeds or task.seeds,
         max_epochs=args.max_epochs or task.max_epochs,
-        target=_target(args.target, task.default_target(dataset)),
+        target=task.default_target(dataset) if args.target is None else _target_fraction(args.target),
         device=str(device),
         micro_batch=args.micro_batch,
         width=args.width,
-        subset=args.subset,
         lr_scaling=args.lr_scaling,
         base_lrs=tuple(args.base_lr or ()),
         curvature_interval=args.curvature_interval,
@@ -253,18 +411,33 @@ def _run(argv: Sequence[str]) -> int:
     print(f"{PROG}: {task.name} on {env['hardware']}, torch {env['torch']}: {len(plan)} runs -> {out}", file=sys.stderr)
     pipeline = BatchPipeline(dataset, device, crop_padding=task.crop_padding, channels_last=device.type == "cuda")
     records = run_sweep(
-        plan, task, dataset, pipeline, optimizers, ResultStore(out / "runs.jsonl"),
-        context={"environment": env, "command": command}, progress=not args.no_progress,
+        plan,
+        task,
+        dataset,
+        pipeline,
+        optimizers,
+        ResultStore(out / "runs.jsonl"),
+        context={"environment": env, "command": command},
+        progress=not args.no_progress and sys.stderr.isatty(),
     )
 
     plot_file = "accuracy_vs_time.png"
     title = f"{task.name}: {env['hardware']}, torch {env['torch']}\n{command}"
     plot_curves(records, out / plot_file, config.batch_sizes, config.optimizers, config.target, task.metric, title)
     report = format_report(
-        task=task.name, summary_line=task.summary, records=records, batch_sizes=config.batch_sizes,
-        optimizers=config.optimizers, baseline=baseline, metric=task.metric, target=config.target,
-        protocol=_protocol_lines(task, config, plan), env=env, command=command,
-        dataset=dataset.summary(), plot_file=plot_file,
+        task=task.name,
+        summary_line=task.summary,
+        records=records,
+        batch_sizes=config.batch_sizes,
+        optimizers=config.optimizers,
+        baseline=baseline,
+        metric=task.metric,
+        target=config.target,
+        protocol=_protocol_lines(task, config, plan),
+        env=env,
+        command=command,
+        dataset=dataset.summary(),
+        plot_file=plot_file,
     )
     (out / "results.md").write_text(report, encoding="utf-8")
 
@@ -275,7 +448,12 @@ def _run(argv: Sequence[str]) -> int:
         f"— not reached in {config.max_epochs} epochs)"
     )
     print(f"{env['hardware']}; torch {env['torch']}; command: {command}\n")
-    print(format_table1(summarize(records), config.batch_sizes, config.optimizers, baseline))
+    cells = summarize(records)
+    print(format_table1(cells, config.batch_sizes, config.optimizers, baseline))
+    print(
+        f"\nfinal {'Top-1 error' if task.metric == 'error' else 'test accuracy'} % (best in run), median over seeds:\n"
+    )
+    print(format_final_table(cells, config.batch_sizes, config.optimizers, task.metric))
     print(f"\nfull report: {out / 'results.md'}; plot: {out / plot_file}; runs: {out / 'runs.jsonl'}")
     print(f"total wall time {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return 0

@@ -48,7 +48,16 @@ __all__ = [
 ]
 
 CIFAR10_CLASSES = (
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
 )
 _JPEG_PACK_KEYS = ("train_jpeg", "train_offsets", "train_labels", "test_jpeg", "test_offsets", "test_labels")
 _CIFAR_PICKLE_DIR = "cifar-10-batches-py"
@@ -100,7 +109,7 @@ class ImageDataset:
 
     def select(self, train: Tensor | None = None, test: Tensor | None = None) -> ImageDataset:
         """A dataset restricted to the given train / test indices (``None`` keeps a split whole)."""
-        changes: dict[str, Tensor] = {}
+        changes: dict[str, Any] = {}
         if train is not None:
             changes.update(train_images=self.train_images[train], train_labels=self.train_labels[train])
         if test is not None:
@@ -279,18 +288,10 @@ def _load_cifar10_pickles(folder: Path, download: bool) -> ImageDataset:
         )
     train = [_read_cifar_pickle(batches / name) for name in _CIFAR_TRAIN_BATCHES]
     test_images, test_labels = _read_cifar_pickle(batches / _CIFAR_TEST_BATCH)
-    classes = CIFAR10_CLASSES
-    meta = batches / "batches.meta"
-    if meta.is_file():
-        try:
-            names = _unpickle(meta).get(b"label_names")
-            classes = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names) or classes
-        except (BenchError, TypeError, AttributeError):
-            pass
     return ImageDataset(
         kind="cifar10",
         source=str(folder),
-        classes=classes,
+        classes=CIFAR10_CLASSES,
         train_images=torch.from_numpy(np.concatenate([images for images, _ in train])),
         train_labels=torch.from_numpy(np.concatenate([labels for _, labels in train])),
         test_images=torch.from_numpy(test_images),
@@ -345,9 +346,11 @@ def _read_pack_array(pack: Any, key: str, path: Path) -> np.ndarray:
 
 def _load_cifar10_jpeg_pack(path: Path, subset: int | None, cache_dir: Path | None) -> ImageDataset:
     with _open_jpeg_pack(path) as pack:
-        labels = {split: _read_pack_array(pack, f"{split}_labels", path).astype(np.int64) for split in ("train", "test")}
+        labels = {
+            split: _read_pack_array(pack, f"{split}_labels", path).astype(np.int64) for split in ("train", "test")
+        }
         offsets = {split: _read_pack_array(pack, f"{split}_offsets", path) for split in ("train", "test")}
-        classes = CIFAR10_CLASSES
+        classes: tuple[str, ...] = CIFAR10_CLASSES
         if "classes" in pack.files:
             classes = tuple(str(name) for name in _read_pack_array(pack, "classes", path))
         for split in ("train", "test"):
@@ -367,7 +370,9 @@ def _load_cifar10_jpeg_pack(path: Path, subset: int | None, cache_dir: Path | No
             else:
                 per_class = max(1, subset // len(classes))
                 counts = np.bincount(labels[split], minlength=len(classes))
-                selection[split] = balanced_indices(labels[split], min(per_class, int(counts.min())), len(classes)).numpy()
+                selection[split] = balanced_indices(
+                    labels[split], min(per_class, int(counts.min())), len(classes)
+                ).numpy()
         images = {
             split: _decode_jpegs(_read_pack_array(pack, f"{split}_jpeg", path), offsets[split], selection[split], path)
             for split in ("train", "test")
@@ -443,7 +448,7 @@ def _write_cache(file: Path, images: dict[str, np.ndarray]) -> None:
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
         partial = file.with_name(f"{file.stem}.{os.getpid()}.partial.npz")
-        np.savez(partial, **images)
+        np.savez(partial, train=images["train"], test=images["test"])
         os.replace(partial, file)
     except OSError:  # an unwritable cache only costs decoding time next run
         pass

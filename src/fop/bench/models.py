@@ -92,7 +92,7 @@ class CifarResNet(nn.Module):
         )
         stages = []
         in_planes = widths[0]
-        for index, (blocks, planes) in enumerate(zip(blocks_per_stage, widths)):
+        for index, (blocks, planes) in enumerate(zip(blocks_per_stage, widths, strict=True)):
             stride = 1 if index == 0 else 2
             stage = []
             for block in range(blocks):
@@ -174,7 +174,9 @@ class VisionTransformer(nn.Module):
         self.patch_embed = nn.Linear(in_channels * patch * patch, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.randn(1, tokens + 1, dim) * 0.02)
-        self.blocks = nn.Sequential(*(TransformerBlock(dim, heads or max(1, dim // 64), mlp_ratio) for _ in range(depth)))
+        self.blocks = nn.Sequential(
+            *(TransformerBlock(dim, heads or max(1, dim // 64), mlp_ratio) for _ in range(depth))
+        )
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
 

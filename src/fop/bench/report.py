@@ -3,7 +3,7 @@
 Each (batch size, optimizer) cell aggregates the seeds of every learning rate of the grid and keeps
 the best learning rate (the shortest median time to target; if none reaches it, the highest median
 best accuracy). Medians are over seeds, a run that misses the target counts as infinitely slow, so a
-cell reaches the target when at least half of its seeds do.
+cell reaches the target when more than half of its seeds do (2 of 3, 2 of 2).
 """
 
 from __future__ import annotations
@@ -156,11 +156,11 @@ def format_final_table(
         row = [str(batch_size)]
         for optimizer in optimizers:
             cell = cells.get((batch_size, optimizer))
-            row.append(
-                MISS
-                if cell is None
-                else f"{_percent(cell.median('final_accuracy'), metric)} ({_percent(cell.median('best_accuracy'), metric)})"
-            )
+            if cell is None:
+                row.append(MISS)
+                continue
+            final, best = cell.median("final_accuracy"), cell.median("best_accuracy")
+            row.append(f"{_percent(final, metric)} ({_percent(best, metric)})")
         rows.append(row)
     return _markdown_table(["batch", *optimizers], rows)
 
@@ -174,16 +174,18 @@ def format_fastest_table(cells: dict[tuple[int, str], Cell], optimizers: Sequenc
     reference = fastest.get(baseline) if baseline else None
     rows = []
     for optimizer in optimizers:
-        cell = fastest.get(optimizer)
-        if cell is None:
+        best = fastest.get(optimizer)
+        if best is None:
             rows.append([optimizer, MISS, MISS, MISS])
             continue
-        speedup = f"×{reference.seconds / cell.seconds:.2f}" if reference is not None else MISS
-        rows.append([optimizer, str(cell.batch_size), f"{_number(cell.epochs)} / {_seconds(cell.seconds)} s", speedup])
+        speedup = f"×{reference.seconds / best.seconds:.2f}" if reference is not None else MISS
+        rows.append([optimizer, str(best.batch_size), f"{_number(best.epochs)} / {_seconds(best.seconds)} s", speedup])
     return _markdown_table(["optimizer", "fastest batch", "epochs / seconds", f"speedup vs {baseline}'s fastest"], rows)
 
 
-def format_details(cells: dict[tuple[int, str], Cell], batch_sizes: Sequence[int], optimizers: Sequence[str], metric: str) -> str:
+def format_details(
+    cells: dict[tuple[int, str], Cell], batch_sizes: Sequence[int], optimizers: Sequence[str], metric: str
+) -> str:
     """Per-cell detail: chosen learning rate, seeds reaching the target, spreads, cost per step."""
     rows = []
     for batch_size in batch_sizes:
@@ -192,14 +194,16 @@ def format_details(cells: dict[tuple[int, str], Cell], batch_sizes: Sequence[int
             if cell is None:
                 continue
             epochs = MISS if not cell.hit else _number(cell.epochs) + _range(cell.spread("epochs_to_target"), _number)
-            seconds = MISS if not cell.hit else _seconds(cell.seconds) + _range(cell.spread("seconds_to_target"), _seconds)
+            seconds = (
+                MISS if not cell.hit else _seconds(cell.seconds) + _range(cell.spread("seconds_to_target"), _seconds)
+            )
             diverged = sum(run["status"] == "diverged" for run in cell.runs)
             memory_mib = max(run["peak_memory_bytes"] for run in cell.runs) / 2**20
             rows.append(
                 [
                     str(batch_size),
                     optimizer,
-                    f"{cell.lr:.3g} (×{_number(cell.lr_factor)})",
+                    f"{cell.lr:.3g} (×{cell.lr_factor:.3g})",
                     f"{cell.reached}/{cell.seeds}" + (f", {diverged} diverged" if diverged else ""),
                     epochs,
                     seconds,
@@ -211,9 +215,17 @@ def format_details(cells: dict[tuple[int, str], Cell], batch_sizes: Sequence[int
                 ]
             )
     header = [
-        "batch", "optimizer", "lr (grid factor)", "reached", "epochs [min–max]", "seconds [min–max]",
-        f"best {'error' if metric == 'error' else 'acc'} %", f"final {'error' if metric == 'error' else 'acc'} %",
-        "step ms", "optimizer share", "peak MiB",
+        "batch",
+        "optimizer",
+        "lr (grid factor)",
+        "reached",
+        "epochs [min–max]",
+        "seconds [min–max]",
+        f"best {'error' if metric == 'error' else 'acc'} %",
+        f"final {'error' if metric == 'error' else 'acc'} %",
+        "step ms",
+        "optimizer share",
+        "peak MiB",
     ]
     return _markdown_table(header, rows)
 
@@ -291,7 +303,7 @@ def format_report(
         "",
         f"Cells: epochs / training seconds until the test accuracy first reaches the target (evaluation "
         f"not timed), median over {len(seeds)} seed(s) {seeds}, best of {len(grid)} learning rate(s) per cell "
-        f"(grid factors {', '.join(_number(f) for f in grid)}); "
+        f"(grid factors {', '.join(f'{f:.3g}' for f in grid)}); "
         + (f"(×s): speedup in seconds over {baseline} at the same batch size; " if baseline else "")
         + f"{MISS}: not reached within {max_epochs} epochs.",
         "",
@@ -343,7 +355,7 @@ def plot_curves(
     figure, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.8 * rows), squeeze=False)
     colors = {name: f"C{index}" for index, name in enumerate(optimizers)}
     to_metric = (lambda a: 100 * (1 - a)) if metric == "error" else (lambda a: 100 * a)
-    for axis, batch_size in zip(axes.flat, batch_sizes):
+    for axis, batch_size in zip(axes.flat, batch_sizes, strict=False):
         for optimizer in optimizers:
             cell = cells.get((batch_size, optimizer))
             if cell is None:
@@ -354,6 +366,10 @@ def plot_curves(
                 label = f"{optimizer} (lr {cell.lr:.3g})" if index == 0 else None
                 axis.plot(seconds, values, color=colors[optimizer], alpha=1.0 if index == 0 else 0.4, label=label)
         axis.axhline(to_metric(target), color="grey", linestyle="--", linewidth=1, label="target")
+        if metric == "error":  # zoom on the region around the target
+            axis.set_ylim(0, min(100, to_metric(target) + 30))
+        else:
+            axis.set_ylim(max(0, to_metric(target) - 30), 100)
         axis.set_title(f"batch {batch_size}")
         axis.set_xlabel("training time (s)")
         axis.set_ylabel(_metric_name(metric))

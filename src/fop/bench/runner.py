@@ -13,13 +13,14 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +53,6 @@ class SweepConfig:
     device: str
     micro_batch: int | None = None
     width: int | None = None
-    subset: int | None = None
     lr_scaling: str | None = None
     base_lrs: tuple[tuple[str, float], ...] = ()
     curvature_interval: int | None = None
@@ -116,16 +116,16 @@ def resolve_micro_batch(batch_size: int, requested: int | None, task_limit: int 
     return divisor
 
 
-def plan_runs(config: SweepConfig, task: Task, dataset: ImageDataset, optimizers: Sequence[OptimizerSpec]) -> list[RunSpec]:
+def plan_runs(
+    config: SweepConfig, task: Task, dataset: ImageDataset, optimizers: Sequence[OptimizerSpec]
+) -> list[RunSpec]:
     """All runs of the sweep: batch sizes x optimizers x learning-rate factors x seeds."""
     base_lr_overrides = dict(config.base_lrs)
     data = json.dumps({k: v for k, v in dataset.summary().items() if k != "source"}, sort_keys=True)
     runs = []
     for batch_size in config.batch_sizes:
         if batch_size > dataset.train_size:
-            raise BenchError(
-                f"batch size {batch_size} is larger than the training set ({dataset.train_size} images)"
-            )
+            raise BenchError(f"batch size {batch_size} is larger than the training set ({dataset.train_size} images)")
         micro_batch = resolve_micro_batch(batch_size, config.micro_batch, task.max_micro_batch)
         interval = config.curvature_interval or curvature_interval(
             batch_size, task.reference_batch, task.curvature.reference_interval, task.curvature.min_interval
@@ -178,7 +178,9 @@ def _base_lr(spec: OptimizerSpec, task: Task, overrides: dict[str, float]) -> fl
         return task.base_lrs[spec.name]
     if spec.default_lr is not None:
         return spec.default_lr
-    raise BenchError(f"no base learning rate for optimizer {spec.name!r} on {task.name}; give --base-lr {spec.name}=VALUE")
+    raise BenchError(
+        f"no base learning rate for optimizer {spec.name!r} on {task.name}; give --base-lr {spec.name}=VALUE"
+    )
 
 
 def _fallback_lr(task: Task, config: SweepConfig, overrides: dict[str, float], batch_size: int) -> float | None:
@@ -222,6 +224,7 @@ class MemoryMeter:
     """Peak memory of a run: CUDA max allocated, or the process's resident set size on the CPU."""
 
     def __init__(self, device: torch.device) -> None:
+        self.device = device
         self.cuda = device.type == "cuda"
         self.kind = "cuda_max_allocated" if self.cuda else "process_rss"
         self._peak = 0
@@ -233,7 +236,7 @@ class MemoryMeter:
             self._peak = max(self._peak, _resident_bytes())
 
     def peak_bytes(self) -> int:
-        return int(torch.cuda.max_memory_allocated()) if self.cuda else self._peak
+        return int(torch.cuda.max_memory_allocated(self.device)) if self.cuda else self._peak
 
 
 def _resident_bytes() -> int:
@@ -288,7 +291,16 @@ def _progress_bar(total: int, label: str, enabled: bool) -> Any:
         enabled = False
     if not enabled:
         return contextlib.nullcontext(_SilentBar())
-    return tqdm(total=total, desc=label, unit="ep", file=sys.stderr, leave=True, dynamic_ncols=True)
+    # shutil falls back to 80x24 where the terminal reports a size of 0 (tqdm would draw nothing)
+    size = shutil.get_terminal_size()
+    return tqdm(
+        total=total,
+        desc=label,
+        file=sys.stderr,
+        ncols=min(140, size.columns),
+        nrows=size.lines,
+        bar_format="{desc}: epoch {n_fmt}/{total_fmt} {bar:10} {elapsed}{postfix}",
+    )
 
 
 class _SilentBar:
@@ -316,7 +328,7 @@ def train_run(
     torch.manual_seed(spec.seed)
     model = task.build_model(dataset, spec.width).to(device)
     if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     model.train()
     optimizer = optimizer_spec.build(model, spec.hyperparameters)
     steps_per_epoch = pipeline.train_size // spec.batch_size
@@ -345,7 +357,7 @@ def train_run(
                 optimizer_seconds += clock.seconds(before_step, end)
 
             loss = loss_sum.item() / steps_per_epoch
-            accuracy = evaluate(model, pipeline, eval_batch, spec.bf16) if math.isfinite(loss) else 0.0
+            accuracy = evaluate(model, pipeline, eval_batch, spec.bf16)
             point = {"epoch": epoch, "seconds": train_seconds, "accuracy": accuracy, "loss": loss}
             point.update(_diagnostics_summary(optimizer))
             curve.append(point)
@@ -353,8 +365,7 @@ def train_run(
                 reached = point
             bar.update(1)
             bar.set_postfix_str(
-                f"acc={accuracy:.4f} train={train_seconds:.1f}s"
-                + (f" target@{reached['epoch']}" if reached else "")
+                f"acc={accuracy:.4f} train={train_seconds:.1f}s" + (f" target@{reached['epoch']}" if reached else "")
             )
             if not math.isfinite(loss):
                 status = "diverged"
@@ -363,6 +374,7 @@ def train_run(
                 break
 
     accuracies = [point["accuracy"] for point in curve]
+    skipped = getattr(optimizer, "skipped_steps", None)  # K-FAC/FOP skip steps with non-finite gradients
     return {
         "key": spec.key,
         "spec": dataclasses.asdict(spec),
@@ -378,6 +390,7 @@ def train_run(
         "optimizer_share": optimizer_seconds / max(sum(step_seconds), 1e-12),
         "peak_memory_bytes": memory.peak_bytes(),
         "memory_kind": memory.kind,
+        "skipped_steps": None if skipped is None else int(skipped),
         "dataset": dataset.summary(),
         "curve": curve,
     }
@@ -476,21 +489,37 @@ def run_sweep(
     store: ResultStore,
     context: dict[str, Any],
     progress: bool = True,
-    log: Any = sys.stderr,
+    log: TextIO | None = None,
 ) -> list[dict[str, Any]]:
     """Train every planned run not already in ``store`` and return the records of the whole plan.
 
-    ``context`` (environment, command) is stored with each new record.
+    ``context`` (environment, command) is stored with each new record. Messages go to ``log``
+    (default: ``sys.stderr`` at call time).
     """
+    log = log or sys.stderr
     finished = store.load()
     todo = [spec for spec in plan if spec.key not in finished]
     if len(todo) < len(plan):
-        print(f"resuming: {len(plan) - len(todo)} of {len(plan)} runs already finished in {store.path}, skipped", file=log)
+        print(
+            f"resuming: {len(plan) - len(todo)} of {len(plan)} runs already finished in {store.path}, skipped", file=log
+        )
     for number, spec in enumerate(todo, 1):
-        if not progress:
-            print(f"[{number}/{len(todo)}] {spec.label}", file=log)
         record = train_run(spec, task, dataset, pipeline, optimizers[spec.optimizer], progress)
         record.update(context)
         store.append(record)
         finished[spec.key] = record
+        if not progress:
+            print(f"[{number}/{len(todo)}] {spec.label}: {_outcome(record)}", file=log, flush=True)
     return [finished[spec.key] for spec in plan]
+
+
+def _outcome(record: dict[str, Any]) -> str:
+    """One-line result of a run, for logs without progress bars."""
+    reached = (
+        f"target at epoch {record['epochs_to_target']} ({record['seconds_to_target']:.2f} s)"
+        if record["epochs_to_target"] is not None
+        else "target not reached"
+    )
+    return f"{reached}; best {100 * record['best_accuracy']:.2f}%, final {100 * record['final_accuracy']:.2f}%" + (
+        "; diverged" if record["status"] == "diverged" else ""
+    )

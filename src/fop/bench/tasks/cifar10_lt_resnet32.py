@@ -19,7 +19,12 @@ from fop.bench.tasks import CurvatureDefaults, DataOptions, Task, cifar10_from_o
 
 NAME = "cifar10-lt-resnet32"
 DEFAULT_IMBALANCE = 100.0
-_TARGETS = {("cifar10", 100.0): 0.70, ("cifar10", 50.0): 0.74, ("cifar10-jpeg", 100.0): 0.67, ("cifar10-jpeg", 50.0): 0.71}
+_TARGETS = {
+    ("cifar10", 100.0): 0.70,
+    ("cifar10", 50.0): 0.74,
+    ("cifar10-jpeg", 100.0): 0.67,
+    ("cifar10-jpeg", 50.0): 0.71,
+}
 
 
 def _load(options: DataOptions) -> ImageDataset:
@@ -38,7 +43,9 @@ def _target(dataset: ImageDataset) -> float:
     try:
         return _TARGETS[(dataset.kind, imbalance)]
     except KeyError:
-        raise BenchError(f"no default target for imbalance {imbalance:g} (defaults exist for 100 and 50); give --target") from None
+        raise BenchError(
+            f"no default target for imbalance {imbalance:g} (defaults exist for 100 and 50); give --target"
+        ) from None
 
 
 TASK = register(

@@ -1,0 +1,69 @@
+"""Private test helper: a small, decoded, class-balanced subset of the CIFAR-10 JPEG pack.
+
+The pack (``shared/data/cifar10_jpeg.npz`` next to the repository, or the file named by the
+environment variable ``FOP_CIFAR10``) stores every image as JPEG bytes; see the pack's README.
+Only the requested images are decoded (with Pillow), and the result is cached in-process.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_PATH = REPO_ROOT.parent / "shared" / "data" / "cifar10_jpeg.npz"
+ENV_VAR = "FOP_CIFAR10"
+
+# per-channel statistics of the decoded training split (the pack's README gives the means)
+MEAN = np.array([0.4913, 0.4821, 0.4465], dtype=np.float32)
+STD = np.array([0.247, 0.243, 0.261], dtype=np.float32)
+
+
+def cifar10_path() -> Path:
+    """Where the pack is expected: ``$FOP_CIFAR10`` if set, else ``<repo>/../shared/data/``."""
+    return Path(os.environ.get(ENV_VAR) or DEFAULT_PATH)
+
+
+def missing_reason() -> str | None:
+    """None if the pack is there, else a message saying where it was looked for."""
+    path = cifar10_path()
+    if path.is_file():
+        return None
+    return (
+        f"CIFAR-10 JPEG pack not found at {path}: put cifar10_jpeg.npz there "
+        f"(see shared/data/README.md) or point the {ENV_VAR} environment variable at it"
+    )
+
+
+def _balanced_indices(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """``count`` indices, ``count/10`` per class, drawn with a fixed seed, in shuffled order."""
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    per_class = count // len(classes)
+    chosen = [rng.choice(np.flatnonzero(labels == c), per_class, replace=False) for c in classes]
+    return rng.permutation(np.concatenate(chosen))
+
+
+@functools.lru_cache(maxsize=4)
+def load_subset(split: str, count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(images, labels)``: ``count`` class-balanced images of ``split`` ("train" or "test").
+
+    ``images`` is float32 ``(count, 3, 32, 32)``, normalised per channel; ``labels`` int64.
+    """
+    from PIL import Image
+
+    with np.load(cifar10_path()) as pack:
+        labels = pack[f"{split}_labels"].astype(np.int64)
+        offsets = pack[f"{split}_offsets"]
+        jpeg = pack[f"{split}_jpeg"]
+    index = _balanced_indices(labels, count, seed)
+    images = np.empty((len(index), 32, 32, 3), dtype=np.uint8)
+    for row, i in enumerate(index):
+        with Image.open(BytesIO(jpeg[offsets[i] : offsets[i + 1]].tobytes())) as image:
+            images[row] = np.asarray(image.convert("RGB"))
+    x = (images.astype(np.float32) / 255.0 - MEAN) / STD
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2)), labels[index]

@@ -1,0 +1,232 @@
+"""End-to-end tests of ``fop-bench`` through its real entry point, at tiny sizes on the CPU.
+
+The CIFAR tasks read a subset of the JPEG pack at ``../shared/data/cifar10_jpeg.npz`` relative to
+the repository root, or the file named by ``$FOP_CIFAR10`` (see ``tests/_data.py``); they are
+skipped without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from _data import ENV_VAR, cifar10_path, missing_reason
+from PIL import Image
+
+from fop.bench.cli import main
+from fop.bench.data import load_cifar10, long_tail_counts
+
+REPO = Path(__file__).resolve().parents[1]
+OPTIMIZERS = ["sgd", "adamw", "kfac", "fop"]
+CELL = re.compile(r"^(—|[\d.]+ / [\d.]+ s( \(×[\d.]+\))?)$")
+
+
+def _jpeg_pack() -> Path:
+    reason = missing_reason()
+    if reason:
+        pytest.skip(reason)
+    return cifar10_path()
+
+
+def _tiny(out: Path, *extra: str) -> list[str]:
+    """Arguments of a tiny sweep: 1 seed, 1 learning rate, all four optimizers, no progress bars."""
+    return ["--out", str(out), "--seeds", "0", "--lr-grid", "1", "--threads", "1", "--no-progress", *extra]
+
+
+def _records(out: Path) -> list[dict]:
+    records = []
+    for line in (out / "runs.jsonl").read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a partial line of a killed sweep
+    return records
+
+
+def _table1(markdown: str) -> dict[str, dict[str, str]]:
+    """The Table-1 section of a report, parsed back: {batch: {optimizer: cell}}."""
+    section = markdown.split("(Table 1 layout)", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    table = {}
+    for line in lines[2:]:
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        table[cells[0]] = dict(zip(header[1:], cells[1:], strict=True))
+    return table
+
+
+def _check_outputs(out: Path, batch_sizes: list[int], optimizers: list[str], seeds: int = 1) -> list[dict]:
+    records = _records(out)
+    assert len(records) == len(batch_sizes) * len(optimizers) * seeds
+    for record in records:
+        assert record["curve"] and record["median_step_seconds"] > 0 and 0 <= record["optimizer_share"] <= 1
+        assert record["peak_memory_bytes"] > 0 and record["environment"]["torch"]
+        assert record["command"].startswith("fop-bench ")
+    report = (out / "results.md").read_text()
+    assert "- command: `fop-bench " in report and "- hardware: " in report and "torch " in report
+    table = _table1(report)
+    assert list(table) == [str(b) for b in batch_sizes]
+    for row in table.values():
+        assert list(row) == optimizers
+        assert all(CELL.match(cell) for cell in row.values()), row
+    with Image.open(out / "accuracy_vs_time.png") as image:
+        assert image.format == "PNG" and image.size[0] > 100
+    return records
+
+
+def test_digits_sweep_end_to_end_and_resume(tmp_path, capsys):
+    out = tmp_path / "digits"
+    argv = _tiny(out, "--batch-sizes", "256,1437", "--max-epochs", "4", "--width", "32", "--target", "20")
+    assert main(argv) == 0
+    printed = capsys.readouterr()
+    assert "| batch | sgd | adamw | kfac | fop |" in printed.out
+    records = _check_outputs(out, [256, 1437], OPTIMIZERS)
+    assert {r["spec"]["micro_batch"] for r in records} == {256, 1437}
+    assert any(r["epochs_to_target"] is not None for r in records)  # 20% is reached within 4 epochs
+    fop_record = next(r for r in records if r["spec"]["optimizer"] == "fop")
+    assert "beta_median" in fop_record["curve"][-1] and fop_record["skipped_steps"] == 0
+
+    # The same command again: everything is finished, nothing is retrained.
+    assert main(argv) == 0
+    assert "resuming: 8 of 8 runs already finished" in capsys.readouterr().err
+    assert len(_records(out)) == 8
+
+    # A sweep killed in its third run, in the middle of writing a line, resumes from there.
+    lines = (out / "runs.jsonl").read_text().splitlines()
+    (out / "runs.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:40])
+    assert main(argv) == 0
+    assert "resuming: 2 of 8 runs already finished" in capsys.readouterr().err
+    _check_outputs(out, [256, 1437], OPTIMIZERS)
+
+
+def test_micro_batches_accumulate(tmp_path):
+    out = tmp_path / "micro"
+    assert (
+        main(
+            _tiny(
+                out,
+                "--batch-sizes",
+                "512",
+                "--micro-batch",
+                "128",
+                "--max-epochs",
+                "1",
+                "--width",
+                "16",
+                "--optimizers",
+                "sgd,fop",
+            )
+        )
+        == 0
+    )
+    records = _check_outputs(out, [512], ["sgd", "fop"])
+    assert {r["spec"]["micro_batch"] for r in records} == {128}
+
+
+def test_cifar_jpeg_pack_subset_is_decoded():
+    dataset = load_cifar10(_jpeg_pack(), subset=50)
+    assert dataset.kind == "cifar10-jpeg" and dataset.train_images.shape == (50, 32, 32, 3)
+    assert dataset.class_counts("train") == [5] * 10 and dataset.class_counts("test") == [5] * 10
+    assert 60 < float(dataset.train_images.float().mean()) < 180
+
+
+@pytest.mark.parametrize(
+    ("task", "extra"),
+    [
+        ("cifar10-resnet18", ["--width", "4"]),
+        ("cifar10-vit", ["--width", "16"]),
+        ("cifar10-lt-resnet32", ["--width", "4", "--imbalance", "10"]),
+    ],
+)
+def test_cifar_tasks_end_to_end(tmp_path, task, extra):
+    out = tmp_path / task
+    argv = [
+        "--task",
+        task,
+        "--data",
+        str(_jpeg_pack()),
+        "--subset",
+        "100",
+        "--batch-sizes",
+        "32",
+        "--max-epochs",
+        "1",
+        "--target",
+        "0.15",
+        *extra,
+    ]
+    assert main(_tiny(out, *argv)) == 0
+    records = _check_outputs(out, [32], OPTIMIZERS)
+    dataset = records[0]["dataset"]
+    if task == "cifar10-lt-resnet32":
+        assert dataset["train_class_counts"] == long_tail_counts(10, 10, 10)  # 10 per class before the tail
+        assert dataset["test_class_counts"] == [10] * 10 and dataset["imbalance"] == 10
+        assert "Top-1 error" in (out / "results.md").read_text()
+    else:
+        assert dataset["train_class_counts"] == [10] * 10
+
+
+def test_python_dash_m_entry_point(tmp_path):
+    out = tmp_path / "module"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
+    command = [
+        sys.executable,
+        "-m",
+        "fop.bench",
+        *_tiny(
+            out,
+            "--subset",
+            "200",
+            "--batch-sizes",
+            "100",
+            "--max-epochs",
+            "2",
+            "--width",
+            "16",
+            "--optimizers",
+            "sgd,fop",
+        ),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "| batch | sgd | fop |" in result.stdout
+    _check_outputs(out, [100], ["sgd", "fop"])
+
+    bad = subprocess.run(
+        [sys.executable, "-m", "fop.bench", "--task", "nope"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("fop-bench: error: unknown task 'nope'")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--task", "nope"], "unknown task 'nope'"),
+        (["--optimizers", "sgd,nope"], "unknown optimizer 'nope'"),
+        (["--batch-sizes", "5000"], "batch size 5000 is larger than the training set (1437 images)"),
+        (["--batch-sizes", "256", "--micro-batch", "100"], "--micro-batch 100 does not divide batch size 256"),
+        (["--batch-sizes", "2k"], "'2k' is not a comma-separated list of positive integers"),
+        (["--imbalance", "10"], "--imbalance does not apply to task digits-mlp"),
+        (["--baseline", "lamb"], "--baseline lamb is not among the optimizers run"),
+        (["--target", "250"], "is not an accuracy"),
+        (["--task", "cifar10-resnet18", "--data", "/nonexistent/cifar.npz"], "CIFAR-10 data not found"),
+        (["--task", "cifar10-resnet18"], "needs --data PATH"),
+    ],
+)
+def test_bad_input_exits_2_with_one_clear_line(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert main([*argv, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fop-bench: error: ") and message in err, err
+
+
+def test_corrupt_data_file_exits_2(tmp_path, capsys):
+    corrupt = tmp_path / "cifar10_jpeg.npz"
+    corrupt.write_bytes(b"PK\x03\x04 truncated")
+    assert main(["--task", "cifar10-resnet18", "--data", str(corrupt), "--out", str(tmp_path)]) == 2
+    assert "corrupt data file" in capsys.readouterr().err

@@ -1,0 +1,265 @@
+"""Unit tests of the benchmark's building blocks: rules, data helpers, result file, report."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from fop.bench import BenchError
+from fop.bench.data import (
+    BatchPipeline,
+    balanced_indices,
+    load_cifar10,
+    load_digits,
+    long_tail_counts,
+    long_tail_indices,
+    random_crop,
+    random_flip,
+)
+from fop.bench.optimizers import (
+    Hyperparameters,
+    curvature_interval,
+    resolve_optimizer,
+    scaled_lr,
+    warmup_cosine,
+)
+from fop.bench.report import format_table1, summarize
+from fop.bench.runner import ResultStore, resolve_micro_batch
+
+# ---------------------------------------------------------------------------------------- rules
+
+
+def test_learning_rate_scaling_rules():
+    assert scaled_lr(0.1, 2048, 256, "linear") == pytest.approx(0.8)
+    assert scaled_lr(1e-3, 1024, 256, "sqrt") == pytest.approx(2e-3)
+    with pytest.raises(BenchError, match="scaling rule"):
+        scaled_lr(0.1, 2048, 256, "cubic")
+
+
+def test_curvature_interval_shrinks_with_batch_down_to_five_steps():
+    intervals = [curvature_interval(b, 256, 50) for b in (128, 256, 2048, 4096, 8192, 50000)]
+    assert intervals == [100, 50, 6, 5, 5, 5]
+    assert curvature_interval(50000, 256, 50, min_interval=1) == 1
+
+
+def test_warmup_cosine_schedule():
+    factor = warmup_cosine(total_steps=100, warmup_steps=10)
+    assert factor(0) == pytest.approx(0.1)
+    assert factor(9) == pytest.approx(1.0)
+    assert factor(10) == pytest.approx(1.0)
+    decay = [factor(s) for s in range(10, 100)]
+    assert all(a >= b for a, b in itertools.pairwise(decay))
+    assert factor(99) == pytest.approx(0.5 * (1 + math.cos(math.pi * 89 / 90)))
+    assert warmup_cosine(total_steps=1, warmup_steps=5)(0) == pytest.approx(1.0)  # no room for warmup
+
+
+def test_micro_batch_resolution():
+    assert resolve_micro_batch(50000, None, 4096) == 3125  # largest divisor under the task's limit
+    assert resolve_micro_batch(2048, None, 4096) == 2048
+    assert resolve_micro_batch(256, 64, None) == 64
+    assert resolve_micro_batch(256, 512, None) == 256  # larger than the batch: no accumulation
+    with pytest.raises(BenchError, match="does not divide"):
+        resolve_micro_batch(256, 100, None)
+
+
+# ------------------------------------------------------------------------------------ optimizers
+
+
+def _tiny_model() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+
+
+def test_optimizer_factory_by_name():
+    hp = Hyperparameters(lr=0.1, weight_decay=1e-4)
+    sgd = resolve_optimizer("SGD").build(_tiny_model(), hp)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["nesterov"] and sgd.defaults["momentum"] == 0.9
+    assert resolve_optimizer("adamw").scaling == "sqrt" and resolve_optimizer("sgd").scaling == "linear"
+    rmsprop = resolve_optimizer("rmsprop")
+    assert rmsprop.default_lr == pytest.approx(0.01)
+    assert isinstance(rmsprop.build(_tiny_model(), hp), torch.optim.RMSprop)
+    with pytest.raises(BenchError, match="unknown optimizer 'nope'"):
+        resolve_optimizer("nope")
+
+
+@pytest.mark.parametrize("name", ["kfac", "fop"])
+def test_curvature_optimizers_are_built_from_the_model(name):
+    import fop
+
+    spec = resolve_optimizer(name)
+    assert spec.uses_curvature and spec.scaling == "linear"
+    hp = Hyperparameters(lr=0.05, weight_decay=0.0, curvature_interval=7, fallback="adamw", fallback_lr=2e-3)
+    optimizer = spec.build(_tiny_model(), hp)
+    assert isinstance(optimizer, getattr(fop, name.upper()))
+    assert optimizer.curvature_update_interval == 7
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def test_long_tail_counts_follow_the_exponential_profile():
+    assert long_tail_counts(5000, 10, 100) == [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+    assert long_tail_counts(5000, 10, 50) == [5000, 3237, 2096, 1357, 878, 568, 368, 238, 154, 100]
+    with pytest.raises(BenchError):
+        long_tail_counts(5000, 10, 0.5)
+
+
+@pytest.mark.parametrize("imbalance", [100, 50])
+def test_long_tail_indices_give_the_intended_class_counts(imbalance):
+    labels = torch.arange(10).repeat(5000)  # CIFAR-10 training labels: 5000 per class, interleaved
+    kept = long_tail_indices(labels, 10, imbalance)
+    counts = torch.bincount(labels[kept], minlength=10).tolist()
+    assert counts == long_tail_counts(5000, 10, imbalance)
+    assert counts[0] / counts[-1] == pytest.approx(imbalance)
+    assert torch.equal(kept, torch.sort(kept).values) and kept.unique().numel() == kept.numel()
+
+
+def test_balanced_indices_take_the_first_of_each_class():
+    labels = torch.tensor([0, 1, 0, 1, 0, 2, 2])
+    assert balanced_indices(labels, 2, 3).tolist() == [0, 1, 2, 3, 5, 6]
+    with pytest.raises(BenchError, match="class 1 has 2 samples, 3 requested"):
+        balanced_indices(labels, 3, 3)
+
+
+def test_digits_split_and_subset():
+    digits = load_digits()
+    assert (digits.train_size, digits.test_size, digits.num_classes) == (1437, 360, 10)
+    assert digits.train_images.dtype == torch.uint8 and digits.image_shape == (8, 8, 1)
+    small = load_digits(subset=100)
+    assert small.class_counts("train") == [10] * 10 and small.class_counts("test") == [10] * 10
+
+
+def test_random_crop_is_a_window_of_the_padded_image():
+    images = torch.randint(0, 255, (6, 5, 5, 3), dtype=torch.uint8)
+    assert torch.equal(random_crop(images, 0), images)
+    crops = random_crop(images, 2, torch.Generator().manual_seed(0))
+    padded = torch.nn.functional.pad(images, (0, 0, 2, 2, 2, 2))
+    for crop, source in zip(crops, padded, strict=True):
+        windows = [source[y : y + 5, x : x + 5] for y in range(5) for x in range(5)]
+        assert any(torch.equal(crop, window) for window in windows)
+
+
+def test_random_flip_flips_about_half():
+    images = torch.arange(2000 * 2 * 2).view(2000, 2, 2, 1).to(torch.uint8)
+    flipped = random_flip(images, torch.Generator().manual_seed(0))
+    same = (flipped == images).flatten(1).all(1)
+    mirrored = (flipped == images.flip(2)).flatten(1).all(1)
+    assert bool((same | mirrored).all())
+    assert 800 < int(mirrored.sum()) < 1200
+
+
+def test_pipeline_normalises_and_augments_on_device():
+    digits = load_digits()
+    pipeline = BatchPipeline(digits, "cpu", crop_padding=1, channels_last=True)
+    images, _ = pipeline.train_batch(torch.arange(1437), torch.Generator().manual_seed(0))
+    assert images.shape == (1437, 1, 8, 8) and images.dtype == torch.float32
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    plain = BatchPipeline(digits, "cpu")
+    whole, _ = plain.train_batch(torch.arange(1437))
+    assert float(whole.mean()) == pytest.approx(0.0, abs=1e-4) and float(whole.std()) == pytest.approx(1.0, abs=1e-2)
+    assert sum(len(y) for _, y in plain.test_batches(100)) == 360
+
+
+def _write_cifar_pickles(folder, per_batch: int = 3) -> None:
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 255, (per_batch, 3072), dtype=np.uint8)
+        data[0, :1024], data[0, 1024:2048], data[0, 2048:] = 10, 20, 30  # one known pixel colour
+        with open(folder / name, "wb") as handle:
+            pickle.dump({b"data": data, b"labels": list(range(per_batch))}, handle)
+
+
+def test_original_cifar_pickles_are_read(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    _write_cifar_pickles(folder)
+    dataset = load_cifar10(tmp_path)  # the parent folder works too
+    assert dataset.kind == "cifar10"
+    assert dataset.train_images.shape == (15, 32, 32, 3) and dataset.test_images.shape == (3, 32, 32, 3)
+    assert dataset.train_images[0, 5, 7].tolist() == [10, 20, 30]  # planar CHW became HWC
+
+
+def test_bad_cifar_inputs_have_clear_errors(tmp_path):
+    with pytest.raises(BenchError, match="not found"):
+        load_cifar10(tmp_path / "missing.npz")
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"not an archive")
+    with pytest.raises(BenchError, match="corrupt data file"):
+        load_cifar10(garbage)
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, something=np.zeros(3))
+    with pytest.raises(BenchError, match="missing arrays"):
+        load_cifar10(wrong)
+    with pytest.raises(BenchError, match="not a CIFAR-10 folder"):
+        load_cifar10(tmp_path)
+    broken = tmp_path / "broken.npz"
+    np.savez(
+        broken,
+        train_jpeg=np.frombuffer(b"\xff\xd8junk", dtype=np.uint8),
+        train_offsets=np.array([0, 6]),
+        train_labels=np.array([0], dtype=np.uint8),
+        test_jpeg=np.zeros(0, np.uint8),
+        test_offsets=np.array([0]),
+        test_labels=np.zeros(0, np.uint8),
+    )
+    with pytest.raises(BenchError, match="does not decode"):
+        load_cifar10(broken, use_cache=False)
+
+
+# ------------------------------------------------------------------------------- results, report
+
+
+def test_result_store_survives_a_partial_last_line(tmp_path):
+    store = ResultStore(tmp_path / "runs.jsonl")
+    store.append({"key": "a", "value": 1})
+    with open(store.path, "a") as handle:
+        handle.write('{"key": "b", "val')  # a sweep killed while writing
+    assert set(store.load()) == {"a"}
+    store.append({"key": "c", "value": 3})
+    assert set(store.load()) == {"a", "c"}
+    lines = store.path.read_text().splitlines()
+    assert json.loads(lines[-1]) == {"key": "c", "value": 3}
+
+
+def _record(optimizer, factor, seed, seconds, epochs, best=0.9, batch=256):
+    return {
+        "spec": {
+            "batch_size": batch,
+            "optimizer": optimizer,
+            "lr_factor": factor,
+            "seed": seed,
+            "hyperparameters": {"lr": 0.1 * factor},
+            "max_epochs": 10,
+        },
+        "seconds_to_target": seconds,
+        "epochs_to_target": epochs,
+        "best_accuracy": best,
+        "final_accuracy": best,
+        "status": "ok",
+    }
+
+
+def test_summary_keeps_the_best_learning_rate_and_counts_misses_as_infinite():
+    records = [
+        _record("sgd", 1.0, 0, 10.0, 5),
+        _record("sgd", 1.0, 1, 12.0, 6),
+        _record("sgd", 1.0, 2, None, None),
+        _record("sgd", 2.0, 0, 8.0, 4),
+        _record("sgd", 2.0, 1, None, None),
+        _record("sgd", 2.0, 2, None, None),
+        _record("fop", 1.0, 0, 4.0, 2),
+        _record("fop", 1.0, 1, 5.0, 3),
+        _record("fop", 1.0, 2, 6.0, 3),
+    ]
+    cells = summarize(records)
+    sgd = cells[(256, "sgd")]
+    assert sgd.lr_factor == 1.0 and sgd.seconds == 12.0 and sgd.reached == 2  # x2 misses on 2 of 3 seeds
+    table = format_table1(cells, [256, 512], ["sgd", "fop"], baseline="sgd")
+    rows = [line for line in table.splitlines() if line.startswith("| 256") or line.startswith("| 512")]
+    assert rows[0] == "| 256 | 6 / 12.0 s | 3 / 5.00 s (×2.40) |"
+    assert rows[1] == "| 512 | — | — |"
