@@ -62,7 +62,7 @@ def test_kfac_step_equals_dense_damped_natural_gradient() -> None:
     x, y = torch.randn(10, 5, dtype=DTYPE), torch.randint(0, 3, (10,))
     before = torch.cat([model.weight, model.bias[:, None]], 1).detach().clone()
     lr, damping = 0.3, 0.02
-    optimizer = KFAC(model, lr=lr, momentum=0.0, damping=damping, **FAST)
+    optimizer = KFAC(model, lr=lr, momentum=0.0, damping=damping, kl_clip=None, **FAST)
     F.cross_entropy(model(x), y).backward()
     grad = torch.cat([model.weight.grad, model.bias.grad[:, None]], 1).clone()
     optimizer.step()
@@ -112,13 +112,35 @@ def test_fop_step_is_the_functional_direction() -> None:
         ref = copy.deepcopy(model)
         F.cross_entropy(ref(x[part]), y[part]).backward()
         halves.append(torch.cat([ref.weight.grad, ref.bias.grad[:, None]], 1))
-    optimizer = FOP(model, lr=0.5, momentum=0.0, damping=0.05, **FAST)
+    optimizer = FOP(model, lr=0.5, momentum=0.0, damping=0.05, kl_clip=None, **FAST)
     F.cross_entropy(model(x), y).backward()
     optimizer.step()
     state = optimizer.state[model.weight]
     expected = fop_direction(halves[0], halves[1], state["A"], state["G"], 0.05)
     after = torch.cat([model.weight, model.bias[:, None]], 1).detach()
     torch.testing.assert_close(after, before - 0.5 * expected.direction)
+
+
+@pytest.mark.parametrize("cls", [FOP, KFAC])
+def test_kl_clip_scales_the_step_into_the_trust_region(cls: type) -> None:
+    """With κ tiny the update is ν·(unclipped update), ν = √(κ / (lr² Σ⟨d, g⟩)), so lr²⟨Δ/lr, g⟩ = κ."""
+    data = batches(1)
+    m1, m2 = mlp(), mlp()
+    lr, kappa = 0.5, 1e-6
+    train(m1, cls(m1, lr=lr, momentum=0.0, kl_clip=None, **FAST), data)
+    x, y = data[0]
+    optimizer = cls(m2, lr=lr, momentum=0.0, kl_clip=kappa, **FAST)
+    F.cross_entropy(m2(x), y).backward()
+    grads = [p.grad.clone() for p in m2.parameters()]
+    before = params(m2)
+    optimizer.step()
+    unclipped = [b - a for a, b in zip(params(m1), before)]
+    clipped = [b - a for a, b in zip(params(m2), before)]
+    estimate = sum(float((u / lr * g).sum()) for u, g in zip(unclipped, grads)) * lr**2
+    nu = (kappa / estimate) ** 0.5
+    assert nu < 1
+    for c, u in zip(clipped, unclipped):
+        torch.testing.assert_close(c, nu * u, rtol=1e-9, atol=1e-14)
 
 
 def test_factors_update_on_their_interval_only() -> None:
@@ -398,6 +420,7 @@ INVALID = [
     ("curvature_update_interval", 0, "curvature_update_interval"),
     ("inverse_update_interval", 2.5, "inverse_update_interval"),
     ("projection_eps", -1.0, "projection_eps"),
+    ("kl_clip", 0.0, "kl_clip"),
     ("fallback", "lamb", "fallback"),
     ("fallback_lr", -1.0, "fallback_lr"),
     ("fallback_betas", (0.9, 1.0), "fallback_betas"),

@@ -54,6 +54,8 @@ class KroneckerOptimizer(Optimizer):
             or a callable ``step -> int``).
         inverse_update_interval: recompute the eigendecompositions every this many steps.
         projection_eps: ``ε`` in the projection scalar ``s = ⟨g_diff, F g_avg⟩/(⟨g_avg, F g_avg⟩+ε)``.
+        kl_clip: trust region ``κ``: the curvature layers' directions are scaled by
+            ``ν = min(1, √(κ / (lr² Σ⟨d, g⟩)))`` (K-FAC's KL clipping); ``None`` disables it.
         fallback: ``"sgd"`` or ``"adamw"``, the rule for parameters outside supported layers.
         fallback_lr: learning rate of the fallback group (default ``lr`` for SGD, 1e-3 for AdamW).
         fallback_betas, fallback_eps: AdamW's coefficients for the fallback group.
@@ -82,6 +84,7 @@ class KroneckerOptimizer(Optimizer):
         curvature_update_interval: Interval = 10,
         inverse_update_interval: Interval = 10,
         projection_eps: float = 1e-12,
+        kl_clip: float | None = 1e-3,
         fallback: str = "sgd",
         fallback_lr: float | None = None,
         fallback_betas: tuple[float, float] = (0.9, 0.999),
@@ -109,6 +112,8 @@ class KroneckerOptimizer(Optimizer):
         _check_interval("inverse_update_interval", inverse_update_interval)
         if not projection_eps >= 0:
             raise ValueError(f"projection_eps must be >= 0, got {projection_eps}")
+        if kl_clip is not None and not kl_clip > 0:
+            raise ValueError(f"kl_clip must be > 0 or None (no clipping), got {kl_clip}")
         if fallback not in _FALLBACK_RULES:
             raise ValueError(f"fallback must be one of {_FALLBACK_RULES}, got {fallback!r}")
         if fallback_lr is not None:
@@ -132,7 +137,7 @@ class KroneckerOptimizer(Optimizer):
         rest = [p for p in _unique_params(model) if id(p) not in curvature_ids]
         defaults = dict(
             lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov, damping=damping,
-            factor_decay=factor_decay, projection_eps=projection_eps, rule=fallback,
+            factor_decay=factor_decay, projection_eps=projection_eps, kl_clip=kl_clip, rule=fallback,
             betas=tuple(fallback_betas), eps=fallback_eps,
         )  # fmt: skip
         groups: list[dict[str, Any]] = []
@@ -276,6 +281,8 @@ class KroneckerOptimizer(Optimizer):
         ok = self.communicator.reduce(work, ok)
         self._owner_directions([item for item in work if self.communicator.owns(item.layer)], group, ok, inverse_step)
         self.communicator.share(work)
+        if group["kl_clip"] is not None and work:
+            _clip_to_trust_region(work, group["lr"], group["kl_clip"])
         for item in work:
             assert item.direction is not None
             for param, direction in zip(item.layer.params(), item.layer.unfold_direction(item.direction)):
@@ -402,6 +409,22 @@ class KFAC(KroneckerOptimizer):
 
 
 # ---------------------------------------------------------------------------------- helpers
+def _clip_to_trust_region(work: Sequence[LayerWork], lr: float | Tensor, kl_clip: float) -> None:
+    """Scale all directions by ``ν = min(1, √(κ / (lr² Σ_ℓ ⟨d_ℓ, g_ℓ⟩)))`` (K-FAC's KL clipping).
+
+    ``lr² Σ⟨d, g⟩`` is the second-order estimate of the step's change in the model's output
+    distribution (KL divergence under the damped Fisher); capping it at ``κ`` keeps tiny
+    gradients, amplified up to ``1/λ`` by the inverse, from throwing the model away when the loss
+    approaches zero (Ba et al. 2017; the default of kfac-pytorch).
+    """
+    total = torch.stack([Fn.inner(item.direction, item.grad) for item in work if item.direction is not None]).sum()
+    estimate = (total * (lr * lr)).abs()
+    nu = torch.where(estimate > kl_clip, torch.sqrt(kl_clip / estimate.clamp_min(1e-30)), torch.ones_like(estimate))
+    for item in work:
+        if item.direction is not None:
+            item.direction = item.direction * nu
+
+
 def _discover_layers(model: nn.Module, exclude: ExcludeSpec, mode: CaptureMode) -> list[KroneckerLayer]:
     excluded_modules: set[int] = set()
     excluded_names: set[str] = set()
