@@ -230,3 +230,20 @@ def test_corrupt_data_file_exits_2(tmp_path, capsys):
     corrupt.write_bytes(b"PK\x03\x04 truncated")
     assert main(["--task", "cifar10-resnet18", "--data", str(corrupt), "--out", str(tmp_path)]) == 2
     assert "corrupt data file" in capsys.readouterr().err
+
+
+def test_profile_reports_step_time_memory_and_phases(tmp_path, capsys):
+    out = tmp_path / "profile"
+    argv = _tiny(out, "--batch-sizes", "256", "--width", "16", "--optimizers", "sgd,kfac,fop", "--profile")
+    assert main([*argv, "--profile-steps", "4", "--curvature-interval", "2"]) == 0
+    table = (out / "profile.md").read_text()
+    assert table.strip() in capsys.readouterr().out
+    rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| 256 |")]
+    assert [cells[1].strip() for cells in rows] == ["sgd", "kfac", "fop"]
+    for cells in rows:
+        values = [float(cell) for cell in cells[2:]]
+        assert values[0] == 2 and values[1] > 0 and values[3] > 0  # interval, ms/step, peak MB
+    sgd, kfac, fop_row = ([float(c) for c in cells[7:]] for cells in rows)
+    assert sum(sgd[1:]) == 0  # no curvature phases for SGD
+    assert fop_row[1] > 0 and fop_row[3] > 0 and fop_row[4] > 0  # capture, eigh, direction
+    assert kfac[1] > 0 and kfac[3] > 0

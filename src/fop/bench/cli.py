@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from fop.bench.errors import BenchError
 
@@ -235,11 +235,48 @@ def build_parser() -> argparse.ArgumentParser:
         help="output folder for runs.jsonl, results.md and the plot (default: bench-runs/<task>)",
     )
     machine.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of the sweep: amortized time per step, peak memory and the time of each phase of the "
+        "step (forward+backward, capture, factors, eigh, direction, update) per optimizer and batch size; "
+        "writes DIR/profile.md",
+    )
+    machine.add_argument(
+        "--profile-steps",
+        metavar="N",
+        type=_single(_positive_int, "a positive integer"),
+        help="steps per profiled window, rounded up to whole curvature intervals (default: max(interval, 10))",
+    )
+    machine.add_argument(
         "--no-progress",
         action="store_true",
         help="no progress bars, one line per finished run instead (also the default when stderr is not a terminal)",
     )
     return parser
+
+
+def _profile(
+    args: argparse.Namespace, task: Task, dataset: Any, device: torch.device, plan: Sequence[Any],
+    optimizers: dict[str, OptimizerSpec], baseline: str, out: Path, env: dict[str, Any], command: str,
+) -> int:  # fmt: skip
+    """``--profile``: one learning rate and seed per optimizer and batch size, measured side by side."""
+    from fop.bench.data import BatchPipeline
+    from fop.bench.profile import format_profile, profile_runs
+
+    seen: set[tuple[str, int]] = set()
+    specs = []
+    for spec in plan:
+        if (spec.optimizer, spec.batch_size) not in seen:
+            seen.add((spec.optimizer, spec.batch_size))
+            specs.append(spec)
+    pipeline = BatchPipeline(dataset, device, crop_padding=task.crop_padding, channels_last=device.type == "cuda")
+    rows = profile_runs(specs, task, dataset, pipeline, optimizers, args.profile_steps)
+    header = f"{task.name} step profile: {env['hardware']}; torch {env['torch']}; command: {command}"
+    table = format_profile(rows, baseline, header)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "profile.md").write_text(table + "\n", encoding="utf-8")
+    print(table)
+    return 0
 
 
 def _list_tasks() -> str:
@@ -408,6 +445,8 @@ def _sweep(
 
     out = args.out or Path("bench-runs") / task.name
     env = environment(device)
+    if args.profile:
+        return _profile(args, task, dataset, device, plan, optimizers, baseline, out, env, command)
     print(f"{PROG}: {task.name} on {env['hardware']}, torch {env['torch']}: {len(plan)} runs -> {out}", file=sys.stderr)
     pipeline = BatchPipeline(dataset, device, crop_padding=task.crop_padding, channels_last=device.type == "cuda")
     records = run_sweep(

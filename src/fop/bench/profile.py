@@ -1,0 +1,178 @@
+"""``fop-bench --profile``: amortized step time, peak memory and where a step's time goes.
+
+For every optimizer and batch size of the command, side by side in one process on one device:
+
+1. a few warm-up steps, then ``steps`` timed steps (a whole number of curvature intervals, so the
+   periodic factor and eigendecomposition work is amortized as in training), synchronising the
+   device only at the ends of the window: the mean is the *amortized* time per training step;
+2. the peak device memory of that window (CUDA max allocated; process RSS on the CPU);
+3. the same steps again under ``torch.profiler``, summing the time inside the ``fop::`` phases
+   (:mod:`fop.profiling`): forward+backward (without the hooks' capture), statistics capture,
+   factor update, eigendecompositions, direction (projection and preconditioning), parameter
+   update. On CUDA the phase times are device (kernel) times, on the CPU host times.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fop.bench.data import BatchPipeline, ImageDataset
+from fop.bench.optimizers import OptimizerSpec
+from fop.bench.runner import MemoryMeter, RunSpec, _autocast
+from fop.bench.tasks import Task
+
+__all__ = ["ProfileRow", "format_profile", "profile_runs"]
+
+# phases reported, in order: (label, profiler range names summed, ranges subtracted)
+_COLUMNS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
+    ("fwd+bwd", ("fop::forward_backward",), ("fop::capture",)),
+    ("capture", ("fop::capture",), ()),
+    ("factors", ("fop::factors",), ()),
+    ("eigh", ("fop::eigh",), ()),
+    ("direction", ("fop::direction",), ()),
+    ("update", ("fop::update",), ()),
+)
+
+
+@dataclass
+class ProfileRow:
+    """One optimizer at one batch size."""
+
+    optimizer: str
+    batch_size: int
+    curvature_interval: int
+    steps: int
+    ms_per_step: float
+    peak_memory_bytes: int
+    memory_kind: str
+    phase_ms: dict[str, float] = field(default_factory=dict)  # per step, by column label
+
+
+def profile_runs(
+    specs: Sequence[RunSpec],
+    task: Task,
+    dataset: ImageDataset,
+    pipeline: BatchPipeline,
+    optimizers: dict[str, OptimizerSpec],
+    steps: int | None = None,
+) -> list[ProfileRow]:
+    """Measure every run spec (one learning rate, one seed each) as described in the module doc."""
+    return [_profile_one(spec, task, dataset, pipeline, optimizers[spec.optimizer], steps) for spec in specs]
+
+
+def _profile_one(
+    spec: RunSpec, task: Task, dataset: ImageDataset, pipeline: BatchPipeline, optimizer_spec: OptimizerSpec,
+    steps: int | None,
+) -> ProfileRow:  # fmt: skip
+    device = pipeline.device
+    torch.manual_seed(spec.seed)
+    model = task.build_model(dataset, spec.width).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    model.train()
+    optimizer = optimizer_spec.build(model, spec.hyperparameters)
+    interval = spec.hyperparameters.curvature_interval
+    window = steps or max(interval, 10)
+    window = -(-window // interval) * interval  # whole curvature cycles
+    generator = torch.Generator(device=device).manual_seed(spec.seed)
+    order = torch.randint(0, pipeline.train_size, (spec.batch_size,), generator=generator, device=device)
+
+    def train_step() -> None:
+        with torch.profiler.record_function("fop::forward_backward"):
+            optimizer.zero_grad(set_to_none=True)
+            for micro in order.split(spec.micro_batch):
+                images, labels = pipeline.train_batch(micro, generator)
+                with _autocast(device, spec.bf16):
+                    loss = F.cross_entropy(model(images), labels)
+                (loss * (micro.numel() / spec.batch_size)).backward()
+        with torch.profiler.record_function("fop::step"):
+            optimizer.step()
+
+    for _ in range(interval + 2):  # warm-up: kernels, allocator, the first curvature cycle
+        train_step()
+    memory = MemoryMeter(device)
+    _synchronize(device)
+    start = time.perf_counter()
+    for _ in range(window):
+        train_step()
+        memory.sample()
+    _synchronize(device)
+    seconds = time.perf_counter() - start
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(window):
+            train_step()
+        _synchronize(device)
+    totals = _phase_totals(prof.key_averages(), device.type == "cuda")
+    phase_ms = {
+        label: max(0.0, sum(totals.get(n, 0.0) for n in add) - sum(totals.get(n, 0.0) for n in sub)) / window
+        for label, add, sub in _COLUMNS
+    }
+    return ProfileRow(
+        optimizer=spec.optimizer,
+        batch_size=spec.batch_size,
+        curvature_interval=interval,
+        steps=window,
+        ms_per_step=1000.0 * seconds / window,
+        peak_memory_bytes=memory.peak_bytes(),
+        memory_kind=memory.kind,
+        phase_ms=phase_ms,
+    )
+
+
+def _phase_totals(events: Any, on_device: bool) -> dict[str, float]:
+    """Milliseconds inside each ``fop::`` range (device time on CUDA, host time otherwise)."""
+    totals: dict[str, float] = {}
+    for event in events:
+        if not event.key.startswith("fop::"):
+            continue
+        micros = getattr(event, "device_time_total", None) if on_device else None
+        if micros is None:
+            micros = getattr(event, "cuda_time_total", 0.0) if on_device else event.cpu_time_total
+        totals[event.key] = totals.get(event.key, 0.0) + micros / 1000.0
+    return totals
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def format_profile(rows: Sequence[ProfileRow], baseline: str, header: str) -> str:
+    """Markdown: per batch size, each optimizer's amortized step, ratio to the baseline, memory, phases."""
+    labels = [label for label, *_ in _COLUMNS]
+    lines = [
+        header,
+        "",
+        f"| batch | optimizer | interval | ms/step | × {baseline} | peak MB | × {baseline} | "
+        + " | ".join(f"{label} ms" for label in labels)
+        + " |",
+        "| " + " | ".join(["---"] * (7 + len(labels))) + " |",
+    ]
+    for batch in dict.fromkeys(row.batch_size for row in rows):
+        group = [row for row in rows if row.batch_size == batch]
+        base = next((row for row in group if row.optimizer == baseline), group[0])
+        for row in group:
+            lines.append(
+                f"| {batch} | {row.optimizer} | {row.curvature_interval} | {row.ms_per_step:.1f} | "
+                f"{row.ms_per_step / base.ms_per_step:.2f} | {row.peak_memory_bytes / 2**20:.0f} | "
+                f"{row.peak_memory_bytes / max(base.peak_memory_bytes, 1):.2f} | "
+                + " | ".join(f"{row.phase_ms[label]:.2f}" for label in labels)
+                + " |"
+            )
+    lines += [
+        "",
+        "ms/step: amortized over whole curvature intervals (wall clock, device synchronised at the window's ends). "
+        "Phase columns: time inside the profiler ranges per step (device time on CUDA, host time on CPU); "
+        "fwd+bwd excludes the hooks' capture; the optimizer's remaining time is bookkeeping.",
+    ]
+    return "\n".join(lines)
