@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.nn.grad import conv2d_weight
 
 from .functional import compute_dtype
+from .profiling import phase
 
 __all__ = [
     "CaptureMode", "KroneckerLayer", "LinearLayer", "Conv2dLayer", "LayerStats", "LayerWork", "loss_scale_ratio",
@@ -80,6 +81,7 @@ class LayerWork:
     a: Tensor | None = None
     g: Tensor | None = None
     direction: Tensor | None = None
+    dg: Tensor | None = None  # ⟨direction, grad⟩ from the layer's owner (distributed; else None)
 
     @classmethod
     def from_capture(cls, layer: KroneckerLayer, ratio: Tensor | None) -> LayerWork:
@@ -179,10 +181,15 @@ class KroneckerLayer:
         x = args[0].detach()
         mode = CaptureMode(self.mode.halves, self.mode.factors, self.mode.total)
         if mode.factors:
-            self._accumulate_input_factor(x)
+            with phase("capture"):
+                self._accumulate_input_factor(x)
         output.register_hook(lambda grad_out: self._backward_hook(x, grad_out, mode))
 
     def _backward_hook(self, x: Tensor, grad_out: Tensor, mode: CaptureMode) -> None:
+        with phase("capture"):
+            self._capture_backward(x, grad_out, mode)
+
+    def _capture_backward(self, x: Tensor, grad_out: Tensor, mode: CaptureMode) -> None:
         """Record this forward's share: first-half gradient, reference gradient, factor statistics.
 
         Only the first half's gradient ``C1`` is formed here (half the FLOPs of a weight gradient);

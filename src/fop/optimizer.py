@@ -27,6 +27,7 @@ from . import functional as Fn
 from .curvature import CaptureMode, KroneckerLayer, LayerWork, loss_scale_ratio, make_layer, supports
 from .distributed import Communicator, make_communicator
 from .first_order import adamw_update, masked_copy_, sgd_update
+from .profiling import phase
 
 __all__ = ["FOP", "KFAC", "KroneckerOptimizer"]
 
@@ -295,13 +296,16 @@ class KroneckerOptimizer(Optimizer):
     def _owner_directions(self, owned: list[LayerWork], group: dict[str, Any], ok: Tensor, inverse_step: bool) -> None:
         """Factor updates, eigendecompositions and FOP/K-FAC directions of the layers owned here."""
         states = [self.state[item.layer.weight] for item in owned]
-        for item, state in zip(owned, states):
-            if item.a is not None and item.g is not None:
-                self._update_factors(state, item.a, item.g, group["factor_decay"], ok)
-        self._update_eigen([s for s in states if "A" in s and (inverse_step or "A_values" not in s)])
-        for item, state in zip(owned, states):
-            # no factors yet (a layer first seen on a step without capture): plain gradient this once
-            item.direction = self._direction(item, state, group) if "A" in state else item.grad
+        with phase("factors"):
+            for item, state in zip(owned, states):
+                if item.a is not None and item.g is not None:
+                    self._update_factors(state, item.a, item.g, group["factor_decay"], ok)
+        with phase("eigh"):
+            self._update_eigen([s for s in states if "A" in s and (inverse_step or "A_values" not in s)])
+        with phase("direction"):
+            for item, state in zip(owned, states):
+                # no factors yet (a layer first seen on a step without capture): plain gradient this once
+                item.direction = self._direction(item, state, group) if "A" in state else item.grad
 
     def _update_factors(self, state: dict, a_new: Tensor, g_new: Tensor, decay: float, ok: Tensor) -> None:
         good = ok & torch.isfinite(a_new).all() & torch.isfinite(g_new).all()
@@ -358,6 +362,12 @@ class KroneckerOptimizer(Optimizer):
     def _apply_sgd(
         self, group: dict[str, Any], params: Sequence[Tensor], directions: Sequence[Tensor], ok: Tensor
     ) -> None:
+        with phase("update"):
+            self._momentum_update(group, params, directions, ok)
+
+    def _momentum_update(
+        self, group: dict[str, Any], params: Sequence[Tensor], directions: Sequence[Tensor], ok: Tensor
+    ) -> None:
         buffers = [self.state[p].get("momentum_buffer") for p in params]
         new_buffers = sgd_update(
             params, directions, buffers, lr=group["lr"], momentum=group["momentum"],
@@ -372,10 +382,11 @@ class KroneckerOptimizer(Optimizer):
         if group["rule"] == "sgd":
             self._apply_sgd(group, params, grads, ok)
         else:
-            adamw_update(
-                params, grads, [self.state[p] for p in params], lr=group["lr"],
-                betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"], ok=ok,
-            )  # fmt: skip
+            with phase("update"):
+                adamw_update(
+                    params, grads, [self.state[p] for p in params], lr=group["lr"],
+                    betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"], ok=ok,
+                )  # fmt: skip
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -417,7 +428,9 @@ def _clip_to_trust_region(work: Sequence[LayerWork], lr: float | Tensor, kl_clip
     gradients, amplified up to ``1/λ`` by the inverse, from throwing the model away when the loss
     approaches zero (Ba et al. 2017; the default of kfac-pytorch).
     """
-    total = torch.stack([Fn.inner(item.direction, item.grad) for item in work if item.direction is not None]).sum()
+    # item.dg: the owner's ⟨d, g⟩, identical on every process (distributed: g lives on the owner only)
+    inners = [Fn.inner(item.direction, item.grad) if item.dg is None else item.dg for item in work if item.direction is not None]
+    total = torch.stack(inners).sum()
     estimate = (total * (lr * lr)).abs()
     nu = torch.where(estimate > kl_clip, torch.sqrt(kl_clip / estimate.clamp_min(1e-30)), torch.ones_like(estimate))
     for item in work:
