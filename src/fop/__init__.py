@@ -5,7 +5,8 @@
 """
 
 from . import functional
+from .distributed import DistributedCommunicator
 from .optimizer import FOP, KFAC, KroneckerOptimizer
 
-__all__ = ["FOP", "KFAC", "KroneckerOptimizer", "functional"]
+__all__ = ["FOP", "KFAC", "DistributedCommunicator", "KroneckerOptimizer", "functional"]
 __version__ = "0.1.0"

@@ -235,6 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="output folder for runs.jsonl, results.md and the plot (default: bench-runs/<task>)",
     )
     machine.add_argument(
+        "--nproc",
+        metavar="N",
+        type=_single(_positive_int, "a positive integer"),
+        help="instead of the sweep: distributed scaling benchmark, 1 and N processes under torchrun "
+        "(time per step, scaling efficiency, optimizer-state memory per process, bytes per step; "
+        "python -m fop.distributed_bench --help has its options)",
+    )
+    machine.add_argument(
         "--profile",
         action="store_true",
         help="instead of the sweep: amortized time per step, peak memory and the time of each phase of the "
@@ -361,6 +369,10 @@ def _run(argv: Sequence[str]) -> int:
     from fop.bench.optimizers import resolve_optimizer
     from fop.bench.tasks import get_task
 
+    if args.nproc:
+        from fop.distributed_bench import main as distributed_main
+
+        return distributed_main(["--nproc", f"1,{args.nproc}"])
     started = time.perf_counter()
     command = shlex.join([PROG, *argv])
     task = get_task(args.task)
