@@ -372,7 +372,7 @@ def _run(argv: Sequence[str]) -> int:
     if args.nproc:
         from fop.distributed_bench import main as distributed_main
 
-        return distributed_main(["--nproc", f"1,{args.nproc}"])
+        return distributed_main(["--nproc", f"1,{args.nproc}", "--width", "256", "--steps", "5"])
     started = time.perf_counter()
     command = shlex.join([PROG, *argv])
     task = get_task(args.task)
