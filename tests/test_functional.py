@@ -202,3 +202,23 @@ def test_eigen_factor_runs_in_float32_under_autocast() -> None:
         eig = Fn.eigen_factor(a)
     assert eig.values.dtype == torch.float32 and eig.vectors.dtype == torch.float32
     assert (eig.values >= 0).all()
+
+
+def test_eigen_factor_retries_in_float64_when_eigh_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A non-converging float32 eigh is retried in float64 (with a tiny jitter), not propagated."""
+    a = spd(5, torch.Generator().manual_seed(2)).to(torch.float32)
+    real_eigh = torch.linalg.eigh
+    calls: list[torch.dtype] = []
+
+    def flaky_eigh(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(x.dtype)
+        if x.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("the algorithm failed to converge")
+        return real_eigh(x)
+
+    monkeypatch.setattr(torch.linalg, "eigh", flaky_eigh)
+    eig = Fn.eigen_factor(a)
+    assert calls == [torch.float32, torch.float64]
+    assert eig.values.dtype == torch.float32
+    rebuilt = eig.vectors @ torch.diag(eig.values) @ eig.vectors.T
+    torch.testing.assert_close(rebuilt, a, rtol=1e-5, atol=1e-6)
