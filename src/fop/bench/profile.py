@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from fop.bench.data import BatchPipeline, ImageDataset
 from fop.bench.optimizers import OptimizerSpec
-from fop.bench.runner import MemoryMeter, RunSpec, _autocast
+from fop.bench.runner import MemoryMeter, RunSpec, _autocast, build_model_and_optimizer
 from fop.bench.tasks import Task
 
 __all__ = ["ProfileRow", "format_profile", "profile_runs"]
@@ -71,12 +71,7 @@ def _profile_one(
     steps: int | None,
 ) -> ProfileRow:  # fmt: skip
     device = pipeline.device
-    torch.manual_seed(spec.seed)
-    model = task.build_model(dataset, spec.width).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    model.train()
-    optimizer = optimizer_spec.build(model, spec.hyperparameters)
+    model, optimizer = build_model_and_optimizer(spec, task, dataset, device, optimizer_spec)
     interval = spec.hyperparameters.curvature_interval
     window = steps or max(interval, 10)
     window = -(-window // interval) * interval  # whole curvature cycles

@@ -325,12 +325,7 @@ def train_run(
 ) -> dict[str, Any]:
     """Train one run and return its result record (see ``docs/benchmark.md`` for the fields)."""
     device = pipeline.device
-    torch.manual_seed(spec.seed)
-    model = task.build_model(dataset, spec.width).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    model.train()
-    optimizer = optimizer_spec.build(model, spec.hyperparameters)
+    model, optimizer = build_model_and_optimizer(spec, task, dataset, device, optimizer_spec)
     steps_per_epoch = pipeline.train_size // spec.batch_size
     total_steps = steps_per_epoch * spec.max_epochs
     warmup_steps = round(spec.warmup_epochs * steps_per_epoch)
@@ -394,6 +389,18 @@ def train_run(
         "dataset": dataset.summary(),
         "curve": curve,
     }
+
+
+def build_model_and_optimizer(
+    spec: RunSpec, task: Task, dataset: ImageDataset, device: torch.device, optimizer_spec: OptimizerSpec
+) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The run's model (seeded, on ``device``, channels_last on CUDA, in training mode) and optimizer."""
+    torch.manual_seed(spec.seed)
+    model = task.build_model(dataset, spec.width).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    model.train()
+    return model, optimizer_spec.build(model, spec.hyperparameters)
 
 
 def _train_epoch(
