@@ -165,9 +165,8 @@ class KroneckerOptimizer(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group of parameters; user-added groups follow the fallback rule (``rule`` key)."""
         rule = param_group.setdefault("rule", self.defaults["rule"])
-        if rule == "kronecker" and getattr(self, "_kronecker_group_added", False):
+        if rule == "kronecker" and any(group["rule"] == "kronecker" for group in self.param_groups):
             raise ValueError("the 'kronecker' group is made by the constructor; added groups take rule 'sgd' or 'adamw'")
-        self._kronecker_group_added = getattr(self, "_kronecker_group_added", False) or rule == "kronecker"
         if rule not in _FALLBACK_RULES + ("kronecker",):
             raise ValueError(f"param group rule must be one of {_FALLBACK_RULES}, got {rule!r}")
         super().add_param_group(param_group)
