@@ -448,3 +448,18 @@ def test_no_warnings_in_a_normal_run() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         train(model, FOP(model), batches(3, shape=(3, 6, 6), classes=5))
+
+
+def test_grouped_convolutions_and_norms_use_the_fallback_group() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.GroupNorm(2, 4), nn.Conv2d(4, 6, 1), nn.Flatten(),
+        nn.Linear(6 * 5 * 5, 3),
+    ).to(DTYPE)  # fmt: skip
+    optimizer = FOP(model, fallback="adamw", **FAST)
+    assert [layer.name for layer in optimizer.layers] == ["2", "4"]
+    fallback = {id(p) for p in optimizer.param_groups[1]["params"]}
+    assert fallback == {id(p) for p in [*model[0].parameters(), *model[1].parameters()]}
+    before = params(model)
+    train(model, optimizer, batches(2, shape=(4, 5, 5), classes=3))
+    assert all(not torch.equal(a, b) for a, b in zip(before, params(model)))
