@@ -562,7 +562,7 @@ def test_a_missing_process_times_out_instead_of_hanging(world2) -> None:
     results, _ = world2
     message = results[0]["err_timeout"]
     assert message.startswith("RuntimeError: fop: the gradient all-reduce did not complete"), message
-    assert "timed out" in message.lower()
+    assert "timeout (0:00:02) ran out" in message  # gloo's own wording of the cause varies
     assert results[0]["timeout_seconds"] < 4.5
 
 
