@@ -202,12 +202,13 @@ class KroneckerLayer:
         n = x.shape[0] if x.dim() > self._unbatched_dims else 1
         dtype = compute_dtype(self.weight.dtype)
         grad_out = grad_out.detach()
+        rows = self._output_rows(grad_out)
         if mode.factors:
-            rows = self._output_rows(grad_out).to(dtype)
-            pending.gg_sum = _add(pending.gg_sum, rows.T @ rows)
+            wide = rows.to(dtype)
+            pending.gg_sum = _add(pending.gg_sum, wide.T @ wide)
             pending.samples += n
         if self.bias is not None and self.bias.requires_grad:
-            pending.reference = _add(pending.reference, self._output_rows(grad_out).sum(0).to(dtype))
+            pending.reference = _add(pending.reference, rows.sum(0).to(dtype))
         elif self.is_reference and (mode.total or mode.halves):
             pending.reference = _add(pending.reference, self._folded_grad(x, grad_out).to(dtype))
         if not mode.halves:
@@ -295,9 +296,6 @@ class KroneckerLayer:
 
     # ----------------------------------------------------------------------------- per type
     _unbatched_dims = 1
-
-    def _input_rows(self, x: Tensor) -> tuple[Tensor, int]:
-        raise NotImplementedError
 
     def _input_second_moment(self, x: Tensor) -> tuple[Tensor, int]:
         """``(Σ_rows a aᵀ, rows)`` with the bias column of ones folded in."""
