@@ -20,7 +20,7 @@ refuse in-place modifications of their outputs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -32,9 +32,12 @@ from .functional import compute_dtype
 from .profiling import phase
 
 __all__ = [
-    "CaptureMode", "KroneckerLayer", "LinearLayer", "Conv2dLayer", "LayerStats", "LayerWork", "loss_scale_ratio",
+    "FACTOR_KEYS", "CaptureMode", "KroneckerLayer", "LinearLayer", "Conv2dLayer", "LayerWork", "loss_scale_ratio",
     "make_layer", "supports",
 ]  # fmt: skip
+
+# The curvature state the optimizer keeps per layer (in ``optimizer.state[layer.weight]``).
+FACTOR_KEYS = ("A", "G", "A_values", "A_vectors", "G_values", "G_vectors")
 
 # Large convolutions unfold their patches in chunks of this many samples to bound memory.
 _UNFOLD_CHUNK = 256
@@ -50,28 +53,14 @@ class CaptureMode:
 
 
 @dataclass
-class LayerStats:
-    """What one layer captured over a cycle, in the units of ``p.grad`` (compute dtype, folded).
-
-    ``g1``/``g2`` are the sub-batch gradients (None when not captured or when some forward had a
-    single sample), ``a = Σ a aᵀ / rows`` and ``g = samples · Σ δ δᵀ`` the factor estimates
-    (δ: per-row output gradients of the back-propagated loss, i.e. ``1/n`` times the per-sample
-    gradients of a mean loss), None when the cycle captured no curvature.
-    """
-
-    g1: Tensor | None = None
-    g2: Tensor | None = None
-    a: Tensor | None = None
-    g: Tensor | None = None
-
-
-@dataclass
 class LayerWork:
     """One layer's inputs to a step, in the units of ``p.grad`` (compute dtype, folded).
 
     ``grad`` is the averaged gradient, ``g1``/``g2`` the sub-batch gradients (None for K-FAC or
-    when a batch could not be split), ``a``/``g`` this step's factor estimates (None when the step
-    captured no curvature). ``direction`` is filled in by the layer's owner.
+    when a batch could not be split), ``a = Σ a aᵀ / rows`` and ``g = samples · Σ δ δᵀ`` this
+    step's factor estimates (δ: per-row output gradients, i.e. ``1/n`` times the per-sample
+    gradients of a mean loss; None when the step captured no curvature). ``direction`` is filled
+    in by the layer's owner.
     """
 
     layer: KroneckerLayer
@@ -88,8 +77,7 @@ class LayerWork:
         """Collect the layer's statistics, rescaled by the loss-scale ratio (:func:`loss_scale_ratio`)."""
         grad = layer.folded_param_grad()
         assert grad is not None
-        stats = layer.collect(grad, ratio)
-        return cls(layer, grad, stats.g1, stats.g2, stats.a, stats.g)
+        return layer.collect(cls(layer, grad), ratio)
 
 
 def loss_scale_ratio(layers: list[KroneckerLayer]) -> Tensor | None:
@@ -179,7 +167,7 @@ class KroneckerLayer:
             # what is pending belongs to a cycle that will never be stepped
             self.reset()
         x = args[0].detach()
-        mode = CaptureMode(self.mode.halves, self.mode.factors, self.mode.total)
+        mode = replace(self.mode)  # this forward's settings, whatever step() changes before backward
         if mode.factors:
             with phase("capture"):
                 self._accumulate_input_factor(x)
@@ -250,28 +238,28 @@ class KroneckerLayer:
         grad = self.folded_param_grad()
         return None if grad is None else (grad, reference)
 
-    def collect(self, grad: Tensor, ratio: Tensor | None) -> LayerStats:
-        """The cycle's statistics in ``p.grad``'s units (``grad`` is the folded ``p.grad``), then reset.
+    def collect(self, work: LayerWork, ratio: Tensor | None) -> LayerWork:
+        """Fill ``work`` with the cycle's statistics in ``p.grad``'s units (``work.grad``), then reset.
 
         ``g1 = r·Σ(n/n1)C1``; ``g2 = (n/n2)(p.grad − r·ΣC1 − r·ΣC2') + r·Σ(n'/n2')C2'`` where the
         primed sums run over forwards split differently from the first; ``G = r²·samples·Σδδᵀ``.
         """
         p = self._pending
-        stats = LayerStats()
+        grad = work.grad
         r = ratio if ratio is not None else torch.ones((), dtype=grad.dtype, device=grad.device)
         if p.g1 is not None and p.c1 is not None and p.split is not None and not p.single_sample:
             n, n1 = p.split
             rest = grad - r * p.c1
-            stats.g1 = r * p.g1
+            work.g1 = r * p.g1
             if p.c2_other is not None and p.g2_other is not None:
-                stats.g2 = (rest - r * p.c2_other) * (n / (n - n1)) + r * p.g2_other
+                work.g2 = (rest - r * p.c2_other) * (n / (n - n1)) + r * p.g2_other
             else:
-                stats.g2 = rest * (n / (n - n1))
+                work.g2 = rest * (n / (n - n1))
         if p.a_sum is not None and p.gg_sum is not None and p.a_rows > 0:
-            stats.a = p.a_sum / p.a_rows
-            stats.g = p.gg_sum * (p.samples * r * r)
+            work.a = p.a_sum / p.a_rows
+            work.g = p.gg_sum * (p.samples * r * r)
         self.reset()
-        return stats
+        return work
 
     def params(self) -> list[nn.Parameter]:
         return [self.weight] if self.bias is None else [self.weight, self.bias]

@@ -60,7 +60,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .curvature import KroneckerLayer, LayerWork
+from .curvature import FACTOR_KEYS, KroneckerLayer, LayerWork
 from .functional import compute_dtype, inner
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -80,8 +80,6 @@ __all__ = [
 
 # shared with every layer's direction: β*, η*, s (diagnostics) and ⟨d, g⟩ (the KL trust region)
 _SHARED_SCALARS = 4
-# the per-layer curvature state kept by the layer's owner (see KroneckerOptimizer)
-FACTOR_KEYS = ("A", "G", "A_values", "A_vectors", "G_values", "G_vectors")
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
 
 _DDP_MESSAGE = (

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import functional as Fn
-from .curvature import CaptureMode, KroneckerLayer, LayerWork, loss_scale_ratio, make_layer, supports
+from .curvature import FACTOR_KEYS, CaptureMode, KroneckerLayer, LayerWork, loss_scale_ratio, make_layer, supports
 from .distributed import Communicator, make_communicator
 from .first_order import adamw_update, masked_copy_, sgd_update
 from .profiling import phase
@@ -35,7 +35,6 @@ Interval = Union[int, Callable[[int], int]]
 ExcludeSpec = Iterable[Union[nn.Module, str, type]]
 
 _FALLBACK_RULES = ("sgd", "adamw")
-_FACTOR_KEYS = ("A", "G", "A_values", "A_vectors", "G_values", "G_vectors")
 
 
 class KroneckerOptimizer(Optimizer):
@@ -194,7 +193,7 @@ class KroneckerOptimizer(Optimizer):
         for layer in self.layers:
             state = self.state.get(layer.weight, {})
             dtype = Fn.compute_dtype(layer.weight.dtype)
-            for key in _FACTOR_KEYS:
+            for key in FACTOR_KEYS:
                 if key in state:
                     state[key] = state[key].to(dtype)
         self._steps = int(extra["steps"])
@@ -215,7 +214,7 @@ class KroneckerOptimizer(Optimizer):
 
         Values are device tensors (reading them synchronises); K-FAC reports β* = 0, η* = 1.
         """
-        return {layer.name: dict(layer.last) for layer in self.layers if getattr(layer, "last", None)}
+        return {layer.name: dict(layer.last) for layer in self.layers if layer.last}
 
     def remove_hooks(self) -> None:
         """Detach the module hooks (the optimizer then no longer sees curvature)."""
