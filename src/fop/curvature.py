@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.grad import conv2d_weight
 
-from .functional import compute_dtype
+from .functional import compute_dtype, safe_divide
 from .profiling import phase
 
 __all__ = [
@@ -101,7 +101,7 @@ def loss_scale_ratio(layers: list[KroneckerLayer]) -> Tensor | None:
         den = _add(den, (hooked * hooked).sum())
     if num is None or den is None:
         return None
-    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.ones_like(den))
+    return safe_divide(num, den, den > 0, 1.0)
 
 
 @dataclass

@@ -51,7 +51,7 @@ def sgd_update(
             u = u.add(param, alpha=weight_decay)
         if momentum != 0:
             if buf is None:
-                buf = torch.where(ok, u, torch.zeros_like(u)) if ok is not None else u.clone()
+                buf = torch.where(ok, u, 0.0) if ok is not None else u.clone()
             else:
                 masked_copy_(buf, buf * momentum + u, ok)
             u = u.add(buf, alpha=momentum) if nesterov else buf
@@ -105,4 +105,4 @@ def _masked_sub_(param: Tensor, update: Tensor, lr: float | Tensor, ok: Tensor |
     if ok is None:
         param.sub_(update * lr)
     else:
-        param.sub_(torch.where(ok, update * lr, torch.zeros_like(update)))
+        param.sub_(torch.where(ok, update * lr, 0.0))

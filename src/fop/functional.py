@@ -36,6 +36,7 @@ __all__ = [
     "fop_direction",
     "fop_direction_eigen",
     "inner",
+    "safe_divide",
     "kfac_direction",
     "kfac_direction_eigen",
     "to_eigenbasis",
@@ -71,6 +72,13 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def inner(x: Tensor, y: Tensor) -> Tensor:
     """Frobenius inner product ``⟨X, Y⟩ = Σ_ij X_ij Y_ij`` over the last two dimensions."""
     return (x * y).sum(dim=(-2, -1))
+
+
+def safe_divide(num: Tensor, den: Tensor, valid: Tensor, default: float) -> Tensor:
+    """``num / den`` where ``valid``, else ``default``, with no division by an invalid ``den``
+    (so neither NaN nor a host synchronisation enters a step)."""
+    quotient = num / torch.where(valid, den, torch.ones_like(den))
+    return torch.where(valid, quotient, default)
 
 
 def fisher_mv(x: Tensor, a: Tensor, g: Tensor) -> Tensor:
@@ -193,12 +201,12 @@ def fop_direction_eigen(
     b = inner(avg, n_perp)  # ⟨g_avg, M⁻¹ g_perp⟩
     c = inner(perp, n_perp)  # ⟨g_perp, M⁻¹ g_perp⟩ ≥ 0
     tiny = torch.finfo(c.dtype).eps * a_avg.abs()
-    beta = torch.where(c > tiny, b / torch.where(c > tiny, c, torch.ones_like(c)), torch.zeros_like(c))
+    beta = safe_divide(b, c, c > tiny, 0.0)
     n_comb = n_avg + beta[..., None, None] * n_perp
     # ⟨g_avg, n_comb⟩ and ⟨g_comb, n_comb⟩ in closed form (M⁻¹ is symmetric)
     numer = a_avg + beta * b
     denom = a_avg + 2.0 * beta * b + beta * beta * c
-    eta = torch.where(denom > 0, numer / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.ones_like(denom))
+    eta = safe_divide(numer, denom, denom > 0, 1.0)
     direction = from_eigenbasis(eta[..., None, None] * n_comb, eig_a, eig_g)
     return FOPDirection(direction, beta, eta, s)
 

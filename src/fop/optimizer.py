@@ -430,7 +430,7 @@ def _clip_to_trust_region(work: Sequence[LayerWork], lr: float | Tensor, kl_clip
     inners = [Fn.inner(item.direction, item.grad) if item.dg is None else item.dg for item in work if item.direction is not None]
     total = torch.stack(inners).sum()
     estimate = (total * (lr * lr)).abs()
-    nu = torch.where(estimate > kl_clip, torch.sqrt(kl_clip / estimate.clamp_min(1e-30)), torch.ones_like(estimate))
+    nu = Fn.safe_divide(torch.full_like(estimate, kl_clip), estimate, estimate > kl_clip, 1.0).sqrt()
     for item in work:
         if item.direction is not None:
             item.direction = item.direction * nu
