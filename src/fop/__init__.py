@@ -6,7 +6,7 @@
 
 from . import functional
 from .distributed import DistributedCommunicator
-from .optimizer import FOP, KFAC, KroneckerOptimizer
+from .optimizer import FOP, KFAC, PAPER_PRESET, KroneckerOptimizer
 
-__all__ = ["FOP", "KFAC", "DistributedCommunicator", "KroneckerOptimizer", "functional"]
+__all__ = ["FOP", "KFAC", "PAPER_PRESET", "DistributedCommunicator", "KroneckerOptimizer", "functional"]
 __version__ = "0.1.0"
