@@ -313,3 +313,16 @@ def test_paper_preset_trains() -> None:
 def test_invalid_choices_raise(name: str, value: str) -> None:
     with pytest.raises(ValueError, match=f"{name} must be one of"):
         FOP(mlp(), **{name: value})
+
+
+def test_mc_fisher_on_a_non_finite_output_skips_the_step_without_failing() -> None:
+    model = mlp()
+    x, y = data()
+    optimizer = FOP(model, fisher="mc", **FAST)
+    before = [p.detach().clone() for p in model.parameters()]
+    output = model(x) * float("nan")
+    optimizer.sample_fisher(output)
+    F.cross_entropy(output, y).backward()
+    optimizer.step()
+    assert int(optimizer.skipped_steps) == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

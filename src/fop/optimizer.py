@@ -260,7 +260,12 @@ class KroneckerOptimizer(Optimizer):
         logits = output.reshape(-1, output.shape[-1])
         logits = logits.to(Fn.compute_dtype(logits.dtype))  # bf16 logits: sample and differentiate in float32
         with torch.no_grad():
-            labels = torch.multinomial(torch.softmax(logits.detach(), dim=-1), 1, generator=generator).squeeze(-1)
+            probs = torch.softmax(logits.detach(), dim=-1)
+            # a non-finite output (a diverging model) makes the step a skipped one anyway: sample
+            # uniformly there rather than fail, without a host synchronisation
+            finite = torch.isfinite(probs).all(-1, keepdim=True)
+            probs = torch.where(finite, probs, torch.full_like(probs, 1.0 / probs.shape[-1]))
+            labels = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         loss = F.cross_entropy(logits, labels, reduction="sum")
         weights = [layer.weight for layer in self.layers if layer.weight.requires_grad]
         self._mode.sampling = True

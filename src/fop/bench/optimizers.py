@@ -230,7 +230,8 @@ VARIANT_TOKENS: dict[str, dict[str, Any]] = {
     "factored": {"damping_mode": "factored"},
     "replace": {"factor_decay": 0.0},
     "noclip": {"kl_clip": None},
-    "dirclip": {"trust_region": "direction"},
+    # κ = 1 on the direction: the step lr·ν·d has Fisher norm at most lr (lr is the trust radius)
+    "dirclip": {"trust_region": "direction", "kl_clip": 1.0},
     "paper": {"fisher": "mc", "damping_mode": "factored", "factor_decay": 0.0, "kl_clip": None, "eta": "sum"},
 }
 

@@ -333,6 +333,73 @@ def format_details(
     return _markdown_table(header, rows)
 
 
+def _curve_median(runs: Iterable[dict[str, Any]], field: str) -> float | None:
+    """Median over every epoch of every run of a per-epoch curve field (``None`` if never recorded)."""
+    values = [point[field] for run in runs for point in run["curve"] if point.get(field) is not None]
+    values = [v for v in values if math.isfinite(v)]
+    return statistics.median(values) if values else None
+
+
+def format_sensitivity(records: Sequence[dict[str, Any]], batch_sizes: Sequence[int], optimizers: Sequence[str],
+                       metric: str) -> str:  # fmt: skip
+    """Final metric at every learning-rate factor (median over seeds, best second-axis value per
+    factor), with the share of K-FAC/FOP steps on which the trust region bound: a flat row with a
+    share near 100% is a learning rate that does nothing."""
+    groups: dict[tuple[int, str, float], dict[Any, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for record in records:
+        spec = record["spec"]
+        hp = spec["hyperparameters"]
+        second = (hp.get("damping"), hp.get("weight_decay"))
+        groups[(spec["batch_size"], spec["optimizer"], spec["lr_factor"])][second].append(record)
+    factors = sorted({key[2] for key in groups})
+    rows = []
+    for batch_size in batch_sizes:
+        for optimizer in optimizers:
+            row = [str(batch_size), optimizer]
+            found = False
+            for factor in factors:
+                by_second = groups.get((batch_size, optimizer, factor))
+                if not by_second:
+                    row.append(MISS)
+                    continue
+                found = True
+                runs = max(by_second.values(), key=lambda rs: statistics.median(r["final_accuracy"] for r in rs))
+                text = _percent(statistics.median(r["final_accuracy"] for r in runs), metric)
+                clipped = _curve_median(runs, "clipped_fraction")
+                if clipped is not None:
+                    text += f" ({100 * clipped:.0f}% clipped)"
+                row.append(text)
+            if found:
+                rows.append(row)
+    return _markdown_table(["batch", "optimizer", *(f"lr ×{f:.3g}" for f in factors)], rows)
+
+
+def format_noise_scale(records: Sequence[dict[str, Any]], batch_sizes: Sequence[int]) -> str:
+    """FOP's gradient-noise scale B_noise per batch size: first epoch, last epoch, median over the run.
+
+    ``inf`` means the |G|² estimate was not positive (noise dominates the gradient at that point).
+    """
+
+    def median(values: Iterable[float]) -> float | None:
+        kept = [v for v in values if v is not None and not math.isnan(v)]
+        return statistics.median(kept) if kept else None
+
+    def text(value: float | None, digits: str = ".3g") -> str:
+        return MISS if value is None else format(value, digits)
+
+    rows = []
+    for batch_size in batch_sizes:
+        runs = [r for r in records if r["spec"]["batch_size"] == batch_size and any("noise_scale" in p for p in r["curve"])]
+        if not runs:
+            continue
+        first = median(r["curve"][0].get("noise_scale") for r in runs)
+        last = median(r["curve"][-1].get("noise_scale") for r in runs)
+        overall = median(p.get("noise_scale") for r in runs for p in r["curve"])
+        ratio = None if overall is None or overall == 0 else batch_size / overall
+        rows.append([str(batch_size), text(first), text(last), text(overall), text(ratio, ".2g")])
+    return _markdown_table(["batch", "B_noise, epoch 1", "B_noise, last epoch", "B_noise, median", "batch / B_noise"], rows)
+
+
 # ----------------------------------------------------------------------------------------------
 # Environment and the full report
 
@@ -430,6 +497,27 @@ def format_report(
         format_details(cells, batch_sizes, optimizers, metric),
         "",
     ]
+    lines += [
+        "## Learning-rate sensitivity",
+        "",
+        f"Final {_metric_name(metric)} at each learning-rate factor (median over seeds, at the factor's best "
+        "damping or weight decay); for K-FAC/FOP, in brackets, the median share of steps on which the "
+        "`kl_clip` trust region bound (with `trust_region=\"step\"` such steps do not depend on the learning rate).",
+        "",
+        format_sensitivity(records, batch_sizes, optimizers, metric),
+        "",
+    ]
+    if any("noise_scale" in point for record in records for point in record["curve"]):
+        lines += [
+            "## Gradient-noise scale",
+            "",
+            "`B_noise = tr Σ / |G|²` estimated from FOP's two half-batch gradients (all FOP runs of the batch "
+            "size, summed over layers and an epoch's steps, median over runs): a batch far above it is past "
+            "the critical batch size.",
+            "",
+            format_noise_scale(records, batch_sizes),
+            "",
+        ]
     edge_cells = [cell for cell in cells.values() if cell.edges]
     if edge_cells:
         lines += [
