@@ -633,11 +633,12 @@ class DistributedCommunicator(Communicator):
         assert opt is not None
         items = {self._index[id(item.layer)]: item for item in work}
         for i, layer in enumerate(self.layers):
-            if i not in items and layer.weight.grad is not None:
+            if i not in items and any(p.grad is not None for p in layer.params()):
                 raise RuntimeError(
-                    f"{layer.name}: its parameters got gradients without passing through the module's forward; "
-                    "distributed training cannot reduce them: exclude the module (exclude=[...]) so that its "
-                    "parameters use the fallback rule"
+                    f"{layer.name}: its parameters got gradients that its captured forward does not account for "
+                    "(used outside the module's forward, tied to another module, or a frozen weight with a "
+                    "trained bias); distributed training cannot reduce them: exclude the module "
+                    f"(exclude=[{layer.name!r}]) so that its parameters use the fallback rule"
                 )
         curvature = bool(opt._mode.factors)
         self.last_step_bytes = {"all_reduce": 0, "reduce": 0, "broadcast": 0}
@@ -675,9 +676,12 @@ class DistributedCommunicator(Communicator):
             if mine is not None:
                 self._wait(mine[0], "the reduction to this layer owner")
                 self._unpack_bucket(mine[1], self.rank, items, curvature)
+        fresh = [i for i, it in items.items() if curvature and it.a is not None and it.g is not None and i not in self._factored]
+        # a skipped step (non-finite gradients) creates no factors on the owner, so a layer counts
+        # as factored only after a good step (one host synchronisation, until every layer is)
+        if fresh and bool(ok):
+            self._factored.update(fresh)
         for i, item in items.items():
-            if curvature and item.a is not None and item.g is not None:
-                self._factored.add(i)
             if not (self.replicated or self._owner[i] == self.rank):
                 item.a = item.g = item.g1 = item.g2 = None  # computed by the owner only
         self._warn_if_identical(items)
