@@ -169,6 +169,8 @@ class KroneckerLayer:
     def _forward_hook(self, module: nn.Module, args: tuple, output: Tensor) -> None:
         # module.training is not consulted: eval mode (frozen BatchNorm statistics, no dropout) is a
         # legitimate way to train, and an evaluation forward that no backward reaches records nothing
+        if not self._handles:  # the hook of a copied model (see _InertLayer)
+            return
         if not (torch.is_grad_enabled() and self.weight.requires_grad):
             return
         if not (isinstance(output, Tensor) and output.requires_grad):
@@ -337,7 +339,13 @@ class KroneckerLayer:
 
 
 class _InertLayer:
-    """What a :class:`KroneckerLayer` becomes in a copy of its model: hooks that record nothing."""
+    """What a :class:`KroneckerLayer` becomes in a copy of its model: hooks that record nothing.
+
+    ``deepcopy`` rebinds the copied hook's function to this object, pickle looks the method up on
+    it: either way the hook finds no handle and returns.
+    """
+
+    _handles: tuple = ()
 
     def _forward_hook(self, module: nn.Module, args: tuple, output: object) -> None:
         return None

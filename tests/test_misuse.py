@@ -1,0 +1,385 @@
+"""Training-loop patterns a user writes: each one trains exactly as the method defines, or says why.
+
+The references are float64 and explicit: the Kronecker factors and the two halves' gradients of a
+one-layer model are written out (:func:`explicit_fop`), shared or tied weights are checked against
+``θ − lr·p.grad``, and everything else against a run that is known to be right.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fop import FOP, KFAC
+from fop.curvature import KroneckerLayer
+from fop.functional import fop_direction
+
+DTYPE = torch.float64
+EXACT = dict(momentum=0.0, kl_clip=None, damping=0.05, curvature_update_interval=1, inverse_update_interval=1)
+
+
+def linear(seed: int = 0, n_in: int = 6, n_out: int = 4) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(n_in, n_out).to(DTYPE)
+
+
+def batch(n: int = 8, n_in: int = 6, classes: int = 4, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, n_in, generator=gen, dtype=DTYPE), torch.randint(0, classes, (n,), generator=gen)
+
+
+def folded(layer: nn.Linear) -> torch.Tensor:
+    return torch.cat([layer.weight, layer.bias[:, None]], 1).detach().clone()
+
+
+def explicit_fop(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, lr: float, damping: float) -> torch.Tensor:
+    """One FOP step of a Linear layer ``w = [W | b]`` under the mean cross-entropy, from formulas.
+
+    ``A = mean aaᵀ`` (a = [x, 1]), ``G = mean δδᵀ`` (δ = softmax − onehot, the per-sample logit
+    gradient), halves ``g_h = mean over the half of δ aᵀ`` (first ``ceil(n/2)`` samples, the rest).
+    """
+    n = x.shape[0]
+    rows = torch.cat([x, torch.ones(n, 1, dtype=DTYPE)], 1)
+    delta = torch.softmax(rows @ w.T, 1) - F.one_hot(y, w.shape[0]).to(DTYPE)
+    a, g = rows.T @ rows / n, delta.T @ delta / n
+    n1 = (n + 1) // 2
+    g1 = delta[:n1].T @ rows[:n1] / n1
+    g2 = delta[n1:].T @ rows[n1:] / (n - n1)
+    return w - lr * fop_direction(g1, g2, a, g, damping).direction
+
+
+def step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+
+
+# ---------------------------------------------------------------------- 1. forward without backward
+def test_forward_without_backward_leaves_no_trace() -> None:
+    model = linear()
+    w0 = folded(model)
+    optimizer = FOP(model, lr=0.5, **EXACT)
+    x, y = batch()
+    other, _ = batch(n=5, seed=7)
+    optimizer.zero_grad()
+    model(other)  # a discarded forward with grad enabled (a logged prediction on another batch)
+    F.cross_entropy(model(x), y).backward()
+    model(other * 100)  # and one after the backward
+    optimizer.step()
+    torch.testing.assert_close(folded(model), explicit_fop(w0, x, y, 0.5, 0.05), rtol=1e-10, atol=1e-12)
+
+
+def test_several_forwards_then_one_backward_of_the_summed_losses() -> None:
+    """Equals two accumulated backward passes (exact against separate passes in test_curvature)."""
+    x, y = batch(n=12)
+    parts = [(x[:6], y[:6]), (x[6:], y[6:])]
+    summed, accumulated = linear(), linear()
+    opt_s = FOP(summed, lr=0.5, **EXACT)
+    opt_a = FOP(accumulated, lr=0.5, **EXACT)
+    sum(F.cross_entropy(summed(xi), yi) / 2 for xi, yi in parts).backward()
+    opt_s.step()
+    for xi, yi in parts:
+        (F.cross_entropy(accumulated(xi), yi) / 2).backward()
+    opt_a.step()
+    torch.testing.assert_close(folded(summed), folded(accumulated), rtol=1e-12, atol=1e-14)
+
+
+# ---------------------------------------------------------------------- 2. eval mode
+def test_eval_mode_trains_with_curvature() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4), nn.Dropout(0.5)).to(DTYPE)
+    w0 = folded(model[0])
+    optimizer = FOP(model, lr=0.5, **EXACT)
+    model.eval()  # e.g. fine-tuning with frozen BatchNorm statistics and no dropout
+    x, y = batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        step(model, optimizer, x, y)
+    torch.testing.assert_close(folded(model[0]), explicit_fop(w0, x, y, 0.5, 0.05), rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------- 3. tied weights
+class TiedLM(nn.Module):
+    """An embedding tied to the output layer (the usual language-model setup)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(10, 6)
+        self.mix = nn.Linear(6, 6)
+        self.out = nn.Linear(6, 10, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.mix(self.emb(tokens))))
+
+
+def test_tied_embedding_and_output_layer_get_one_first_order_update() -> None:
+    model = TiedLM().to(DTYPE)
+    with pytest.warns(UserWarning, match=r"tied weights.*out shares emb\.weight.*'sgd' fallback rule"):
+        optimizer = FOP(model, lr=0.3, **EXACT)
+    assert [layer.name for layer in optimizer.layers] == ["mix"]
+    tokens, targets = torch.randint(0, 10, (8,)), torch.randint(0, 10, (8,))
+    F.cross_entropy(model(tokens), targets).backward()
+    expected = (model.emb.weight - 0.3 * model.emb.weight.grad).detach()
+    optimizer.step()
+    torch.testing.assert_close(model.emb.weight.detach(), expected, rtol=0, atol=0)
+
+
+class Autoencoder(nn.Module):
+    """The encoder's weight also decodes, through ``F.linear(h, enc.weight.T)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.enc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(torch.tanh(self.enc(x)), self.enc.weight.T)
+
+
+def test_weight_also_used_functionally_is_detected_and_gets_the_first_order_rule() -> None:
+    model = Autoencoder().to(DTYPE)
+    optimizer = FOP(model, lr=0.1, **EXACT)
+    x, _ = batch()
+    for i in range(2):
+        optimizer.zero_grad()
+        F.mse_loss(model(x), x).backward()
+        expected = [(p - 0.1 * p.grad).detach() for p in (model.enc.weight, model.enc.bias)]
+        if i == 0:
+            with pytest.warns(UserWarning, match=r"enc: \d+\.\d% of its parameters' gradient does not come from"):
+                optimizer.step()
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # said once
+                optimizer.step()
+        torch.testing.assert_close(model.enc.weight.detach(), expected[0], rtol=0, atol=0)
+        torch.testing.assert_close(model.enc.bias.detach(), expected[1], rtol=0, atol=0)
+
+
+def test_gradient_scale_and_clipping_are_not_mistaken_for_foreign_gradient() -> None:
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4)).to(DTYPE)
+    optimizer = FOP(model, lr=0.1)
+    x, y = batch()
+    (F.cross_entropy(model(x), y) * 1024).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        optimizer.step()
+    assert not optimizer._foreign and not any(layer.verify for layer in optimizer.layers)
+
+
+# ---------------------------------------------------------------------- 4. one Parameter, two modules
+def test_parameter_shared_by_two_layers_is_updated_once() -> None:
+    torch.manual_seed(0)
+    first, second, third = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 6)
+    third.weight = second.weight = nn.Parameter(torch.randn(6, 6))
+    model = nn.Sequential(first, nn.Tanh(), second, nn.Tanh(), third, nn.Linear(6, 4)).to(DTYPE)
+    with pytest.warns(UserWarning, match=r"2 shares 4\.weight.*4 shares 2\.weight"):
+        optimizer = FOP(model, lr=0.2, **EXACT)
+    assert [layer.name for layer in optimizer.layers] == ["0", "5"]
+    ids = [id(p) for group in optimizer.param_groups for p in group["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    x, y = batch()
+    F.cross_entropy(model(x), y).backward()
+    shared = model[2].weight
+    expected = (shared - 0.2 * shared.grad).detach()
+    optimizer.step()
+    torch.testing.assert_close(shared.detach(), expected, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------- 5. frozen, then unfrozen
+def test_layer_frozen_at_construction_trains_once_unfrozen() -> None:
+    model = linear()
+    model.requires_grad_(False)
+    optimizer = FOP(model, lr=0.5, **EXACT)
+    x, y = batch()
+    model.weight.requires_grad_(False)
+    model.bias.requires_grad_(True)  # bias-only fine-tuning: the bias gets the first-order rule
+    F.cross_entropy(model(x), y).backward()
+    expected_bias = (model.bias - 0.5 * model.bias.grad).detach()
+    w_before = model.weight.detach().clone()
+    optimizer.step()
+    torch.testing.assert_close(model.bias.detach(), expected_bias, rtol=0, atol=0)
+    torch.testing.assert_close(model.weight.detach(), w_before, rtol=0, atol=0)
+    model.requires_grad_(True)
+    w0 = folded(model)
+    step(model, optimizer, x, y)
+    torch.testing.assert_close(folded(model), explicit_fop(w0, x, y, 0.5, 0.05), rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------- 6. NaN at the first step
+@pytest.mark.parametrize("fallback", ["sgd", "adamw"])
+def test_non_finite_first_step_leaves_no_trace(fallback: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4), nn.LayerNorm(4)).to(DTYPE)
+    reference = copy.deepcopy(model)
+    kw = dict(EXACT, momentum=0.9, factor_decay=0.95, fallback=fallback)
+    optimizer = FOP(model, lr=0.5, **kw)
+    x, y = batch()
+    F.cross_entropy(model(x), y).backward()
+    model[0].weight.grad[0, 0] = float("nan")
+    optimizer.step()
+    assert int(optimizer.skipped_steps) == 1
+    assert "A" not in optimizer.state[model[0].weight]
+    x, y = batch(seed=2)
+    step(model, optimizer, x, y)
+    ref_opt = FOP(reference, lr=0.5, **kw)
+    step(reference, ref_opt, x, y)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    for key in ("A", "G"):
+        torch.testing.assert_close(
+            optimizer.state[model[0].weight][key], ref_opt.state[reference[0].weight][key], rtol=0, atol=0
+        )
+
+
+def test_non_finite_first_step_then_explicit_step() -> None:
+    model = linear()
+    w0 = folded(model)
+    optimizer = FOP(model, lr=0.5, **dict(EXACT, factor_decay=0.95))
+    x, y = batch()
+    F.cross_entropy(model(x), y).backward()
+    model.bias.grad[0] = float("inf")
+    optimizer.step()
+    step(model, optimizer, x, y)
+    torch.testing.assert_close(folded(model), explicit_fop(w0, x, y, 0.5, 0.05), rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------- 7. momentum-cycling schedulers
+def test_one_cycle_lr_cycles_the_kronecker_groups_momentum() -> None:
+    torch.manual_seed(0)
+    make = lambda: nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 4)).to(DTYPE)  # noqa: E731
+    model, manual = make(), make()
+    manual.load_state_dict(model.state_dict())
+    optimizer = KFAC(model, lr=0.1, momentum=0.9, curvature_update_interval=1)
+    twin = KFAC(manual, lr=0.1, momentum=0.9, curvature_update_interval=1)
+    sgd = torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.1, momentum=0.9)
+    kw = dict(max_lr=0.1, total_steps=6, cycle_momentum=True, base_momentum=0.5, max_momentum=0.95)
+    schedulers = [torch.optim.lr_scheduler.OneCycleLR(opt, **kw) for opt in (optimizer, sgd)]
+    assert all("betas" not in group for group in optimizer.param_groups)
+    momenta = []
+    for i in range(5):
+        x, y = batch(seed=10 + i)
+        for group in twin.param_groups:  # what the schedule should set, by hand
+            group["lr"], group["momentum"] = sgd.param_groups[0]["lr"], sgd.param_groups[0]["momentum"]
+        momenta.append(sgd.param_groups[0]["momentum"])
+        assert [g["momentum"] for g in optimizer.param_groups] == [momenta[-1]] * 2
+        step(model, optimizer, x, y)
+        step(manual, twin, x, y)
+        sgd.step()
+        for scheduler in schedulers:
+            scheduler.step()
+    assert len(set(momenta)) == 5  # the momentum did cycle
+    for p, q in zip(model.parameters(), manual.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_momentum_cycling_with_an_adamw_fallback_says_what_it_does() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 4)).to(DTYPE)
+    optimizer = FOP(model, lr=0.1, fallback="adamw", fallback_betas=(0.8, 0.99))
+    assert optimizer.param_groups[1]["betas"] == (0.8, 0.99) and "betas" not in optimizer.param_groups[0]
+    torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=4)
+    with pytest.warns(UserWarning, match="the AdamW fallback group keeps its betas"):
+        step(model, optimizer, *batch())
+    assert optimizer.param_groups[1]["betas"] == (0.8, 0.99)
+
+
+# ---------------------------------------------------------------------- 8. sequence-first inputs
+def test_sequence_first_linear_inputs_are_split_along_the_batch() -> None:
+    """(T, B, in) with batch_first=False trains exactly as (B, T, in) with the default."""
+    torch.manual_seed(0)
+    seq_first, batch_first = nn.Linear(6, 4).to(DTYPE), nn.Linear(6, 4).to(DTYPE)
+    batch_first.load_state_dict(seq_first.state_dict())
+    opt_s = FOP(seq_first, lr=0.5, batch_first=False, **EXACT)
+    opt_b = FOP(batch_first, lr=0.5, **EXACT)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(8, 5, 6, generator=gen, dtype=DTYPE)  # (B, T, in)
+    y = torch.randint(0, 4, (8, 5), generator=gen)
+    for model, opt, inputs in ((seq_first, opt_s, x.transpose(0, 1)), (batch_first, opt_b, x)):
+        out = model(inputs)
+        out = out.transpose(0, 1) if model is seq_first else out
+        F.cross_entropy(out.reshape(-1, 4), y.reshape(-1)).backward()
+        opt.step()
+    torch.testing.assert_close(folded(seq_first), folded(batch_first), rtol=1e-10, atol=1e-12)
+
+
+def test_transformer_layer_with_batch_first_false_is_detected() -> None:
+    def encoder(batch_first: bool) -> nn.Module:
+        torch.manual_seed(0)
+        return nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=batch_first).to(DTYPE)
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 5, 8, generator=gen, dtype=DTYPE)  # (B, S, E)
+    models = {}
+    for batch_first in (False, True):
+        model = encoder(batch_first)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # out_proj is used through F.multi_head_attention_forward
+            optimizer = FOP(model, lr=0.3, **EXACT)
+            assert {layer.name: layer.batch_dim for layer in optimizer.layers if "linear" in layer.name} == {
+                "linear1": 0 if batch_first else 1, "linear2": 0 if batch_first else 1,
+            }  # fmt: skip
+            out = model(x if batch_first else x.transpose(0, 1))
+            out = out if batch_first else out.transpose(0, 1)
+            (out**2).mean().backward()
+            optimizer.step()
+        models[batch_first] = model
+    for p, q in zip(models[False].parameters(), models[True].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------- 9. copies and pickles
+def test_optimizer_copy_and_pickle_say_how_to_duplicate_a_run() -> None:
+    model = linear()
+    optimizer = FOP(model)
+    with pytest.raises(TypeError, match=r"cannot be deep-copied.*load_state_dict\(optimizer.state_dict\(\)\)"):
+        copy.deepcopy(optimizer)
+    with pytest.raises(TypeError, match=r"cannot be pickled.*torch.save\(optimizer.state_dict\(\)\)"):
+        pickle.dumps(optimizer)
+
+
+def test_copied_or_pickled_model_carries_no_live_hooks() -> None:
+    model = linear()
+    optimizer = FOP(model, lr=0.5, **EXACT)
+    x, y = batch()
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        F.cross_entropy(clone(x), y).backward()
+        assert not optimizer.layers[0].captured()
+        hooked = [getattr(hook, "__self__", None) for hook in clone._forward_hooks.values()]
+        assert not any(isinstance(owner, KroneckerLayer) and owner.captured() for owner in hooked)
+        w0 = folded(clone)
+        clone.zero_grad()
+        step(clone, FOP(clone, lr=0.5, **EXACT), x, y)
+        torch.testing.assert_close(folded(clone), explicit_fop(w0, x, y, 0.5, 0.05), rtol=1e-10, atol=1e-12)
+    w0 = folded(model)
+    step(model, optimizer, x, y)
+    torch.testing.assert_close(folded(model), explicit_fop(w0, x, y, 0.5, 0.05), rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------- 10. checkpoint of another shape
+def test_checkpoint_of_another_shape_is_refused_at_load_naming_the_layer() -> None:
+    def mlp(hidden: int) -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, hidden), nn.Tanh(), nn.LayerNorm(hidden), nn.Linear(hidden, 4)).to(DTYPE)
+
+    small = mlp(8)
+    saved = FOP(small, lr=0.1, curvature_update_interval=1)
+    step(small, saved, *batch())
+    big = mlp(9)
+    optimizer = FOP(big, lr=0.1)
+    with pytest.raises(ValueError) as info:
+        optimizer.load_state_dict(saved.state_dict())
+    message = str(info.value)
+    assert "saved for a model of another shape (nothing was loaded)" in message
+    assert "layer 0: G is (8, 8) in the checkpoint, (9, 9) here" in message
+    assert "layer 3: A is (9, 9) in the checkpoint, (10, 10) here" in message
+    assert "parameter 2.weight: momentum_buffer is (8,) in the checkpoint, (9,) here" in message
+    assert not optimizer.state
