@@ -80,6 +80,7 @@ __all__ = [
 
 # shared with every layer's direction: β*, η*, s (diagnostics) and ⟨d, g⟩ (the KL trust region)
 _SHARED_SCALARS = 4
+_SEQ_MOD = 4096  # call counters travel modulo this (exact float32 sums for up to 4096 processes)
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
 
 _DDP_MESSAGE = (
@@ -299,6 +300,17 @@ def _short(value: Any, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _raise_uncaptured(layers: Sequence[KroneckerLayer]) -> None:
+    if layers:
+        name = layers[0].name
+        raise RuntimeError(
+            f"{name}: its parameters got gradients that its captured forward does not account for (used outside "
+            "the module's forward, tied to another module, or a frozen weight with a trained bias); distributed "
+            f"training cannot reduce them: exclude the module (exclude=[{name!r}]) so that its parameters use "
+            "the fallback rule"
+        )
+
+
 # ================================================================================ distributed
 class DistributedCommunicator(Communicator):
     """FOP / K-FAC across ``torch.distributed`` processes (the paper's Algorithm 1).
@@ -473,7 +485,8 @@ class DistributedCommunicator(Communicator):
                 self._share_off[i] = off
                 off += self._numel[i] + _SHARED_SCALARS
             self._share_len.append(off)
-        # the common all-reduce: [fallback grads | BN buffers | presence (grads, factors, fallback) | not-ok]
+        # the common all-reduce: [fallback grads | BN buffers | presence (grads, factors, fallback) |
+        # call sequence (step() calls, zero_grad() calls) | not-ok]
         off = 0
         self._fb_off = []
         for p in self._fallback:
@@ -486,6 +499,8 @@ class DistributedCommunicator(Communicator):
         self._presence_off = off
         self._presence_len = 2 * n + len(self._fallback)
         off += self._presence_len
+        self._seq_off = off
+        off += 2
         self._flag_off = off
         self._common_len = off + 1
 
@@ -632,14 +647,9 @@ class DistributedCommunicator(Communicator):
         opt = self._opt_ref()
         assert opt is not None
         items = {self._index[id(item.layer)]: item for item in work}
-        for i, layer in enumerate(self.layers):
-            if i not in items and any(p.grad is not None for p in layer.params()):
-                raise RuntimeError(
-                    f"{layer.name}: its parameters got gradients that its captured forward does not account for "
-                    "(used outside the module's forward, tied to another module, or a frozen weight with a "
-                    "trained bias); distributed training cannot reduce them: exclude the module "
-                    f"(exclude=[{layer.name!r}]) so that its parameters use the fallback rule"
-                )
+        # raised after the first collective, whose sequence and presence checks name the cause on
+        # every process when the processes disagree (e.g. a second step() without a new backward)
+        uncaptured = [layer for i, layer in enumerate(self.layers) if i not in items and any(p.grad is not None for p in layer.params())]  # fmt: skip
         curvature = bool(opt._mode.factors)
         self.last_step_bytes = {"all_reduce": 0, "reduce": 0, "broadcast": 0}
         size = torch.empty((), dtype=self.dtype).element_size()
@@ -654,6 +664,7 @@ class DistributedCommunicator(Communicator):
             self._wait(handle, "the gradient all-reduce")
             self.last_step_bytes["all_reduce"] += flat.numel() * size
             ok = self._unpack_common(flat[flat.numel() - self._common_len :], items)
+            _raise_uncaptured(uncaptured)
             self._unpack_bucket(flat, 0, items, curvature)
         else:
             common_handle = dist.all_reduce(common, group=self.group, async_op=True)
@@ -673,6 +684,7 @@ class DistributedCommunicator(Communicator):
                     mine = (handle, bucket)
             self._wait(common_handle, "the gradient all-reduce")
             ok = self._unpack_common(common, items)
+            _raise_uncaptured(uncaptured)
             if mine is not None:
                 self._wait(mine[0], "the reduction to this layer owner")
                 self._unpack_bucket(mine[1], self.rank, items, curvature)
@@ -790,8 +802,42 @@ class DistributedCommunicator(Communicator):
         self._check_now = self._force_check or pattern != self._last_pattern or self.device.type == "cpu"
         self._last_pattern = pattern
         common[self._presence_off : self._presence_off + self._presence_len].copy_(self._presence(pattern))
+        common[self._seq_off : self._seq_off + 2] = torch.tensor(self._sequence(), dtype=self.dtype)
         common[self._flag_off :].copy_((~ok).reshape(1))
         return common
+
+    def _sequence(self) -> tuple[float, float]:
+        """Where this process is in the run: ``(step() calls + 1, zero_grad() calls)``, modulo 4096.
+
+        Summed over the processes in the step's first collective: every process must find
+        ``world_size`` times its own values. A process that skipped ``step()`` (and cleared its
+        gradients for the next batch), called it twice, or called ``state_dict()`` alone (which
+        sends zeros in the same collective) is caught at once, on every process. The modulus keeps
+        the sums exact in float32 for up to 4096 processes.
+        """
+        opt = self._opt_ref()
+        assert opt is not None
+        return float(opt._steps % _SEQ_MOD + 1), float(opt._zero_grads % _SEQ_MOD)
+
+    def _sequence_message(self, summed: list[float]) -> str:
+        own = self._sequence()
+        lines = [
+            f"fop: the {self.world_size} processes are out of step: this process (rank {self.rank}) is at step() call "
+            f"{int(own[0])} after {int(own[1])} zero_grad() calls (modulo {_SEQ_MOD})"
+        ]
+        if self.world_size == 2:
+            other = (summed[0] - own[0], summed[1] - own[1])
+            if other[0] == 0:
+                lines.append("; the other process called state_dict() or load_state_dict() meanwhile")
+            else:
+                lines.append(f"; the other one at step() call {int(other[0])} after {int(other[1])} zero_grad() calls")
+        lines.append(
+            ". Every process must call zero_grad() and step() the same number of times, and state_dict() / "
+            "load_state_dict() together: one process skipped step() (a `continue` on some ranks only), called "
+            "it twice, or saved a checkpoint alone (state_dict() is a collective: call it on every process, "
+            "save rank 0's)"
+        )
+        return "".join(lines)
 
     def _unpack_common(self, common: Tensor, items: dict[int, LayerWork]) -> Tensor:
         n = self.world_size
@@ -801,9 +847,15 @@ class DistributedCommunicator(Communicator):
         for b, off in zip(self._buffers, self._buf_off):
             b.copy_(common[off : off + b.numel()].view_as(b) / n)
         presence = common[self._presence_off : self._presence_off + self._presence_len]
-        consistent = ((presence == 0) | (presence == n)).all()
-        if self._check_now:
+        sequence = common[self._seq_off : self._seq_off + 2]
+        in_step = (sequence == torch.tensor(self._sequence(), dtype=self.dtype, device=self.device) * n).all()
+        consistent = ((presence == 0) | (presence == n)).all() & in_step
+        opt = self._opt_ref()
+        steps = opt._steps + 1 if opt is not None else 1
+        if self._check_now or steps & (steps - 1) == 0:  # and at steps 1, 2, 4, ... on GPUs
             self._force_check = False
+            if not bool(in_step):
+                raise DistributedConfigError(self._sequence_message(sequence.tolist()))
             if not bool(consistent):
                 raise DistributedConfigError(self._presence_message(presence))
         return (common[self._flag_off] == 0) & consistent
@@ -891,6 +943,7 @@ class DistributedCommunicator(Communicator):
         """
         if self.replicated:
             return state_dict
+        self._same_call("state_dict()")
         mine = {}
         for i in self._owned[self.rank]:
             st = optimizer.state.get(self.layers[i].weight, {})
@@ -915,8 +968,26 @@ class DistributedCommunicator(Communicator):
         state_dict["state"] = states
         return state_dict
 
+    def _same_call(self, what: str) -> None:
+        """Fail fast, on every process, unless all of them are in this checkpoint collective.
+
+        Sends zeros where ``step()`` sends its call sequence, in a collective of the same size as
+        a step's first one: a process still training pairs with it and both see the mismatch,
+        instead of meeting in different collectives and waiting for the timeout.
+        """
+        probe = torch.zeros(self._common_len, dtype=self.dtype, device=self.device)
+        self._wait(dist.all_reduce(probe, group=self.group, async_op=True), f"the {what} collective")
+        sequence = probe[self._seq_off : self._seq_off + 2]
+        if bool((sequence != 0).any()):
+            raise DistributedConfigError(
+                f"fop: {what} is a collective and this process (rank {self.rank}) called it while "
+                f"{'another process' if self.world_size == 2 else 'other processes'} called step(): "
+                "call it on every process at the same point of the loop (and save rank 0's state)"
+            )
+
     def loaded(self, optimizer: KroneckerOptimizer) -> None:
         """After every process loaded the same (full) checkpoint: shard it and check agreement."""
+        self._same_call("load_state_dict()")
         self._factored = {i for i, layer in enumerate(self.layers) if "A" in optimizer.state.get(layer.weight, {})}
         if not self.replicated:
             for i, layer in enumerate(self.layers):

@@ -36,6 +36,9 @@ Interval = Union[int, Callable[[int], int]]
 ExcludeSpec = Iterable[Union[nn.Module, str, type]]
 
 _FALLBACK_RULES = ("sgd", "adamw")
+_SPARSE_MESSAGE = (
+    "{name} needs dense gradients: build nn.Embedding / nn.EmbeddingBag with sparse=False (the default)"
+)
 
 
 class KroneckerOptimizer(Optimizer):
@@ -131,6 +134,9 @@ class KroneckerOptimizer(Optimizer):
         if not fallback_eps > 0:
             raise ValueError(f"fallback_eps must be > 0, got {fallback_eps}")
 
+        sparse = [name for name, m in model.named_modules() if getattr(m, "sparse", False) is True]
+        if sparse:
+            raise ValueError(f"{_SPARSE_MESSAGE.format(name=type(self).__name__)}; sparse=True in: {sparse}")
         self.curvature_update_interval = curvature_update_interval
         self.inverse_update_interval = inverse_update_interval
         self._mode = CaptureMode(halves=self.splits_batch, factors=True, total=not self.splits_batch)
@@ -149,6 +155,7 @@ class KroneckerOptimizer(Optimizer):
             min(trainable, key=lambda layer: layer.weight.numel()).is_reference = True
         self.communicator: Communicator = make_communicator(model, distributed, replicated, type(self).__name__)
         self._steps = 0  # step() calls: drives the update intervals
+        self._zero_grads = 0  # zero_grad() calls: distributed processes compare them (skipped steps)
         self._warned: set[str] = set()
         self._foreign: set[int] = set()  # layers found to get gradient from outside their forward
 
@@ -214,6 +221,7 @@ class KroneckerOptimizer(Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As ``Optimizer.zero_grad``, and drops the statistics captured since the last step."""
         super().zero_grad(set_to_none=set_to_none)
+        self._zero_grads += 1
         for layer in self.layers:
             layer.reset()
 
@@ -321,16 +329,47 @@ class KroneckerOptimizer(Optimizer):
                 ok = self.communicator.reduce_first_order(params, ok)
                 self._first_order_step(group, params, ok)
         self._skipped.add_((~ok).to(self._skipped.dtype))
+        self._report_skipped(ok)
         self._steps += 1
         self._set_capture_mode()
         return loss
 
+    def _grads(self) -> list[Tensor]:
+        return [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+
     def _finite_gradients(self) -> Tensor:
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        grads = self._grads()
         if not grads:
             return torch.ones((), dtype=torch.bool, device=self._skipped.device)
+        if any(g.is_sparse for g in grads):
+            names = [self._param_names.get(id(p), "?") for g in self.param_groups for p in g["params"]
+                     if p.grad is not None and p.grad.is_sparse]  # fmt: skip
+            raise TypeError(f"{_SPARSE_MESSAGE.format(name=type(self).__name__)} (sparse gradients: {names})")
         norms = torch._foreach_norm(grads)
-        return torch.isfinite(torch.stack([n.to(norms[0].device, torch.float32) for n in norms]).sum())
+        # amax, not a sum: finite norms must not add up to an overflow (NaN propagates through amax)
+        return torch.isfinite(torch.stack([n.to(norms[0].device, torch.float32) for n in norms]).amax())
+
+    def _report_skipped(self, ok: Tensor) -> None:
+        """Warn once about skipped steps, reading the device counter at steps 1, 2, 4, 8, ... only."""
+        k = self._steps + 1
+        if "skipped" in self._warned or k & (k - 1):
+            return
+        skipped = int(self._skipped)
+        if skipped == 0:
+            return
+        if not bool(ok) and all(bool(torch.isfinite(g).all()) for g in self._grads()):
+            reason = (
+                "the gradients are finite but so large that their norm overflows float32 (entries above "
+                "about 1e19): lower the learning rate or the loss scale, or clip the gradients "
+                "(torch.nn.utils.clip_grad_norm_)"
+            )
+        else:
+            reason = "the gradients contained NaN or Inf (check the loss, the inputs and the learning rate)"
+        self._warn_once(
+            "skipped",
+            f"{type(self).__name__}: {skipped} of the first {k} steps were skipped, changing no parameter and "
+            f"no state: {reason}. optimizer.skipped_steps counts them",
+        )
 
     def _set_capture_mode(self) -> None:
         k = self._steps
