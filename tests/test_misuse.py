@@ -383,3 +383,68 @@ def test_checkpoint_of_another_shape_is_refused_at_load_naming_the_layer() -> No
     assert "layer 3: A is (9, 9) in the checkpoint, (10, 10) here" in message
     assert "parameter 2.weight: momentum_buffer is (8,) in the checkpoint, (9,) here" in message
     assert not optimizer.state
+
+
+# ---------------------------------------------------------------------- unclear errors and edge cases
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(lr=float("inf")), "lr must be a finite float >= 0, got inf"),
+        (dict(damping=float("inf")), "damping must be a finite float > 0, got inf"),
+        (dict(fallback_lr=float("inf")), "fallback_lr must be a finite float >= 0, got inf"),
+    ],
+)
+def test_infinite_hyperparameters_are_refused(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        FOP(linear(), **kwargs)
+
+
+def test_exclude_mistakes_say_what_to_write() -> None:
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4))
+    with pytest.raises(TypeError, match=r"exclude takes a list .*: write exclude=\['2'\]"):
+        FOP(model, exclude="2")
+    with pytest.raises(TypeError, match=r"exclude takes a list .*: write exclude=\[Linear\(in_features=8"):
+        FOP(model, exclude=model[2])
+    stranger = nn.Linear(8, 4)
+    with pytest.raises(ValueError, match=r"exclude modules are not part of the model: \[Linear\(in_features=8"):
+        FOP(model, exclude=[stranger])
+    assert [layer.name for layer in FOP(model, exclude=["2"]).layers] == ["0"]
+
+
+def test_huge_finite_gradients_skip_the_step_and_say_why() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4), nn.LayerNorm(4))  # float32: the norm of 1e20 overflows
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = FOP(model)
+    x, y = batch()
+    F.cross_entropy(model(x.float()), y).backward()
+    for p in model.parameters():
+        p.grad.fill_(1e20)
+    with pytest.warns(UserWarning, match=r"FOP: 1 of the first 1 steps were skipped.*finite but so large that their norm overflows float32"):
+        optimizer.step()
+    assert int(optimizer.skipped_steps) == 1
+    for p, q in zip(model.parameters(), before):
+        torch.testing.assert_close(p.detach(), q, rtol=0, atol=0)
+
+
+def test_nan_steps_are_warned_once_with_their_reason() -> None:
+    model = linear()
+    optimizer = FOP(model)
+    x, y = batch()
+    F.cross_entropy(model(x), y).backward()
+    model.weight.grad[0, 0] = float("nan")
+    with pytest.warns(UserWarning, match=r"1 of the first 1 steps were skipped.*contained NaN or Inf"):
+        optimizer.step()
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    model.weight.grad[0, 0] = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        optimizer.step()  # once
+    assert int(optimizer.skipped_steps) == 2
+
+
+def test_sparse_embedding_is_refused_with_the_fix() -> None:
+    model = nn.Sequential(nn.Embedding(10, 6, sparse=True), nn.Linear(6, 4))
+    with pytest.raises(ValueError, match=r"needs dense gradients: build nn.Embedding .* sparse=False .*\['0'\]"):
+        FOP(model)

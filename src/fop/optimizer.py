@@ -394,7 +394,9 @@ class KroneckerOptimizer(Optimizer):
                     self._warn_once(
                         layer.name,
                         f"{layer.name}: its parameters got gradients without passing through the module's "
-                        "forward (e.g. F.linear(x, module.weight)); they get the first-order rule this step",
+                        "forward since the last step() (the weight is used outside the module, e.g. "
+                        "F.linear(x, module.weight), or step() was called again without a new backward); "
+                        "they get the first-order rule this step",
                     )
                 layer.reset()
                 params += layer.params()
