@@ -448,3 +448,83 @@ def test_sparse_embedding_is_refused_with_the_fix() -> None:
     model = nn.Sequential(nn.Embedding(10, 6, sparse=True), nn.Linear(6, 4))
     with pytest.raises(ValueError, match=r"needs dense gradients: build nn.Embedding .* sparse=False .*\['0'\]"):
         FOP(model)
+
+
+# ---------------------------------------------------------------------- fop-bench
+def _bench_error(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
+    from fop.bench.cli import main
+
+    assert main([*argv, "--no-progress", "--threads", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    return err
+
+
+def test_bench_unwritable_out_is_refused_before_training(tmp_path, capsys) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    err = _bench_error(capsys, ["--out", str(afile / "sub")])
+    assert err == f"fop-bench: error: --out {afile / 'sub'}: {afile} is a file, not a folder; choose another --out"
+    err = _bench_error(capsys, ["--out", str(afile)])
+    assert err == f"fop-bench: error: --out {afile}: {afile} is a file, not a folder; choose another --out"
+    (tmp_path / "out" / "runs.jsonl").mkdir(parents=True)
+    err = _bench_error(capsys, ["--out", str(tmp_path / "out")])
+    assert "runs.jsonl exists and is not a file; remove it or choose another --out" in err
+    assert not list((tmp_path / "out").glob("*.md"))
+
+
+def test_bench_damaged_runs_file_skips_bad_records_naming_their_lines(tmp_path) -> None:
+    import io
+    import json
+
+    from fop.bench.runner import ResultStore, _spec_key
+
+    def record(**change: object) -> dict:
+        spec = {"optimizer": "fop", "seed": 0}
+        base = {
+            "key": _spec_key(spec), "spec": spec, "status": "ok", "epochs_to_target": 3, "seconds_to_target": 1.5,
+            "best_accuracy": 0.9, "final_accuracy": 0.8, "median_step_seconds": 0.01, "optimizer_share": 0.5,
+            "peak_memory_bytes": 1024, "curve": [{"seconds": 1.0, "accuracy": 0.5}],
+        }  # fmt: skip
+        base.update(change)
+        return {k: v for k, v in base.items() if v is not ...}
+
+    lines = [
+        b"\xff\xfe garbage",
+        json.dumps(record(curve=...)).encode(),
+        json.dumps(record(best_accuracy="high")).encode(),
+        json.dumps(record(spec={"optimizer": "sgd", "seed": 0})).encode(),
+        json.dumps(record(curve=[{"seconds": 1.0}])).encode(),
+        b"[1, 2]",
+        json.dumps(record()).encode(),
+        b'{"key": "partial',  # the unterminated last line of a killed sweep
+    ]
+    path = tmp_path / "runs.jsonl"
+    path.write_bytes(b"\n".join(lines))
+    log = io.StringIO()
+    records = ResultStore(path).load(log)
+    assert list(records) == [record()["key"]]
+    assert log.getvalue().splitlines() == [
+        f"warning: {path}:1: not UTF-8; line skipped",
+        f"warning: {path}:2: field 'curve' is missing; record skipped",
+        f"warning: {path}:3: field 'best_accuracy' is a str; record skipped",
+        f"warning: {path}:4: its 'key' is not the hash of its 'spec' (edited or truncated); record skipped",
+        f"warning: {path}:5: a point of 'curve' lacks numeric 'seconds' and 'accuracy'; record skipped",
+        f"warning: {path}:6: not a JSON object; record skipped",
+    ]
+
+
+def test_bench_subset_is_at_most_n_or_says_why() -> None:
+    from fop.bench.data import load_digits
+    from fop.bench.errors import BenchError
+
+    with pytest.raises(BenchError, match=r"--subset 5 is smaller than the number of classes \(10\).*--subset 10 or more"):
+        load_digits(subset=5)
+    dataset = load_digits(subset=25)
+    assert len(dataset.train_labels) <= 25 and len(dataset.test_labels) <= 25
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "0"])
+def test_bench_lr_grid_must_be_finite_and_positive(capsys, value: str) -> None:
+    err = _bench_error(capsys, ["--lr-grid", value])
+    assert err == f"fop-bench: error: argument --lr-grid: {value!r} is not a comma-separated list of finite positive numbers"

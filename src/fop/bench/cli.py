@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import shlex
 import sys
@@ -62,7 +63,7 @@ def _positive_int(text: str) -> int:
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
+    if not 0 < value < math.inf:
         raise ValueError(text)
     return value
 
@@ -119,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument(
         "--lr-grid",
         metavar="LIST",
-        type=_list_of(_positive_float, "positive numbers"),
+        type=_list_of(_positive_float, "finite positive numbers"),
         help="factors on the scaled learning rate, the same tuning budget for every optimizer; "
         "the best is reported (default: the task's)",
     )
@@ -402,6 +403,28 @@ def _torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def _check_output_folder(out: Path) -> None:
+    """Fail before any data loading or training when the results could not be written to ``out``."""
+    for folder in (out, *out.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise BenchError(f"--out {out}: {folder} is a file, not a folder; choose another --out")
+            break
+    runs = out / "runs.jsonl"
+    if runs.exists() and not runs.is_file():
+        raise BenchError(f"--out {out}: {runs} exists and is not a file; remove it or choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".{PROG}-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+        if runs.exists():
+            with open(runs, "a", encoding="utf-8"):
+                pass
+    except OSError as exc:
+        raise BenchError(f"--out {out} is not writable ({exc.strerror or exc}); choose another --out") from None
+
+
 def _sweep(
     args: argparse.Namespace,
     task: Task,
@@ -424,6 +447,8 @@ def _sweep(
     from fop.bench.runner import ResultStore, SweepConfig, plan_runs, run_sweep
     from fop.bench.tasks import DataOptions
 
+    out = args.out or Path("bench-runs") / task.name
+    _check_output_folder(out)
     data_path = args.data or (
         Path(os.environ[DATA_ENV]) if "path" in task.data_options and os.environ.get(DATA_ENV) else None
     )
@@ -455,7 +480,6 @@ def _sweep(
     )
     plan = plan_runs(config, task, dataset, list(optimizers.values()))
 
-    out = args.out or Path("bench-runs") / task.name
     env = environment(device)
     if args.profile:
         return _profile(args, task, dataset, device, plan, optimizers, baseline, out, env, command)
