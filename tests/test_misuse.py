@@ -477,7 +477,7 @@ def test_bench_damaged_runs_file_skips_bad_records_naming_their_lines(tmp_path) 
     import io
     import json
 
-    from fop.bench.runner import ResultStore, _spec_key
+    from fop.bench.runner import ResultStore, _record_problem, _spec_key
 
     def record(**change: object) -> dict:
         spec = {"optimizer": "fop", "seed": 0}
@@ -502,7 +502,7 @@ def test_bench_damaged_runs_file_skips_bad_records_naming_their_lines(tmp_path) 
     path = tmp_path / "runs.jsonl"
     path.write_bytes(b"\n".join(lines))
     log = io.StringIO()
-    records = ResultStore(path).load(log)
+    records = ResultStore(path).load(log, _record_problem)
     assert list(records) == [record()["key"]]
     assert log.getvalue().splitlines() == [
         f"warning: {path}:1: not UTF-8; line skipped",

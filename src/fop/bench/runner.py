@@ -17,7 +17,7 @@ import shutil
 import statistics
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -458,13 +458,15 @@ class ResultStore:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def load(self, log: TextIO | None = None) -> dict[str, dict[str, Any]]:
+    def load(
+        self, log: TextIO | None = None, check: Callable[[Any], str | None] | None = None
+    ) -> dict[str, dict[str, Any]]:
         """Finished runs by key (later lines win).
 
-        A damaged line (bad bytes, not JSON, a record with missing fields, wrong types or a key
-        that is not its spec's) is skipped with a one-line warning on ``log`` (default stderr):
-        that run is simply trained again. An unterminated last line, what a killed sweep
-        leaves, is skipped silently.
+        A damaged line (bad bytes, not JSON, or a record that ``check`` finds a problem with; by
+        default, not an object with a ``key``) is skipped with a one-line warning on ``log``
+        (default stderr): that run is simply trained again. An unterminated last line, what a
+        killed sweep leaves, is skipped silently.
         """
         records: dict[str, dict[str, Any]] = {}
         if not self.path.is_file():
@@ -480,7 +482,7 @@ class ResultStore:
                     problem = "not UTF-8" if isinstance(exc, UnicodeDecodeError) else "not a JSON record"
                     print(f"warning: {self.path}:{number}: {problem}; line skipped", file=log or sys.stderr)
                 continue
-            problem = _record_problem(record)
+            problem = (check or _keyed)(record)
             if problem is not None:
                 print(f"warning: {self.path}:{number}: {problem}; record skipped", file=log or sys.stderr)
                 continue
@@ -507,6 +509,10 @@ _RECORD_FIELDS: dict[str, tuple[type, ...]] = {
     "best_accuracy": _NUMBER, "final_accuracy": _NUMBER, "median_step_seconds": _NUMBER,
     "optimizer_share": _NUMBER, "peak_memory_bytes": (*_NUMBER, type(None)), "curve": (list,),
 }  # fmt: skip
+
+
+def _keyed(record: Any) -> str | None:
+    return None if isinstance(record, dict) and "key" in record else "not a JSON object with a 'key'"
 
 
 def _record_problem(record: Any) -> str | None:
@@ -549,7 +555,7 @@ def run_sweep(
     (default: ``sys.stderr`` at call time).
     """
     log = log or sys.stderr
-    finished = store.load(log)
+    finished = store.load(log, _record_problem)
     todo = [spec for spec in plan if spec.key not in finished]
     if len(todo) < len(plan):
         print(
