@@ -225,7 +225,8 @@ def test_non_finite_first_step_leaves_no_trace(fallback: str) -> None:
     x, y = batch()
     F.cross_entropy(model(x), y).backward()
     model[0].weight.grad[0, 0] = float("nan")
-    optimizer.step()
+    with pytest.warns(UserWarning, match="1 of the first 1 steps were skipped"):
+        optimizer.step()
     assert int(optimizer.skipped_steps) == 1
     assert "A" not in optimizer.state[model[0].weight]
     x, y = batch(seed=2)
@@ -247,7 +248,8 @@ def test_non_finite_first_step_then_explicit_step() -> None:
     x, y = batch()
     F.cross_entropy(model(x), y).backward()
     model.bias.grad[0] = float("inf")
-    optimizer.step()
+    with pytest.warns(UserWarning, match="1 of the first 1 steps were skipped"):
+        optimizer.step()
     step(model, optimizer, x, y)
     torch.testing.assert_close(folded(model), explicit_fop(w0, x, y, 0.5, 0.05), rtol=1e-10, atol=1e-12)
 
@@ -334,6 +336,26 @@ def test_transformer_layer_with_batch_first_false_is_detected() -> None:
         models[batch_first] = model
     for p, q in zip(models[False].parameters(), models[True].parameters()):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+def test_linear_layers_outside_a_sequence_first_transformer_are_named() -> None:
+    """The tutorial layout: a Linear head on the (S, N, E) output of a batch_first=False encoder."""
+
+    class Tutorial(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.encoder(x))
+
+    with pytest.warns(UserWarning, match=r"the Linear layers outside them \(head\) are taken as batch first"):
+        FOP(Tutorial())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # out_proj
+        layers = {layer.name: layer.batch_dim for layer in FOP(Tutorial(), batch_first=False).layers}
+    assert layers["head"] == layers["encoder.linear1"] == 1
 
 
 # ---------------------------------------------------------------------- 9. copies and pickles

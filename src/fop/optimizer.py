@@ -17,6 +17,8 @@ sub-batch gradients and the update. Parameters outside supported layers follow a
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
 from typing import Any, Callable, Iterable, Sequence, Union, cast
 
@@ -68,9 +70,11 @@ class KroneckerOptimizer(Optimizer):
             Layers whose parameters are shared with another module (tied weights) are kept out
             automatically, with a warning.
         batch_first: whether ``nn.Linear`` inputs of three or more dimensions are ``(batch, seq, ...)``
-            (the default) or ``(seq, batch, ...)``; the halves are split along the batch. Linear
-            layers inside a module with ``batch_first=False`` (``nn.Transformer``, its encoder and
-            decoder layers, ``nn.MultiheadAttention``) are treated as sequence-first whatever this says.
+            (``True``) or ``(seq, batch, ...)`` (``False``); the halves are split along the batch.
+            Linear layers inside a module built with ``batch_first=False`` (``nn.Transformer``, its
+            encoder and decoder layers, ``nn.MultiheadAttention``) are sequence-first whatever this
+            says. ``None`` (default): batch first, with a warning naming the Linear layers outside
+            such modules when the model has any (their layout cannot be told from the model).
         distributed: ``None`` (auto): run on ``torch.distributed`` when a process group of two or more
             processes is initialised (dual-gradient reduction by rank parity, layer specialists; see
             :mod:`fop.distributed` and ``docs/distributed.md``); ``False``: train locally; ``True``:
@@ -100,7 +104,7 @@ class KroneckerOptimizer(Optimizer):
         fallback_betas: tuple[float, float] = (0.9, 0.999),
         fallback_eps: float = 1e-8,
         exclude: ExcludeSpec = (),
-        batch_first: bool = True,
+        batch_first: bool | None = None,
         distributed: bool | Communicator | None = None,
         replicated: bool = False,
     ) -> None:
@@ -141,6 +145,16 @@ class KroneckerOptimizer(Optimizer):
         self.inverse_update_interval = inverse_update_interval
         self._mode = CaptureMode(halves=self.splits_batch, factors=True, total=not self.splits_batch)
         self.layers, tied = _discover_layers(model, exclude, self._mode, batch_first)
+        if batch_first is None and any(layer.batch_dim == 1 for layer in self.layers):
+            unsure = [layer.name for layer in self.layers if layer.batch_dim == 0 and isinstance(layer.module, nn.Linear)]
+            if unsure:
+                warnings.warn(
+                    f"the model has sequence-first modules (batch_first=False), whose Linear layers are split along "
+                    f"dimension 1; the Linear layers outside them ({', '.join(unsure)}) are taken as batch first. "
+                    "Pass batch_first=False if their inputs of 3 or more dimensions are (seq, batch, ...) too, "
+                    "batch_first=True if they are (batch, seq, ...)",
+                    stacklevel=3,
+                )
         if tied:
             warnings.warn(
                 "parameters shared between modules (tied weights) get gradient from more than one forward, "
@@ -543,7 +557,7 @@ class KroneckerOptimizer(Optimizer):
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, stacklevel=4)
+            warnings.warn(message, stacklevel=_caller_level())
 
 
 class FOP(KroneckerOptimizer):
@@ -591,7 +605,7 @@ def _clip_to_trust_region(work: Sequence[LayerWork], lr: float | Tensor, kl_clip
 
 
 def _discover_layers(
-    model: nn.Module, exclude: ExcludeSpec, mode: CaptureMode, batch_first: bool
+    model: nn.Module, exclude: ExcludeSpec, mode: CaptureMode, batch_first: bool | None
 ) -> tuple[list[KroneckerLayer], dict[str, list[str]]]:
     """The Kronecker layers, and the supported layers left out because a parameter is shared."""
     if isinstance(exclude, (str, nn.Module, type)):
@@ -632,7 +646,7 @@ def _discover_layers(
             tied[name] = shared
             continue
         layer = make_layer(name, module, mode)
-        if isinstance(module, nn.Linear) and (not batch_first or id(module) in sequence_first):
+        if isinstance(module, nn.Linear) and (batch_first is False or id(module) in sequence_first):
             layer.batch_dim = 1
         layers.append(layer)
     return layers, tied
@@ -664,6 +678,15 @@ def _unique_params(model: nn.Module) -> list[nn.Parameter]:
     # frozen parameters too, as torch's optimizers given model.parameters(): skipped while their
     # grad is None, trained once unfrozen
     return list(model.parameters())
+
+
+def _caller_level() -> int:
+    """``stacklevel`` of the first frame outside fop and torch (step() is wrapped by torch twice)."""
+    inside = (os.path.dirname(__file__), os.path.dirname(torch.__file__))
+    frame, level = sys._getframe(2), 2  # the caller of warnings.warn's caller
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _device_of(model: nn.Module) -> torch.device:
