@@ -550,3 +550,34 @@ def test_bench_subset_is_at_most_n_or_says_why() -> None:
 def test_bench_lr_grid_must_be_finite_and_positive(capsys, value: str) -> None:
     err = _bench_error(capsys, ["--lr-grid", value])
     assert err == f"fop-bench: error: argument --lr-grid: {value!r} is not a comma-separated list of finite positive numbers"
+
+
+def test_bench_nproc_passes_its_options_on_and_refuses_the_sweeps(tmp_path, capsys, monkeypatch) -> None:
+    import fop.distributed_bench as distributed_bench
+
+    err = _bench_error(capsys, ["--nproc", "2", "--task", "cifar10-resnet18", "--seeds", "1"])
+    assert err.startswith("fop-bench: error: --nproc runs the distributed scaling benchmark on a synthetic model")
+    assert "which does not take --seeds, --task; drop them or run it directly" in err
+    err = _bench_error(capsys, ["--nproc", "2", "--optimizers", "fop,sgd"])
+    assert err == "fop-bench: error: --nproc measures fop and kfac only, not sgd"
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(distributed_bench, "main", lambda argv: seen.append(argv) or 0)
+    from fop.bench.cli import main
+
+    assert main(["--nproc", "2", "--optimizers", "kfac", "--threads", "1", "--out", str(tmp_path / "d")]) == 0
+    argv = seen[0]
+    assert argv[argv.index("--nproc") + 1] == "1,2" and argv[argv.index("--optimizers") + 1] == "kfac"
+    assert argv[argv.index("--threads") + 1] == "1"
+    assert argv[argv.index("--json") + 1] == str(tmp_path / "d" / "distributed.json")
+
+
+def test_distributed_bench_runs_every_process_count_with_the_same_threads(monkeypatch) -> None:
+    import fop.distributed_bench as distributed_bench
+
+    threads: dict[int, int] = {}
+    monkeypatch.setattr(distributed_bench, "_launch", lambda n, args: threads.setdefault(n, args.threads))
+    monkeypatch.setattr(distributed_bench, "_report", lambda results, args: "")
+    monkeypatch.setattr(distributed_bench.os, "cpu_count", lambda: 8)
+    assert distributed_bench.main(["--nproc", "2,4"]) == 0
+    assert threads == {1: 2, 2: 2, 4: 2}

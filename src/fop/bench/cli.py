@@ -371,9 +371,7 @@ def _run(argv: Sequence[str]) -> int:
     from fop.bench.tasks import get_task
 
     if args.nproc:
-        from fop.distributed_bench import main as distributed_main
-
-        return distributed_main(["--nproc", f"1,{args.nproc}", "--width", "256", "--steps", "5"])
+        return _distributed(args)
     started = time.perf_counter()
     command = shlex.join([PROG, *argv])
     task = get_task(args.task)
@@ -401,6 +399,37 @@ def _torch_threads(threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+# what --nproc passes on to the distributed benchmark; every other option belongs to the sweep
+_NPROC_OPTIONS = {"nproc", "optimizers", "threads", "out", "no_progress"}
+
+
+def _distributed(args: argparse.Namespace) -> int:
+    """``--nproc N``: the synthetic scaling benchmark of :mod:`fop.distributed_bench`, 1 and N processes."""
+    from fop.distributed_bench import main as distributed_main
+
+    parser = build_parser()
+    ignored = sorted(
+        f"--{name.replace('_', '-')}" for name, value in vars(args).items()
+        if name not in _NPROC_OPTIONS and value != parser.get_default(name)
+    )  # fmt: skip
+    if ignored:
+        raise BenchError(
+            f"--nproc runs the distributed scaling benchmark on a synthetic model (python -m fop.distributed_bench "
+            f"--help lists its options), which does not take {', '.join(ignored)}; drop them or run it directly"
+        )
+    optimizers = args.optimizers or ("fop", "kfac")
+    unknown = sorted(set(optimizers) - {"fop", "kfac"})
+    if unknown:
+        raise BenchError(f"--nproc measures fop and kfac only, not {', '.join(unknown)}")
+    argv = ["--nproc", f"1,{args.nproc}", "--width", "256", "--steps", "5", "--optimizers", ",".join(optimizers)]
+    if args.threads:
+        argv += ["--threads", str(args.threads)]
+    if args.out:
+        _check_output_folder(args.out)
+        argv += ["--json", str(args.out / "distributed.json")]
+    return distributed_main(argv)
 
 
 def _check_output_folder(out: Path) -> None:
