@@ -175,6 +175,19 @@ def test_gradient_scale_and_clipping_are_not_mistaken_for_foreign_gradient() -> 
     assert not optimizer._foreign and not any(layer.verify for layer in optimizer.layers)
 
 
+def test_gradient_edited_per_element_is_detected_and_gets_the_first_order_rule() -> None:
+    model = linear()
+    optimizer = FOP(model, lr=0.1, **EXACT)
+    x, y = batch()
+    F.cross_entropy(model(x), y).backward()
+    torch.nn.utils.clip_grad_value_(model.parameters(), 0.01)
+    expected = [(p - 0.1 * p.grad).detach() for p in model.parameters()]
+    with pytest.warns(UserWarning, match=r"p.grad was edited per element or per tensor, e.g. clip_grad_value_"):
+        optimizer.step()
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.detach(), e, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------- 4. one Parameter, two modules
 def test_parameter_shared_by_two_layers_is_updated_once() -> None:
     torch.manual_seed(0)

@@ -205,7 +205,7 @@ class KroneckerLayer:
         rows = self._output_rows(grad_out)
         if self.verify:
             pending.hooked = _add(pending.hooked, self._folded_grad(x, grad_out).to(dtype))
-            pending.low_precision |= grad_out.dtype in _HALF_DTYPES or x.dtype in _HALF_DTYPES
+            pending.low_precision |= grad_out.dtype in _HALF_DTYPES or x.dtype in _HALF_DTYPES or _tf32(x)
         if mode.factors:
             # the input statistics are taken here, not in the forward hook: a forward that no
             # backward reaches (an unused output, a logged prediction) must leave no trace
@@ -262,7 +262,7 @@ class KroneckerLayer:
         return safe_divide((grad - r * hooked).norm(), norm, norm > 0, 0.0)
 
     def foreign_tolerance(self) -> float:
-        """The :meth:`foreign_share` that round-off can produce (16-bit autocast rounds a lot more)."""
+        """The :meth:`foreign_share` that round-off can produce (16-bit autocast and TF32 round more)."""
         return 3e-2 if self._pending.low_precision else 1e-3
 
     def reference_pair(self) -> tuple[Tensor, Tensor] | None:
@@ -352,6 +352,11 @@ class _InertLayer:
 
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _tf32(x: Tensor) -> bool:
+    """Whether float32 products on ``x``'s device may run in TF32 (cuDNN convolutions do by default)."""
+    return x.is_cuda and (torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32)
 
 
 def _fold_bias_moment(rows: Tensor, with_bias: bool) -> Tensor:

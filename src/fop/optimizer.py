@@ -455,9 +455,9 @@ class KroneckerOptimizer(Optimizer):
                     layer.name,
                     f"{layer.name}: {value:.1%} of its parameters' gradient does not come from the module's own "
                     "forward (the weight is tied to another module's, or also used outside the module, e.g. "
-                    f"F.linear(h, {layer.name}.weight.T)), so its sub-batch gradients and Kronecker factors "
-                    "would be wrong; it gets the first-order rule on p.grad from now on. Pass "
-                    f"exclude=[{layer.name!r}] to say so explicitly",
+                    f"F.linear(h, {layer.name}.weight.T), or p.grad was edited per element or per tensor, e.g. "
+                    "clip_grad_value_), so its sub-batch gradients and Kronecker factors would be wrong; it gets "
+                    f"the first-order rule on p.grad from now on. Pass exclude=[{layer.name!r}] to say so explicitly",
                 )
 
     def _owner_directions(self, owned: list[LayerWork], group: dict[str, Any], ok: Tensor, inverse_step: bool) -> None:
