@@ -265,6 +265,13 @@ def scenario_errors(rank: int, world: int, out: dict) -> None:
 
     scenario_out_of_step(rank, world, out)
 
+    # frozen at construction, unfrozen later: distributed runs lay out their collectives at construction
+    model = mlp()
+    model[0].requires_grad_(False)
+    opt = make_optimizer("fop", model)
+    model[0].requires_grad_(True)
+    out["err_unfrozen"] = _expect_error(lambda: train(model, opt, [local_part(b, rank, world) for b in global_batches("mlp", 1)]))
+
     # a process that stops taking part: the other one gets an error after the timeout
     model = mlp()
     opt = make_optimizer("fop", model, distributed=DistributedCommunicator(timeout=2))
@@ -601,6 +608,14 @@ def test_processes_out_of_step_fail_fast_on_every_process(world2) -> None:
     ), results[0]["err_save_alone"]
     assert "the other process called state_dict() or load_state_dict()" in results[1]["err_save_alone"]
     assert all(res["save_alone_seconds"] < 4 for res in results)
+
+
+def test_parameters_unfrozen_after_construction_are_refused_clearly(world2) -> None:
+    for res in world2[0]:
+        assert res["err_unfrozen"].startswith(
+            "DistributedConfigError: 0.weight was frozen (requires_grad=False) when the optimizer was built"
+        ), res["err_unfrozen"]
+        assert "Build the optimizer after unfreezing" in res["err_unfrozen"]
 
 
 def test_a_missing_process_times_out_instead_of_hanging(world2) -> None:

@@ -227,6 +227,24 @@ def test_layer_frozen_at_construction_trains_once_unfrozen() -> None:
     torch.testing.assert_close(folded(model), explicit_fop(w0, x, y, 0.5, 0.05), rtol=1e-10, atol=1e-12)
 
 
+def test_frozen_layers_cost_no_curvature_capture_and_no_distributed_traffic() -> None:
+    from fop.distributed import plan
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.LayerNorm(8), nn.Linear(8, 4)).to(DTYPE)
+    model[0].requires_grad_(False)
+    model[2].requires_grad_(False)
+    optimizer = FOP(model, curvature_update_interval=10)
+    for seed in range(2):
+        step(model, optimizer, *batch(seed=seed))
+    assert not optimizer._mode.factors  # the frozen layer, without factors, does not force a capture
+    spec = plan(optimizer, model, 2)
+    assert [layer.name for layer in spec.layers] == ["3"]
+    sizes = spec.bytes_per_step(False)
+    assert sizes["reduce"] == 2 * (8 * 4 + 4) * 8  # the two halves of the trained layer only
+    assert sizes["all_reduce"] == (2 * 1 + 2 + 1) * 8  # presence counts, call counters, flag
+
+
 # ---------------------------------------------------------------------- 6. NaN at the first step
 @pytest.mark.parametrize("fallback", ["sgd", "adamw"])
 def test_non_finite_first_step_leaves_no_trace(fallback: str) -> None:

@@ -405,13 +405,18 @@ class DistributedCommunicator(Communicator):
         self.device = optimizer._skipped.device
         self.projection = bool(optimizer.projection)  # FOP's β*, η* (diagnostics, cost model)
         self.splits = bool(getattr(optimizer, "splits_batch", optimizer.projection))  # needs g1, g2
-        self.layers: list[KroneckerLayer] = list(optimizer.layers)
+        # Parameters frozen now get no slot in the collectives (a frozen backbone would otherwise be
+        # sent as zeros at every step); _check_layout refuses them if they train later.
+        self.layers: list[KroneckerLayer] = [
+            layer for layer in optimizer.layers if any(p.requires_grad for p in layer.params())
+        ]
         self._index = {id(layer): i for i, layer in enumerate(self.layers)}
-        kron_ids = {id(p) for layer in self.layers for p in layer.params()}
+        kron_ids = {id(p) for layer in optimizer.layers for p in layer.params()}
         self._fallback: list[Tensor] = []
         for group in optimizer.param_groups:
             if group["rule"] != "kronecker":
-                self._fallback += [p for p in group["params"] if id(p) not in kron_ids]
+                self._fallback += [p for p in group["params"] if id(p) not in kron_ids and p.requires_grad]
+        self._laid_out = {id(p) for p in self._all_params()}
         self._buffers: list[Tensor] = []
         self._buffer_names: list[str] = []
         if self.sync_buffers:
@@ -643,9 +648,22 @@ class DistributedCommunicator(Communicator):
     def has_factors(self, state: dict, layer: KroneckerLayer) -> bool:
         return self._index.get(id(layer), -1) in self._factored  # tracked here: owners hold the factors
 
+    def _check_layout(self, optimizer: KroneckerOptimizer) -> None:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and id(p) not in self._laid_out:
+                    name = optimizer._param_names.get(id(p), f"a parameter of shape {tuple(p.shape)}")
+                    raise DistributedConfigError(
+                        f"{name} was frozen (requires_grad=False) when the optimizer was built and now has a "
+                        f"gradient: distributed {type(optimizer).__name__} lays out its collectives at construction, "
+                        "for the parameters that train then. Build the optimizer after unfreezing (load the old "
+                        "one's state_dict() into it to keep its state)"
+                    )
+
     def reduce(self, work: Sequence[LayerWork], ok: Tensor) -> Tensor:
         opt = self._opt_ref()
         assert opt is not None
+        self._check_layout(opt)
         items = {self._index[id(item.layer)]: item for item in work}
         # raised after the first collective, whose sequence and presence checks name the cause on
         # every process when the processes disagree (e.g. a second step() without a new backward)
@@ -752,6 +770,7 @@ class DistributedCommunicator(Communicator):
         opt = self._opt_ref()
         assert opt is not None
         if self._step_seen != opt._steps:  # no Kronecker layer: the common all-reduce runs here
+            self._check_layout(opt)
             common = self._pack_common({}, ok, False)
             self._wait(dist.all_reduce(common, group=self.group, async_op=True), "the gradient all-reduce")
             size = torch.empty((), dtype=self.dtype).element_size()

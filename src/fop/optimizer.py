@@ -388,7 +388,9 @@ class KroneckerOptimizer(Optimizer):
     def _set_capture_mode(self) -> None:
         k = self._steps
         due = k % _interval_at(self.curvature_update_interval, k) == 0
-        missing = any(not self.communicator.has_factors(self.state, layer) for layer in self.layers)
+        missing = any(
+            layer.weight.requires_grad and not self.communicator.has_factors(self.state, layer) for layer in self.layers
+        )  # a frozen layer never gets factors: it must not force a capture at every step
         self._mode.factors = due or missing
         self._mode.total = self._mode.factors and not self._mode.halves
 
