@@ -464,6 +464,10 @@ def test_exclude_mistakes_say_what_to_write() -> None:
     with pytest.raises(ValueError, match=r"exclude modules are not part of the model: \[Linear\(in_features=8"):
         FOP(model, exclude=[stranger])
     assert [layer.name for layer in FOP(model, exclude=["2"]).layers] == ["0"]
+    nested = nn.Sequential(nn.Sequential(nn.Linear(6, 8), nn.Tanh()), nn.ModuleList([nn.Linear(8, 4)]))
+    for excluded in ([nested[0]], ["0"], [nested[1]]):  # a container excludes the layers inside it
+        kept = [layer.name for layer in FOP(nested, exclude=excluded).layers]
+        assert kept == (["1.0"] if excluded != [nested[1]] else ["0.0"])
 
 
 def test_huge_finite_gradients_skip_the_step_and_say_why() -> None:

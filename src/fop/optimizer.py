@@ -66,7 +66,8 @@ class KroneckerOptimizer(Optimizer):
         fallback_lr: learning rate of the fallback group (default ``lr`` for SGD, 1e-3 for AdamW).
         fallback_betas, fallback_eps: AdamW's coefficients for the fallback group.
         exclude: a list of modules (instances, names as in ``model.named_modules()`` or types) kept
-            out of curvature; their parameters use the fallback rule (e.g. ``exclude=[model.fc]``).
+            out of curvature, with every layer inside them; their parameters use the fallback rule
+            (e.g. ``exclude=[model.fc]``, ``exclude=["layer4"]``).
             Layers whose parameters are shared with another module (tied weights) are kept out
             automatically, with a warning.
         batch_first: whether ``nn.Linear`` inputs of three or more dimensions are ``(batch, seq, ...)``
@@ -612,6 +613,7 @@ def _discover_layers(
     """The Kronecker layers, and the supported layers left out because a parameter is shared."""
     if isinstance(exclude, (str, nn.Module, type)):
         raise TypeError(f"exclude takes a list of modules, module names or module types: write exclude=[{exclude!r}]")
+    exclude = list(exclude)
     excluded_modules: set[int] = set()
     excluded_names: set[str] = set()
     excluded_types: tuple[type, ...] = ()
@@ -632,6 +634,10 @@ def _discover_layers(
     if strangers:
         found = [item for item in exclude if id(item) in strangers]
         raise ValueError(f"exclude modules are not part of the model: {found}")
+    # an excluded container (a block, a ModuleList, a name like "layer4") excludes what it contains
+    for name, module in model.named_modules():
+        if id(module) in excluded_modules or name in excluded_names:
+            excluded_modules.update(id(m) for m in module.modules())
     owners: dict[int, dict[int, str]] = {}  # parameter -> {module: qualified name}
     for name, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):
@@ -640,7 +646,7 @@ def _discover_layers(
     for name, module in model.named_modules():
         if not supports(module):
             continue
-        if id(module) in excluded_modules or name in excluded_names or isinstance(module, excluded_types):
+        if id(module) in excluded_modules or isinstance(module, excluded_types):
             continue
         name = name or type(module).__name__
         shared = [n for p in module.parameters(recurse=False) for m, n in owners[id(p)].items() if m != id(module)]
