@@ -195,18 +195,19 @@ def test_factors_equal_explicit_second_moments(case: str) -> None:
     torch.testing.assert_close(work.g, per_sample.T @ per_sample / n)
 
 
-def test_eval_and_no_grad_forwards_leave_statistics_alone() -> None:
+def test_forwards_without_backward_leave_statistics_alone() -> None:
+    """no_grad forwards and forwards that no backward reaches record nothing, in either mode."""
     model, x, y = make("linear", 6)
     optimizer = FOP(model)
-    model.eval()
-    F.cross_entropy(model(x), y).backward()
-    model.train()
-    with torch.no_grad():
-        model(x)
+    for training in (False, True):
+        model.train(training)
+        with torch.no_grad():
+            model(x)
+        model(x)  # grad enabled, never backpropagated
     for layer in optimizer.layers:
         assert not layer.captured()
         assert layer._pending.a_rows == 0 and layer._pending.a_sum is None
-    model.zero_grad()
+    model.eval()  # eval mode trains like train mode (this model has no dropout or norm layer)
     F.cross_entropy(model(x), y).backward()
     assert all(layer.captured() for layer in optimizer.layers)
 

@@ -263,6 +263,15 @@ def scenario_errors(rank: int, world: int, out: dict) -> None:
     data = [local_part(b, rank, world) for b in global_batches("mlp", 1)]
     out["err_unused"] = _expect_error(lambda: train(model, opt, data))
 
+    scenario_out_of_step(rank, world, out)
+
+    # frozen at construction, unfrozen later: distributed runs lay out their collectives at construction
+    model = mlp()
+    model[0].requires_grad_(False)
+    opt = make_optimizer("fop", model)
+    model[0].requires_grad_(True)
+    out["err_unfrozen"] = _expect_error(lambda: train(model, opt, [local_part(b, rank, world) for b in global_batches("mlp", 1)]))
+
     # a process that stops taking part: the other one gets an error after the timeout
     model = mlp()
     opt = make_optimizer("fop", model, distributed=DistributedCommunicator(timeout=2))
@@ -273,6 +282,31 @@ def scenario_errors(rank: int, world: int, out: dict) -> None:
         out["timeout_seconds"] = time.perf_counter() - start
     else:
         time.sleep(5)  # never calls step(); stays alive past rank 0's timeout
+
+
+def scenario_out_of_step(rank: int, world: int, out: dict) -> None:
+    """Processes that call step() / state_dict() a different number of times fail fast, everywhere."""
+    data = [local_part(b, rank, world) for b in global_batches("mlp", 3)]
+
+    def run(skip: bool = False, twice: bool = False, save_alone: bool = False) -> None:
+        model = mlp()
+        opt = make_optimizer("fop", model, distributed=DistributedCommunicator(timeout=5))
+        for k, (x, y) in enumerate(data):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            if skip and rank == 1 and k == 1:
+                continue  # this process skips one step()
+            opt.step()
+            if twice and rank == 1 and k == 0:
+                opt.step()
+            if save_alone and rank == 0 and k == 0:
+                opt.state_dict()
+
+    out["err_skip"] = _expect_error(lambda: run(skip=True))
+    out["err_twice"] = _expect_error(lambda: run(twice=True))
+    start = time.perf_counter()
+    out["err_save_alone"] = _expect_error(lambda: run(save_alone=True))
+    out["save_alone_seconds"] = time.perf_counter() - start
 
 
 def worker(scenarios: str, directory: str, load_from: str | None) -> None:
@@ -558,6 +592,32 @@ def test_mismatches_raise_clear_errors_on_every_process(world2) -> None:
         assert "b: gradients on 1 of 2 processes" in res["err_unused"]
 
 
+def test_processes_out_of_step_fail_fast_on_every_process(world2) -> None:
+    results, _ = world2
+    for rank, res in enumerate(results):
+        for key in ("err_skip", "err_twice"):
+            assert res[key].startswith("DistributedConfigError: fop: the 2 processes are out of step"), res[key]
+            assert f"this process (rank {rank})" in res[key] and "skipped step()" in res[key]
+    # rank 1 skipped its second step(): at the pairing of the second calls it has cleared its gradients once more
+    assert "at step() call 2 after 3 zero_grad() calls" in results[1]["err_skip"]
+    assert "the other one at step() call 2 after 2 zero_grad() calls" in results[1]["err_skip"]
+    assert "at step() call 2 after 1 zero_grad() calls" in results[1]["err_twice"]
+    # rank 0 saved alone while rank 1 went on training: both are told, well before the 5 s timeout
+    assert results[0]["err_save_alone"].startswith(
+        "DistributedConfigError: fop: state_dict() is a collective and this process (rank 0) called it while"
+    ), results[0]["err_save_alone"]
+    assert "the other process called state_dict() or load_state_dict()" in results[1]["err_save_alone"]
+    assert all(res["save_alone_seconds"] < 4 for res in results)
+
+
+def test_parameters_unfrozen_after_construction_are_refused_clearly(world2) -> None:
+    for res in world2[0]:
+        assert res["err_unfrozen"].startswith(
+            "DistributedConfigError: 0.weight was frozen (requires_grad=False) when the optimizer was built"
+        ), res["err_unfrozen"]
+        assert "Build the optimizer after unfreezing" in res["err_unfrozen"]
+
+
 def test_a_missing_process_times_out_instead_of_hanging(world2) -> None:
     results, _ = world2
     message = results[0]["err_timeout"]
@@ -578,8 +638,9 @@ def test_plan_without_processes_counts_bytes_and_shards_memory() -> None:
         spec, rep = plan(opt, model, world), plan(opt, model, world, replicated=True)
         b, r = spec.bytes_per_step(False), rep.bytes_per_step(False)
         assert b["reduce"] == 2 * kron * 8 and b["broadcast"] == (kron + 4 * len(opt.layers)) * 8
-        # fallback gradients, presence counts (gradients and factors per layer, fallback tensors), flag
-        assert b["all_reduce"] == (fallback + 2 * len(opt.layers) + fallback_tensors + 1) * 8
+        # fallback gradients, presence counts (gradients and factors per layer, fallback tensors),
+        # call sequence (step() and zero_grad() counts), flag
+        assert b["all_reduce"] == (fallback + 2 * len(opt.layers) + fallback_tensors + 2 + 1) * 8
         assert r["all_reduce"] == 2 * kron * 8 + b["all_reduce"] and r["calls"] == 1
         assert b["ddp_all_reduce"] == (kron + fallback) * 8
         assert sum(spec.curvature_bytes()) == rep.curvature_bytes()[0]

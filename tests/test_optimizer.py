@@ -274,7 +274,6 @@ def test_frozen_layers_stay_put() -> None:
     for p in model[0].parameters():
         p.requires_grad_(False)
     optimizer = FOP(model, **FAST)
-    assert [layer.name for layer in optimizer.layers] == ["2"]
     frozen = params(model)[:2]
     train(model, optimizer, batches(2))
     assert_same(params(model)[:2], frozen, rtol=0, atol=0)

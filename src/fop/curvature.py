@@ -125,6 +125,8 @@ class _Pending:
     batch_samples: int = 0  # all samples of the cycle's backward passes
     backward_calls: int = 0
     single_sample: bool = False
+    hooked: Tensor | None = None  # Σ C over forwards, while the layer is verified (see foreign_share)
+    low_precision: bool = False
 
 
 def _add(acc: Tensor | None, value: Tensor) -> Tensor:
@@ -148,8 +150,15 @@ class KroneckerLayer:
         self.in_features = self.weight[0].numel() + (1 if self.bias is not None else 0)
         self.last: dict[str, Tensor] = {}  # diagnostics of the last step
         self.is_reference = False  # records its full gradient for the loss-scale ratio (no biases)
+        self.batch_dim = 0  # the inputs' batch dimension (1 for sequence-first Linear inputs)
+        self.verify = True  # until the first step: check that p.grad is all the hooks' own gradient
         self._pending = _Pending()
         self._handles: list = []
+
+    def __reduce_ex__(self, protocol: object) -> tuple:
+        # A copied or pickled model carries its modules' hooks: in the copy they must capture
+        # nothing, since no optimizer would ever collect (or reset) what they record.
+        return (_InertLayer, ())
 
     # ----------------------------------------------------------------------------- hooks
     def attach(self) -> None:
@@ -165,7 +174,11 @@ class KroneckerLayer:
         self._pending = _Pending()
 
     def _forward_hook(self, module: nn.Module, args: tuple, output: Tensor) -> None:
-        if not (module.training and torch.is_grad_enabled() and self.weight.requires_grad):
+        # module.training is not consulted: eval mode (frozen BatchNorm statistics, no dropout) is a
+        # legitimate way to train, and an evaluation forward that no backward reaches records nothing
+        if not self._handles:  # the hook of a copied model (see _InertLayer)
+            return
+        if not (torch.is_grad_enabled() and self.weight.requires_grad):
             return
         if not (isinstance(output, Tensor) and output.requires_grad):
             return
@@ -175,9 +188,6 @@ class KroneckerLayer:
             self.reset()
         x = args[0].detach()
         mode = replace(self.mode)  # this forward's settings, whatever step() changes before backward
-        if mode.factors:
-            with phase("capture"):
-                self._accumulate_input_factor(x)
         output.register_hook(lambda grad_out: self._backward_hook(x, grad_out, mode))
 
     def _backward_hook(self, x: Tensor, grad_out: Tensor, mode: CaptureMode) -> None:
@@ -204,11 +214,20 @@ class KroneckerLayer:
         """
         pending = self._pending
         pending.backward_calls += 1
+        if self.batch_dim != 0 and x.dim() > self.batch_dim + 1:  # 2-d inputs are (batch, features)
+            x, grad_out = x.movedim(self.batch_dim, 0), grad_out.movedim(self.batch_dim, 0)
         n = x.shape[0] if x.dim() > self._unbatched_dims else 1
         dtype = compute_dtype(self.weight.dtype)
         grad_out = grad_out.detach()
         rows = self._output_rows(grad_out)
         pending.batch_samples += n
+        if self.verify:
+            pending.hooked = _add(pending.hooked, self._folded_grad(x, grad_out).to(dtype))
+            pending.low_precision |= grad_out.dtype in _HALF_DTYPES or x.dtype in _HALF_DTYPES or _tf32(x)
+        if mode.factors:
+            # the input statistics are taken here, not in the forward hook: a forward that no
+            # backward reaches (an unused output, a logged prediction) must leave no trace
+            self._accumulate_input_factor(x)
         if mode.factors and mode.empirical:
             wide = rows.to(dtype)
             pending.gg_sum = _add(pending.gg_sum, wide.T @ wide)
@@ -242,6 +261,28 @@ class KroneckerLayer:
     def captured(self) -> bool:
         """Whether a backward pass went through the hooks since the last step."""
         return self._pending.backward_calls > 0
+
+    def foreign_share(self) -> Tensor | None:
+        """``‖p.grad − rC‖ / ‖p.grad‖`` with the best scalar ``r``, for the gradient the hooks saw (C).
+
+        Zero up to round-off when every gradient of the layer's parameters came through its
+        captured forwards (any loss scale, clipping or accumulation average is one scalar). A
+        weight tied to another module, or also used functionally, gets gradient the hooks never
+        saw: the split into halves and the factors would then be wrong. None if nothing recorded.
+        """
+        hooked = self._pending.hooked
+        grad = self.folded_param_grad()
+        if hooked is None or grad is None:
+            return None
+        grad = grad.to(hooked.dtype)
+        hh = (hooked * hooked).sum()
+        r = safe_divide((grad * hooked).sum(), hh, hh > 0, 0.0)
+        norm = grad.norm()
+        return safe_divide((grad - r * hooked).norm(), norm, norm > 0, 0.0)
+
+    def foreign_tolerance(self) -> float:
+        """The :meth:`foreign_share` that round-off can produce (16-bit autocast and TF32 round more)."""
+        return 3e-2 if self._pending.low_precision else 1e-3
 
     def reference_pair(self) -> tuple[Tensor, Tensor] | None:
         """``(p.grad, C)`` of this layer's loss-scale reference, if it recorded one."""
@@ -322,6 +363,27 @@ class KroneckerLayer:
     def _folded_grad(self, x: Tensor, grad_out: Tensor) -> Tensor:
         """``[∂W | ∂b]`` contributed by these samples, ``(out, in_f)``."""
         raise NotImplementedError
+
+
+class _InertLayer:
+    """What a :class:`KroneckerLayer` becomes in a copy of its model: hooks that record nothing.
+
+    ``deepcopy`` rebinds the copied hook's function to this object, pickle looks the method up on
+    it: either way the hook finds no handle and returns.
+    """
+
+    _handles: tuple = ()
+
+    def _forward_hook(self, module: nn.Module, args: tuple, output: object) -> None:
+        return None
+
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _tf32(x: Tensor) -> bool:
+    """Whether float32 products on ``x``'s device may run in TF32 (cuDNN convolutions do by default)."""
+    return x.is_cuda and (torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32)
 
 
 def _fold_bias_moment(rows: Tensor, with_bias: bool) -> Tensor:

@@ -80,6 +80,7 @@ __all__ = [
 
 # shared with every layer's direction: β*, η*, s (diagnostics) and ⟨d, g⟩ (the KL trust region)
 _SHARED_SCALARS = 4
+_SEQ_MOD = 4096  # call counters travel modulo this (exact float32 sums for up to 4096 processes)
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
 
 _DDP_MESSAGE = (
@@ -299,6 +300,17 @@ def _short(value: Any, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _raise_uncaptured(layers: Sequence[KroneckerLayer]) -> None:
+    if layers:
+        name = layers[0].name
+        raise RuntimeError(
+            f"{name}: its parameters got gradients that its captured forward does not account for (used outside "
+            "the module's forward, tied to another module, or a frozen weight with a trained bias); distributed "
+            f"training cannot reduce them: exclude the module (exclude=[{name!r}]) so that its parameters use "
+            "the fallback rule"
+        )
+
+
 # ================================================================================ distributed
 class DistributedCommunicator(Communicator):
     """FOP / K-FAC across ``torch.distributed`` processes (the paper's Algorithm 1).
@@ -393,13 +405,18 @@ class DistributedCommunicator(Communicator):
         self.device = optimizer._skipped.device
         self.projection = bool(optimizer.projection)  # FOP's β*, η* (diagnostics, cost model)
         self.splits = bool(getattr(optimizer, "splits_batch", optimizer.projection))  # needs g1, g2
-        self.layers: list[KroneckerLayer] = list(optimizer.layers)
+        # Parameters frozen now get no slot in the collectives (a frozen backbone would otherwise be
+        # sent as zeros at every step); _check_layout refuses them if they train later.
+        self.layers: list[KroneckerLayer] = [
+            layer for layer in optimizer.layers if any(p.requires_grad for p in layer.params())
+        ]
         self._index = {id(layer): i for i, layer in enumerate(self.layers)}
-        kron_ids = {id(p) for layer in self.layers for p in layer.params()}
+        kron_ids = {id(p) for layer in optimizer.layers for p in layer.params()}
         self._fallback: list[Tensor] = []
         for group in optimizer.param_groups:
             if group["rule"] != "kronecker":
-                self._fallback += [p for p in group["params"] if id(p) not in kron_ids]
+                self._fallback += [p for p in group["params"] if id(p) not in kron_ids and p.requires_grad]
+        self._laid_out = {id(p) for p in self._all_params()}
         self._buffers: list[Tensor] = []
         self._buffer_names: list[str] = []
         if self.sync_buffers:
@@ -473,7 +490,8 @@ class DistributedCommunicator(Communicator):
                 self._share_off[i] = off
                 off += self._numel[i] + _SHARED_SCALARS
             self._share_len.append(off)
-        # the common all-reduce: [fallback grads | BN buffers | presence (grads, factors, fallback) | not-ok]
+        # the common all-reduce: [fallback grads | BN buffers | presence (grads, factors, fallback) |
+        # call sequence (step() calls, zero_grad() calls) | not-ok]
         off = 0
         self._fb_off = []
         for p in self._fallback:
@@ -486,6 +504,8 @@ class DistributedCommunicator(Communicator):
         self._presence_off = off
         self._presence_len = 2 * n + len(self._fallback)
         off += self._presence_len
+        self._seq_off = off
+        off += 2
         self._flag_off = off
         self._common_len = off + 1
 
@@ -628,17 +648,26 @@ class DistributedCommunicator(Communicator):
     def has_factors(self, state: dict, layer: KroneckerLayer) -> bool:
         return self._index.get(id(layer), -1) in self._factored  # tracked here: owners hold the factors
 
+    def _check_layout(self, optimizer: KroneckerOptimizer) -> None:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and id(p) not in self._laid_out:
+                    name = optimizer._param_names.get(id(p), f"a parameter of shape {tuple(p.shape)}")
+                    raise DistributedConfigError(
+                        f"{name} was frozen (requires_grad=False) when the optimizer was built and now has a "
+                        f"gradient: distributed {type(optimizer).__name__} lays out its collectives at construction, "
+                        "for the parameters that train then. Build the optimizer after unfreezing (load the old "
+                        "one's state_dict() into it to keep its state)"
+                    )
+
     def reduce(self, work: Sequence[LayerWork], ok: Tensor) -> Tensor:
         opt = self._opt_ref()
         assert opt is not None
+        self._check_layout(opt)
         items = {self._index[id(item.layer)]: item for item in work}
-        for i, layer in enumerate(self.layers):
-            if i not in items and layer.weight.grad is not None:
-                raise RuntimeError(
-                    f"{layer.name}: its parameters got gradients without passing through the module's forward; "
-                    "distributed training cannot reduce them: exclude the module (exclude=[...]) so that its "
-                    "parameters use the fallback rule"
-                )
+        # raised after the first collective, whose sequence and presence checks name the cause on
+        # every process when the processes disagree (e.g. a second step() without a new backward)
+        uncaptured = [layer for i, layer in enumerate(self.layers) if i not in items and any(p.grad is not None for p in layer.params())]  # fmt: skip
         curvature = bool(opt._mode.factors)
         self.last_step_bytes = {"all_reduce": 0, "reduce": 0, "broadcast": 0}
         size = torch.empty((), dtype=self.dtype).element_size()
@@ -653,6 +682,7 @@ class DistributedCommunicator(Communicator):
             self._wait(handle, "the gradient all-reduce")
             self.last_step_bytes["all_reduce"] += flat.numel() * size
             ok = self._unpack_common(flat[flat.numel() - self._common_len :], items)
+            _raise_uncaptured(uncaptured)
             self._unpack_bucket(flat, 0, items, curvature)
         else:
             common_handle = dist.all_reduce(common, group=self.group, async_op=True)
@@ -672,12 +702,16 @@ class DistributedCommunicator(Communicator):
                     mine = (handle, bucket)
             self._wait(common_handle, "the gradient all-reduce")
             ok = self._unpack_common(common, items)
+            _raise_uncaptured(uncaptured)
             if mine is not None:
                 self._wait(mine[0], "the reduction to this layer owner")
                 self._unpack_bucket(mine[1], self.rank, items, curvature)
+        fresh = [i for i, it in items.items() if curvature and it.a is not None and it.g is not None and i not in self._factored]
+        # a skipped step (non-finite gradients) creates no factors on the owner, so a layer counts
+        # as factored only after a good step (one host synchronisation, until every layer is)
+        if fresh and bool(ok):
+            self._factored.update(fresh)
         for i, item in items.items():
-            if curvature and item.a is not None and item.g is not None:
-                self._factored.add(i)
             if not (self.replicated or self._owner[i] == self.rank):
                 item.a = item.g = item.g1 = item.g2 = None  # computed by the owner only
         self._warn_if_identical(items)
@@ -736,6 +770,7 @@ class DistributedCommunicator(Communicator):
         opt = self._opt_ref()
         assert opt is not None
         if self._step_seen != opt._steps:  # no Kronecker layer: the common all-reduce runs here
+            self._check_layout(opt)
             common = self._pack_common({}, ok, False)
             self._wait(dist.all_reduce(common, group=self.group, async_op=True), "the gradient all-reduce")
             size = torch.empty((), dtype=self.dtype).element_size()
@@ -786,8 +821,42 @@ class DistributedCommunicator(Communicator):
         self._check_now = self._force_check or pattern != self._last_pattern or self.device.type == "cpu"
         self._last_pattern = pattern
         common[self._presence_off : self._presence_off + self._presence_len].copy_(self._presence(pattern))
+        common[self._seq_off : self._seq_off + 2] = torch.tensor(self._sequence(), dtype=self.dtype)
         common[self._flag_off :].copy_((~ok).reshape(1))
         return common
+
+    def _sequence(self) -> tuple[float, float]:
+        """Where this process is in the run: ``(step() calls + 1, zero_grad() calls)``, modulo 4096.
+
+        Summed over the processes in the step's first collective: every process must find
+        ``world_size`` times its own values. A process that skipped ``step()`` (and cleared its
+        gradients for the next batch), called it twice, or called ``state_dict()`` alone (which
+        sends zeros in the same collective) is caught at once, on every process. The modulus keeps
+        the sums exact in float32 for up to 4096 processes.
+        """
+        opt = self._opt_ref()
+        assert opt is not None
+        return float(opt._steps % _SEQ_MOD + 1), float(opt._zero_grads % _SEQ_MOD)
+
+    def _sequence_message(self, summed: list[float]) -> str:
+        own = self._sequence()
+        lines = [
+            f"fop: the {self.world_size} processes are out of step: this process (rank {self.rank}) is at step() call "
+            f"{int(own[0])} after {int(own[1])} zero_grad() calls (modulo {_SEQ_MOD})"
+        ]
+        if self.world_size == 2:
+            other = (summed[0] - own[0], summed[1] - own[1])
+            if other[0] == 0:
+                lines.append("; the other process called state_dict() or load_state_dict() meanwhile")
+            else:
+                lines.append(f"; the other one at step() call {int(other[0])} after {int(other[1])} zero_grad() calls")
+        lines.append(
+            ". Every process must call zero_grad() and step() the same number of times, and state_dict() / "
+            "load_state_dict() together: one process skipped step() (a `continue` on some ranks only), called "
+            "it twice, or saved a checkpoint alone (state_dict() is a collective: call it on every process, "
+            "save rank 0's)"
+        )
+        return "".join(lines)
 
     def _unpack_common(self, common: Tensor, items: dict[int, LayerWork]) -> Tensor:
         n = self.world_size
@@ -797,9 +866,15 @@ class DistributedCommunicator(Communicator):
         for b, off in zip(self._buffers, self._buf_off):
             b.copy_(common[off : off + b.numel()].view_as(b) / n)
         presence = common[self._presence_off : self._presence_off + self._presence_len]
-        consistent = ((presence == 0) | (presence == n)).all()
-        if self._check_now:
+        sequence = common[self._seq_off : self._seq_off + 2]
+        in_step = (sequence == torch.tensor(self._sequence(), dtype=self.dtype, device=self.device) * n).all()
+        consistent = ((presence == 0) | (presence == n)).all() & in_step
+        opt = self._opt_ref()
+        steps = opt._steps + 1 if opt is not None else 1
+        if self._check_now or steps & (steps - 1) == 0:  # and at steps 1, 2, 4, ... on GPUs
             self._force_check = False
+            if not bool(in_step):
+                raise DistributedConfigError(self._sequence_message(sequence.tolist()))
             if not bool(consistent):
                 raise DistributedConfigError(self._presence_message(presence))
         return (common[self._flag_off] == 0) & consistent
@@ -888,6 +963,7 @@ class DistributedCommunicator(Communicator):
         """
         if self.replicated:
             return state_dict
+        self._same_call("state_dict()")
         mine = {}
         for i in self._owned[self.rank]:
             st = optimizer.state.get(self.layers[i].weight, {})
@@ -912,8 +988,26 @@ class DistributedCommunicator(Communicator):
         state_dict["state"] = states
         return state_dict
 
+    def _same_call(self, what: str) -> None:
+        """Fail fast, on every process, unless all of them are in this checkpoint collective.
+
+        Sends zeros where ``step()`` sends its call sequence, in a collective of the same size as
+        a step's first one: a process still training pairs with it and both see the mismatch,
+        instead of meeting in different collectives and waiting for the timeout.
+        """
+        probe = torch.zeros(self._common_len, dtype=self.dtype, device=self.device)
+        self._wait(dist.all_reduce(probe, group=self.group, async_op=True), f"the {what} collective")
+        sequence = probe[self._seq_off : self._seq_off + 2]
+        if bool((sequence != 0).any()):
+            raise DistributedConfigError(
+                f"fop: {what} is a collective and this process (rank {self.rank}) called it while "
+                f"{'another process' if self.world_size == 2 else 'other processes'} called step(): "
+                "call it on every process at the same point of the loop (and save rank 0's state)"
+            )
+
     def loaded(self, optimizer: KroneckerOptimizer) -> None:
         """After every process loaded the same (full) checkpoint: shard it and check agreement."""
+        self._same_call("load_state_dict()")
         self._factored = {i for i, layer in enumerate(self.layers) if "A" in optimizer.state.get(layer.weight, {})}
         if not self.replicated:
             for i, layer in enumerate(self.layers):

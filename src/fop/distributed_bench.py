@@ -13,7 +13,7 @@ against the one-process run:
   DistributedDataParallel's one all-reduce of the gradients.
 
 The same ``torchrun`` recipe trains a real model; see ``docs/distributed.md``. On a CPU the processes
-share the machine's cores (``--threads`` per process, default ``cores // N``), so the numbers show
+share the machine's cores (``--threads`` per process, default ``cores // largest N`` in every run), so the numbers show
 the overheads, not GPU scaling.
 """
 
@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=int, default=1, help="curvature and inverse update interval")
     p.add_argument("--optimizers", default="fop,kfac", help="any of fop, kfac")
     p.add_argument("--modes", default="specialists,replicated", help="any of specialists, replicated")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: cores // N)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per process, every run (0: cores // largest N)")
     p.add_argument("--json", default="", help="also write the results to this file")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default="", help=argparse.SUPPRESS)
@@ -237,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         _worker(args)
         return 0
     counts = sorted({1} | {int(n) for n in args.nproc.split(",") if n.strip()})
+    # one thread count for every run: a one-process baseline with N times the threads of each of
+    # the N processes would make the scaling efficiencies meaningless (above 1)
+    args.threads = args.threads or max(1, (os.cpu_count() or 1) // counts[-1])
     results: dict[int, dict[str, Any]] = {}
     for n in counts:
         results[n] = _launch(n, args)

@@ -16,6 +16,9 @@ sub-batch gradients and the update. Parameters outside supported layers follow a
 
 from __future__ import annotations
 
+import math
+import os
+import sys
 import warnings
 from typing import Any, Callable, Iterable, Sequence, Union, cast
 
@@ -50,6 +53,9 @@ PAPER_PRESET: dict[str, Any] = {
 }
 # How many per-step trust-region factors ν are kept for trust_region_stats().
 _NU_HISTORY = 100_000
+_SPARSE_MESSAGE = (
+    "{name} needs dense gradients: build nn.Embedding / nn.EmbeddingBag with sparse=False (the default)"
+)
 
 
 class KroneckerOptimizer(Optimizer):
@@ -87,8 +93,17 @@ class KroneckerOptimizer(Optimizer):
         fallback: ``"sgd"`` or ``"adamw"``, the rule for parameters outside supported layers.
         fallback_lr: learning rate of the fallback group (default ``lr`` for SGD, 1e-3 for AdamW).
         fallback_betas, fallback_eps: AdamW's coefficients for the fallback group.
-        exclude: modules (instances, names as in ``model.named_modules()`` or types) kept out of
-            curvature; their parameters use the fallback rule (e.g. ``exclude=[model.fc]``).
+        exclude: a list of modules (instances, names as in ``model.named_modules()`` or types) kept
+            out of curvature, with every layer inside them; their parameters use the fallback rule
+            (e.g. ``exclude=[model.fc]``, ``exclude=["layer4"]``).
+            Layers whose parameters are shared with another module (tied weights) are kept out
+            automatically, with a warning.
+        batch_first: whether ``nn.Linear`` inputs of three or more dimensions are ``(batch, seq, ...)``
+            (``True``) or ``(seq, batch, ...)`` (``False``); the halves are split along the batch.
+            Linear layers inside a module built with ``batch_first=False`` (``nn.Transformer``, its
+            encoder and decoder layers, ``nn.MultiheadAttention``) are sequence-first whatever this
+            says. ``None`` (default): batch first, with a warning naming the Linear layers outside
+            such modules when the model has any (their layout cannot be told from the model).
         distributed: ``None`` (auto): run on ``torch.distributed`` when a process group of two or more
             processes is initialised (dual-gradient reduction by rank parity, layer specialists; see
             :mod:`fop.distributed` and ``docs/distributed.md``); ``False``: train locally; ``True``:
@@ -122,6 +137,7 @@ class KroneckerOptimizer(Optimizer):
         fallback_betas: tuple[float, float] = (0.9, 0.999),
         fallback_eps: float = 1e-8,
         exclude: ExcludeSpec = (),
+        batch_first: bool | None = None,
         distributed: bool | Communicator | None = None,
         replicated: bool = False,
     ) -> None:
@@ -136,8 +152,8 @@ class KroneckerOptimizer(Optimizer):
         _check_nonneg("weight_decay", weight_decay)
         if nesterov and momentum <= 0:
             raise ValueError("nesterov=True requires momentum > 0")
-        if not (isinstance(damping, (int, float)) and damping > 0):
-            raise ValueError(f"damping must be a positive float, got {damping!r}")
+        if not (isinstance(damping, (int, float)) and 0 < damping < math.inf):
+            raise ValueError(f"damping must be a finite float > 0, got {damping!r}")
         if not 0.0 <= factor_decay < 1.0:
             raise ValueError(f"factor_decay must be in [0, 1), got {factor_decay}")
         _check_interval("curvature_update_interval", curvature_update_interval)
@@ -159,6 +175,9 @@ class KroneckerOptimizer(Optimizer):
         if not fallback_eps > 0:
             raise ValueError(f"fallback_eps must be > 0, got {fallback_eps}")
 
+        sparse = [name for name, m in model.named_modules() if getattr(m, "sparse", False) is True]
+        if sparse:
+            raise ValueError(f"{_SPARSE_MESSAGE.format(name=type(self).__name__)}; sparse=True in: {sparse}")
         self.curvature_update_interval = curvature_update_interval
         self.inverse_update_interval = inverse_update_interval
         self.fisher = fisher
@@ -168,21 +187,46 @@ class KroneckerOptimizer(Optimizer):
         self._sampled = False  # sample_fisher() ran in this cycle
         self._nu_history: list[Tensor] = []  # the trust region's ν per step (device tensors)
         self._noise_sums: list[Tensor] = []  # per step: Σ_layers (tr Σ estimate, |G|² estimate)
-        self.layers: list[KroneckerLayer] = _discover_layers(model, exclude, self._mode)
-        if self.layers and all(layer.bias is None or not layer.bias.requires_grad for layer in self.layers):
-            min(self.layers, key=lambda layer: layer.weight.numel()).is_reference = True
+        self.layers, tied = _discover_layers(model, exclude, self._mode, batch_first)
+        if batch_first is None and any(layer.batch_dim == 1 for layer in self.layers):
+            unsure = [layer.name for layer in self.layers if layer.batch_dim == 0 and isinstance(layer.module, nn.Linear)]
+            if unsure:
+                warnings.warn(
+                    f"the model has sequence-first modules (batch_first=False), whose Linear layers are split along "
+                    f"dimension 1; the Linear layers outside them ({', '.join(unsure)}) are taken as batch first. "
+                    "Pass batch_first=False if their inputs of 3 or more dimensions are (seq, batch, ...) too, "
+                    "batch_first=True if they are (batch, seq, ...)",
+                    stacklevel=3,
+                )
+        if tied:
+            warnings.warn(
+                "parameters shared between modules (tied weights) get gradient from more than one forward, "
+                "so a Kronecker factorisation of one module would be wrong: "
+                + "; ".join(f"{layer} shares {', '.join(names)}" for layer, names in tied.items())
+                + f". These layers use the '{fallback}' fallback rule (one update per step for a shared "
+                "parameter); pass exclude=[...] for them to silence this warning",
+                stacklevel=3,
+            )
+        trainable = [layer for layer in self.layers if layer.weight.requires_grad] or self.layers
+        if trainable and all(layer.bias is None or not layer.bias.requires_grad for layer in trainable):
+            min(trainable, key=lambda layer: layer.weight.numel()).is_reference = True
         self.communicator: Communicator = make_communicator(model, distributed, replicated, type(self).__name__)
         self._steps = 0  # step() calls: drives the update intervals
+        self._zero_grads = 0  # zero_grad() calls: distributed processes compare them (skipped steps)
         self._warned: set[str] = set()
+        self._foreign: set[int] = set()  # layers found to get gradient from outside their forward
 
         curvature_ids = {id(p) for layer in self.layers for p in layer.params()}
         rest = [p for p in _unique_params(model) if id(p) not in curvature_ids]
+        # No 'betas' in the defaults: torch's momentum-cycling schedulers (OneCycleLR, CyclicLR)
+        # cycle betas[0] instead of 'momentum' as soon as the defaults hold 'betas'. The optimizer
+        # behaves as SGD with momentum, so only AdamW groups carry their own betas and eps.
         defaults = dict(
             lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov, damping=damping,
             factor_decay=factor_decay, projection_eps=projection_eps, kl_clip=kl_clip,
             trust_region=trust_region, damping_mode=damping_mode, eta=eta, rule=fallback,
-            betas=tuple(fallback_betas), eps=fallback_eps,
         )  # fmt: skip
+        self._adamw_defaults = {"betas": tuple(fallback_betas), "eps": fallback_eps}
         groups: list[dict[str, Any]] = []
         if self.layers:
             groups.append({"params": [p for layer in self.layers for p in layer.params()], "rule": "kronecker"})
@@ -202,6 +246,22 @@ class KroneckerOptimizer(Optimizer):
                 f"every parameter uses the '{fallback}' fallback rule",
                 stacklevel=2,
             )
+        self._param_names = {id(p): name for name, p in model.named_parameters()}
+
+    # ------------------------------------------------------------------------------ copies
+    def _not_copyable(self, how: str) -> TypeError:
+        name = type(self).__name__
+        return TypeError(
+            f"a {name} cannot be {how}: it is bound to the model's modules by hooks, and a copy would "
+            f"capture nothing. To duplicate or save a run, copy the model, build a new {name}(model_copy, ...) "
+            "and load_state_dict(optimizer.state_dict()) into it; torch.save(optimizer.state_dict()) saves it"
+        )
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        raise self._not_copyable("deep-copied")
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise self._not_copyable("pickled")
 
     # ------------------------------------------------------------------------------ torch.optim API
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -211,12 +271,16 @@ class KroneckerOptimizer(Optimizer):
             raise ValueError("the 'kronecker' group is made by the constructor; added groups take rule 'sgd' or 'adamw'")
         if rule not in _FALLBACK_RULES + ("kronecker",):
             raise ValueError(f"param group rule must be one of {_FALLBACK_RULES}, got {rule!r}")
+        if rule == "adamw":
+            for key, value in self._adamw_defaults.items():
+                param_group.setdefault(key, value)
         super().add_param_group(param_group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As ``Optimizer.zero_grad``, and drops the statistics captured since the last step."""
         super().zero_grad(set_to_none=set_to_none)
         self._sampled = False
+        self._zero_grads += 1
         for layer in self.layers:
             layer.reset()
 
@@ -288,6 +352,7 @@ class KroneckerOptimizer(Optimizer):
                 f"not a {type(self).__name__} checkpoint: the 'fop' entry (step counters) is missing; "
                 "load a state_dict() saved from FOP or KFAC"
             )
+        self._check_shapes(state_dict)
         super().load_state_dict(state_dict)
         for layer in self.layers:
             state = self.state.get(layer.weight, {})
@@ -301,6 +366,38 @@ class KroneckerOptimizer(Optimizer):
             layer.reset()
         self.communicator.loaded(self)  # distributed: shards the curvature, checks agreement
         self._set_capture_mode()
+
+    def _check_shapes(self, state_dict: dict[str, Any]) -> None:
+        """Every state tensor of the checkpoint fits its parameter here (else a matmul fails much later)."""
+        saved_groups = state_dict.get("param_groups", [])
+        if len(saved_groups) != len(self.param_groups):
+            return  # torch's own check names this mismatch
+        index: dict[Any, Tensor] = {}
+        for saved, group in zip(saved_groups, self.param_groups):
+            index.update(zip(saved["params"], group["params"]))
+        layers = {id(layer.weight): layer for layer in self.layers}
+        problems = []
+        for idx, entry in state_dict.get("state", {}).items():
+            p = index.get(idx)
+            if p is None:
+                continue
+            layer = layers.get(id(p))
+            expected = {"momentum_buffer": p.shape, "exp_avg": p.shape, "exp_avg_sq": p.shape}
+            if layer is not None:
+                n_in, n_out = layer.in_features, layer.out_features
+                expected.update(A=(n_in, n_in), G=(n_out, n_out), A_values=(n_in,), A_vectors=(n_in, n_in),
+                                G_values=(n_out,), G_vectors=(n_out, n_out))  # fmt: skip
+            for key, value in entry.items():
+                want = expected.get(key)
+                if isinstance(value, Tensor) and want is not None and tuple(value.shape) != tuple(want):
+                    where = f"layer {layer.name}" if layer is not None else f"parameter {self._param_names.get(id(p), idx)}"
+                    problems.append(f"  {where}: {key} is {tuple(value.shape)} in the checkpoint, {tuple(want)} here")
+        if problems:
+            raise ValueError(
+                "the checkpoint was saved for a model of another shape (nothing was loaded):\n"
+                + "\n".join(problems[:12])
+                + "\nload it into the model it was saved from, or start this model's optimizer afresh"
+            )
 
     # ------------------------------------------------------------------------------ diagnostics
     @property
@@ -379,43 +476,91 @@ class KroneckerOptimizer(Optimizer):
             if group["rule"] == "kronecker":
                 ok = self._kronecker_step(group, ok, inverse_step)
         for group in self.param_groups:
+            if group["rule"] == "adamw" and "base_momentum" in group:
+                self._warn_once(
+                    "cycled-betas",
+                    "a scheduler cycles 'momentum' (OneCycleLR/CyclicLR with cycle_momentum=True): it applies to "
+                    "the Kronecker and SGD groups; the AdamW fallback group keeps its betas (torch's schedulers "
+                    "cycle one of the two for a whole optimizer)",
+                )
             if group["rule"] != "kronecker":
                 params = [p for p in group["params"] if p.grad is not None]
                 ok = self.communicator.reduce_first_order(params, ok)
                 self._first_order_step(group, params, ok)
         self._skipped.add_((~ok).to(self._skipped.dtype))
+        self._report_skipped(ok)
         self._steps += 1
         self._sampled = False
         self._set_capture_mode()
         return loss
 
+    def _grads(self) -> list[Tensor]:
+        return [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+
     def _finite_gradients(self) -> Tensor:
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        grads = self._grads()
         if not grads:
             return torch.ones((), dtype=torch.bool, device=self._skipped.device)
+        if any(g.is_sparse for g in grads):
+            names = [self._param_names.get(id(p), "?") for g in self.param_groups for p in g["params"]
+                     if p.grad is not None and p.grad.is_sparse]  # fmt: skip
+            raise TypeError(f"{_SPARSE_MESSAGE.format(name=type(self).__name__)} (sparse gradients: {names})")
         norms = torch._foreach_norm(grads)
-        return torch.isfinite(torch.stack([n.to(norms[0].device, torch.float32) for n in norms]).sum())
+        # amax, not a sum: finite norms must not add up to an overflow (NaN propagates through amax)
+        return torch.isfinite(torch.stack([n.to(norms[0].device, torch.float32) for n in norms]).amax())
+
+    def _report_skipped(self, ok: Tensor) -> None:
+        """Warn once about skipped steps, reading the device counter at steps 1, 2, 4, 8, ... only."""
+        k = self._steps + 1
+        if "skipped" in self._warned or k & (k - 1):
+            return
+        skipped = int(self._skipped)
+        if skipped == 0:
+            return
+        if not bool(ok) and all(bool(torch.isfinite(g).all()) for g in self._grads()):
+            reason = (
+                "the gradients are finite but so large that their norm overflows float32 (entries above "
+                "about 1e19): lower the learning rate or the loss scale, or clip the gradients "
+                "(torch.nn.utils.clip_grad_norm_)"
+            )
+        else:
+            reason = "the gradients contained NaN or Inf (check the loss, the inputs and the learning rate)"
+        self._warn_once(
+            "skipped",
+            f"{type(self).__name__}: {skipped} of the first {k} steps were skipped, changing no parameter and "
+            f"no state: {reason}. optimizer.skipped_steps counts them",
+        )
 
     def _set_capture_mode(self) -> None:
         k = self._steps
         due = k % _interval_at(self.curvature_update_interval, k) == 0
-        missing = any(not self.communicator.has_factors(self.state, layer) for layer in self.layers)
+        missing = any(
+            layer.weight.requires_grad and not self.communicator.has_factors(self.state, layer) for layer in self.layers
+        )  # a frozen layer never gets factors: it must not force a capture at every step
         self._mode.factors = due or missing
         self._mode.total = self._mode.factors and not self._mode.halves
 
     def _kronecker_step(self, group: dict[str, Any], ok: Tensor, inverse_step: bool) -> Tensor:
         """Curvature layers: gather this step's work, reduce it, let owners compute, share, apply."""
         params, directions, captured = [], [], []
+        self._verify_own_gradients([layer for layer in self.layers if layer.verify and layer.captured()])
         for layer in self.layers:
             if layer.weight.grad is None:  # frozen or unused this step
                 layer.reset()
+                if layer.bias is not None and layer.bias.grad is not None:  # a trained bias of a frozen weight
+                    params.append(layer.bias)
+                    directions.append(layer.bias.grad)
                 continue
-            if not layer.captured():
-                self._warn_once(
-                    layer.name,
-                    f"{layer.name}: its parameters got gradients without passing through the module's "
-                    "forward (e.g. F.linear(x, module.weight)); they get the first-order rule this step",
-                )
+            if id(layer) in self._foreign or not layer.captured():
+                if id(layer) not in self._foreign:
+                    self._warn_once(
+                        layer.name,
+                        f"{layer.name}: its parameters got gradients without passing through the module's "
+                        "forward since the last step() (the weight is used outside the module, e.g. "
+                        "F.linear(x, module.weight), or step() was called again without a new backward); "
+                        "they get the first-order rule this step",
+                    )
+                layer.reset()
                 params += layer.params()
                 directions += [p.grad if p.grad is not None else torch.zeros_like(p) for p in layer.params()]
                 continue
@@ -438,6 +583,33 @@ class KroneckerOptimizer(Optimizer):
                     directions.append(direction)
         self._apply_sgd(group, params, directions, ok)
         return ok
+
+    def _verify_own_gradients(self, layers: list[KroneckerLayer]) -> None:
+        """At a layer's first captured step: is ``p.grad`` all the gradient its hooks saw?
+
+        One host synchronisation, once per layer. A layer whose weight also gets gradient from
+        elsewhere (tied to another module's parameter, or used functionally as well) has wrong
+        halves and factors: it takes the first-order rule from then on, with a warning.
+        """
+        checked = [(layer, share) for layer in layers if (share := layer.foreign_share()) is not None]
+        if not checked:
+            return
+        values = torch.stack([share.float().cpu() for _, share in checked]).tolist()
+        for (layer, _), value in zip(checked, values):
+            if math.isnan(value):  # non-finite gradients: this step is skipped, decide at the next
+                continue
+            layer.verify = False
+            if value > layer.foreign_tolerance():
+                self._foreign.add(id(layer))
+                layer.detach()
+                self._warn_once(
+                    layer.name,
+                    f"{layer.name}: {value:.1%} of its parameters' gradient does not come from the module's own "
+                    "forward (the weight is tied to another module's, or also used outside the module, e.g. "
+                    f"F.linear(h, {layer.name}.weight.T), or p.grad was edited per element or per tensor, e.g. "
+                    "clip_grad_value_), so its sub-batch gradients and Kronecker factors would be wrong; it gets "
+                    f"the first-order rule on p.grad from now on. Pass exclude=[{layer.name!r}] to say so explicitly",
+                )
 
     def _owner_directions(self, owned: list[LayerWork], group: dict[str, Any], ok: Tensor, inverse_step: bool) -> None:
         """Factor updates, eigendecompositions and FOP/K-FAC directions of the layers owned here."""
@@ -464,11 +636,10 @@ class KroneckerOptimizer(Optimizer):
     def _update_factors(self, state: dict, a_new: Tensor, g_new: Tensor, decay: float, ok: Tensor) -> None:
         good = ok & torch.isfinite(a_new).all() & torch.isfinite(g_new).all()
         if "A" not in state:
-            # a first capture with non-finite values must not poison the state
-            eye_a = torch.eye(a_new.shape[0], dtype=a_new.dtype, device=a_new.device)
-            eye_g = torch.eye(g_new.shape[0], dtype=g_new.dtype, device=g_new.device)
-            state["A"] = torch.where(good, a_new, eye_a)
-            state["G"] = torch.where(good, g_new, eye_g)
+            # A skipped first capture must leave no factor behind (a placeholder would be averaged
+            # into every later one): this one host synchronisation happens until a layer has factors.
+            if bool(good):
+                state["A"], state["G"] = a_new.clone(), g_new.clone()
             return
         masked_copy_(state["A"], torch.lerp(state["A"], a_new, 1 - decay), good)
         masked_copy_(state["G"], torch.lerp(state["G"], g_new, 1 - decay), good)
@@ -550,7 +721,7 @@ class KroneckerOptimizer(Optimizer):
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, stacklevel=4)
+            warnings.warn(message, stacklevel=_caller_level())
 
 
 class FOP(KroneckerOptimizer):
@@ -600,7 +771,13 @@ def _clip_to_trust_region(work: Sequence[LayerWork], lr: float | Tensor, kl_clip
     return nu
 
 
-def _discover_layers(model: nn.Module, exclude: ExcludeSpec, mode: CaptureMode) -> list[KroneckerLayer]:
+def _discover_layers(
+    model: nn.Module, exclude: ExcludeSpec, mode: CaptureMode, batch_first: bool | None
+) -> tuple[list[KroneckerLayer], dict[str, list[str]]]:
+    """The Kronecker layers, and the supported layers left out because a parameter is shared."""
+    if isinstance(exclude, (str, nn.Module, type)):
+        raise TypeError(f"exclude takes a list of modules, module names or module types: write exclude=[{exclude!r}]")
+    exclude = list(exclude)
     excluded_modules: set[int] = set()
     excluded_names: set[str] = set()
     excluded_types: tuple[type, ...] = ()
@@ -617,21 +794,71 @@ def _discover_layers(model: nn.Module, exclude: ExcludeSpec, mode: CaptureMode) 
     unknown = excluded_names - names
     if unknown:
         raise ValueError(f"exclude names not found in the model: {sorted(unknown)}")
-    layers, seen = [], set()
+    strangers = excluded_modules - {id(m) for m in model.modules()}
+    if strangers:
+        found = [item for item in exclude if id(item) in strangers]
+        raise ValueError(f"exclude modules are not part of the model: {found}")
+    # an excluded container (a block, a ModuleList, a name like "layer4") excludes what it contains
     for name, module in model.named_modules():
-        if id(module) in seen or not supports(module):
+        if id(module) in excluded_modules or name in excluded_names:
+            excluded_modules.update(id(m) for m in module.modules())
+    owners: dict[int, dict[int, str]] = {}  # parameter -> {module: qualified name}
+    for name, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            owners.setdefault(id(p), {}).setdefault(id(module), f"{name}.{pname}" if name else pname)
+    layers, tied, sequence_first = [], {}, _sequence_first_modules(model)
+    for name, module in model.named_modules():
+        if not supports(module):
             continue
-        seen.add(id(module))
-        if id(module) in excluded_modules or name in excluded_names or isinstance(module, excluded_types):
+        if id(module) in excluded_modules or isinstance(module, excluded_types):
             continue
-        if not module.weight.requires_grad:  # frozen at construction: nothing to precondition
+        name = name or type(module).__name__
+        shared = [n for p in module.parameters(recurse=False) for m, n in owners[id(p)].items() if m != id(module)]
+        if shared:
+            tied[name] = shared
             continue
-        layers.append(make_layer(name or type(module).__name__, module, mode))
-    return layers
+        layer = make_layer(name, module, mode)
+        if isinstance(module, nn.Linear) and (batch_first is False or id(module) in sequence_first):
+            layer.batch_dim = 1
+        layers.append(layer)
+    return layers, tied
+
+
+def _sequence_first_modules(model: nn.Module) -> set[int]:
+    """The modules under a scope that declares ``batch_first=False`` (torch's transformer modules).
+
+    ``nn.TransformerEncoderLayer`` holds the flag on its ``self_attn`` child only, so a module's
+    scope is also set by a ``MultiheadAttention`` among its direct children.
+    """
+    found: set[int] = set()
+
+    def visit(module: nn.Module, inherited: bool | None) -> None:
+        flag = getattr(module, "batch_first", None)
+        if not isinstance(flag, bool):
+            flags = [c.batch_first for c in module.children() if isinstance(c, nn.MultiheadAttention)]
+            flag = flags[0] if flags else inherited
+        if flag is False:
+            found.add(id(module))
+        for child in module.children():
+            visit(child, flag)
+
+    visit(model, None)
+    return found
 
 
 def _unique_params(model: nn.Module) -> list[nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
+    # frozen parameters too, as torch's optimizers given model.parameters(): skipped while their
+    # grad is None, trained once unfrozen
+    return list(model.parameters())
+
+
+def _caller_level() -> int:
+    """``stacklevel`` of the first frame outside fop and torch (step() is wrapped by torch twice)."""
+    inside = (os.path.dirname(__file__), os.path.dirname(torch.__file__))
+    frame, level = sys._getframe(2), 2  # the caller of warnings.warn's caller
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -645,8 +872,8 @@ def _check_nonneg(name: str, value: float | Tensor) -> None:
         if value.numel() != 1:
             raise ValueError(f"{name} as a Tensor must have one element")
         value = float(value)
-    if not (isinstance(value, (int, float)) and value >= 0):
-        raise ValueError(f"{name} must be a float >= 0, got {value!r}")
+    if not (isinstance(value, (int, float)) and 0 <= value < math.inf):
+        raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -78,7 +78,7 @@ def _nonneg_float(text: str) -> float:
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
+    if not 0 < value < math.inf:
         raise ValueError(text)
     return value
 
@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument(
         "--lr-grid",
         metavar="LIST",
-        type=_list_of(_positive_float, "positive numbers"),
+        type=_list_of(_positive_float, "finite positive numbers"),
         help="factors on the scaled learning rate, the same tuning budget for every optimizer; "
         "the best is reported (default: the task's)",
     )
@@ -412,9 +412,7 @@ def _run(argv: Sequence[str]) -> int:
     from fop.bench.tasks import get_task
 
     if args.nproc:
-        from fop.distributed_bench import main as distributed_main
-
-        return distributed_main(["--nproc", f"1,{args.nproc}", "--width", "256", "--steps", "5"])
+        return _distributed(args)
     started = time.perf_counter()
     command = shlex.join([PROG, *argv])
     task = get_task(args.task)
@@ -445,6 +443,59 @@ def _torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+# what --nproc passes on to the distributed benchmark; every other option belongs to the sweep
+_NPROC_OPTIONS = {"nproc", "optimizers", "threads", "out", "no_progress"}
+
+
+def _distributed(args: argparse.Namespace) -> int:
+    """``--nproc N``: the synthetic scaling benchmark of :mod:`fop.distributed_bench`, 1 and N processes."""
+    from fop.distributed_bench import main as distributed_main
+
+    parser = build_parser()
+    ignored = sorted(
+        f"--{name.replace('_', '-')}" for name, value in vars(args).items()
+        if name not in _NPROC_OPTIONS and value != parser.get_default(name)
+    )  # fmt: skip
+    if ignored:
+        raise BenchError(
+            f"--nproc runs the distributed scaling benchmark on a synthetic model (python -m fop.distributed_bench "
+            f"--help lists its options), which does not take {', '.join(ignored)}; drop them or run it directly"
+        )
+    optimizers = args.optimizers or ("fop", "kfac")
+    unknown = sorted(set(optimizers) - {"fop", "kfac"})
+    if unknown:
+        raise BenchError(f"--nproc measures fop and kfac only, not {', '.join(unknown)}")
+    argv = ["--nproc", f"1,{args.nproc}", "--width", "256", "--steps", "5", "--optimizers", ",".join(optimizers)]
+    if args.threads:
+        argv += ["--threads", str(args.threads)]
+    if args.out:
+        _check_output_folder(args.out)
+        argv += ["--json", str(args.out / "distributed.json")]
+    return distributed_main(argv)
+
+
+def _check_output_folder(out: Path) -> None:
+    """Fail before any data loading or training when the results could not be written to ``out``."""
+    for folder in (out, *out.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise BenchError(f"--out {out}: {folder} is a file, not a folder; choose another --out")
+            break
+    runs = out / "runs.jsonl"
+    if runs.exists() and not runs.is_file():
+        raise BenchError(f"--out {out}: {runs} exists and is not a file; remove it or choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".{PROG}-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+        if runs.exists():
+            with open(runs, "a", encoding="utf-8"):
+                pass
+    except OSError as exc:
+        raise BenchError(f"--out {out} is not writable ({exc.strerror or exc}); choose another --out") from None
+
+
 def _sweep(
     args: argparse.Namespace,
     task: Task,
@@ -468,6 +519,8 @@ def _sweep(
     from fop.bench.runner import ResultStore, SweepConfig, plan_runs, run_sweep
     from fop.bench.tasks import DataOptions
 
+    out = args.out or Path("bench-runs") / task.name
+    _check_output_folder(out)
     data_path = args.data or (
         Path(os.environ[DATA_ENV]) if "path" in task.data_options and os.environ.get(DATA_ENV) else None
     )
@@ -502,7 +555,6 @@ def _sweep(
     _check_budget(config, optimizers)
     plan = plan_runs(config, task, dataset, list(optimizers.values()))
 
-    out = args.out or Path("bench-runs") / task.name
     env = environment(device)
     if args.profile:
         return _profile(args, task, dataset, device, plan, optimizers, baseline, out, env, command)

@@ -173,11 +173,21 @@ def _first_of_each_class(labels: Tensor | np.ndarray, counts: Sequence[int]) -> 
     return torch.sort(torch.cat(chosen)).values
 
 
+def _per_class(subset: int, classes: int) -> int:
+    """Images per class of a class-balanced subset of at most ``subset`` images."""
+    if subset < classes:
+        raise BenchError(
+            f"--subset {subset} is smaller than the number of classes ({classes}): a class-balanced subset "
+            f"needs one image per class at least; use --subset {classes} or more"
+        )
+    return subset // classes
+
+
 def _limit(dataset: ImageDataset, subset: int | None) -> ImageDataset:
     """Class-balanced cut to at most ``subset`` training and ``subset`` test images."""
     if subset is None:
         return dataset
-    per_class = max(1, subset // dataset.num_classes)
+    per_class = _per_class(subset, dataset.num_classes)
     train_per_class = min(per_class, min(dataset.class_counts("train")))
     test_per_class = min(per_class, min(dataset.class_counts("test")))
     return dataset.select(
@@ -368,7 +378,7 @@ def _load_cifar10_jpeg_pack(path: Path, subset: int | None, cache_dir: Path | No
             if subset is None:
                 selection[split] = np.arange(n)
             else:
-                per_class = max(1, subset // len(classes))
+                per_class = _per_class(subset, len(classes))
                 counts = np.bincount(labels[split], minlength=len(classes))
                 selection[split] = balanced_indices(
                     labels[split], min(per_class, int(counts.min())), len(classes)

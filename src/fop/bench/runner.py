@@ -18,7 +18,7 @@ import shutil
 import statistics
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -97,8 +97,7 @@ class RunSpec:
     @property
     def key(self) -> str:
         """Stable hash of all fields: a finished run with the same key is skipped on resume."""
-        canonical = json.dumps(dataclasses.asdict(self), sort_keys=True)
-        return hashlib.sha256(canonical.encode()).hexdigest()[:20]
+        return _spec_key(dataclasses.asdict(self))
 
     @property
     def label(self) -> str:
@@ -488,19 +487,35 @@ class ResultStore:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def load(self) -> dict[str, dict[str, Any]]:
-        """Finished runs by key (later lines win)."""
+    def load(
+        self, log: TextIO | None = None, check: Callable[[Any], str | None] | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """Finished runs by key (later lines win).
+
+        A damaged line (bad bytes, not JSON, or a record that ``check`` finds a problem with; by
+        default, not an object with a ``key``) is skipped with a one-line warning on ``log``
+        (default stderr): that run is simply trained again. An unterminated last line, what a
+        killed sweep leaves, is skipped silently.
+        """
         records: dict[str, dict[str, Any]] = {}
         if not self.path.is_file():
             return records
-        with open(self.path, encoding="utf-8") as handle:
-            for line in handle:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(record, dict) and "key" in record:
-                    records[record["key"]] = record
+        lines = self.path.read_bytes().split(b"\n")
+        for number, raw in enumerate(lines, 1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                if number < len(lines):  # the last piece has no newline: a run killed while writing
+                    problem = "not UTF-8" if isinstance(exc, UnicodeDecodeError) else "not a JSON record"
+                    print(f"warning: {self.path}:{number}: {problem}; line skipped", file=log or sys.stderr)
+                continue
+            problem = (check or _keyed)(record)
+            if problem is not None:
+                print(f"warning: {self.path}:{number}: {problem}; record skipped", file=log or sys.stderr)
+                continue
+            records[record["key"]] = record
         return records
 
     def append(self, record: dict[str, Any]) -> None:
@@ -514,6 +529,42 @@ class ResultStore:
             handle.write(json.dumps(record, sort_keys=True) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
+
+
+# What the reports read from a record, with the types train_run writes.
+_NUMBER = (int, float)
+_RECORD_FIELDS: dict[str, tuple[type, ...]] = {
+    "status": (str,), "epochs_to_target": (int, type(None)), "seconds_to_target": (*_NUMBER, type(None)),
+    "best_accuracy": _NUMBER, "final_accuracy": _NUMBER, "median_step_seconds": _NUMBER,
+    "optimizer_share": _NUMBER, "peak_memory_bytes": (*_NUMBER, type(None)), "curve": (list,),
+}  # fmt: skip
+
+
+def _keyed(record: Any) -> str | None:
+    return None if isinstance(record, dict) and "key" in record else "not a JSON object with a 'key'"
+
+
+def _record_problem(record: Any) -> str | None:
+    """Why ``record`` cannot be used (None if it can)."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    spec = record.get("spec")
+    if not isinstance(spec, dict) or record.get("key") != _spec_key(spec):
+        return "its 'key' is not the hash of its 'spec' (edited or truncated)"
+    for name, types in _RECORD_FIELDS.items():
+        if name not in record:
+            return f"field {name!r} is missing"
+        value = record[name]
+        if isinstance(value, bool) or not isinstance(value, types):
+            return f"field {name!r} is a {type(value).__name__}"
+    for point in record["curve"]:
+        if not (isinstance(point, dict) and all(isinstance(point.get(k), _NUMBER) for k in ("seconds", "accuracy"))):
+            return "a point of 'curve' lacks numeric 'seconds' and 'accuracy'"
+    return None
+
+
+def _spec_key(spec: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def run_sweep(
@@ -533,7 +584,7 @@ def run_sweep(
     (default: ``sys.stderr`` at call time).
     """
     log = log or sys.stderr
-    finished = store.load()
+    finished = store.load(log, _record_problem)
     todo = [spec for spec in plan if spec.key not in finished]
     if len(todo) < len(plan):
         print(
