@@ -131,12 +131,16 @@ class KroneckerLayer:
     ``in_f = in + 1`` when the module has a bias.
     """
 
-    def __init__(self, name: str, module: nn.Module, mode: CaptureMode) -> None:
+    def __init__(
+        self, name: str, module: nn.Module, mode: CaptureMode,
+        weight: nn.Parameter | None = None, bias: nn.Parameter | None = None,
+    ) -> None:  # fmt: skip
         self.name = name
         self.module = module
         self.mode = mode
-        self.weight: nn.Parameter = module.weight  # type: ignore[assignment]
-        self.bias: nn.Parameter | None = module.bias  # type: ignore[assignment]
+        # ``weight``/``bias`` given: parameters the module applies itself (attention projections)
+        self.weight: nn.Parameter = module.weight if weight is None else weight  # type: ignore[assignment]
+        self.bias: nn.Parameter | None = module.bias if weight is None else bias  # type: ignore[assignment]
         self.out_features = self.weight.shape[0]
         self.in_features = self.weight[0].numel() + (1 if self.bias is not None else 0)
         self.last: dict[str, Tensor] = {}  # diagnostics of the last step
@@ -269,7 +273,7 @@ class KroneckerLayer:
         if self.weight.grad is None:
             return None
         dtype = compute_dtype(self.weight.dtype)
-        w = self.weight.grad.reshape(self.out_features, -1).to(dtype)
+        w = self._as_matrix(self.weight.grad).to(dtype)
         if self.bias is None:
             return w
         b = self.bias.grad
@@ -279,8 +283,15 @@ class KroneckerLayer:
     def unfold_direction(self, direction: Tensor) -> list[Tensor]:
         """Split a folded ``(out, in_f)`` direction into per-parameter tensors (weight, bias)."""
         if self.bias is None:
-            return [direction.reshape(self.weight.shape)]
-        return [direction[:, :-1].reshape(self.weight.shape), direction[:, -1].contiguous()]
+            return [self._from_matrix(direction)]
+        return [self._from_matrix(direction[:, :-1]), direction[:, -1].contiguous()]
+
+    def _as_matrix(self, weight_like: Tensor) -> Tensor:
+        """A weight-shaped tensor as the ``(out, in)`` matrix of the folded layout."""
+        return weight_like.reshape(self.out_features, -1)
+
+    def _from_matrix(self, matrix: Tensor) -> Tensor:
+        return matrix.reshape(self.weight.shape)
 
     # ----------------------------------------------------------------------------- per type
     _unbatched_dims = 1

@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import functional as Fn
-from .curvature import FACTOR_KEYS, CaptureMode, KroneckerLayer, LayerWork, loss_scale_ratio, make_layer, supports
+from .curvature import FACTOR_KEYS, CaptureMode, KroneckerLayer, LayerWork, loss_scale_ratio
+from .layers import make_layers, supports, unsupported_reason
 from .distributed import Communicator, make_communicator
 from .first_order import adamw_update, masked_copy_, sgd_update
 from .profiling import phase
@@ -268,7 +269,8 @@ class KroneckerOptimizer(Optimizer):
             if not layer.captured():
                 self._warn_once(
                     layer.name,
-                    f"{layer.name}: its parameters got gradients without passing through the module's "
+                    getattr(layer, "uncaptured_reason", None)
+                    or f"{layer.name}: its parameters got gradients without passing through the module's "
                     "forward (e.g. F.linear(x, module.weight)); they get the first-order rule this step",
                 )
                 params += layer.params()
@@ -460,10 +462,29 @@ def _discover_layers(model: nn.Module, exclude: ExcludeSpec, mode: CaptureMode) 
         seen.add(id(module))
         if id(module) in excluded_modules or name in excluded_names or isinstance(module, excluded_types):
             continue
-        if not module.weight.requires_grad:  # frozen at construction: nothing to precondition
-            continue
-        layers.append(make_layer(name or type(module).__name__, module, mode))
+        # frozen at construction: nothing to precondition
+        layers += [layer for layer in make_layers(name or type(module).__name__, module, mode) if layer.weight.requires_grad]
+    _warn_unsupported(model, exclude_ids=excluded_modules, exclude_names=excluded_names, exclude_types=excluded_types)
     return layers
+
+
+def _warn_unsupported(model: nn.Module, exclude_ids: set[int], exclude_names: set[str], exclude_types: tuple) -> None:
+    """One warning naming the weight-bearing modules that fall back to the first-order rule, and why."""
+    lines = []
+    for name, module in model.named_modules():
+        if id(module) in exclude_ids or name in exclude_names or isinstance(module, exclude_types):
+            continue
+        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+            continue
+        reason = unsupported_reason(module)
+        if reason is not None:
+            lines.append(f"  {name or type(module).__name__} ({type(module).__name__}): {reason}")
+    if lines:
+        warnings.warn(
+            "these modules get no Kronecker curvature; their parameters use the fallback rule "
+            "(exclude=[...] them to silence this):\n" + "\n".join(lines),
+            stacklevel=4,
+        )
 
 
 def _unique_params(model: nn.Module) -> list[nn.Parameter]:
