@@ -28,8 +28,8 @@ from .nn import MultiheadAttention as CapturedAttention
 from .nn import register_projection_hook
 
 __all__ = [
-    "AttentionProjectionLayer", "ConvNdLayer", "TransposedLinearLayer", "make_layers", "supports",
-    "unsupported_reason",
+    "AttentionProjectionLayer", "ConvNdLayer", "SequenceFirstLinearLayer", "TransposedLinearLayer", "batch_dims",
+    "make_layers", "supports", "unsupported_reason",
 ]  # fmt: skip
 
 _WEIGHT_GRAD = {1: conv1d_weight, 2: conv2d_weight, 3: conv3d_weight}
@@ -149,6 +149,33 @@ class AttentionProjectionLayer(LinearLayer):
         self._forward_hook(module, args, output)
 
 
+class SequenceFirstLinearLayer(LinearLayer):
+    """``nn.Linear`` on sequence-first ``(seq, batch, *, in)`` inputs: the halves split dim 1.
+
+    Used for the feed-forward layers of ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer``
+    with ``batch_first=False`` (see :func:`batch_dims`); the factors do not depend on row order.
+    """
+
+    def _capture_backward(self, x: Tensor, grad_out: Tensor, mode: CaptureMode) -> None:
+        if x.dim() > 2:
+            x, grad_out = x.transpose(0, 1), grad_out.transpose(0, 1)
+        super()._capture_backward(x, grad_out, mode)
+
+
+def batch_dims(model: nn.Module) -> dict[int, int]:
+    """``id(module) -> batch dim`` of the Linear layers known to see sequence-first inputs (else dim 0).
+
+    PyTorch's transformer layers with ``batch_first=False`` apply ``linear1``/``linear2`` to
+    ``(seq, batch, d)`` tensors; splitting those along dim 0 would split the sequence, not the batch.
+    """
+    dims = {}
+    for module in model.modules():
+        if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and not module.self_attn.batch_first:
+            for child in (module.linear1, module.linear2):
+                dims[id(child)] = 1
+    return dims
+
+
 def is_gpt2_conv1d(module: nn.Module) -> bool:
     """Structure of ``transformers``' ``Conv1D``: attribute ``nf``, weight ``(nx, nf)``, bias ``(nf,)``."""
     weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
@@ -171,8 +198,11 @@ def supports(module: nn.Module) -> bool:
     return isinstance(module, (nn.Conv1d, nn.Conv3d)) and module.groups == 1
 
 
-def make_layers(name: str, module: nn.Module, mode: CaptureMode) -> list[KroneckerLayer]:
-    """The :class:`KroneckerLayer` objects of a supported module (an attention module has several)."""
+def make_layers(name: str, module: nn.Module, mode: CaptureMode, batch_dim: int = 0) -> list[KroneckerLayer]:
+    """The :class:`KroneckerLayer` objects of a supported module (an attention module has several).
+
+    ``batch_dim``: 1 for a Linear that sees sequence-first inputs (from :func:`batch_dims`).
+    """
     if _is_attention(module):
         assert isinstance(module, nn.MultiheadAttention)
         keys = ["in_proj"] if module._qkv_same_embed_dim else ["q_proj", "k_proj", "v_proj"]
@@ -181,6 +211,8 @@ def make_layers(name: str, module: nn.Module, mode: CaptureMode) -> list[Kroneck
         return [TransposedLinearLayer(name, module, mode)]
     if isinstance(module, (nn.Conv1d, nn.Conv3d)):
         return [ConvNdLayer(name, module, mode)]
+    if batch_dim == 1 and isinstance(module, nn.Linear):
+        return [SequenceFirstLinearLayer(name, module, mode)]
     return [curvature.make_layer(name, module, mode)]
 
 

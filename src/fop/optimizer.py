@@ -25,7 +25,7 @@ from torch.optim import Optimizer
 
 from . import functional as Fn
 from .curvature import FACTOR_KEYS, CaptureMode, KroneckerLayer, LayerWork, loss_scale_ratio
-from .layers import make_layers, supports, unsupported_reason
+from .layers import batch_dims, make_layers, supports, unsupported_reason
 from .distributed import Communicator, make_communicator
 from .first_order import adamw_update, masked_copy_, sgd_update
 from .profiling import phase
@@ -456,6 +456,7 @@ def _discover_layers(model: nn.Module, exclude: ExcludeSpec, mode: CaptureMode) 
     if unknown:
         raise ValueError(f"exclude names not found in the model: {sorted(unknown)}")
     layers, seen = [], set()
+    dims = batch_dims(model)
     for name, module in model.named_modules():
         if id(module) in seen or not supports(module):
             continue
@@ -463,7 +464,8 @@ def _discover_layers(model: nn.Module, exclude: ExcludeSpec, mode: CaptureMode) 
         if id(module) in excluded_modules or name in excluded_names or isinstance(module, excluded_types):
             continue
         # frozen at construction: nothing to precondition
-        layers += [layer for layer in make_layers(name or type(module).__name__, module, mode) if layer.weight.requires_grad]
+        made = make_layers(name or type(module).__name__, module, mode, dims.get(id(module), 0))
+        layers += [layer for layer in made if layer.weight.requires_grad]
     _warn_unsupported(model, exclude_ids=excluded_modules, exclude_names=excluded_names, exclude_types=excluded_types)
     return layers
 
