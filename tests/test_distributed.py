@@ -241,6 +241,34 @@ def scenario_odd(rank: int, world: int, out: dict) -> None:
         out[f"odd_{opt_name}"] = {"params": params_of(model), "assignment": dict(opt.communicator.assignment)}
 
 
+def scenario_ddp(rank: int, world: int, out: dict) -> None:
+    """DistributedDataParallel with FOP's communication hook, as a DDP user trains."""
+    from fop import dual_gradient_hook
+
+    for opt_name, kind in (("fop", "mlp"), ("fop", "cnn"), ("kfac", "mlp")):
+        model = MODELS[kind][0]()
+        ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=1e-4)  # several buckets
+        opt = make_optimizer(opt_name, ddp.module)
+        ddp.register_comm_hook(opt, dual_gradient_hook)
+        train(ddp, opt, [local_part(b, rank, world) for b in global_batches(kind, 4)])
+        out[f"ddp_{opt_name}_{kind}"] = {
+            "params": params_of(model), "bytes": dict(opt.communicator.last_step_bytes),
+            "diagnostics": {k: {n: float(v) for n, v in d.items()} for k, d in opt.diagnostics().items()},
+        }  # fmt: skip
+    # loss scaling: the hooks see the scaled loss, p.grad the unscaled one
+    model = mlp()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = make_optimizer("fop", model)
+    ddp.register_comm_hook(opt, dual_gradient_hook)
+    for x, y in [local_part(b, rank, world) for b in global_batches("mlp", 3)]:
+        opt.zero_grad()
+        (F.cross_entropy(ddp(x), y) * 1024.0).backward()
+        for p in model.parameters():
+            p.grad /= 1024.0
+        opt.step()
+    out["ddp_fop_scaled"] = {"params": params_of(model)}
+
+
 def scenario_errors(rank: int, world: int, out: dict) -> None:
     out["err_hyper"] = _expect_error(lambda: make_optimizer("fop", mlp(), lr=0.1 if rank == 0 else 0.2))
     out["err_layers"] = _expect_error(lambda: make_optimizer("fop", mlp() if rank == 0 else cnn()))
@@ -288,6 +316,8 @@ def worker(scenarios: str, directory: str, load_from: str | None) -> None:
             scenario_checkpoint(rank, world, out, path, load_from)
         elif name == "odd":
             scenario_odd(rank, world, out)
+        elif name == "ddp":
+            scenario_ddp(rank, world, out)
         elif name == "errors":
             scenario_errors(rank, world, out)
         torch.save(out, path / f"rank{rank}.pt")  # after each scenario: partial results survive
@@ -334,13 +364,13 @@ def launch(world: int, scenarios: str, directory: Path, load_from: Path | None =
 @pytest.fixture(scope="module")
 def world2(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], Path]:
     directory = tmp_path_factory.mktemp("world2")
-    return launch(2, "equivalence,checkpoint,errors", directory), directory
+    return launch(2, "equivalence,checkpoint,ddp,errors", directory), directory
 
 
 @pytest.fixture(scope="module")
 def world4(tmp_path_factory: pytest.TempPathFactory, world2: tuple[list[dict], Path]) -> list[dict]:
     checkpoint = world2[1] / "checkpoint.pt"
-    return launch(4, "equivalence,checkpoint,odd", tmp_path_factory.mktemp("world4"), load_from=checkpoint)
+    return launch(4, "equivalence,checkpoint,odd,ddp", tmp_path_factory.mktemp("world4"), load_from=checkpoint)
 
 
 def reference(opt_name: str, kind: str, steps: int = 4, size: int = GLOBAL_BATCH, micro: int = 1) -> list[torch.Tensor]:
@@ -598,3 +628,29 @@ def test_one_process_falls_back_to_local_split() -> None:
 
 if __name__ == "__main__" and len(sys.argv) >= 4 and sys.argv[1] == "--worker":
     worker(sys.argv[2], sys.argv[3], sys.argv[4] if len(sys.argv) > 4 else None)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("case", ["fop_mlp", "fop_cnn", "kfac_mlp"])
+def test_ddp_comm_hook_equals_single_process_on_global_batch(request, world, case) -> None:
+    """FOP(ddp.module) + ddp.register_comm_hook(optimizer, dual_gradient_hook) = one process on the global batch."""
+    results = request.getfixturevalue(f"world{world}")
+    results = results[0] if world == 2 else results
+    opt_name, kind = case.split("_")
+    key = f"ddp_{case}"
+    expected = reference(opt_name, kind)
+    for res in results:
+        assert_params(res[key]["params"], expected)
+    assert_ranks_agree(results, key)
+    if opt_name == "fop":
+        assert all(d["beta"] != 0.0 for d in results[0][key]["diagnostics"].values())
+    slots = 2 if opt_name == "fop" else 1
+    gradient_bytes = sum(p.numel() * p.element_size() for p in MODELS[kind][0]().parameters())
+    assert results[0][key]["bytes"]["hook_all_reduce"] == slots * gradient_bytes  # DDP sends gradient_bytes
+
+
+def test_ddp_comm_hook_with_loss_scaling(request) -> None:
+    results = request.getfixturevalue("world2")[0]
+    expected = reference("fop", "mlp", steps=3)
+    for res in results:
+        assert_params(res["ddp_fop_scaled"]["params"], expected)

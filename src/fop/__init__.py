@@ -4,9 +4,10 @@
     optimizer = FOP(model, lr=0.1)   # the one line that changes in a training loop
 """
 
-from . import functional
+from . import functional, nn
+from .ddp import dual_gradient_hook
 from .distributed import DistributedCommunicator
 from .optimizer import FOP, KFAC, KroneckerOptimizer
 
-__all__ = ["FOP", "KFAC", "DistributedCommunicator", "KroneckerOptimizer", "functional"]
+__all__ = ["FOP", "KFAC", "DistributedCommunicator", "KroneckerOptimizer", "dual_gradient_hook", "functional", "nn"]
 __version__ = "0.1.0"

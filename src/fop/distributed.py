@@ -60,7 +60,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .curvature import FACTOR_KEYS, KroneckerLayer, LayerWork
+from .curvature import FACTOR_KEYS, KroneckerLayer, LayerWork, loss_scale_ratio
 from .functional import compute_dtype, inner
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -87,7 +87,9 @@ _DDP_MESSAGE = (
     "DistributedDataParallel wrapper. DDP's single averaged all-reduce erases the two sub-batch "
     "gradients (even ranks, odd ranks) that FOP needs; {name} reduces the gradients itself (and "
     "broadcasts the initial parameters from rank 0, as DDP does). Write: model = Net().to(device); "
-    "optimizer = {name}(model, ...) inside an initialised process group, without DDP."
+    "optimizer = {name}(model, ...) inside an initialised process group, without DDP. "
+    "Or keep DDP and let its communication hook keep the halves: optimizer = {name}(ddp_model.module, ...); "
+    "ddp_model.register_comm_hook(optimizer, fop.dual_gradient_hook)."
 )
 
 
@@ -105,6 +107,10 @@ class Communicator:
     def setup(self, optimizer: KroneckerOptimizer, model: nn.Module) -> None:
         """Called once at the end of the optimizer's constructor."""
         return None
+
+    def loss_scale_ratio(self, layers: Sequence[KroneckerLayer]) -> Tensor | None:
+        """The loss-scale ratio of :func:`fop.curvature.loss_scale_ratio` (DDP's hook averages first)."""
+        return loss_scale_ratio(list(layers))
 
     def reduce(self, work: Sequence[LayerWork], ok: Tensor) -> Tensor:
         raise NotImplementedError

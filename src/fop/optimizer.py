@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import functional as Fn
-from .curvature import FACTOR_KEYS, CaptureMode, KroneckerLayer, LayerWork, loss_scale_ratio
+from .curvature import FACTOR_KEYS, CaptureMode, KroneckerLayer, LayerWork
 from .layers import batch_dims, make_layers, supports, unsupported_reason
 from .distributed import Communicator, make_communicator
 from .first_order import adamw_update, masked_copy_, sgd_update
@@ -277,7 +277,7 @@ class KroneckerOptimizer(Optimizer):
                 directions += [p.grad if p.grad is not None else torch.zeros_like(p) for p in layer.params()]
                 continue
             captured.append(layer)
-        ratio = loss_scale_ratio(captured)
+        ratio = self.communicator.loss_scale_ratio(captured)
         work = [LayerWork.from_capture(layer, ratio) for layer in captured]
         ok = self.communicator.reduce(work, ok)
         self._owner_directions([item for item in work if self.communicator.owns(item.layer)], group, ok, inverse_step)
