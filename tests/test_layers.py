@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fop import FOP, KFAC
-from fop.curvature import LayerWork, loss_scale_ratio
 from fop.functional import fop_direction
 from fop.nn import MultiheadAttention, convert_attention
+from test_curvature import captured
 
 DTYPE = torch.float64
 FAST = dict(curvature_update_interval=1, inverse_update_interval=1)
@@ -149,11 +149,6 @@ def half_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[s
     ref = copy.deepcopy(model)
     F.cross_entropy(ref(x), y).backward()
     return {name: folded_reference(ref, name) for name in names}
-
-
-def captured(optimizer: FOP) -> dict[str, LayerWork]:
-    ratio = loss_scale_ratio(optimizer.layers)
-    return {layer.name: LayerWork.from_capture(layer, ratio) for layer in optimizer.layers}
 
 
 def conv_patches(x: torch.Tensor, conv: nn.Module) -> torch.Tensor:

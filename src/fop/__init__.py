@@ -9,5 +9,5 @@ from .ddp import dual_gradient_hook
 from .distributed import DistributedCommunicator
 from .optimizer import FOP, KFAC, KroneckerOptimizer
 
-__all__ = ["FOP", "KFAC", "DistributedCommunicator", "KroneckerOptimizer", "dual_gradient_hook", "functional", "nn"]
+__all__ = ["FOP", "KFAC", "DistributedCommunicator", "KroneckerOptimizer", "dual_gradient_hook", "functional"]
 __version__ = "0.1.0"

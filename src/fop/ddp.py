@@ -31,13 +31,17 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .curvature import KroneckerLayer, LayerWork, loss_scale_ratio
-from .distributed import Communicator, _TriCache, _tri
+from .distributed import LocalCommunicator, _TriCache, _tri
 
 __all__ = ["DDPCommunicator", "dual_gradient_hook"]
 
 
-class DDPCommunicator(Communicator):
-    """The optimizer's side of :func:`dual_gradient_hook` (installed by the hook; see the module doc)."""
+class DDPCommunicator(LocalCommunicator):
+    """The optimizer's side of :func:`dual_gradient_hook` (installed by the hook; see the module doc).
+
+    Every process owns every layer and shares nothing, as one local process does; DDP's hook has
+    averaged the fallback parameters' gradients.
+    """
 
     def __init__(self, optimizer: Any, group: Any = None) -> None:
         self.group = group
@@ -120,15 +124,6 @@ class DDPCommunicator(Communicator):
                 item.g = self._tri.unpack(flat[offset + na : offset + na + ng], item.g.shape[0], item.g.dtype) / self.world_size
                 offset += na + ng
         return ok
-
-    def owns(self, layer: KroneckerLayer) -> bool:
-        return True
-
-    def share(self, work: Sequence[LayerWork]) -> None:
-        return None
-
-    def reduce_first_order(self, params: Sequence[Tensor], ok: Tensor) -> Tensor:
-        return ok  # DDP's hook has averaged them
 
     def _all_reduce(self, flat: Tensor) -> None:
         dist.all_reduce(flat, group=self.group)
