@@ -244,6 +244,7 @@ def scenario_odd(rank: int, world: int, out: dict) -> None:
 def scenario_ddp(rank: int, world: int, out: dict) -> None:
     """DistributedDataParallel with FOP's communication hook, as a DDP user trains."""
     from fop import dual_gradient_hook
+    from fop.ddp import bytes_per_step as ddp_bytes_per_step
 
     for opt_name, kind in (("fop", "mlp"), ("fop", "cnn"), ("kfac", "mlp")):
         model = MODELS[kind][0]()
@@ -253,6 +254,7 @@ def scenario_ddp(rank: int, world: int, out: dict) -> None:
         train(ddp, opt, [local_part(b, rank, world) for b in global_batches(kind, 4)])
         out[f"ddp_{opt_name}_{kind}"] = {
             "params": params_of(model), "bytes": dict(opt.communicator.last_step_bytes),
+            "predicted": ddp_bytes_per_step(opt, curvature_step=False),  # the 4th step has no capture
             "diagnostics": {k: {n: float(v) for n, v in d.items()} for k, d in opt.diagnostics().items()},
         }  # fmt: skip
     # loss scaling: the hooks see the scaled loss, p.grad the unscaled one
@@ -646,7 +648,9 @@ def test_ddp_comm_hook_equals_single_process_on_global_batch(request, world, cas
         assert all(d["beta"] != 0.0 for d in results[0][key]["diagnostics"].values())
     slots = 2 if opt_name == "fop" else 1
     gradient_bytes = sum(p.numel() * p.element_size() for p in MODELS[kind][0]().parameters())
-    assert results[0][key]["bytes"]["hook_all_reduce"] == slots * gradient_bytes  # DDP sends gradient_bytes
+    measured, predicted = results[0][key]["bytes"], results[0][key]["predicted"]
+    assert measured["hook_all_reduce"] == slots * gradient_bytes == slots * predicted["ddp_all_reduce"]
+    assert measured["all_reduce"] == predicted["all_reduce"] > 0  # the loss-scale references
 
 
 def test_ddp_comm_hook_with_loss_scaling(request) -> None:

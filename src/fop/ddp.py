@@ -32,8 +32,9 @@ from torch import Tensor
 
 from .curvature import KroneckerLayer, LayerWork, loss_scale_ratio
 from .distributed import LocalCommunicator, _TriCache, _tri
+from .functional import compute_dtype
 
-__all__ = ["DDPCommunicator", "dual_gradient_hook"]
+__all__ = ["DDPCommunicator", "bytes_per_step", "dual_gradient_hook"]
 
 
 class DDPCommunicator(LocalCommunicator):
@@ -92,7 +93,7 @@ class DDPCommunicator(LocalCommunicator):
         self._hook_bytes = 0
         pending = [layer._pending for layer in layers if layer._pending.reference is not None]
         if pending:
-            flat = torch.cat([p.reference.reshape(-1).to(torch.float64) for p in pending])
+            flat = torch.cat([p.reference.reshape(-1) for p in pending])
             self._all_reduce(flat)
             flat /= self.world_size
             offset = 0
@@ -111,7 +112,8 @@ class DDPCommunicator(LocalCommunicator):
         factored = [item for item in work if item.a is not None and item.g is not None]
         if factored:
             sizes = [(_tri(item.a.shape[0]), _tri(item.g.shape[0])) for item in factored]
-            flat = torch.zeros(sum(a + g for a, g in sizes), dtype=torch.float64, device=factored[0].a.device)
+            first = factored[0].a
+            flat = torch.zeros(sum(a + g for a, g in sizes), dtype=first.dtype, device=first.device)
             offset = 0
             for item, (na, ng) in zip(factored, sizes):
                 self._tri.pack(item.a, flat[offset : offset + na])
@@ -144,6 +146,28 @@ class DDPCommunicator(LocalCommunicator):
         bias = self._halves.get(id(layer.bias))
         b = torch.zeros(w.shape[0], dtype=like.dtype, device=like.device) if bias is None else bias[half].to(like.dtype)
         return torch.cat([w, b[:, None]], dim=1)
+
+
+def bytes_per_step(optimizer: Any, curvature_step: bool = True) -> dict[str, int]:
+    """Payload bytes of one step under :func:`dual_gradient_hook`, and plain DDP's for comparison.
+
+    ``hook_all_reduce``: the buckets' all-reduces (two slots for FOP, one for K-FAC);
+    ``all_reduce``: the factor triangles (curvature steps) and the loss-scale references;
+    ``ddp_all_reduce``: what DDP's default hook sends (every trainable parameter's gradient once).
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    ddp = sum(p.numel() * p.element_size() for p in params)
+    slots = 2 if optimizer.splits_batch else 1
+    extra = 0
+    for layer in optimizer.layers:
+        size = torch.empty((), dtype=compute_dtype(layer.weight.dtype)).element_size()
+        if curvature_step:
+            extra += (_tri(layer.in_features) + _tri(layer.out_features)) * size
+        if layer.bias is not None and layer.bias.requires_grad:
+            extra += layer.out_features * size
+        elif layer.is_reference:
+            extra += layer.out_features * layer.in_features * size
+    return {"hook_all_reduce": slots * ddp, "all_reduce": extra, "ddp_all_reduce": ddp}
 
 
 def dual_gradient_hook(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
