@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fop import FOP, KFAC
-from fop.distributed import DistributedCommunicator, assign_owners, layer_cost, state_bytes
+from fop.distributed import DistributedCommunicator, LocalCommunicator, assign_owners, layer_cost, state_bytes
 
 DTYPE = torch.float64
 GLOBAL_BATCH = 16
@@ -80,8 +80,25 @@ def norm_only(seed: int = 0) -> nn.Module:
     return Scaled(nn.Sequential(nn.LayerNorm(6), nn.Flatten())).to(DTYPE)
 
 
+class AttentionNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(6, 2)  # sequence-first
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.transpose(0, 1)
+        return self.head(self.attn(h, h, h, need_weights=False)[0].mean(0))
+
+
+def attention_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return AttentionNet().to(DTYPE)
+
+
 MODELS = {
     "mlp": (mlp, (6,), 4), "cnn": (cnn, (2, 6, 6), 3), "bn": (bn_net, (2, 6, 6), 3), "norm": (norm_only, (6,), 6),
+    "attn": (attention_net, (4, 6), 3),
 }  # fmt: skip
 
 
@@ -257,6 +274,21 @@ def scenario_ddp(rank: int, world: int, out: dict) -> None:
             "predicted": ddp_bytes_per_step(opt, curvature_step=False),  # the 4th step has no capture
             "diagnostics": {k: {n: float(v) for n, v in d.items()} for k, d in opt.diagnostics().items()},
         }  # fmt: skip
+    # built "before init_process_group" (as the auto mode would then pick it): one loud warning
+    model = mlp()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = make_optimizer("fop", model, distributed=LocalCommunicator(auto=True))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(ddp, opt, [local_part(b, rank, world) for b in global_batches("mlp", 2)])
+    out["ddp_without_hook_warnings"] = [str(w.message) for w in caught]
+    # attention (converted nn.MultiheadAttention) under DDP
+    model = attention_net()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = make_optimizer("fop", model)
+    ddp.register_comm_hook(opt, dual_gradient_hook)
+    train(ddp, opt, [local_part(b, rank, world) for b in global_batches("attn", 3)])
+    out["ddp_fop_attn"] = {"params": params_of(model), "layers": [layer.name for layer in opt.layers]}
     # loss scaling: the hooks see the scaled loss, p.grad the unscaled one
     model = mlp()
     ddp = nn.parallel.DistributedDataParallel(model)
@@ -658,3 +690,17 @@ def test_ddp_comm_hook_with_loss_scaling(request) -> None:
     expected = reference("fop", "mlp", steps=3)
     for res in results:
         assert_params(res["ddp_fop_scaled"]["params"], expected)
+
+
+def test_ddp_comm_hook_trains_attention_like_one_process(request) -> None:
+    results = request.getfixturevalue("world2")[0]
+    assert results[0]["ddp_fop_attn"]["layers"] == ["attn.in_proj", "attn.out_proj", "head"]
+    for res in results:
+        assert_params(res["ddp_fop_attn"]["params"], reference("fop", "attn", steps=3))
+
+
+def test_optimizer_built_before_the_process_group_warns_under_ddp(request) -> None:
+    results = request.getfixturevalue("world2")[0]
+    for res in results:
+        messages = [m for m in res["ddp_without_hook_warnings"] if "before init_process_group" in m]
+        assert len(messages) == 1 and "dual_gradient_hook" in messages[0]

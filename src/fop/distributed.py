@@ -138,9 +138,30 @@ class Communicator:
 
 
 class LocalCommunicator(Communicator):
-    """One process: nothing to reduce or share, every layer is owned locally."""
+    """One process: nothing to reduce or share, every layer is owned locally.
+
+    ``auto``: chosen because no process group existed at construction; the first step warns if
+    one exists by then (an optimizer built before ``init_process_group``, e.g. before a trainer
+    wrapped the model in DDP, would silently train every process on its own halves).
+    """
+
+    _auto = False
+
+    def __init__(self, auto: bool = False) -> None:
+        self._auto = auto
 
     def reduce(self, work: Sequence[LayerWork], ok: Tensor) -> Tensor:
+        if self._auto:
+            self._auto = False
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                warnings.warn(
+                    f"fop: torch.distributed now runs {dist.get_world_size()} processes, but the optimizer was "
+                    "built before init_process_group and steps on this process's data alone. Build it after "
+                    "init_process_group (fop reduces the gradients itself), or, when the model is trained "
+                    "through DistributedDataParallel, register fop.dual_gradient_hook: "
+                    "ddp_model.register_comm_hook(optimizer, dual_gradient_hook)",
+                    stacklevel=4,
+                )
         return ok
 
     def owns(self, layer: KroneckerLayer) -> bool:
@@ -183,7 +204,7 @@ def make_communicator(
             "(start the script with torchrun)"
         )
     if distributed is False or not initialised or dist.get_world_size() < 2:
-        return LocalCommunicator()
+        return LocalCommunicator(auto=distributed is None and not initialised)
     return DistributedCommunicator(replicated=replicated)
 
 
