@@ -42,8 +42,9 @@ class KroneckerOptimizer(Optimizer):
     """Shared engine of :class:`FOP` and :class:`KFAC` (``projection`` tells them apart).
 
     Args:
-        model: the module to train. Its ``nn.Linear`` and ``nn.Conv2d`` (``groups=1``) layers get
-            Kronecker curvature; every other trainable parameter goes to the fallback group.
+        model: the module to train. Its ``nn.Linear``, ``nn.Conv1d/2d/3d`` (``groups=1``) and
+            ``nn.MultiheadAttention`` layers get Kronecker curvature (see :mod:`fop.layers`);
+            every other trainable parameter goes to the fallback group.
         lr: base learning rate ``η0`` of the curvature group.
         momentum: momentum of the update ``θ ← θ − lr·buf``, ``buf ← μ·buf + d`` (as torch SGD).
         weight_decay: L2 term ``wd·θ`` added to the preconditioned direction (and, for the
@@ -156,7 +157,7 @@ class KroneckerOptimizer(Optimizer):
         self.communicator.setup(self, model)  # distributed: checks agreement, assigns owners
         if not self.layers:
             warnings.warn(
-                f"{type(self).__name__}: the model has no supported layer (Linear, Conv2d with groups=1); "
+                f"{type(self).__name__}: the model has no supported layer (Linear, Conv1d/2d/3d with groups=1, MultiheadAttention); "
                 f"every parameter uses the '{fallback}' fallback rule",
                 stacklevel=2,
             )
@@ -395,7 +396,7 @@ class KroneckerOptimizer(Optimizer):
 
 
 class FOP(KroneckerOptimizer):
-    """Fisher-Orthogonal Projection (Lu & Armour, AAAI 2026) for Linear and Conv2d layers.
+    """Fisher-Orthogonal Projection (Lu & Armour, AAAI 2026) for Linear, convolution and attention layers.
 
     Each forward batch is split into two halves; per layer, the Fisher-orthogonal component of
     the halves' gradient difference is mixed into K-FAC's natural gradient with the layer-wise
