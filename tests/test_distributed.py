@@ -274,6 +274,19 @@ def scenario_ddp(rank: int, world: int, out: dict) -> None:
             "predicted": ddp_bytes_per_step(opt, curvature_step=False),  # the 4th step has no capture
             "diagnostics": {k: {n: float(v) for n, v in d.items()} for k, d in opt.diagnostics().items()},
         }  # fmt: skip
+    # gradient accumulation under no_sync(): the hook runs once, on the last micro-batch
+    model = mlp()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = make_optimizer("fop", model)
+    ddp.register_comm_hook(opt, dual_gradient_hook)
+    for x, y in [local_part(b, rank, world) for b in global_batches("mlp", 3)]:
+        opt.zero_grad()
+        (xa, xb), (ya, yb) = x.chunk(2), y.chunk(2)
+        with ddp.no_sync():
+            (F.cross_entropy(ddp(xa), ya) / 2).backward()
+        (F.cross_entropy(ddp(xb), yb) / 2).backward()
+        opt.step()
+    out["ddp_fop_accum"] = {"params": params_of(model)}
     # built "before init_process_group" (as the auto mode would then pick it): one loud warning
     model = mlp()
     ddp = nn.parallel.DistributedDataParallel(model)
@@ -704,3 +717,21 @@ def test_optimizer_built_before_the_process_group_warns_under_ddp(request) -> No
     for res in results:
         messages = [m for m in res["ddp_without_hook_warnings"] if "before init_process_group" in m]
         assert len(messages) == 1 and "dual_gradient_hook" in messages[0]
+
+
+def test_ddp_comm_hook_with_no_sync_accumulation(request) -> None:
+    """Two micro-batches per step, the first under no_sync(): the halves are the micro-batches' halves."""
+    results = request.getfixturevalue("world2")[0]
+    model = mlp()
+    optimizer = make_optimizer("fop", model)
+    for x, y in global_batches("mlp", 3):
+        optimizer.zero_grad()
+        # the global batch as the processes see it: each local batch split in two micro-batches
+        parts = [local_part((x, y), r, 2) for r in range(2)]
+        for k in range(2):
+            xm = torch.cat([p[0].chunk(2)[k] for p in parts])
+            ym = torch.cat([p[1].chunk(2)[k] for p in parts])
+            (F.cross_entropy(model(xm), ym) / 2).backward()
+        optimizer.step()
+    for res in results:
+        assert_params(res["ddp_fop_accum"]["params"], params_of(model))
