@@ -258,16 +258,23 @@ def scenario_odd(rank: int, world: int, out: dict) -> None:
         out[f"odd_{opt_name}"] = {"params": params_of(model), "assignment": dict(opt.communicator.assignment)}
 
 
+def hooked_ddp(kind: str, opt_name: str = "fop", **ddp_kwargs: Any) -> tuple[nn.Module, nn.Module, Any]:
+    """(model, DDP wrapper, optimizer on the module with dual_gradient_hook registered)."""
+    from fop import dual_gradient_hook
+
+    model = MODELS[kind][0]()
+    ddp = nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
+    opt = make_optimizer(opt_name, ddp.module)
+    ddp.register_comm_hook(opt, dual_gradient_hook)
+    return model, ddp, opt
+
+
 def scenario_ddp(rank: int, world: int, out: dict) -> None:
     """DistributedDataParallel with FOP's communication hook, as a DDP user trains."""
-    from fop import dual_gradient_hook
     from fop.ddp import bytes_per_step as ddp_bytes_per_step
 
     for opt_name, kind in (("fop", "mlp"), ("fop", "cnn"), ("kfac", "mlp")):
-        model = MODELS[kind][0]()
-        ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=1e-4)  # several buckets
-        opt = make_optimizer(opt_name, ddp.module)
-        ddp.register_comm_hook(opt, dual_gradient_hook)
+        model, ddp, opt = hooked_ddp(kind, opt_name, bucket_cap_mb=1e-4)  # several buckets
         train(ddp, opt, [local_part(b, rank, world) for b in global_batches(kind, 4)])
         out[f"ddp_{opt_name}_{kind}"] = {
             "params": params_of(model), "bytes": dict(opt.communicator.last_step_bytes),
@@ -275,10 +282,7 @@ def scenario_ddp(rank: int, world: int, out: dict) -> None:
             "diagnostics": {k: {n: float(v) for n, v in d.items()} for k, d in opt.diagnostics().items()},
         }  # fmt: skip
     # gradient accumulation under no_sync(): the hook runs once, on the last micro-batch
-    model = mlp()
-    ddp = nn.parallel.DistributedDataParallel(model)
-    opt = make_optimizer("fop", model)
-    ddp.register_comm_hook(opt, dual_gradient_hook)
+    model, ddp, opt = hooked_ddp("mlp")
     for x, y in [local_part(b, rank, world) for b in global_batches("mlp", 3)]:
         opt.zero_grad()
         (xa, xb), (ya, yb) = x.chunk(2), y.chunk(2)
@@ -287,26 +291,12 @@ def scenario_ddp(rank: int, world: int, out: dict) -> None:
         (F.cross_entropy(ddp(xb), yb) / 2).backward()
         opt.step()
     out["ddp_fop_accum"] = {"params": params_of(model)}
-    # built "before init_process_group" (as the auto mode would then pick it): one loud warning
-    model = mlp()
-    ddp = nn.parallel.DistributedDataParallel(model)
-    opt = make_optimizer("fop", model, distributed=LocalCommunicator(auto=True))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        train(ddp, opt, [local_part(b, rank, world) for b in global_batches("mlp", 2)])
-    out["ddp_without_hook_warnings"] = [str(w.message) for w in caught]
     # attention (converted nn.MultiheadAttention) under DDP
-    model = attention_net()
-    ddp = nn.parallel.DistributedDataParallel(model)
-    opt = make_optimizer("fop", model)
-    ddp.register_comm_hook(opt, dual_gradient_hook)
+    model, ddp, opt = hooked_ddp("attn")
     train(ddp, opt, [local_part(b, rank, world) for b in global_batches("attn", 3)])
     out["ddp_fop_attn"] = {"params": params_of(model), "layers": [layer.name for layer in opt.layers]}
     # loss scaling: the hooks see the scaled loss, p.grad the unscaled one
-    model = mlp()
-    ddp = nn.parallel.DistributedDataParallel(model)
-    opt = make_optimizer("fop", model)
-    ddp.register_comm_hook(opt, dual_gradient_hook)
+    model, ddp, opt = hooked_ddp("mlp")
     for x, y in [local_part(b, rank, world) for b in global_batches("mlp", 3)]:
         opt.zero_grad()
         (F.cross_entropy(ddp(x), y) * 1024.0).backward()
@@ -314,6 +304,14 @@ def scenario_ddp(rank: int, world: int, out: dict) -> None:
             p.grad /= 1024.0
         opt.step()
     out["ddp_fop_scaled"] = {"params": params_of(model)}
+    # built "before init_process_group" (as the auto mode would then pick it), no hook: one loud warning
+    model = mlp()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = make_optimizer("fop", model, distributed=LocalCommunicator(auto=True))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(ddp, opt, [local_part(b, rank, world) for b in global_batches("mlp", 2)])
+    out["ddp_without_hook_warnings"] = [str(w.message) for w in caught]
 
 
 def scenario_errors(rank: int, world: int, out: dict) -> None:
