@@ -358,6 +358,7 @@ MHA_CONFIGS = {
     "bias-kv-zero-attn": dict(add_bias_kv=True, add_zero_attn=True),
     "no-bias": dict(bias=False),
     "separate": dict(kdim=5, vdim=7),
+    "dropout": dict(dropout=0.3),
 }
 
 
@@ -404,6 +405,7 @@ def test_converted_attention_equals_torch(config: str, need_weights: bool, call:
         extra.update(attn_mask=nn.Transformer.generate_square_subsequent_mask(5, dtype=DTYPE), is_causal=True)
     results = []
     for module in (torch_mha, ours):
+        torch.manual_seed(1)  # the same dropout masks
         out, weights = module(*args, **extra)
         (out.square().sum() + (0 if weights is None else weights.sum())).backward()
         results.append((out, weights, [p.grad for p in module.parameters()]))
@@ -460,3 +462,33 @@ def test_unsupported_weight_layers_are_named_in_one_warning() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         FOP(model, exclude=[nn.Embedding, nn.ConvTranspose1d, model[1]])
+
+
+def test_checkpoint_of_an_attention_model_resumes_exactly() -> None:
+    """state_dict() of a converted model and of its optimizer: torch's keys, bitwise resume."""
+    import io
+
+    data = [make("encoder-layer", 6, seed=s)[1:] for s in range(4)]
+    kw = dict(lr=0.1, fallback="adamw", curvature_update_interval=2, inverse_update_interval=1)
+
+    def train(model: nn.Module, optimizer: FOP, batches: list) -> None:
+        for x, y in batches:
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+
+    model = make("encoder-layer", 6)[0]
+    optimizer = FOP(model, **kw)
+    train(model, optimizer, data[:2])
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, buffer)
+    train(model, optimizer, data[2:])
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    resumed = make("encoder-layer", 6, seed=9)[0]  # plain torch modules: the keys are torch's
+    resumed.load_state_dict(checkpoint["model"])
+    optimizer2 = FOP(resumed, **kw)
+    optimizer2.load_state_dict(checkpoint["optim"])
+    train(resumed, optimizer2, data[2:])
+    for a, b in zip(resumed.parameters(), model.parameters()):
+        assert torch.equal(a, b)
