@@ -247,3 +247,38 @@ def test_profile_reports_step_time_memory_and_phases(tmp_path, capsys):
     assert sum(sgd[1:]) == 0  # no curvature phases for SGD
     assert fop_row[1] > 0 and fop_row[3] > 0 and fop_row[4] > 0  # capture, eigh, direction
     assert kfac[1] > 0 and kfac[3] > 0
+
+
+def test_tuning_protocol_second_axis_edge_extension_and_paired_report(tmp_path, capsys):
+    """lr x damping (K-FAC/FOP) against lr x weight decay (SGD): equal trials; a best learning rate on
+    the edge of a two-point grid is always extended once; the report pairs the seeds against K-FAC."""
+    out = tmp_path / "tuned"
+    argv = [
+        "--out", str(out), "--seeds", "0,1", "--lr-grid", "1,2", "--threads", "1", "--no-progress",
+        "--batch-sizes", "1437", "--max-epochs", "2", "--width", "16", "--target", "20",
+        "--optimizers", "sgd,kfac,fop:mc", "--damping-grid", "0.1,1", "--wd-grid", "0,1e-3",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr()
+    records = _records(out)
+    base = 3 * 2 * 2 * 2  # optimizers x lr x second axis x seeds
+    extended = [r for r in records if r["spec"]["lr_factor"] not in (1.0, 2.0)]
+    # one more factor per cell, with every value of the second axis and every seed
+    assert len(records) == base + len(extended) and len(extended) == 3 * 2 * 2
+    assert {r["spec"]["lr_factor"] for r in extended} <= {0.5, 4.0}
+    assert "grid edge: 12 more runs" in printed.err
+    dampings = {(r["spec"]["optimizer"], r["spec"]["hyperparameters"]["damping"]) for r in records}
+    assert {("kfac", 0.1), ("kfac", 1.0), ("fop:mc", 0.1), ("fop:mc", 1.0)} <= dampings
+    assert {r["spec"]["hyperparameters"]["weight_decay"] for r in records if r["spec"]["optimizer"] == "sgd"} == {0, 1e-3}
+    mc = next(r for r in records if r["spec"]["optimizer"] == "fop:mc")
+    assert dict(map(tuple, mc["spec"]["hyperparameters"]["options"])) == {"fisher": "mc"}
+    assert {"clipped_fraction", "nu_median", "noise_scale"} <= set(mc["curve"][-1])
+    report = (out / "results.md").read_text()
+    assert "## Paired comparison against kfac" in report and "| 1437 | fop:mc − kfac | 2 |" in report
+    assert "paired per-seed comparison against kfac" in printed.out
+
+
+def test_unequal_tuning_budgets_are_refused(tmp_path, capsys):
+    argv = ["--out", str(tmp_path), "--optimizers", "sgd,fop", "--damping-grid", "0.1,1", "--no-progress"]
+    assert main(argv) == 2
+    assert "unequal tuning budgets" in capsys.readouterr().err

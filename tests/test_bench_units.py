@@ -263,3 +263,48 @@ def test_summary_keeps_the_best_learning_rate_and_counts_misses_as_infinite():
     rows = [line for line in table.splitlines() if line.startswith("| 256") or line.startswith("| 512")]
     assert rows[0] == "| 256 | 6 / 12.0 s | 3 / 5.00 s (×2.40) |"
     assert rows[1] == "| 512 | — | — |"
+
+
+def _tuned(optimizer, factor, damping, seed, final, epochs=None, batch=256):
+    record = _record(optimizer, factor, seed, None if epochs is None else float(epochs), epochs, best=final)
+    record["spec"]["batch_size"] = batch
+    record["spec"]["hyperparameters"].update(damping=damping, weight_decay=0.0)
+    return record
+
+
+def test_summary_tunes_the_second_axis_and_flags_grid_edges():
+    records = [
+        _tuned("kfac", f, d, s, final=0.5 + 0.1 * (f == 1.0) + 0.05 * (d == 0.1), epochs=None)
+        for f in (0.5, 1.0, 2.0)
+        for d in (0.01, 0.1)
+        for s in (0, 1)
+    ]
+    cell = summarize(records)[(256, "kfac")]
+    assert (cell.lr_factor, cell.damping, cell.trials) == (1.0, 0.1, 6)
+    assert cell.edges == ("damping",)  # lr 1.0 is inside its grid, damping 0.1 is the largest tried
+
+
+def test_paired_comparison_is_per_seed_with_a_bootstrap_interval():
+    from fop.bench.report import bootstrap_median_interval, format_paired_table, paired_differences
+
+    records = [_tuned("kfac", 1.0, 0.1, s, final=0.80 + 0.01 * s, epochs=10) for s in range(5)]
+    records += [_tuned("fop", 1.0, 0.1, s, final=0.82 + 0.01 * s, epochs=8 + (s == 4)) for s in range(5)]
+    cells = summarize(records)
+    diffs = paired_differences(cells[(256, "fop")], cells[(256, "kfac")], "final_accuracy")
+    assert diffs == pytest.approx([0.02] * 5)
+    low, high = bootstrap_median_interval([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert 1.0 <= low <= 3.0 <= high <= 5.0
+    table = format_paired_table(cells, [256], ["kfac", "fop"], "kfac", "accuracy")
+    assert "| 256 | fop − kfac | 5 | +2.00 [+2.00, +2.00] | 5/5 | -2 (5 seeds) |" in table
+
+
+def test_variants_set_constructor_options():
+    from fop.bench.optimizers import resolve_optimizer
+
+    spec = resolve_optimizer("fop:mc:sum")
+    assert spec.options == {"fisher": "mc", "eta": "sum"} and spec.lr_name == "fop" and spec.uses_curvature
+    assert resolve_optimizer("kfac:paper").options["damping_mode"] == "factored"
+    with pytest.raises(BenchError, match="unknown variant 'bogus'"):
+        resolve_optimizer("fop:bogus")
+    with pytest.raises(BenchError, match="kfac and fop only"):
+        resolve_optimizer("sgd:mc")

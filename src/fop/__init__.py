@@ -7,7 +7,9 @@
 from . import functional, nn
 from .ddp import dual_gradient_hook
 from .distributed import DistributedCommunicator
-from .optimizer import FOP, KFAC, KroneckerOptimizer
+from .optimizer import FOP, KFAC, PAPER_PRESET, KroneckerOptimizer
 
-__all__ = ["FOP", "KFAC", "DistributedCommunicator", "KroneckerOptimizer", "dual_gradient_hook", "functional"]
+__all__ = [
+    "FOP", "KFAC", "PAPER_PRESET", "DistributedCommunicator", "KroneckerOptimizer", "dual_gradient_hook", "functional",
+]
 __version__ = "0.1.0"

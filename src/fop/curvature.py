@@ -50,6 +50,8 @@ class CaptureMode:
     halves: bool = True  # FOP: record the two sub-batch gradients
     factors: bool = True  # a curvature step: record the factor statistics
     total: bool = False  # record the reference gradient of bias-free models (for the loss-scale ratio)
+    empirical: bool = True  # G from the loss's own output gradients (False: Monte-Carlo Fisher)
+    sampling: bool = False  # live flag: the backward in progress is the Monte-Carlo Fisher pass
 
 
 @dataclass
@@ -71,6 +73,8 @@ class LayerWork:
     g: Tensor | None = None
     direction: Tensor | None = None
     dg: Tensor | None = None  # ⟨direction, grad⟩ from the layer's owner (distributed; else None)
+    samples: int = 0  # samples of this process's batch that reached the layer's backward
+    half_batch: float = 0.0  # samples behind each of g1, g2 (for the gradient-noise scale)
 
     @classmethod
     def from_capture(cls, layer: KroneckerLayer, ratio: Tensor | None) -> LayerWork:
@@ -116,6 +120,9 @@ class _Pending:
     a_rows: int = 0
     gg_sum: Tensor | None = None
     samples: int = 0
+    mc_gg_sum: Tensor | None = None  # Σ δδᵀ of the Monte-Carlo pass (per-sample, sum-loss δ)
+    mc_samples: int = 0
+    batch_samples: int = 0  # all samples of the cycle's backward passes
     backward_calls: int = 0
     single_sample: bool = False
 
@@ -179,7 +186,17 @@ class KroneckerLayer:
 
     def _backward_hook(self, x: Tensor, grad_out: Tensor, mode: CaptureMode) -> None:
         with phase("capture"):
-            self._capture_backward(x, grad_out, mode)
+            if self.mode.sampling:  # read live: the Monte-Carlo pass runs after this forward
+                self._capture_sampled(x, grad_out)
+            else:
+                self._capture_backward(x, grad_out, mode)
+
+    def _capture_sampled(self, x: Tensor, grad_out: Tensor) -> None:
+        """Monte-Carlo Fisher pass: only ``Σ δδᵀ`` of the sampled labels' summed loss."""
+        pending = self._pending
+        rows = self._output_rows(grad_out.detach()).to(compute_dtype(self.weight.dtype))
+        pending.mc_gg_sum = _add(pending.mc_gg_sum, rows.T @ rows)
+        pending.mc_samples += x.shape[0] if x.dim() > self._unbatched_dims else 1
 
     def _capture_backward(self, x: Tensor, grad_out: Tensor, mode: CaptureMode) -> None:
         """Record this forward's share: first-half gradient, reference gradient, factor statistics.
@@ -195,7 +212,8 @@ class KroneckerLayer:
         dtype = compute_dtype(self.weight.dtype)
         grad_out = grad_out.detach()
         rows = self._output_rows(grad_out)
-        if mode.factors:
+        pending.batch_samples += n
+        if mode.factors and mode.empirical:
             wide = rows.to(dtype)
             pending.gg_sum = _add(pending.gg_sum, wide.T @ wide)
             pending.samples += n
@@ -246,10 +264,13 @@ class KroneckerLayer:
         """Fill ``work`` with the cycle's statistics in ``p.grad``'s units (``work.grad``), then reset.
 
         ``g1 = r·Σ(n/n1)C1``; ``g2 = (n/n2)(p.grad − r·ΣC1 − r·ΣC2') + r·Σ(n'/n2')C2'`` where the
-        primed sums run over forwards split differently from the first; ``G = r²·samples·Σδδᵀ``.
+        primed sums run over forwards split differently from the first; ``G = r²·samples·Σδδᵀ``
+        (empirical Fisher), or ``G = Σδδᵀ / samples`` over the Monte-Carlo pass, whose summed loss
+        makes δ the per-sample output gradients (no loss scale involved).
         """
         p = self._pending
         grad = work.grad
+        work.samples = p.batch_samples
         r = ratio if ratio is not None else torch.ones((), dtype=grad.dtype, device=grad.device)
         if p.g1 is not None and p.c1 is not None and p.split is not None and not p.single_sample:
             n, n1 = p.split
@@ -259,9 +280,14 @@ class KroneckerLayer:
                 work.g2 = (rest - r * p.c2_other) * (n / (n - n1)) + r * p.g2_other
             else:
                 work.g2 = rest * (n / (n - n1))
-        if p.a_sum is not None and p.gg_sum is not None and p.a_rows > 0:
-            work.a = p.a_sum / p.a_rows
-            work.g = p.gg_sum * (p.samples * r * r)
+            work.half_batch = p.batch_samples / 2
+        if p.a_sum is not None and p.a_rows > 0:
+            if p.gg_sum is not None:
+                work.a = p.a_sum / p.a_rows
+                work.g = p.gg_sum * (p.samples * r * r)
+            elif p.mc_gg_sum is not None and p.mc_samples > 0:
+                work.a = p.a_sum / p.a_rows
+                work.g = p.mc_gg_sum / p.mc_samples
         self.reset()
         return work
 

@@ -881,6 +881,7 @@ class DistributedCommunicator(Communicator):
                 item.g1 = (bucket[off : off + numel].view(shape) / self._n_even).to(dtype)
                 item.g2 = (bucket[off + numel : off + 2 * numel].view(shape) / self._n_odd).to(dtype)
                 item.grad = 0.5 * (item.g1 + item.g2)
+                item.half_batch = item.samples * n / 2  # the halves: even and odd ranks' local batches
             else:
                 item.grad = (bucket[off : off + numel].view(shape) / n).to(dtype)
             if curvature and item.a is not None and item.g is not None:

@@ -27,7 +27,10 @@ from torch import Tensor
 __all__ = [
     "Eigen",
     "FOPDirection",
+    "DAMPING_MODES",
+    "ETA_CONVENTIONS",
     "compute_dtype",
+    "damped_fisher_eigenvalues",
     "damped_inverse",
     "damped_inverse_eigen",
     "eigen_factor",
@@ -37,11 +40,16 @@ __all__ = [
     "fop_direction_eigen",
     "inner",
     "safe_divide",
+    "gradient_noise_terms",
     "kfac_direction",
     "kfac_direction_eigen",
     "to_eigenbasis",
     "from_eigenbasis",
 ]
+
+
+DAMPING_MODES = ("exact", "factored")
+ETA_CONVENTIONS = ("mean", "sum")
 
 
 class Eigen(NamedTuple):
@@ -147,26 +155,70 @@ def _fisher_eigenvalues(eig_a: Eigen, eig_g: Eigen) -> Tensor:
     return eig_g.values[..., :, None] * eig_a.values[..., None, :]
 
 
-def damped_inverse_eigen(x: Tensor, eig_a: Eigen, eig_g: Eigen, damping: float | Tensor) -> Tensor:
-    """``M⁻¹X = (A ⊗ G + λI)⁻¹ X`` from the factors' eigendecompositions (exact damping)."""
+def damped_fisher_eigenvalues(
+    eig_a: Eigen, eig_g: Eigen, damping: float | Tensor, mode: str = "exact"
+) -> Tensor:
+    """Eigenvalues of the damped Fisher ``M`` in the Kronecker eigenbasis, as an (out, in) matrix.
+
+    ``"exact"``: ``M = A ⊗ G + λI``, eigenvalues ``g aᵀ + λ``.
+
+    ``"factored"`` (Martens & Grosse 2015, §6.3; ASDL's default): ``M = (A + π√λ I) ⊗ (G + √λ/π I)``
+    with ``π = √((tr A / dim A) / (tr G / dim G))`` (1 where a trace vanishes), eigenvalues
+    ``(g + √λ/π)(a + π√λ)ᵀ``. Cheaper to invert factor by factor (no eigendecomposition needed),
+    and it damps more: it adds ``λ`` plus the cross terms ``π√λ·G`` and ``√λ/π·A``.
+    """
+    if mode == "exact":
+        return _fisher_eigenvalues(eig_a, eig_g) + damping
+    if mode != "factored":
+        raise ValueError(f"damping mode must be one of {DAMPING_MODES}, got {mode!r}")
+    mean_a = eig_a.values.mean(-1)
+    mean_g = eig_g.values.mean(-1)
+    valid = (mean_a > 0) & (mean_g > 0)
+    pi = safe_divide(mean_a, mean_g, valid, 1.0).sqrt()
+    root = damping**0.5 if not isinstance(damping, Tensor) else damping.sqrt()
+    damped_a = eig_a.values + (pi * root)[..., None]
+    damped_g = eig_g.values + (root / pi)[..., None]
+    return damped_g[..., :, None] * damped_a[..., None, :]
+
+
+def damped_inverse_eigen(
+    x: Tensor, eig_a: Eigen, eig_g: Eigen, damping: float | Tensor, damping_mode: str = "exact"
+) -> Tensor:
+    """``M⁻¹X`` from the factors' eigendecompositions (``M``: :func:`damped_fisher_eigenvalues`).
+
+    This is K-FAC's natural-gradient direction for a gradient ``X``.
+    """
     rotated = to_eigenbasis(x, eig_a, eig_g)
-    return from_eigenbasis(rotated / (_fisher_eigenvalues(eig_a, eig_g) + damping), eig_a, eig_g)
+    return from_eigenbasis(rotated / damped_fisher_eigenvalues(eig_a, eig_g, damping, damping_mode), eig_a, eig_g)
 
 
-def damped_inverse(x: Tensor, a: Tensor, g: Tensor, damping: float | Tensor) -> Tensor:
-    """``M⁻¹X = (A ⊗ G + λI)⁻¹ X`` from the factors themselves (decomposes them first)."""
+def damped_inverse(
+    x: Tensor, a: Tensor, g: Tensor, damping: float | Tensor, damping_mode: str = "exact"
+) -> Tensor:
+    """``M⁻¹X``, e.g. ``(A ⊗ G + λI)⁻¹ X``, from the factors themselves (decomposes them first)."""
     dtype = compute_dtype(x.dtype)
-    return damped_inverse_eigen(x.to(dtype), eigen_factor(a), eigen_factor(g), damping)
+    return damped_inverse_eigen(x.to(dtype), eigen_factor(a), eigen_factor(g), damping, damping_mode)
 
 
-def kfac_direction_eigen(grad: Tensor, eig_a: Eigen, eig_g: Eigen, damping: float | Tensor) -> Tensor:
-    """K-FAC's natural-gradient direction ``M⁻¹ g`` (alias of :func:`damped_inverse_eigen`)."""
-    return damped_inverse_eigen(grad, eig_a, eig_g, damping)
+# K-FAC's direction is the damped inverse applied to the gradient; the names say what a caller means.
+kfac_direction_eigen = damped_inverse_eigen
+kfac_direction = damped_inverse
 
 
-def kfac_direction(grad: Tensor, a: Tensor, g: Tensor, damping: float | Tensor) -> Tensor:
-    """K-FAC's natural-gradient direction ``(A ⊗ G + λI)⁻¹ g`` for one layer."""
-    return damped_inverse(grad, a, g, damping)
+def gradient_noise_terms(g1: Tensor, g2: Tensor, half_batch: float | Tensor) -> tuple[Tensor, Tensor]:
+    """Unbiased estimates of ``tr(Σ)`` and ``|G|²`` from the gradients of two independent halves.
+
+    McCandlish et al. (2018), App. A, with ``B_small = b`` (one half) and ``B_big = 2b`` (the batch):
+    ``|G|² ≈ (B_big|g_avg|² − B_small·½(|g1|² + |g2|²)) / (B_big − B_small) = |g_avg|² − ¼|g1 − g2|²``
+    and ``tr Σ ≈ (½(|g1|² + |g2|²) − |g_avg|²) / (1/B_small − 1/B_big) = ½·b·|g1 − g2|²``, where
+    ``Σ`` is the per-sample gradient covariance and ``G`` the true gradient. The simple noise scale
+    is ``B_noise = tr Σ / |G|²``: the batch size beyond which larger batches stop paying off.
+    Both terms are noisy; sum them over layers and average over steps before taking the ratio.
+    Sums run over the last two dimensions.
+    """
+    diff_sq = inner(g1 - g2, g1 - g2)
+    avg = 0.5 * (g1 + g2)
+    return 0.5 * half_batch * diff_sq, inner(avg, avg) - 0.25 * diff_sq
 
 
 def fop_direction_eigen(
@@ -177,6 +229,8 @@ def fop_direction_eigen(
     damping: float | Tensor,
     eps: float = 1e-12,
     projection: bool = True,
+    damping_mode: str = "exact",
+    eta_convention: str = "mean",
 ) -> FOPDirection:
     """FOP's layer direction from the factors' eigendecompositions; see :func:`fop_direction`.
 
@@ -185,8 +239,10 @@ def fop_direction_eigen(
     ``g_diff`` in, two rotate ``n_comb`` out.
     """
     avg = to_eigenbasis(0.5 * (g1 + g2), eig_a, eig_g)
+    if eta_convention not in ETA_CONVENTIONS:
+        raise ValueError(f"eta convention must be one of {ETA_CONVENTIONS}, got {eta_convention!r}")
     fisher = _fisher_eigenvalues(eig_a, eig_g)
-    inv_m = 1.0 / (fisher + damping)
+    inv_m = 1.0 / damped_fisher_eigenvalues(eig_a, eig_g, damping, damping_mode)
     n_avg = avg * inv_m
     a_avg = inner(avg, n_avg)  # ⟨g_avg, M⁻¹ g_avg⟩
     if not projection:
@@ -207,6 +263,8 @@ def fop_direction_eigen(
     numer = a_avg + beta * b
     denom = a_avg + 2.0 * beta * b + beta * beta * c
     eta = safe_divide(numer, denom, denom > 0, 1.0)
+    if eta_convention == "sum":  # the paper's g_tot = g1 + g2: ⟨g_tot, n_comb⟩ = 2⟨g_avg, n_comb⟩
+        eta = 2.0 * eta
     direction = from_eigenbasis(eta[..., None, None] * n_comb, eig_a, eig_g)
     return FOPDirection(direction, beta, eta, s)
 
@@ -219,6 +277,8 @@ def fop_direction(
     damping: float | Tensor,
     eps: float = 1e-12,
     projection: bool = True,
+    damping_mode: str = "exact",
+    eta_convention: str = "mean",
 ) -> FOPDirection:
     """FOP's update direction for one layer, before the learning rate.
 
@@ -244,9 +304,15 @@ def fop_direction(
     ``η* = (1 + r) / (1 + 3r) ∈ [½, 1]``, and ``η* = 1`` when ``β* = 0``: with ``projection=False``
     (``β* = 0``) the result is exactly K-FAC's step ``M⁻¹ g_avg``.
 
+    ``eta_convention="sum"`` takes the paper's Eq. 17 literally, ``g_tot = g1 + g2``: η* doubles,
+    ``η* = 2(1 + r)/(1 + 3r) ∈ [1, 2]`` (``projection=False`` keeps η* = 1, K-FAC). ``damping_mode``
+    chooses ``M`` (:func:`damped_fisher_eigenvalues`); the projection always uses the undamped
+    ``F = A ⊗ G``.
+
     Returns a :class:`FOPDirection` ``(direction, beta, eta, projection)``.
     """
     dtype = compute_dtype(g1.dtype)
     return fop_direction_eigen(
-        g1.to(dtype), g2.to(dtype), eigen_factor(a), eigen_factor(g), damping, eps, projection
-    )
+        g1.to(dtype), g2.to(dtype), eigen_factor(a), eigen_factor(g), damping, eps, projection,
+        damping_mode, eta_convention,
+    )  # fmt: skip

@@ -20,6 +20,7 @@ import warnings
 from typing import Any, Callable, Iterable, Sequence, Union, cast
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -30,12 +31,26 @@ from .distributed import Communicator, make_communicator
 from .first_order import adamw_update, masked_copy_, sgd_update
 from .profiling import phase
 
-__all__ = ["FOP", "KFAC", "KroneckerOptimizer"]
+__all__ = ["FOP", "KFAC", "KroneckerOptimizer", "PAPER_PRESET"]
 
 Interval = Union[int, Callable[[int], int]]
 ExcludeSpec = Iterable[Union[nn.Module, str, type]]
 
 _FALLBACK_RULES = ("sgd", "adamw")
+_FISHER_TYPES = ("empirical", "mc")
+_TRUST_REGIONS = ("step", "direction")
+
+# The closest reading of the paper's setup (its K-FAC and FOP "rely on ASDL", whose defaults these
+# are, and it names neither a trust region nor a factor average): FOP(model, lr=..., **PAPER_PRESET).
+PAPER_PRESET: dict[str, Any] = {
+    "fisher": "mc",
+    "damping_mode": "factored",
+    "factor_decay": 0.0,
+    "kl_clip": None,
+    "eta": "sum",
+}
+# How many per-step trust-region factors ν are kept for trust_region_stats().
+_NU_HISTORY = 100_000
 
 
 class KroneckerOptimizer(Optimizer):
@@ -58,6 +73,19 @@ class KroneckerOptimizer(Optimizer):
         projection_eps: ``ε`` in the projection scalar ``s = ⟨g_diff, F g_avg⟩/(⟨g_avg, F g_avg⟩+ε)``.
         kl_clip: trust region ``κ``: the curvature layers' directions are scaled by
             ``ν = min(1, √(κ / (lr² Σ⟨d, g⟩)))`` (K-FAC's KL clipping); ``None`` disables it.
+        trust_region: ``"step"`` (above: the clip bounds the step ``lr·d``, so while it binds the
+            step is ``√(κ/Σ⟨d,g⟩)·d`` whatever ``lr``) or ``"direction"``
+            (``ν = min(1, √(κ / Σ⟨d, g⟩))``: the clip bounds the direction ``d`` and the step is
+            ``lr·ν·d``, so the learning rate and its schedule always act).
+        fisher: ``"empirical"`` (``G`` from the output gradients of the training loss, no extra
+            cost) or ``"mc"`` (Monte-Carlo Fisher: ``G`` from the output gradients of labels
+            sampled from the model's predictive distribution; the loop calls
+            :meth:`sample_fisher` on the output before ``backward()``, one extra backward pass on
+            curvature steps).
+        damping_mode: ``"exact"`` (``M = A ⊗ G + λI``) or ``"factored"``
+            (``M = (A + π√λI) ⊗ (G + √λ/π I)``); see :func:`fop.functional.damped_fisher_eigenvalues`.
+        eta: FOP's step-scale convention: ``"mean"`` (``g_tot = (g1+g2)/2``, η* ∈ [½, 1]) or
+            ``"sum"`` (the paper's literal ``g_tot = g1 + g2``, η* ∈ [1, 2]). K-FAC ignores it.
         fallback: ``"sgd"`` or ``"adamw"``, the rule for parameters outside supported layers.
         fallback_lr: learning rate of the fallback group (default ``lr`` for SGD, 1e-3 for AdamW).
         fallback_betas, fallback_eps: AdamW's coefficients for the fallback group.
@@ -87,6 +115,10 @@ class KroneckerOptimizer(Optimizer):
         inverse_update_interval: Interval = 10,
         projection_eps: float = 1e-12,
         kl_clip: float | None = 1e-3,
+        trust_region: str = "step",
+        fisher: str = "empirical",
+        damping_mode: str = "exact",
+        eta: str = "mean",
         fallback: str = "sgd",
         fallback_lr: float | None = None,
         fallback_betas: tuple[float, float] = (0.9, 0.999),
@@ -116,6 +148,10 @@ class KroneckerOptimizer(Optimizer):
             raise ValueError(f"projection_eps must be >= 0, got {projection_eps}")
         if kl_clip is not None and not kl_clip > 0:
             raise ValueError(f"kl_clip must be > 0 or None (no clipping), got {kl_clip}")
+        _check_choice("trust_region", trust_region, _TRUST_REGIONS)
+        _check_choice("fisher", fisher, _FISHER_TYPES)
+        _check_choice("damping_mode", damping_mode, Fn.DAMPING_MODES)
+        _check_choice("eta", eta, Fn.ETA_CONVENTIONS)
         if fallback not in _FALLBACK_RULES:
             raise ValueError(f"fallback must be one of {_FALLBACK_RULES}, got {fallback!r}")
         if fallback_lr is not None:
@@ -127,7 +163,13 @@ class KroneckerOptimizer(Optimizer):
 
         self.curvature_update_interval = curvature_update_interval
         self.inverse_update_interval = inverse_update_interval
-        self._mode = CaptureMode(halves=self.splits_batch, factors=True, total=not self.splits_batch)
+        self.fisher = fisher
+        self._mode = CaptureMode(
+            halves=self.splits_batch, factors=True, total=not self.splits_batch, empirical=fisher == "empirical"
+        )
+        self._sampled = False  # sample_fisher() ran in this cycle
+        self._nu_history: list[Tensor] = []  # the trust region's ν per step (device tensors)
+        self._noise_sums: list[Tensor] = []  # per step: Σ_layers (tr Σ estimate, |G|² estimate)
         self.layers: list[KroneckerLayer] = _discover_layers(model, exclude, self._mode)
         if self.layers and all(layer.bias is None or not layer.bias.requires_grad for layer in self.layers):
             min(self.layers, key=lambda layer: layer.weight.numel()).is_reference = True
@@ -139,7 +181,8 @@ class KroneckerOptimizer(Optimizer):
         rest = [p for p in _unique_params(model) if id(p) not in curvature_ids]
         defaults = dict(
             lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov, damping=damping,
-            factor_decay=factor_decay, projection_eps=projection_eps, kl_clip=kl_clip, rule=fallback,
+            factor_decay=factor_decay, projection_eps=projection_eps, kl_clip=kl_clip,
+            trust_region=trust_region, damping_mode=damping_mode, eta=eta, rule=fallback,
             betas=tuple(fallback_betas), eps=fallback_eps,
         )  # fmt: skip
         groups: list[dict[str, Any]] = []
@@ -175,8 +218,59 @@ class KroneckerOptimizer(Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As ``Optimizer.zero_grad``, and drops the statistics captured since the last step."""
         super().zero_grad(set_to_none=set_to_none)
+        self._sampled = False
         for layer in self.layers:
             layer.reset()
+
+    # ------------------------------------------------------------------------------ Monte-Carlo Fisher
+    @property
+    def curvature_step(self) -> bool:
+        """Whether the forward/backward cycle now in progress captures factor statistics."""
+        return bool(self._mode.factors)
+
+    def sample_fisher(self, output: Tensor, generator: torch.Generator | None = None) -> None:
+        """Monte-Carlo Fisher (``fisher="mc"``): call on the model's output, before ``backward()``.
+
+        On curvature steps, draws labels ``ŷ ~ softmax(output)`` (classes on the last dimension)
+        and backpropagates ``Σ_i CE(output_i, ŷ_i)`` through the graph (``retain_graph``, nothing
+        written to ``.grad``), so that ``G = (1/n) Σ_i δ_i δ_iᵀ`` holds the output gradients of
+        the sampled labels: an unbiased estimate of the true Fisher's factor, where the empirical
+        Fisher uses the training labels. On other steps it returns at once, so the loop may call
+        it on every step::
+
+            output = model(x)
+            optimizer.sample_fisher(output)
+            loss_fn(output, y).backward()
+
+        Cost: one extra backward pass on curvature steps. With gradient accumulation, call it once
+        per micro-batch.
+        """
+        if self.fisher != "mc":
+            raise RuntimeError(
+                f"sample_fisher() is for fisher='mc'; this optimizer uses fisher={self.fisher!r} "
+                "(its G factor comes from the training loss itself: no call needed)"
+            )
+        if not self._mode.factors or not self.layers:
+            return
+        if output.dim() < 1 or output.shape[-1] < 2:
+            raise ValueError(
+                f"sample_fisher() needs classification logits with the classes on the last dimension, "
+                f"got shape {tuple(output.shape)}"
+            )
+        if not output.requires_grad:
+            raise ValueError("sample_fisher() needs the output of a forward with gradients enabled (call it before backward)")
+        logits = output.reshape(-1, output.shape[-1])
+        logits = logits.to(Fn.compute_dtype(logits.dtype))  # bf16 logits: sample and differentiate in float32
+        with torch.no_grad():
+            labels = torch.multinomial(torch.softmax(logits.detach(), dim=-1), 1, generator=generator).squeeze(-1)
+        loss = F.cross_entropy(logits, labels, reduction="sum")
+        weights = [layer.weight for layer in self.layers if layer.weight.requires_grad]
+        self._mode.sampling = True
+        try:
+            torch.autograd.grad(loss, weights, retain_graph=True, allow_unused=True)
+        finally:
+            self._mode.sampling = False
+        self._sampled = True
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
@@ -214,9 +308,47 @@ class KroneckerOptimizer(Optimizer):
     def diagnostics(self) -> dict[str, dict[str, Tensor]]:
         """Per-layer ``beta`` (β*), ``eta`` (η*) and ``projection`` (s) of the last step.
 
+        FOP also reports the layer's gradient-noise terms of the step, ``noise_trace`` (tr Σ) and
+        ``noise_grad_sq`` (|G|²), from its two halves (:func:`fop.functional.gradient_noise_terms`).
         Values are device tensors (reading them synchronises); K-FAC reports β* = 0, η* = 1.
         """
         return {layer.name: dict(layer.last) for layer in self.layers if layer.last}
+
+    def gradient_noise_scale(self, reset: bool = False) -> float | None:
+        """The model's simple gradient-noise scale ``B_noise = tr Σ / |G|²`` (McCandlish et al. 2018).
+
+        Both terms are summed over the curvature layers and over the steps since the last
+        ``reset`` before the ratio is taken (each step's estimate alone is noisy). A batch much
+        larger than ``B_noise`` is past the critical batch size: larger batches then barely
+        reduce the number of steps. FOP only (K-FAC does not form the halves): ``None`` for K-FAC
+        or before the first step; ``inf`` when the gradient estimate ``|G|²`` is not positive
+        (pure noise). Synchronises with the device.
+        """
+        if not self._noise_sums:
+            return None
+        trace, grad_sq = torch.stack(self._noise_sums).sum(0).tolist()
+        if reset:
+            self._noise_sums.clear()
+        return trace / grad_sq if grad_sq > 0 else float("inf")
+
+    def trust_region_stats(self, reset: bool = False) -> dict[str, float] | None:
+        """How the ``kl_clip`` trust region acted on the steps since the last ``reset``.
+
+        ``{"steps": k, "clipped_fraction": share of steps with ν < 1, "nu_median": median ν}``;
+        ``None`` when no step was clipped-checked (``kl_clip=None`` or no step yet). A fraction
+        near 1 with ``trust_region="step"`` means the learning rate had no effect on those steps.
+        Synchronises with the device.
+        """
+        if not self._nu_history:
+            return None
+        nu = torch.stack(self._nu_history).float()
+        if reset:
+            self._nu_history.clear()
+        return {
+            "steps": int(nu.numel()),
+            "clipped_fraction": float((nu < 1).float().mean()),
+            "nu_median": float(nu.median()),
+        }
 
     def remove_hooks(self) -> None:
         """Detach the module hooks (the optimizer then no longer sees curvature)."""
@@ -231,6 +363,13 @@ class KroneckerOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.fisher == "mc" and self._mode.factors and not self._sampled:
+            if any(layer.captured() for layer in self.layers):
+                raise RuntimeError(
+                    f"{type(self).__name__}(fisher='mc') on a curvature step without a Monte-Carlo sample: "
+                    "call optimizer.sample_fisher(output) after the forward and before loss.backward() "
+                    "(it returns at once on other steps)"
+                )
         ok = self._finite_gradients()
         inverse_step = self._steps % _interval_at(self.inverse_update_interval, self._steps) == 0
         for group in self.param_groups:
@@ -243,6 +382,7 @@ class KroneckerOptimizer(Optimizer):
                 self._first_order_step(group, params, ok)
         self._skipped.add_((~ok).to(self._skipped.dtype))
         self._steps += 1
+        self._sampled = False
         self._set_capture_mode()
         return loss
 
@@ -284,7 +424,10 @@ class KroneckerOptimizer(Optimizer):
         self._owner_directions([item for item in work if self.communicator.owns(item.layer)], group, ok, inverse_step)
         self.communicator.share(work)
         if group["kl_clip"] is not None and work:
-            _clip_to_trust_region(work, group["lr"], group["kl_clip"])
+            lr = group["lr"] if group["trust_region"] == "step" else 1.0
+            nu = _clip_to_trust_region(work, lr, group["kl_clip"])
+            self._nu_history.append(nu)
+            del self._nu_history[:-_NU_HISTORY]
         for item in work:
             assert item.direction is not None
             for param, direction in zip(item.layer.params(), item.layer.unfold_direction(item.direction)):
@@ -304,9 +447,17 @@ class KroneckerOptimizer(Optimizer):
         with phase("eigh"):
             self._update_eigen([s for s in states if "A" in s and (inverse_step or "A_values" not in s)])
         with phase("direction"):
+            noise: list[Tensor] = []
             for item, state in zip(owned, states):
                 # no factors yet (a layer first seen on a step without capture): plain gradient this once
                 item.direction = self._direction(item, state, group) if "A" in state else item.grad
+                if "noise_trace" in item.layer.last:
+                    noise.append(torch.stack([item.layer.last["noise_trace"], item.layer.last["noise_grad_sq"]]))
+            if noise:
+                # a skipped step (non-finite gradients) must not enter the noise estimate
+                total = torch.stack(noise).sum(0)
+                self._noise_sums.append(torch.where(ok, total, torch.zeros_like(total)))
+                del self._noise_sums[:-_NU_HISTORY]
 
     def _update_factors(self, state: dict, a_new: Tensor, g_new: Tensor, decay: float, ok: Tensor) -> None:
         good = ok & torch.isfinite(a_new).all() & torch.isfinite(g_new).all()
@@ -343,12 +494,17 @@ class KroneckerOptimizer(Optimizer):
         layer = item.layer
         eig_a = Fn.Eigen(state["A_values"], state["A_vectors"])
         eig_g = Fn.Eigen(state["G_values"], state["G_vectors"])
-        damping = group["damping"]
+        damping, damping_mode = group["damping"], group["damping_mode"]
         if self.splits_batch and item.g1 is not None and item.g2 is not None:
             result = Fn.fop_direction_eigen(
-                item.g1, item.g2, eig_a, eig_g, damping, group["projection_eps"], self.projection
-            )
-            layer.last = {"beta": result.beta, "eta": result.eta, "projection": result.projection}
+                item.g1, item.g2, eig_a, eig_g, damping, group["projection_eps"], self.projection,
+                damping_mode, group["eta"],
+            )  # fmt: skip
+            trace, grad_sq = Fn.gradient_noise_terms(item.g1, item.g2, item.half_batch)
+            layer.last = {
+                "beta": result.beta, "eta": result.eta, "projection": result.projection,
+                "noise_trace": trace, "noise_grad_sq": grad_sq,
+            }  # fmt: skip
             return result.direction
         if self.splits_batch:
             self._warn_once(
@@ -358,7 +514,7 @@ class KroneckerOptimizer(Optimizer):
             )
         zero = torch.zeros((), dtype=item.grad.dtype, device=item.grad.device)
         layer.last = {"beta": zero, "eta": torch.ones_like(zero), "projection": zero}
-        return Fn.kfac_direction_eigen(item.grad, eig_a, eig_g, damping)
+        return Fn.kfac_direction_eigen(item.grad, eig_a, eig_g, damping, damping_mode)
 
     def _apply_sgd(
         self, group: dict[str, Any], params: Sequence[Tensor], directions: Sequence[Tensor], ok: Tensor
@@ -421,8 +577,10 @@ class KFAC(KroneckerOptimizer):
 
 
 # ---------------------------------------------------------------------------------- helpers
-def _clip_to_trust_region(work: Sequence[LayerWork], lr: float | Tensor, kl_clip: float) -> None:
-    """Scale all directions by ``ν = min(1, √(κ / (lr² Σ_ℓ ⟨d_ℓ, g_ℓ⟩)))`` (K-FAC's KL clipping).
+def _clip_to_trust_region(work: Sequence[LayerWork], lr: float | Tensor, kl_clip: float) -> Tensor:
+    """Scale all directions by ``ν = min(1, √(κ / (lr² Σ_ℓ ⟨d_ℓ, g_ℓ⟩)))`` (K-FAC's KL clipping); return ν.
+
+    ``trust_region="direction"`` passes ``lr = 1``: the clip then bounds the direction, not the step.
 
     ``lr² Σ⟨d, g⟩`` is the second-order estimate of the step's change in the model's output
     distribution (KL divergence under the damped Fisher); capping it at ``κ`` keeps tiny
@@ -437,6 +595,7 @@ def _clip_to_trust_region(work: Sequence[LayerWork], lr: float | Tensor, kl_clip
     for item in work:
         if item.direction is not None:
             item.direction = item.direction * nu
+    return nu
 
 
 def _discover_layers(model: nn.Module, exclude: ExcludeSpec, mode: CaptureMode) -> list[KroneckerLayer]:
@@ -507,6 +666,11 @@ def _check_nonneg(name: str, value: float | Tensor) -> None:
         value = float(value)
     if not (isinstance(value, (int, float)) and value >= 0):
         raise ValueError(f"{name} must be a float >= 0, got {value!r}")
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
 
 
 def _check_interval(name: str, value: Interval) -> None:

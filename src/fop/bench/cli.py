@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import math
 import os
 import shlex
 import sys
@@ -56,6 +58,20 @@ def _list_of(convert: Callable[[str], T], what: str) -> Callable[[str], tuple[T,
 def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
+        raise ValueError(text)
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
+def _nonneg_float(text: str) -> float:
+    value = float(text)
+    if not (value >= 0 and math.isfinite(value)):
         raise ValueError(text)
     return value
 
@@ -199,6 +215,32 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LAMBDA",
         type=_single(_positive_float, "a positive number"),
         help="K-FAC/FOP damping (default: the task's; 1e-3 for the CIFAR tasks)",
+    )
+    tuning.add_argument(
+        "--damping-grid",
+        metavar="LIST",
+        type=_list_of(_positive_float, "positive numbers"),
+        help="tune K-FAC/FOP's damping too: every learning rate x every damping of LIST",
+    )
+    tuning.add_argument(
+        "--wd-grid",
+        metavar="LIST",
+        type=_list_of(_nonneg_float, "numbers >= 0"),
+        help="tune the weight decay of the other optimizers: every learning rate x every value of LIST "
+        "(as long as --damping-grid, so that every optimizer gets the same number of trials)",
+    )
+    tuning.add_argument(
+        "--extend-edges",
+        metavar="N",
+        type=_single(_nonneg_int, "an integer >= 0"),
+        default=1,
+        help="rounds of automatic grid extension: a cell whose best learning rate lies on the edge of its grid "
+        "gets one more factor beyond that edge, per round (default: 1; 0 turns it off)",
+    )
+    tuning.add_argument(
+        "--compare-to",
+        metavar="NAME",
+        help="reference of the paired per-seed comparison in the report (default: kfac if run, else the baseline)",
     )
 
     machine = parser.add_argument_group("machine and output")
@@ -382,6 +424,7 @@ def _run(argv: Sequence[str]) -> int:
     baseline = (args.baseline or ("sgd" if "sgd" in optimizers else optimizer_names[0])).lower()
     if baseline not in optimizers:
         raise BenchError(f"--baseline {baseline} is not among the optimizers run ({', '.join(optimizers)})")
+    _comparison_reference(args, optimizers, baseline)  # fail before training
     device = _resolve_device(args.device)
     threads = args.threads or (task.cpu_threads if device.type == "cpu" else None)
     with _torch_threads(threads):
@@ -415,6 +458,7 @@ def _sweep(
     from fop.bench.data import BatchPipeline
     from fop.bench.report import (
         environment,
+        format_paired_table,
         format_final_table,
         format_report,
         format_table1,
@@ -452,7 +496,10 @@ def _sweep(
         damping=args.damping,
         bf16=not args.fp32,
         stop_at_target=args.stop_at_target,
+        damping_grid=args.damping_grid,
+        weight_decay_grid=args.wd_grid,
     )
+    _check_budget(config, optimizers)
     plan = plan_runs(config, task, dataset, list(optimizers.values()))
 
     out = args.out or Path("bench-runs") / task.name
@@ -461,16 +508,16 @@ def _sweep(
         return _profile(args, task, dataset, device, plan, optimizers, baseline, out, env, command)
     print(f"{PROG}: {task.name} on {env['hardware']}, torch {env['torch']}: {len(plan)} runs -> {out}", file=sys.stderr)
     pipeline = BatchPipeline(dataset, device, crop_padding=task.crop_padding, channels_last=device.type == "cuda")
-    records = run_sweep(
-        plan,
-        task,
-        dataset,
-        pipeline,
-        optimizers,
-        ResultStore(out / "runs.jsonl"),
-        context={"environment": env, "command": command},
-        progress=not args.no_progress and sys.stderr.isatty(),
-    )
+    store = ResultStore(out / "runs.jsonl")
+    progress = not args.no_progress and sys.stderr.isatty()
+    context = {"environment": env, "command": command}
+    records = run_sweep(plan, task, dataset, pipeline, optimizers, store, context=context, progress=progress)
+    for _ in range(args.extend_edges):
+        extra = _edge_extension(records, config, task, dataset, optimizers)
+        if not extra:
+            break
+        print(f"grid edge: {len(extra)} more runs beyond the edge of the learning-rate grid", file=sys.stderr)
+        records += run_sweep(extra, task, dataset, pipeline, optimizers, store, context=context, progress=progress)
 
     plot_file = "accuracy_vs_time.png"
     title = f"{task.name}: {env['hardware']}, torch {env['torch']}\n{command}"
@@ -489,6 +536,7 @@ def _sweep(
         command=command,
         dataset=dataset.summary(),
         plot_file=plot_file,
+        reference=_comparison_reference(args, optimizers, baseline),
     )
     (out / "results.md").write_text(report, encoding="utf-8")
 
@@ -505,9 +553,59 @@ def _sweep(
         f"\nfinal {'Top-1 error' if task.metric == 'error' else 'test accuracy'} % (best in run), median over seeds:\n"
     )
     print(format_final_table(cells, config.batch_sizes, config.optimizers, task.metric))
+    reference = _comparison_reference(args, optimizers, baseline)
+    if len(config.seeds) >= 2 and len(config.optimizers) > 1:
+        print(f"\npaired per-seed comparison against {reference} (final accuracy points, median [95% bootstrap CI]):\n")
+        print(format_paired_table(cells, config.batch_sizes, config.optimizers, reference, task.metric))
     print(f"\nfull report: {out / 'results.md'}; plot: {out / plot_file}; runs: {out / 'runs.jsonl'}")
     print(f"total wall time {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return 0
+
+
+def _check_budget(config: SweepConfig, optimizers: dict[str, OptimizerSpec]) -> None:
+    """The same number of trials for every optimizer: both second axes, or neither, equally long."""
+    from fop.bench.runner import second_axis
+
+    sizes = {name: len(second_axis(config, spec)) for name, spec in optimizers.items()}
+    if len(set(sizes.values())) > 1:
+        detail = ", ".join(f"{name} {size}" for name, size in sizes.items())
+        raise BenchError(
+            f"unequal tuning budgets ({detail} values on the second axis): give --damping-grid and --wd-grid "
+            "lists of the same length, or neither"
+        )
+
+
+def _edge_extension(
+    records: Sequence[dict[str, Any]], config: SweepConfig, task: Task, dataset: Any,
+    optimizers: dict[str, OptimizerSpec],
+) -> list[RunSpec]:  # fmt: skip
+    """Runs one geometric grid step beyond the edge for every cell whose best learning rate is on it."""
+    from fop.bench.report import summarize
+    from fop.bench.runner import plan_runs
+
+    extra: list[RunSpec] = []
+    tried: dict[tuple[int, str], set[float]] = {}
+    for record in records:
+        spec = record["spec"]
+        tried.setdefault((spec["batch_size"], spec["optimizer"]), set()).add(spec["lr_factor"])
+    for (batch_size, name), cell in summarize(records).items():
+        factors = sorted(tried[(batch_size, name)])
+        if "lr" not in cell.edges or len(factors) < 2:
+            continue
+        if cell.lr_factor == factors[0]:
+            new = factors[0] * factors[0] / factors[1]
+        else:
+            new = factors[-1] * factors[-1] / factors[-2]
+        one = dataclasses.replace(config, optimizers=(name,), batch_sizes=(batch_size,), lr_grid=(new,))
+        extra += plan_runs(one, task, dataset, [optimizers[name]])
+    return extra
+
+
+def _comparison_reference(args: argparse.Namespace, optimizers: dict[str, OptimizerSpec], baseline: str) -> str:
+    reference = (args.compare_to or ("kfac" if "kfac" in optimizers else baseline)).lower()
+    if reference not in optimizers:
+        raise BenchError(f"--compare-to {reference} is not among the optimizers run ({', '.join(optimizers)})")
+    return reference
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,7 +20,8 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -60,6 +61,7 @@ class Hyperparameters:
     curvature_interval: int = 10
     fallback: str = "sgd"
     fallback_lr: float | None = None
+    options: tuple[tuple[str, Any], ...] = ()  # extra K-FAC/FOP keyword arguments (a variant's)
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,12 @@ class OptimizerSpec:
     scaling: str
     default_lr: float | None = None
     uses_curvature: bool = False
+    base: str = ""  # the name its base learning rate is looked up under (a variant's base optimizer)
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def lr_name(self) -> str:
+        return self.base or self.name
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,6 +161,7 @@ def _curvature_builder(class_name: str) -> Callable[[nn.Module, Hyperparameters]
             inverse_update_interval=hp.curvature_interval,
             fallback=hp.fallback,
             fallback_lr=hp.fallback_lr,
+            **dict(hp.options),
         )
 
     build.__name__ = f"build_{class_name.lower()}"
@@ -214,9 +223,39 @@ def _pytorch_optimizer_class(name: str) -> type | None:
 _SGD_LIKE_TAGS = ("sgd", "lars")
 
 
+# K-FAC/FOP variants, ``fop:mc:sum``: each token sets constructor arguments (docs/benchmark.md).
+VARIANT_TOKENS: dict[str, dict[str, Any]] = {
+    "mc": {"fisher": "mc"},
+    "sum": {"eta": "sum"},
+    "factored": {"damping_mode": "factored"},
+    "replace": {"factor_decay": 0.0},
+    "noclip": {"kl_clip": None},
+    "dirclip": {"trust_region": "direction"},
+    "paper": {"fisher": "mc", "damping_mode": "factored", "factor_decay": 0.0, "kl_clip": None, "eta": "sum"},
+}
+
+
+def _variant(key: str) -> OptimizerSpec:
+    base, *tokens = key.split(":")
+    if base not in CURVATURE_OPTIMIZERS:
+        raise BenchError(f"variants ({key!r}) exist for kfac and fop only")
+    options: dict[str, Any] = {}
+    for token in tokens:
+        if token not in VARIANT_TOKENS:
+            raise BenchError(f"unknown variant {token!r} in {key!r} (choose from {', '.join(VARIANT_TOKENS)})")
+        options.update(VARIANT_TOKENS[token])
+    spec = resolve_optimizer(base)
+    return OptimizerSpec(key, spec.build, spec.scaling, spec.default_lr, True, base=base, options=options)
+
+
 def resolve_optimizer(name: str) -> OptimizerSpec:
-    """The :class:`OptimizerSpec` of ``name``, or :class:`BenchError` if unknown or unavailable."""
+    """The :class:`OptimizerSpec` of ``name``, or :class:`BenchError` if unknown or unavailable.
+
+    ``kfac:TOKEN[:TOKEN...]`` and ``fop:...`` name variants (:data:`VARIANT_TOKENS`).
+    """
     key = name.strip().lower()
+    if ":" in key:
+        return _variant(key)
     if key in _BUILTIN:
         spec = _BUILTIN[key]
         if spec.uses_curvature:

@@ -8,6 +8,7 @@ cell reaches the target when more than half of its seeds do (2 of 3, 2 of 2).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import platform
@@ -35,6 +36,10 @@ class Cell:
     lr: float
     lr_factor: float
     runs: tuple[dict[str, Any], ...]
+    damping: float | None = None  # K-FAC/FOP's chosen damping (its second tuning axis)
+    weight_decay: float | None = None
+    edges: tuple[str, ...] = ()  # tuned axes whose chosen value lies on the edge of what was tried
+    trials: int = 1  # configurations tried for this cell (the tuning budget)
 
     @property
     def seeds(self) -> int:
@@ -70,19 +75,111 @@ class Cell:
 
 
 def summarize(records: Iterable[dict[str, Any]]) -> dict[tuple[int, str], Cell]:
-    """Cells by ``(batch_size, optimizer)``, each at its best learning rate of the grid."""
-    groups: dict[tuple[int, str, float], list[dict[str, Any]]] = defaultdict(list)
+    """Cells by ``(batch_size, optimizer)``, each at its best configuration of the grid.
+
+    A configuration is a learning-rate factor and, where the sweep tunes one, a damping (K-FAC,
+    FOP) or weight decay (the others). A cell whose chosen value lies on the edge of the values
+    tried lists that axis in :attr:`Cell.edges`: the grid may be too small there.
+    """
+    groups: dict[tuple[int, str, float, Any, Any], list[dict[str, Any]]] = defaultdict(list)
     for record in records:
         spec = record["spec"]
-        groups[(spec["batch_size"], spec["optimizer"], spec["lr_factor"])].append(record)
+        hp = spec["hyperparameters"]
+        groups[(spec["batch_size"], spec["optimizer"], spec["lr_factor"], hp.get("damping"), hp.get("weight_decay"))].append(
+            record
+        )
+    tried: dict[tuple[int, str], list[tuple[float, Any, Any]]] = defaultdict(list)
+    for batch_size, optimizer, factor, damping, decay in groups:
+        tried[(batch_size, optimizer)].append((factor, damping, decay))
     best: dict[tuple[int, str], Cell] = {}
-    for (batch_size, optimizer, factor), runs in groups.items():
+    for (batch_size, optimizer, factor, damping, decay), runs in groups.items():
         runs.sort(key=lambda run: run["spec"]["seed"])
-        cell = Cell(batch_size, optimizer, runs[0]["spec"]["hyperparameters"]["lr"], factor, tuple(runs))
+        cell = Cell(batch_size, optimizer, runs[0]["spec"]["hyperparameters"]["lr"], factor, tuple(runs), damping, decay)
         current = best.get((batch_size, optimizer))
         if current is None or cell.sort_key() < current.sort_key():
             best[(batch_size, optimizer)] = cell
+    for key, cell in best.items():
+        configs = tried[key]
+        edges = []
+        for axis, name in ((0, "lr"), (1, "damping"), (2, "weight decay")):
+            values = sorted({config[axis] for config in configs if config[axis] is not None})
+            chosen = (cell.lr_factor, cell.damping, cell.weight_decay)[axis]
+            if len(values) > 1 and chosen in (values[0], values[-1]):
+                edges.append(name)
+        best[key] = dataclasses.replace(cell, edges=tuple(edges), trials=len(configs))
     return best
+
+
+def paired_differences(a: Cell, b: Cell, field: str) -> list[float]:
+    """Per-seed ``a − b`` of ``field`` over the seeds both cells ran (paired: same seed, same data order)."""
+    b_runs = {run["spec"]["seed"]: run for run in b.runs}
+    return [
+        run[field] - b_runs[run["spec"]["seed"]][field]
+        for run in a.runs
+        if run["spec"]["seed"] in b_runs
+        and run[field] is not None
+        and b_runs[run["spec"]["seed"]][field] is not None
+    ]
+
+
+def bootstrap_median_interval(
+    values: Sequence[float], level: float = 0.95, resamples: int = 10_000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the median of ``values`` (resampled with replacement)."""
+    import numpy as np
+
+    data = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    medians = np.median(data[rng.integers(0, len(data), size=(resamples, len(data)))], axis=1)
+    tail = (1 - level) / 2
+    return float(np.quantile(medians, tail)), float(np.quantile(medians, 1 - tail))
+
+
+def format_paired_table(
+    cells: dict[tuple[int, str], Cell],
+    batch_sizes: Sequence[int],
+    optimizers: Sequence[str],
+    reference: str,
+    metric: str,
+) -> str:
+    """Each optimizer against ``reference`` at every batch size, seed by seed, both at their best
+    configuration: median difference of the final test metric with a 95% bootstrap interval,
+    how many seeds favour it, and the median difference in epochs to target where both reached it."""
+    sign = -1.0 if metric == "error" else 1.0  # report differences in the metric's own direction
+    rows = []
+    for batch_size in batch_sizes:
+        ref = cells.get((batch_size, reference))
+        if ref is None:
+            continue
+        for optimizer in optimizers:
+            cell = cells.get((batch_size, optimizer))
+            if optimizer == reference or cell is None:
+                continue
+            diffs = [sign * 100 * d for d in paired_differences(cell, ref, "final_accuracy")]
+            if not diffs:
+                continue
+            low, high = bootstrap_median_interval(diffs)
+            better = sum(d > 0 for d in diffs) if metric != "error" else sum(d < 0 for d in diffs)
+            epochs = paired_differences(cell, ref, "epochs_to_target")
+            rows.append(
+                [
+                    str(batch_size),
+                    f"{optimizer} − {reference}",
+                    str(len(diffs)),
+                    f"{statistics.median(diffs):+.2f} [{low:+.2f}, {high:+.2f}]",
+                    f"{better}/{len(diffs)}",
+                    f"{statistics.median(epochs):+g} ({len(epochs)} seeds)" if epochs else MISS,
+                ]
+            )
+    header = [
+        "batch",
+        "pair",
+        "seeds",
+        f"final {'error' if metric == 'error' else 'acc'} points, median [95% CI]",
+        "seeds better",
+        "epochs to target, median",
+    ]
+    return _markdown_table(header, rows)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,11 +296,17 @@ def format_details(
             )
             diverged = sum(run["status"] == "diverged" for run in cell.runs)
             memory_mib = max(run["peak_memory_bytes"] for run in cell.runs) / 2**20
+            tuned = f"{cell.lr:.3g} (×{cell.lr_factor:.3g})"
+            if cell.damping is not None and any(name in optimizer for name in ("kfac", "fop")):
+                tuned += f", λ {cell.damping:g}"
+            if cell.weight_decay is not None:
+                tuned += f", wd {cell.weight_decay:g}"
+            tuned += f"; {cell.trials} tried" + (f"; ⚠ edge: {', '.join(cell.edges)}" if cell.edges else "")
             rows.append(
                 [
                     str(batch_size),
                     optimizer,
-                    f"{cell.lr:.3g} (×{cell.lr_factor:.3g})",
+                    tuned,
                     f"{cell.reached}/{cell.seeds}" + (f", {diverged} diverged" if diverged else ""),
                     epochs,
                     seconds,
@@ -217,7 +320,7 @@ def format_details(
     header = [
         "batch",
         "optimizer",
-        "lr (grid factor)",
+        "chosen configuration (lr grid factor, damping λ, weight decay; trials; grid edge)",
         "reached",
         "epochs [min–max]",
         "seconds [min–max]",
@@ -276,6 +379,7 @@ def format_report(
     command: str,
     dataset: dict[str, Any],
     plot_file: str | None = None,
+    reference: str | None = None,
 ) -> str:
     """The Markdown report of a sweep: header, Table 1, final metric, fastest batch, details."""
     cells = summarize(records)
@@ -326,6 +430,26 @@ def format_report(
         format_details(cells, batch_sizes, optimizers, metric),
         "",
     ]
+    edge_cells = [cell for cell in cells.values() if cell.edges]
+    if edge_cells:
+        lines += [
+            "**Grid edge:** "
+            + "; ".join(f"{c.optimizer} at batch {c.batch_size} ({', '.join(c.edges)})" for c in edge_cells)
+            + " chose a value on the edge of the grid tried: a wider grid may do better.",
+            "",
+        ]
+    if reference and len(seeds) >= 2 and any(optimizer != reference for optimizer in optimizers):
+        lines += [
+            f"## Paired comparison against {reference}",
+            "",
+            "Per seed (same initialisation, data order and augmentation), each optimizer at its own best "
+            "configuration; interval: 95% percentile bootstrap of the median difference. The configuration "
+            "is chosen on the same seeds, so with few seeds the differences favour the optimizer whose "
+            "grid was luckier; every optimizer gets the same number of trials.",
+            "",
+            format_paired_table(cells, batch_sizes, optimizers, reference, metric),
+            "",
+        ]
     if plot_file:
         lines += [f"![{_metric_name(metric)} against training time]({plot_file})", ""]
     return "\n".join(lines)

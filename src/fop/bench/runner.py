@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -59,6 +60,17 @@ class SweepConfig:
     damping: float | None = None
     bf16: bool = True
     stop_at_target: bool = False
+    damping_grid: tuple[float, ...] | None = None  # K-FAC/FOP's second tuning axis
+    weight_decay_grid: tuple[float, ...] | None = None  # the other optimizers' second axis
+
+
+def second_axis(config: SweepConfig, spec: OptimizerSpec) -> tuple[float | None, ...]:
+    """Values of an optimizer's second tuning axis (damping for K-FAC/FOP, weight decay otherwise).
+
+    ``(None,)`` when the sweep tunes the learning rate only.
+    """
+    grid = config.damping_grid if spec.uses_curvature else config.weight_decay_grid
+    return tuple(grid) if grid else (None,)
 
 
 @dataclass(frozen=True)
@@ -136,16 +148,20 @@ def plan_runs(
             base_lr = _base_lr(spec, task, base_lr_overrides)
             scaling = config.lr_scaling or spec.scaling
             fallback_lr = _fallback_lr(task, config, base_lr_overrides, batch_size)
-            for factor in config.lr_grid:
+            options = dict(spec.options)
+            factor_decay = options.pop("factor_decay", task.curvature.factor_decay)
+            for factor, second in itertools.product(config.lr_grid, second_axis(config, spec)):
                 lr = factor * scaled_lr(base_lr, batch_size, task.reference_batch, scaling)
+                default_damping = config.damping or task.curvature.damping
                 hyperparameters = Hyperparameters(
                     lr=lr,
-                    weight_decay=task.weight_decay(spec.name),
-                    damping=config.damping or task.curvature.damping,
-                    factor_decay=task.curvature.factor_decay,
+                    weight_decay=task.weight_decay(spec.lr_name) if spec.uses_curvature or second is None else second,
+                    damping=second if spec.uses_curvature and second is not None else default_damping,
+                    factor_decay=factor_decay,
                     curvature_interval=interval,
                     fallback=task.curvature.fallback,
                     fallback_lr=None if fallback_lr is None else factor * fallback_lr,
+                    options=tuple(sorted(options.items())),
                 )
                 for seed in config.seeds:
                     runs.append(
@@ -172,10 +188,11 @@ def plan_runs(
 
 
 def _base_lr(spec: OptimizerSpec, task: Task, overrides: dict[str, float]) -> float:
-    if spec.name in overrides:
-        return overrides[spec.name]
-    if spec.name in task.base_lrs:
-        return task.base_lrs[spec.name]
+    for name in dict.fromkeys((spec.name, spec.lr_name)):
+        if name in overrides:
+            return overrides[name]
+    if spec.lr_name in task.base_lrs:
+        return task.base_lrs[spec.lr_name]
     if spec.default_lr is not None:
         return spec.default_lr
     raise BenchError(
@@ -281,6 +298,14 @@ def _diagnostics_summary(optimizer: torch.optim.Optimizer) -> dict[str, float]:
         finite = [v for v in values if math.isfinite(v)]
         if finite:
             summary[f"{name}_median"] = statistics.median(finite)
+    # over the epoch's steps, then reset: how often the trust region bound, and the noise scale
+    trust = optimizer.trust_region_stats(reset=True)  # type: ignore[attr-defined]
+    if trust is not None:
+        summary["clipped_fraction"] = trust["clipped_fraction"]
+        summary["nu_median"] = trust["nu_median"]
+    noise = optimizer.gradient_noise_scale(reset=True)  # type: ignore[attr-defined]
+    if noise is not None:
+        summary["noise_scale"] = noise
     return summary
 
 
@@ -422,6 +447,7 @@ def _train_epoch(
     loss_sum = torch.zeros((), device=pipeline.device)
     marks = []
     batch_size = spec.batch_size
+    mc_fisher = getattr(optimizer, "fisher", None) == "mc"
     for batch in _batches(order, batch_size):
         start = clock.mark()
         optimizer.zero_grad(set_to_none=True)
@@ -429,7 +455,10 @@ def _train_epoch(
             images, labels = pipeline.train_batch(micro, generator)
             weight = micro.numel() / batch_size
             with _autocast(pipeline.device, spec.bf16):
-                loss = F.cross_entropy(model(images), labels)
+                output = model(images)
+                if mc_fisher:
+                    optimizer.sample_fisher(output, generator)  # type: ignore[attr-defined]
+                loss = F.cross_entropy(output, labels)
             (loss * weight).backward()
             loss_sum += loss.detach().float() * weight
         memory.sample()
