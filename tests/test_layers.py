@@ -492,3 +492,23 @@ def test_checkpoint_of_an_attention_model_resumes_exactly() -> None:
     train(resumed, optimizer2, data[2:])
     for a, b in zip(resumed.parameters(), model.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+def test_sequence_first_transformer_layer_equals_batch_first(fisher: str) -> None:
+    """The same TransformerEncoderLayer, sequence-first or batch-first: identical factors and halves."""
+    seq_first, x, y = make("encoder-layer", 6)
+    batch_first = copy.deepcopy(seq_first)
+    batch_first.layer.self_attn.batch_first = True  # the layer reads its layout from self_attn
+    batch_first.forward = lambda x: batch_first.head(batch_first.layer(x).mean(1))  # type: ignore[method-assign]
+    works = []
+    for model in (seq_first, batch_first):
+        optimizer = FOP(model, fisher=fisher, **FAST)
+        output = model(x)
+        if fisher == "mc":
+            optimizer.sample_fisher(output, generator=torch.Generator().manual_seed(3))
+        F.cross_entropy(output, y).backward()
+        works.append(captured(optimizer))
+    for name in works[0]:
+        for key in ("a", "g", "g1", "g2"):
+            torch.testing.assert_close(getattr(works[0][name], key), getattr(works[1][name], key), msg=f"{key} of {name}")

@@ -108,6 +108,7 @@ class DDPCommunicator(LocalCommunicator):
             for item in work:
                 item.g1, item.g2 = (self._folded(item.layer, k, item.grad) for k in (0, 1))
                 item.grad = 0.5 * (item.g1 + item.g2)
+                item.half_batch = item.samples * self.world_size / 2  # the halves: even and odd ranks' batches
             self._halves = {}  # consumed: a step without a hooked backward must not reuse them
         factored = [item for item in work if item.a is not None and item.g is not None]
         if factored:

@@ -156,10 +156,10 @@ class SequenceFirstLinearLayer(LinearLayer):
     with ``batch_first=False`` (see :func:`batch_dims`); the factors do not depend on row order.
     """
 
-    def _capture_backward(self, x: Tensor, grad_out: Tensor, mode: CaptureMode) -> None:
-        if x.dim() > 2:
+    def _backward_hook(self, x: Tensor, grad_out: Tensor, mode: CaptureMode) -> None:
+        if x.dim() > 2:  # every capture (halves, sample counts) then sees the batch first
             x, grad_out = x.transpose(0, 1), grad_out.transpose(0, 1)
-        super()._capture_backward(x, grad_out, mode)
+        super()._backward_hook(x, grad_out, mode)
 
 
 def batch_dims(model: nn.Module) -> dict[int, int]:
