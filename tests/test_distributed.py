@@ -568,7 +568,7 @@ def test_communication_volume_is_reported(world2) -> None:
     # FOP sends two gradient slots to the owners and one direction back
     kron = sum(p.numel() for m in model if isinstance(m, nn.Linear) for p in m.parameters())
     assert rec["bytes_plain"]["reduce"] == 2 * kron * 8
-    assert rec["bytes_plain"]["broadcast"] == (kron + 4 * 3) * 8  # + β*, η*, s, ⟨d, g⟩ per layer
+    assert rec["bytes_plain"]["broadcast"] == (kron + 6 * 3) * 8  # + β*, η*, s, ⟨d, g⟩, tr Σ, |G|² per layer
     assert rec["bytes_curvature"]["reduce"] > rec["bytes_plain"]["reduce"]  # + factor triangles
     assert rec["last_step_bytes"]["reduce"] == rec["bytes_plain"]["reduce"]  # step 3: no curvature
     kfac = results[0]["kfac_mlp"]["bytes_plain"]
@@ -652,7 +652,7 @@ def test_plan_without_processes_counts_bytes_and_shards_memory() -> None:
     for world in (2, 3, 8):
         spec, rep = plan(opt, model, world), plan(opt, model, world, replicated=True)
         b, r = spec.bytes_per_step(False), rep.bytes_per_step(False)
-        assert b["reduce"] == 2 * kron * 8 and b["broadcast"] == (kron + 4 * len(opt.layers)) * 8
+        assert b["reduce"] == 2 * kron * 8 and b["broadcast"] == (kron + 6 * len(opt.layers)) * 8
         # fallback gradients, presence counts (gradients and factors per layer, fallback tensors), flag
         assert b["all_reduce"] == (fallback + 2 * len(opt.layers) + fallback_tensors + 1) * 8
         assert r["all_reduce"] == 2 * kron * 8 + b["all_reduce"] and r["calls"] == 1

@@ -78,8 +78,10 @@ __all__ = [
     "state_bytes",
 ]
 
-# shared with every layer's direction: β*, η*, s (diagnostics) and ⟨d, g⟩ (the KL trust region)
-_SHARED_SCALARS = 4
+# shared with every layer's direction: β*, η*, s (diagnostics), ⟨d, g⟩ (the KL trust region) and,
+# for FOP, the gradient-noise terms tr Σ, |G|² (diagnostics)
+_SHARED_SCALARS = 6
+_NOISE_KEYS = ("noise_trace", "noise_grad_sq")
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
 
 _DDP_MESSAGE = (
@@ -737,6 +739,10 @@ class DistributedCommunicator(Communicator):
                     zero = torch.zeros((), dtype=self.dtype, device=self.device)
                     values = [last.get("beta", zero), last.get("eta", zero + 1), last.get("projection", zero)]
                     values.append(inner(item.direction, item.grad))
+                    if self.splits:  # a step without halves (one sample) has no noise terms: NaN on every process
+                        for key in _NOISE_KEYS:
+                            last.setdefault(key, zero + float("nan"))
+                    values += [last.get(key, zero) for key in _NOISE_KEYS]
                     scalars = bucket[off + self._numel[i] : off + self._numel[i] + _SHARED_SCALARS]
                     scalars.copy_(torch.stack([v.to(self.dtype).reshape(()) for v in values]))
                     item.dg = scalars[3].to(item.grad.dtype)  # as every other process will read it
@@ -757,6 +763,8 @@ class DistributedCommunicator(Communicator):
                 item.direction = bucket[off : off + self._numel[i]].view(layer.out_features, layer.in_features).to(dtype)
                 scalars = bucket[off + self._numel[i] : off + self._numel[i] + _SHARED_SCALARS].to(dtype)
                 layer.last = {"beta": scalars[0], "eta": scalars[1], "projection": scalars[2]}
+                if self.splits:
+                    layer.last.update(zip(_NOISE_KEYS, scalars[4:6]))
                 item.dg = scalars[3]
 
     def reduce_first_order(self, params: Sequence[Tensor], ok: Tensor) -> Tensor:
