@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fop import FOP, KFAC
-from fop.distributed import DistributedCommunicator, assign_owners, layer_cost, state_bytes
+from fop.distributed import DistributedCommunicator, LocalCommunicator, assign_owners, layer_cost, state_bytes
 
 DTYPE = torch.float64
 GLOBAL_BATCH = 16
@@ -80,8 +80,25 @@ def norm_only(seed: int = 0) -> nn.Module:
     return Scaled(nn.Sequential(nn.LayerNorm(6), nn.Flatten())).to(DTYPE)
 
 
+class AttentionNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(6, 2)  # sequence-first
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.transpose(0, 1)
+        return self.head(self.attn(h, h, h, need_weights=False)[0].mean(0))
+
+
+def attention_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return AttentionNet().to(DTYPE)
+
+
 MODELS = {
     "mlp": (mlp, (6,), 4), "cnn": (cnn, (2, 6, 6), 3), "bn": (bn_net, (2, 6, 6), 3), "norm": (norm_only, (6,), 6),
+    "attn": (attention_net, (4, 6), 3),
 }  # fmt: skip
 
 
@@ -241,6 +258,62 @@ def scenario_odd(rank: int, world: int, out: dict) -> None:
         out[f"odd_{opt_name}"] = {"params": params_of(model), "assignment": dict(opt.communicator.assignment)}
 
 
+def hooked_ddp(kind: str, opt_name: str = "fop", **ddp_kwargs: Any) -> tuple[nn.Module, nn.Module, Any]:
+    """(model, DDP wrapper, optimizer on the module with dual_gradient_hook registered)."""
+    from fop import dual_gradient_hook
+
+    model = MODELS[kind][0]()
+    ddp = nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
+    opt = make_optimizer(opt_name, ddp.module)
+    ddp.register_comm_hook(opt, dual_gradient_hook)
+    return model, ddp, opt
+
+
+def scenario_ddp(rank: int, world: int, out: dict) -> None:
+    """DistributedDataParallel with FOP's communication hook, as a DDP user trains."""
+    from fop.ddp import bytes_per_step as ddp_bytes_per_step
+
+    for opt_name, kind in (("fop", "mlp"), ("fop", "cnn"), ("kfac", "mlp")):
+        model, ddp, opt = hooked_ddp(kind, opt_name, bucket_cap_mb=1e-4)  # several buckets
+        train(ddp, opt, [local_part(b, rank, world) for b in global_batches(kind, 4)])
+        out[f"ddp_{opt_name}_{kind}"] = {
+            "params": params_of(model), "bytes": dict(opt.communicator.last_step_bytes),
+            "predicted": ddp_bytes_per_step(opt, curvature_step=False),  # the 4th step has no capture
+            "diagnostics": {k: {n: float(v) for n, v in d.items()} for k, d in opt.diagnostics().items()},
+        }  # fmt: skip
+    # gradient accumulation under no_sync(): the hook runs once, on the last micro-batch
+    model, ddp, opt = hooked_ddp("mlp")
+    for x, y in [local_part(b, rank, world) for b in global_batches("mlp", 3)]:
+        opt.zero_grad()
+        (xa, xb), (ya, yb) = x.chunk(2), y.chunk(2)
+        with ddp.no_sync():
+            (F.cross_entropy(ddp(xa), ya) / 2).backward()
+        (F.cross_entropy(ddp(xb), yb) / 2).backward()
+        opt.step()
+    out["ddp_fop_accum"] = {"params": params_of(model)}
+    # attention (converted nn.MultiheadAttention) under DDP
+    model, ddp, opt = hooked_ddp("attn")
+    train(ddp, opt, [local_part(b, rank, world) for b in global_batches("attn", 3)])
+    out["ddp_fop_attn"] = {"params": params_of(model), "layers": [layer.name for layer in opt.layers]}
+    # loss scaling: the hooks see the scaled loss, p.grad the unscaled one
+    model, ddp, opt = hooked_ddp("mlp")
+    for x, y in [local_part(b, rank, world) for b in global_batches("mlp", 3)]:
+        opt.zero_grad()
+        (F.cross_entropy(ddp(x), y) * 1024.0).backward()
+        for p in model.parameters():
+            p.grad /= 1024.0
+        opt.step()
+    out["ddp_fop_scaled"] = {"params": params_of(model)}
+    # built "before init_process_group" (as the auto mode would then pick it), no hook: one loud warning
+    model = mlp()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = make_optimizer("fop", model, distributed=LocalCommunicator(auto=True))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(ddp, opt, [local_part(b, rank, world) for b in global_batches("mlp", 2)])
+    out["ddp_without_hook_warnings"] = [str(w.message) for w in caught]
+
+
 def scenario_errors(rank: int, world: int, out: dict) -> None:
     out["err_hyper"] = _expect_error(lambda: make_optimizer("fop", mlp(), lr=0.1 if rank == 0 else 0.2))
     out["err_layers"] = _expect_error(lambda: make_optimizer("fop", mlp() if rank == 0 else cnn()))
@@ -322,6 +395,8 @@ def worker(scenarios: str, directory: str, load_from: str | None) -> None:
             scenario_checkpoint(rank, world, out, path, load_from)
         elif name == "odd":
             scenario_odd(rank, world, out)
+        elif name == "ddp":
+            scenario_ddp(rank, world, out)
         elif name == "errors":
             scenario_errors(rank, world, out)
         torch.save(out, path / f"rank{rank}.pt")  # after each scenario: partial results survive
@@ -368,13 +443,13 @@ def launch(world: int, scenarios: str, directory: Path, load_from: Path | None =
 @pytest.fixture(scope="module")
 def world2(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], Path]:
     directory = tmp_path_factory.mktemp("world2")
-    return launch(2, "equivalence,checkpoint,errors", directory), directory
+    return launch(2, "equivalence,checkpoint,ddp,errors", directory), directory
 
 
 @pytest.fixture(scope="module")
 def world4(tmp_path_factory: pytest.TempPathFactory, world2: tuple[list[dict], Path]) -> list[dict]:
     checkpoint = world2[1] / "checkpoint.pt"
-    return launch(4, "equivalence,checkpoint,odd", tmp_path_factory.mktemp("world4"), load_from=checkpoint)
+    return launch(4, "equivalence,checkpoint,odd,ddp", tmp_path_factory.mktemp("world4"), load_from=checkpoint)
 
 
 def reference(opt_name: str, kind: str, steps: int = 4, size: int = GLOBAL_BATCH, micro: int = 1) -> list[torch.Tensor]:
@@ -527,7 +602,7 @@ def test_communication_volume_is_reported(world2) -> None:
     # FOP sends two gradient slots to the owners and one direction back
     kron = sum(p.numel() for m in model if isinstance(m, nn.Linear) for p in m.parameters())
     assert rec["bytes_plain"]["reduce"] == 2 * kron * 8
-    assert rec["bytes_plain"]["broadcast"] == (kron + 4 * 3) * 8  # + β*, η*, s, ⟨d, g⟩ per layer
+    assert rec["bytes_plain"]["broadcast"] == (kron + 6 * 3) * 8  # + β*, η*, s, ⟨d, g⟩, tr Σ, |G|² per layer
     assert rec["bytes_curvature"]["reduce"] > rec["bytes_plain"]["reduce"]  # + factor triangles
     assert rec["last_step_bytes"]["reduce"] == rec["bytes_plain"]["reduce"]  # step 3: no curvature
     kfac = results[0]["kfac_mlp"]["bytes_plain"]
@@ -637,7 +712,7 @@ def test_plan_without_processes_counts_bytes_and_shards_memory() -> None:
     for world in (2, 3, 8):
         spec, rep = plan(opt, model, world), plan(opt, model, world, replicated=True)
         b, r = spec.bytes_per_step(False), rep.bytes_per_step(False)
-        assert b["reduce"] == 2 * kron * 8 and b["broadcast"] == (kron + 4 * len(opt.layers)) * 8
+        assert b["reduce"] == 2 * kron * 8 and b["broadcast"] == (kron + 6 * len(opt.layers)) * 8
         # fallback gradients, presence counts (gradients and factors per layer, fallback tensors),
         # call sequence (step() and zero_grad() counts), flag
         assert b["all_reduce"] == (fallback + 2 * len(opt.layers) + fallback_tensors + 2 + 1) * 8
@@ -659,3 +734,63 @@ def test_one_process_falls_back_to_local_split() -> None:
 
 if __name__ == "__main__" and len(sys.argv) >= 4 and sys.argv[1] == "--worker":
     worker(sys.argv[2], sys.argv[3], sys.argv[4] if len(sys.argv) > 4 else None)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("case", ["fop_mlp", "fop_cnn", "kfac_mlp"])
+def test_ddp_comm_hook_equals_single_process_on_global_batch(request, world, case) -> None:
+    """FOP(ddp.module) + ddp.register_comm_hook(optimizer, dual_gradient_hook) = one process on the global batch."""
+    results = request.getfixturevalue(f"world{world}")
+    results = results[0] if world == 2 else results
+    opt_name, kind = case.split("_")
+    key = f"ddp_{case}"
+    expected = reference(opt_name, kind)
+    for res in results:
+        assert_params(res[key]["params"], expected)
+    assert_ranks_agree(results, key)
+    if opt_name == "fop":
+        assert all(d["beta"] != 0.0 for d in results[0][key]["diagnostics"].values())
+    slots = 2 if opt_name == "fop" else 1
+    gradient_bytes = sum(p.numel() * p.element_size() for p in MODELS[kind][0]().parameters())
+    measured, predicted = results[0][key]["bytes"], results[0][key]["predicted"]
+    assert measured["hook_all_reduce"] == slots * gradient_bytes == slots * predicted["ddp_all_reduce"]
+    assert measured["all_reduce"] == predicted["all_reduce"] > 0  # the loss-scale references
+
+
+def test_ddp_comm_hook_with_loss_scaling(request) -> None:
+    results = request.getfixturevalue("world2")[0]
+    expected = reference("fop", "mlp", steps=3)
+    for res in results:
+        assert_params(res["ddp_fop_scaled"]["params"], expected)
+
+
+def test_ddp_comm_hook_trains_attention_like_one_process(request) -> None:
+    results = request.getfixturevalue("world2")[0]
+    assert results[0]["ddp_fop_attn"]["layers"] == ["attn.in_proj", "attn.out_proj", "head"]
+    for res in results:
+        assert_params(res["ddp_fop_attn"]["params"], reference("fop", "attn", steps=3))
+
+
+def test_optimizer_built_before_the_process_group_warns_under_ddp(request) -> None:
+    results = request.getfixturevalue("world2")[0]
+    for res in results:
+        messages = [m for m in res["ddp_without_hook_warnings"] if "before init_process_group" in m]
+        assert len(messages) == 1 and "dual_gradient_hook" in messages[0]
+
+
+def test_ddp_comm_hook_with_no_sync_accumulation(request) -> None:
+    """Two micro-batches per step, the first under no_sync(): the halves are the micro-batches' halves."""
+    results = request.getfixturevalue("world2")[0]
+    model = mlp()
+    optimizer = make_optimizer("fop", model)
+    for x, y in global_batches("mlp", 3):
+        optimizer.zero_grad()
+        # the global batch as the processes see it: each local batch split in two micro-batches
+        parts = [local_part((x, y), r, 2) for r in range(2)]
+        for k in range(2):
+            xm = torch.cat([p[0].chunk(2)[k] for p in parts])
+            ym = torch.cat([p[1].chunk(2)[k] for p in parts])
+            (F.cross_entropy(model(xm), ym) / 2).backward()
+        optimizer.step()
+    for res in results:
+        assert_params(res["ddp_fop_accum"]["params"], params_of(model))

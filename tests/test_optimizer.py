@@ -455,7 +455,8 @@ def test_grouped_convolutions_and_norms_use_the_fallback_group() -> None:
         nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.GroupNorm(2, 4), nn.Conv2d(4, 6, 1), nn.Flatten(),
         nn.Linear(6 * 5 * 5, 3),
     ).to(DTYPE)  # fmt: skip
-    optimizer = FOP(model, fallback="adamw", **FAST)
+    with pytest.warns(UserWarning, match=r"0 \(Conv2d\): grouped convolution \(groups=4\)"):
+        optimizer = FOP(model, fallback="adamw", **FAST)
     assert [layer.name for layer in optimizer.layers] == ["2", "4"]
     fallback = {id(p) for p in optimizer.param_groups[1]["params"]}
     assert fallback == {id(p) for p in [*model[0].parameters(), *model[1].parameters()]}

@@ -4,9 +4,12 @@
     optimizer = FOP(model, lr=0.1)   # the one line that changes in a training loop
 """
 
-from . import functional
+from . import functional, nn
+from .ddp import dual_gradient_hook
 from .distributed import DistributedCommunicator
 from .optimizer import FOP, KFAC, PAPER_PRESET, KroneckerOptimizer
 
-__all__ = ["FOP", "KFAC", "PAPER_PRESET", "DistributedCommunicator", "KroneckerOptimizer", "functional"]
+__all__ = [
+    "FOP", "KFAC", "PAPER_PRESET", "DistributedCommunicator", "KroneckerOptimizer", "dual_gradient_hook", "functional",
+]
 __version__ = "0.1.0"

@@ -140,17 +140,21 @@ class KroneckerLayer:
     ``in_f = in + 1`` when the module has a bias.
     """
 
-    def __init__(self, name: str, module: nn.Module, mode: CaptureMode) -> None:
+    def __init__(
+        self, name: str, module: nn.Module, mode: CaptureMode,
+        weight: nn.Parameter | None = None, bias: nn.Parameter | None = None,
+    ) -> None:  # fmt: skip
         self.name = name
         self.module = module
         self.mode = mode
-        self.weight: nn.Parameter = module.weight  # type: ignore[assignment]
-        self.bias: nn.Parameter | None = module.bias  # type: ignore[assignment]
+        # ``weight``/``bias`` given: parameters the module applies itself (attention projections)
+        self.weight: nn.Parameter = module.weight if weight is None else weight  # type: ignore[assignment]
+        self.bias: nn.Parameter | None = module.bias if weight is None else bias  # type: ignore[assignment]
         self.out_features = self.weight.shape[0]
         self.in_features = self.weight[0].numel() + (1 if self.bias is not None else 0)
         self.last: dict[str, Tensor] = {}  # diagnostics of the last step
         self.is_reference = False  # records its full gradient for the loss-scale ratio (no biases)
-        self.batch_dim = 0  # the inputs' batch dimension (1 for sequence-first Linear inputs)
+        self.batch_dim = 0  # the inputs' batch dimension (1: fop.layers.SequenceFirstLinearLayer)
         self.verify = True  # until the first step: check that p.grad is all the hooks' own gradient
         self._pending = _Pending()
         self._handles: list = []
@@ -214,8 +218,6 @@ class KroneckerLayer:
         """
         pending = self._pending
         pending.backward_calls += 1
-        if self.batch_dim != 0 and x.dim() > self.batch_dim + 1:  # 2-d inputs are (batch, features)
-            x, grad_out = x.movedim(self.batch_dim, 0), grad_out.movedim(self.batch_dim, 0)
         n = x.shape[0] if x.dim() > self._unbatched_dims else 1
         dtype = compute_dtype(self.weight.dtype)
         grad_out = grad_out.detach()
@@ -336,7 +338,7 @@ class KroneckerLayer:
         if self.weight.grad is None:
             return None
         dtype = compute_dtype(self.weight.dtype)
-        w = self.weight.grad.reshape(self.out_features, -1).to(dtype)
+        w = self._as_matrix(self.weight.grad).to(dtype)
         if self.bias is None:
             return w
         b = self.bias.grad
@@ -346,8 +348,15 @@ class KroneckerLayer:
     def unfold_direction(self, direction: Tensor) -> list[Tensor]:
         """Split a folded ``(out, in_f)`` direction into per-parameter tensors (weight, bias)."""
         if self.bias is None:
-            return [direction.reshape(self.weight.shape)]
-        return [direction[:, :-1].reshape(self.weight.shape), direction[:, -1].contiguous()]
+            return [self._from_matrix(direction)]
+        return [self._from_matrix(direction[:, :-1]), direction[:, -1].contiguous()]
+
+    def _as_matrix(self, weight_like: Tensor) -> Tensor:
+        """A weight-shaped tensor as the ``(out, in)`` matrix of the folded layout."""
+        return weight_like.reshape(self.out_features, -1)
+
+    def _from_matrix(self, matrix: Tensor) -> Tensor:
+        return matrix.reshape(self.weight.shape)
 
     # ----------------------------------------------------------------------------- per type
     _unbatched_dims = 1

@@ -60,7 +60,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .curvature import FACTOR_KEYS, KroneckerLayer, LayerWork
+from .curvature import FACTOR_KEYS, KroneckerLayer, LayerWork, loss_scale_ratio
 from .functional import compute_dtype, inner
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -78,8 +78,10 @@ __all__ = [
     "state_bytes",
 ]
 
-# shared with every layer's direction: β*, η*, s (diagnostics) and ⟨d, g⟩ (the KL trust region)
-_SHARED_SCALARS = 4
+# shared with every layer's direction: β*, η*, s (diagnostics), ⟨d, g⟩ (the KL trust region) and,
+# for FOP, the gradient-noise terms tr Σ, |G|² (diagnostics)
+_SHARED_SCALARS = 6
+_NOISE_KEYS = ("noise_trace", "noise_grad_sq")
 _SEQ_MOD = 4096  # call counters travel modulo this (exact float32 sums for up to 4096 processes)
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
 
@@ -88,7 +90,9 @@ _DDP_MESSAGE = (
     "DistributedDataParallel wrapper. DDP's single averaged all-reduce erases the two sub-batch "
     "gradients (even ranks, odd ranks) that FOP needs; {name} reduces the gradients itself (and "
     "broadcasts the initial parameters from rank 0, as DDP does). Write: model = Net().to(device); "
-    "optimizer = {name}(model, ...) inside an initialised process group, without DDP."
+    "optimizer = {name}(model, ...) inside an initialised process group, without DDP. "
+    "Or keep DDP and let its communication hook keep the halves: optimizer = {name}(ddp_model.module, ...); "
+    "ddp_model.register_comm_hook(optimizer, fop.dual_gradient_hook)."
 )
 
 
@@ -106,6 +110,10 @@ class Communicator:
     def setup(self, optimizer: KroneckerOptimizer, model: nn.Module) -> None:
         """Called once at the end of the optimizer's constructor."""
         return None
+
+    def loss_scale_ratio(self, layers: Sequence[KroneckerLayer]) -> Tensor | None:
+        """The loss-scale ratio of :func:`fop.curvature.loss_scale_ratio` (DDP's hook averages first)."""
+        return loss_scale_ratio(list(layers))
 
     def reduce(self, work: Sequence[LayerWork], ok: Tensor) -> Tensor:
         raise NotImplementedError
@@ -133,9 +141,30 @@ class Communicator:
 
 
 class LocalCommunicator(Communicator):
-    """One process: nothing to reduce or share, every layer is owned locally."""
+    """One process: nothing to reduce or share, every layer is owned locally.
+
+    ``auto``: chosen because no process group existed at construction; the first step warns if
+    one exists by then (an optimizer built before ``init_process_group``, e.g. before a trainer
+    wrapped the model in DDP, would silently train every process on its own halves).
+    """
+
+    _auto = False
+
+    def __init__(self, auto: bool = False) -> None:
+        self._auto = auto
 
     def reduce(self, work: Sequence[LayerWork], ok: Tensor) -> Tensor:
+        if self._auto:
+            self._auto = False
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                warnings.warn(
+                    f"fop: torch.distributed now runs {dist.get_world_size()} processes, but the optimizer was "
+                    "built before init_process_group and steps on this process's data alone. Build it after "
+                    "init_process_group (fop reduces the gradients itself), or, when the model is trained "
+                    "through DistributedDataParallel, register fop.dual_gradient_hook: "
+                    "ddp_model.register_comm_hook(optimizer, dual_gradient_hook)",
+                    stacklevel=4,
+                )
         return ok
 
     def owns(self, layer: KroneckerLayer) -> bool:
@@ -178,7 +207,7 @@ def make_communicator(
             "(start the script with torchrun)"
         )
     if distributed is False or not initialised or dist.get_world_size() < 2:
-        return LocalCommunicator()
+        return LocalCommunicator(auto=distributed is None and not initialised)
     return DistributedCommunicator(replicated=replicated)
 
 
@@ -744,6 +773,10 @@ class DistributedCommunicator(Communicator):
                     zero = torch.zeros((), dtype=self.dtype, device=self.device)
                     values = [last.get("beta", zero), last.get("eta", zero + 1), last.get("projection", zero)]
                     values.append(inner(item.direction, item.grad))
+                    if self.splits:  # a step without halves (one sample) has no noise terms: NaN on every process
+                        for key in _NOISE_KEYS:
+                            last.setdefault(key, zero + float("nan"))
+                    values += [last.get(key, zero) for key in _NOISE_KEYS]
                     scalars = bucket[off + self._numel[i] : off + self._numel[i] + _SHARED_SCALARS]
                     scalars.copy_(torch.stack([v.to(self.dtype).reshape(()) for v in values]))
                     item.dg = scalars[3].to(item.grad.dtype)  # as every other process will read it
@@ -764,6 +797,8 @@ class DistributedCommunicator(Communicator):
                 item.direction = bucket[off : off + self._numel[i]].view(layer.out_features, layer.in_features).to(dtype)
                 scalars = bucket[off + self._numel[i] : off + self._numel[i] + _SHARED_SCALARS].to(dtype)
                 layer.last = {"beta": scalars[0], "eta": scalars[1], "projection": scalars[2]}
+                if self.splits:
+                    layer.last.update(zip(_NOISE_KEYS, scalars[4:6]))
                 item.dg = scalars[3]
 
     def reduce_first_order(self, params: Sequence[Tensor], ok: Tensor) -> Tensor:

@@ -28,7 +28,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import functional as Fn
-from .curvature import FACTOR_KEYS, CaptureMode, KroneckerLayer, LayerWork, loss_scale_ratio, make_layer, supports
+from .curvature import FACTOR_KEYS, CaptureMode, KroneckerLayer, LayerWork
+from .layers import batch_dims, make_layers, supports, unsupported_reason
 from .distributed import Communicator, make_communicator
 from .first_order import adamw_update, masked_copy_, sgd_update
 from .profiling import phase
@@ -62,8 +63,9 @@ class KroneckerOptimizer(Optimizer):
     """Shared engine of :class:`FOP` and :class:`KFAC` (``projection`` tells them apart).
 
     Args:
-        model: the module to train. Its ``nn.Linear`` and ``nn.Conv2d`` (``groups=1``) layers get
-            Kronecker curvature; every other trainable parameter goes to the fallback group.
+        model: the module to train. Its ``nn.Linear``, ``nn.Conv1d/2d/3d`` (``groups=1``) and
+            ``nn.MultiheadAttention`` layers get Kronecker curvature (see :mod:`fop.layers`);
+            every other trainable parameter goes to the fallback group.
         lr: base learning rate ``η0`` of the curvature group.
         momentum: momentum of the update ``θ ← θ − lr·buf``, ``buf ← μ·buf + d`` (as torch SGD).
         weight_decay: L2 term ``wd·θ`` added to the preconditioned direction (and, for the
@@ -189,7 +191,11 @@ class KroneckerOptimizer(Optimizer):
         self._noise_sums: list[Tensor] = []  # per step: Σ_layers (tr Σ estimate, |G|² estimate)
         self.layers, tied = _discover_layers(model, exclude, self._mode, batch_first)
         if batch_first is None and any(layer.batch_dim == 1 for layer in self.layers):
-            unsure = [layer.name for layer in self.layers if layer.batch_dim == 0 and isinstance(layer.module, nn.Linear)]
+            internal = _attention_internals(model)
+            unsure = [
+                layer.name for layer in self.layers
+                if layer.batch_dim == 0 and isinstance(layer.module, nn.Linear) and id(layer.module) not in internal
+            ]  # fmt: skip
             if unsure:
                 warnings.warn(
                     f"the model has sequence-first modules (batch_first=False), whose Linear layers are split along "
@@ -242,7 +248,7 @@ class KroneckerOptimizer(Optimizer):
         self.communicator.setup(self, model)  # distributed: checks agreement, assigns owners
         if not self.layers:
             warnings.warn(
-                f"{type(self).__name__}: the model has no supported layer (Linear, Conv2d with groups=1); "
+                f"{type(self).__name__}: the model has no supported layer (Linear, Conv1d/2d/3d with groups=1, MultiheadAttention); "
                 f"every parameter uses the '{fallback}' fallback rule",
                 stacklevel=2,
             )
@@ -555,7 +561,8 @@ class KroneckerOptimizer(Optimizer):
                 if id(layer) not in self._foreign:
                     self._warn_once(
                         layer.name,
-                        f"{layer.name}: its parameters got gradients without passing through the module's "
+                        getattr(layer, "uncaptured_reason", None)
+                        or f"{layer.name}: its parameters got gradients without passing through the module's "
                         "forward since the last step() (the weight is used outside the module, e.g. "
                         "F.linear(x, module.weight), or step() was called again without a new backward); "
                         "they get the first-order rule this step",
@@ -565,7 +572,7 @@ class KroneckerOptimizer(Optimizer):
                 directions += [p.grad if p.grad is not None else torch.zeros_like(p) for p in layer.params()]
                 continue
             captured.append(layer)
-        ratio = loss_scale_ratio(captured)
+        ratio = self.communicator.loss_scale_ratio(captured)
         work = [LayerWork.from_capture(layer, ratio) for layer in captured]
         ok = self.communicator.reduce(work, ok)
         self._owner_directions([item for item in work if self.communicator.owns(item.layer)], group, ok, inverse_step)
@@ -725,7 +732,7 @@ class KroneckerOptimizer(Optimizer):
 
 
 class FOP(KroneckerOptimizer):
-    """Fisher-Orthogonal Projection (Lu & Armour, AAAI 2026) for Linear and Conv2d layers.
+    """Fisher-Orthogonal Projection (Lu & Armour, AAAI 2026) for Linear, convolution and attention layers.
 
     Each forward batch is split into two halves; per layer, the Fisher-orthogonal component of
     the halves' gradient difference is mixed into K-FAC's natural gradient with the layer-wise
@@ -806,7 +813,9 @@ def _discover_layers(
     for name, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):
             owners.setdefault(id(p), {}).setdefault(id(module), f"{name}.{pname}" if name else pname)
-    layers, tied, sequence_first = [], {}, _sequence_first_modules(model)
+    layers: list[KroneckerLayer] = []
+    tied: dict[str, list[str]] = {}
+    sequence_first, dims, internal = _sequence_first_modules(model), batch_dims(model), _attention_internals(model)
     for name, module in model.named_modules():
         if not supports(module):
             continue
@@ -817,11 +826,22 @@ def _discover_layers(
         if shared:
             tied[name] = shared
             continue
-        layer = make_layer(name, module, mode)
-        if isinstance(module, nn.Linear) and (batch_first is False or id(module) in sequence_first):
-            layer.batch_dim = 1
-        layers.append(layer)
+        sequence = (
+            isinstance(module, nn.Linear)
+            and id(module) not in internal
+            and (batch_first is False or id(module) in sequence_first)
+        )
+        layers += make_layers(name, module, mode, 1 if sequence or dims.get(id(module)) == 1 else 0)
+    _warn_unsupported(model, exclude_ids=excluded_modules, exclude_names=excluded_names, exclude_types=excluded_types)
     return layers, tied
+
+
+def _attention_internals(model: nn.Module) -> set[int]:
+    """Modules inside attention modules (``out_proj``): fop.nn's attention calls them batch first."""
+    return {
+        id(inner) for module in model.modules() if isinstance(module, nn.MultiheadAttention)
+        for inner in module.modules() if inner is not module
+    }  # fmt: skip
 
 
 def _sequence_first_modules(model: nn.Module) -> set[int]:
@@ -839,11 +859,32 @@ def _sequence_first_modules(model: nn.Module) -> set[int]:
             flag = flags[0] if flags else inherited
         if flag is False:
             found.add(id(module))
+        if isinstance(module, nn.MultiheadAttention):
+            return  # fop.nn's attention applies out_proj batch first, whatever batch_first says
         for child in module.children():
             visit(child, flag)
 
     visit(model, None)
     return found
+
+
+def _warn_unsupported(model: nn.Module, exclude_ids: set[int], exclude_names: set[str], exclude_types: tuple) -> None:
+    """One warning naming the weight-bearing modules that fall back to the first-order rule, and why."""
+    lines = []
+    for name, module in model.named_modules():
+        if id(module) in exclude_ids or name in exclude_names or isinstance(module, exclude_types):
+            continue
+        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+            continue
+        reason = unsupported_reason(module)
+        if reason is not None:
+            lines.append(f"  {name or type(module).__name__} ({type(module).__name__}): {reason}")
+    if lines:
+        warnings.warn(
+            "these modules get no Kronecker curvature; their parameters use the fallback rule "
+            "(exclude=[...] them to silence this):\n" + "\n".join(lines),
+            stacklevel=4,
+        )
 
 
 def _unique_params(model: nn.Module) -> list[nn.Parameter]:

@@ -1,0 +1,239 @@
+"""Which modules get Kronecker curvature, and the layer types beyond ``nn.Linear`` / ``nn.Conv2d``.
+
+* ``nn.Conv1d`` / ``nn.Conv3d`` (``groups=1``): :class:`ConvNdLayer`, the algebra of
+  :class:`fop.curvature.Conv2dLayer` over any number of spatial dims.
+* ``nn.MultiheadAttention``: :class:`AttentionProjectionLayer` for its in-projection(s); the module
+  is converted in place to :class:`fop.nn.MultiheadAttention` so the projections run where the
+  hooks see them, and ``out_proj`` is an ordinary ``nn.Linear`` layer.
+* GPT-2's ``Conv1D`` (``transformers.pytorch_utils.Conv1D``: weight ``(in, out)``, ``y = x W + b``),
+  recognised by its structure: :class:`TransposedLinearLayer`.
+
+:func:`supports` and :func:`make_layers` are what the optimizer asks; :func:`unsupported_reason`
+names the weight-bearing modules that fall back to the first-order rule, for its warning.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.grad import conv1d_weight, conv2d_weight, conv3d_weight
+
+from . import curvature
+from .curvature import CaptureMode, Conv2dLayer, KroneckerLayer, LinearLayer, _add, _fold_bias_moment
+from .functional import compute_dtype
+from .nn import MultiheadAttention as CapturedAttention
+from .nn import register_projection_hook
+
+__all__ = [
+    "AttentionProjectionLayer", "ConvNdLayer", "SequenceFirstLinearLayer", "TransposedLinearLayer", "batch_dims",
+    "make_layers", "supports", "unsupported_reason",
+]  # fmt: skip
+
+_WEIGHT_GRAD = {1: conv1d_weight, 2: conv2d_weight, 3: conv3d_weight}
+
+
+class ConvNdLayer(Conv2dLayer):
+    """``nn.Conv1d`` / ``nn.Conv3d`` with ``groups=1``: rows are the (sample, output position) patches.
+
+    Patches come from ``Tensor.unfold`` along each spatial dim (window ``d(k−1)+1``, step ``s``,
+    every ``d``-th element: dilation), arranged as ``(C, k_1, …, k_d)`` like the weight; the
+    sub-batch gradients from ``torch.nn.grad.conv{1,3}d_weight``.
+    """
+
+    def __init__(self, name: str, module: nn.Module, mode: CaptureMode) -> None:
+        super().__init__(name, module, mode)
+        self.spatial = module.weight.dim() - 2
+        self._unbatched_dims = self.spatial + 1
+        if self._explicit_pad is not None:
+            self.padding = (0,) * self.spatial  # type: ignore[assignment]
+
+    def _padded(self, x: Tensor) -> Tensor:
+        if x.dim() == self.spatial + 1:
+            x = x.unsqueeze(0)
+        if self._explicit_pad is None:
+            return x
+        return F.pad(x, self._explicit_pad, mode=self._pad_mode)
+
+    def _patch_rows(self, x: Tensor) -> Tensor:
+        """``(samples · positions, C · Π k)`` receptive fields of the padded input ``x``."""
+        if any(self.padding):
+            x = F.pad(x, [p for pad in reversed(self.padding) for p in (pad, pad)])
+        for i, (k, s, d) in enumerate(zip(self.kernel_size, self.stride, self.dilation)):
+            x = x.unfold(2 + i, d * (k - 1) + 1, s)
+            if d > 1:
+                x = x[..., ::d]
+        order = (0, *range(2, 2 + self.spatial), 1, *range(2 + self.spatial, 2 + 2 * self.spatial))
+        return x.permute(order).reshape(-1, x.shape[1] * math.prod(self.kernel_size))
+
+    def _input_second_moment(self, x: Tensor) -> tuple[Tensor, int]:
+        x = self._padded(x)
+        dtype = compute_dtype(self.weight.dtype)
+        total: Tensor | None = None
+        count = 0
+        for chunk in x.split(curvature._UNFOLD_CHUNK):
+            rows = self._patch_rows(chunk).to(dtype)
+            total = _add(total, _fold_bias_moment(rows, self.bias is not None))
+            count += rows.shape[0]
+        assert total is not None
+        return total, count
+
+    def _output_rows(self, grad_out: Tensor) -> Tensor:
+        if grad_out.dim() == self.spatial + 1:
+            grad_out = grad_out.unsqueeze(0)
+        return grad_out.movedim(1, -1).reshape(-1, grad_out.shape[1])
+
+    def _folded_grad(self, x: Tensor, grad_out: Tensor) -> Tensor:
+        x = self._padded(x)
+        if grad_out.dim() == self.spatial + 1:
+            grad_out = grad_out.unsqueeze(0)
+        grad_out = grad_out.to(x.dtype)
+        weight_grad = _WEIGHT_GRAD[self.spatial]
+        w = weight_grad(x, self.weight.shape, grad_out, self.stride, self.padding, self.dilation, 1)
+        w = w.reshape(self.out_features, -1)
+        if self.bias is None:
+            return w
+        return torch.cat([w, grad_out.sum((0, *range(2, grad_out.dim())))[:, None].to(w.dtype)], dim=1)
+
+
+class TransposedLinearLayer(LinearLayer):
+    """GPT-2's ``Conv1D``: ``y = x W + b`` with ``W`` of shape ``(in, out)``, i.e. a Linear with ``Wᵀ``.
+
+    The folded matrix is ``[Wᵀ | b]``, so factors and directions are those of the equivalent
+    ``nn.Linear``; only the conversion to and from the parameter's layout transposes.
+    """
+
+    def __init__(self, name: str, module: nn.Module, mode: CaptureMode) -> None:
+        super().__init__(name, module, mode)
+        self.out_features = self.weight.shape[1]
+        self.in_features = self.weight.shape[0] + (1 if self.bias is not None else 0)
+
+    def _as_matrix(self, weight_like: Tensor) -> Tensor:
+        return weight_like.T
+
+    def _from_matrix(self, matrix: Tensor) -> Tensor:
+        return matrix.T.contiguous()
+
+
+class AttentionProjectionLayer(LinearLayer):
+    """One in-projection of an ``nn.MultiheadAttention``: ``in_proj`` (packed, self-attention) or ``q/k/v_proj``.
+
+    ``x Wᵀ + b`` on the batch-first query/key/value, captured through
+    :func:`fop.nn.register_projection_hook`. Separate q/k/v weights share the packed
+    ``in_proj_bias``, a parameter no single projection owns: their layers are bias-free and the
+    bias takes the first-order rule.
+    """
+
+    def __init__(self, name: str, module: nn.Module, mode: CaptureMode, key: str) -> None:
+        if key == "in_proj":
+            weight, bias = module.in_proj_weight, module.in_proj_bias
+        else:
+            weight, bias = getattr(module, f"{key}_weight"), None
+        super().__init__(f"{name}.{key}", module, mode, weight=weight, bias=bias)
+        self.key = key
+        self.uncaptured_reason: str | None = None
+
+    def attach(self) -> None:
+        self._handles.append(register_projection_hook(self.module, self.key, self._projection_hook))
+
+    def _projection_hook(self, module: nn.Module, args: tuple, output: Tensor | None) -> None:
+        if output is None:
+            self.uncaptured_reason = (
+                f"{self.name}: the packed in_proj_weight was applied to distinct query/key/value tensors "
+                "(cross-attention), whose rows see different inputs and form no single Kronecker block; "
+                "it gets the first-order rule on such steps"
+            )
+            return
+        self._forward_hook(module, args, output)
+
+
+class SequenceFirstLinearLayer(LinearLayer):
+    """``nn.Linear`` on sequence-first ``(seq, batch, *, in)`` inputs: the halves split dim 1.
+
+    Used for the feed-forward layers of ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer``
+    with ``batch_first=False`` (see :func:`batch_dims`); the factors do not depend on row order.
+    """
+
+    def __init__(self, name: str, module: nn.Module, mode: CaptureMode) -> None:
+        super().__init__(name, module, mode)
+        self.batch_dim = 1
+
+    def _backward_hook(self, x: Tensor, grad_out: Tensor, mode: CaptureMode) -> None:
+        if x.dim() > 2:  # every capture (halves, sample counts) then sees the batch first
+            x, grad_out = x.transpose(0, 1), grad_out.transpose(0, 1)
+        super()._backward_hook(x, grad_out, mode)
+
+
+def batch_dims(model: nn.Module) -> dict[int, int]:
+    """``id(module) -> batch dim`` of the Linear layers known to see sequence-first inputs (else dim 0).
+
+    PyTorch's transformer layers with ``batch_first=False`` apply ``linear1``/``linear2`` to
+    ``(seq, batch, d)`` tensors; splitting those along dim 0 would split the sequence, not the batch.
+    """
+    dims = {}
+    for module in model.modules():
+        if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and not module.self_attn.batch_first:
+            for child in (module.linear1, module.linear2):
+                dims[id(child)] = 1
+    return dims
+
+
+def is_gpt2_conv1d(module: nn.Module) -> bool:
+    """Structure of ``transformers``' ``Conv1D``: attribute ``nf``, weight ``(nx, nf)``, bias ``(nf,)``."""
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    nf = getattr(module, "nf", None)
+    return (
+        type(module).__name__ == "Conv1D"
+        and isinstance(weight, nn.Parameter) and weight.dim() == 2 and nf == weight.shape[1]
+        and (bias is None or (isinstance(bias, nn.Parameter) and tuple(bias.shape) == (nf,)))
+    )  # fmt: skip
+
+
+def _is_attention(module: nn.Module) -> bool:
+    return type(module) in (nn.MultiheadAttention, CapturedAttention)
+
+
+def supports(module: nn.Module) -> bool:
+    """Whether ``module`` gets Kronecker curvature (else its parameters use the fallback rule)."""
+    if curvature.supports(module) or _is_attention(module) or is_gpt2_conv1d(module):
+        return True
+    return isinstance(module, (nn.Conv1d, nn.Conv3d)) and module.groups == 1
+
+
+def make_layers(name: str, module: nn.Module, mode: CaptureMode, batch_dim: int = 0) -> list[KroneckerLayer]:
+    """The :class:`KroneckerLayer` objects of a supported module (an attention module has several).
+
+    ``batch_dim``: 1 for a Linear that sees sequence-first inputs (from :func:`batch_dims`).
+    """
+    if _is_attention(module):
+        assert isinstance(module, nn.MultiheadAttention)
+        keys = ["in_proj"] if module._qkv_same_embed_dim else ["q_proj", "k_proj", "v_proj"]
+        return [AttentionProjectionLayer(name, module, mode, key) for key in keys]
+    if is_gpt2_conv1d(module):
+        return [TransposedLinearLayer(name, module, mode)]
+    if isinstance(module, (nn.Conv1d, nn.Conv3d)):
+        return [ConvNdLayer(name, module, mode)]
+    if batch_dim == 1 and isinstance(module, nn.Linear):
+        return [SequenceFirstLinearLayer(name, module, mode)]
+    return [curvature.make_layer(name, module, mode)]
+
+
+def unsupported_reason(module: nn.Module) -> str | None:
+    """Why a weight-bearing module of a known kind gets no curvature (None: supported, or not such a kind)."""
+    if supports(module):
+        return None
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return "transposed convolutions have no Kronecker factorisation here"
+    if isinstance(module, nn.modules.conv._ConvNd) and module.groups != 1:
+        return f"grouped convolution (groups={module.groups}): one Kronecker block per group is not implemented"
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        return "embeddings need a diagonal input factor, which the engine's dense eigendecomposition does not have"
+    if isinstance(module, nn.MultiheadAttention):
+        return f"{type(module).__name__} subclasses nn.MultiheadAttention with its own forward; its projections cannot be captured"
+    if isinstance(module, nn.Linear):
+        return f"{type(module).__name__} overrides nn.Linear.forward; the captured input may not be what multiplies its weight"
+    if isinstance(module, nn.Bilinear):
+        return "bilinear layers have no Kronecker factorisation here"
+    return None

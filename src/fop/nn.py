@@ -1,0 +1,223 @@
+"""``nn.MultiheadAttention`` with its projections visible to FOP's curvature capture.
+
+``torch.nn.MultiheadAttention`` applies ``in_proj_weight`` (or ``q/k/v_proj_weight``) and
+``out_proj`` inside ``F.multi_head_attention_forward``: no module hook sees the projections' inputs
+and output gradients, so K-FAC / FOP cannot form their Kronecker factors. :func:`convert_attention`
+changes the class of every ``nn.MultiheadAttention`` in a model to :class:`MultiheadAttention`, a
+subclass that only overrides ``forward``: same parameters, buffers, ``state_dict`` keys and
+``isinstance``; in training mode with gradients enabled it computes
+
+    q, k, v = x W_inᵀ + b_in  (split in three)         (or one projection per q/k/v weight)
+    out = out_proj(softmax(q kᵀ/√d + mask) v)          (per head; dropout, bias_k/v, zero_attn as torch)
+
+with the projections applied on batch-first ``(batch, seq, embed)`` inputs, where FOP's hooks split
+the batch along dim 0 whatever ``batch_first`` is; everywhere else (eval, ``no_grad``, before any
+optimizer hooks it) it is ``nn.MultiheadAttention.forward`` itself. The result equals torch's to
+rounding: the same operations in the same order, on transposed views.
+
+``FOP(model)`` / ``KFAC(model)`` convert their model's attention modules themselves, so the
+conversion is needed by hand only to inspect it. Subclasses of ``nn.MultiheadAttention`` are left
+alone (their ``forward`` may differ); their in-projections fall back to the first-order rule with
+a warning.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+__all__ = ["MultiheadAttention", "convert_attention", "register_projection_hook"]
+
+# hook(module, (input,), output): output None means the projection ran but could not be captured
+ProjectionHook = Callable[[nn.Module, tuple, "Tensor | None"], None]
+
+
+class MultiheadAttention(nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` whose projections run where FOP's hooks see them (see module doc)."""
+
+    def forward(  # type: ignore[override]
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        hooks = self.__dict__.get("_fop_projection_hooks", {})
+        if not (any(hooks.values()) and self.training and torch.is_grad_enabled()) or query.is_nested:
+            return super().forward(
+                query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal,
+            )  # fmt: skip
+        return _attention(self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal)
+
+
+def convert_attention(model: nn.Module) -> nn.Module:
+    """Turn every plain ``nn.MultiheadAttention`` in ``model`` into :class:`MultiheadAttention`, in place.
+
+    Only the class changes (parameters, buffers and ``state_dict`` stay as they are), and the
+    forward is numerically the same; returns ``model``.
+    """
+    for module in model.modules():
+        if type(module) is nn.MultiheadAttention:
+            module.__class__ = MultiheadAttention
+    return model
+
+
+def register_projection_hook(module: nn.MultiheadAttention, key: str, hook: ProjectionHook) -> RemovableHandle:
+    """Call ``hook(module, (x,), x Wᵀ + b)`` whenever projection ``key`` runs in a captured forward.
+
+    ``key``: ``"in_proj"`` (packed weights, self-attention), ``"q_proj"``, ``"k_proj"`` or
+    ``"v_proj"``. ``x`` is batch-first. A packed projection of distinct query/key/value tensors
+    (cross-attention) calls the hook with output ``None``. Converts ``module`` if needed.
+    """
+    convert_attention(module)
+    if not isinstance(module, MultiheadAttention):
+        raise TypeError(f"{type(module).__name__} is not convertible to fop.nn.MultiheadAttention")
+    table = module.__dict__.setdefault("_fop_projection_hooks", {})
+    hooks = table.setdefault(key, OrderedDict())
+    handle = RemovableHandle(hooks)
+    hooks[handle.id] = hook
+    return handle
+
+
+def _project(module: nn.Module, key: str, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    out = F.linear(x, weight, bias)
+    for hook in list(module.__dict__.get("_fop_projection_hooks", {}).get(key, {}).values()):
+        hook(module, (x,), out)
+    return out
+
+
+def _attention(
+    m: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None,
+    need_weights: bool, attn_mask: Tensor | None, average_attn_weights: bool, is_causal: bool,
+) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+    """``F.multi_head_attention_forward`` (torch 2.x, training path) on batch-first inputs."""
+    is_batched = F._mha_shape_check(query, key, value, key_padding_mask, attn_mask, m.num_heads)
+    self_attention = query is key and key is value
+    if not is_batched:
+        query, key, value = (t.unsqueeze(0) for t in (query, key, value))
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+    elif not m.batch_first:
+        query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+    bsz, tgt_len, embed_dim = query.shape
+    heads = m.num_heads
+    head_dim = embed_dim // heads
+    if embed_dim != m.embed_dim:
+        raise AssertionError(f"was expecting embedding dimension of {m.embed_dim}, but got {embed_dim}")
+
+    key_padding_mask = F._canonical_mask(
+        mask=key_padding_mask, mask_name="key_padding_mask", other_type=F._none_or_dtype(attn_mask),
+        other_name="attn_mask", target_type=query.dtype,
+    )  # fmt: skip
+    if is_causal and attn_mask is None:
+        raise RuntimeError("Need attn_mask if specifying the is_causal hint.")
+    if is_causal and key_padding_mask is None and not need_weights:
+        attn_mask = None  # scaled_dot_product_attention builds the causal mask itself
+    else:
+        attn_mask = F._canonical_mask(
+            mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
+            target_type=query.dtype, check_other=False,
+        )  # fmt: skip
+        if key_padding_mask is not None:
+            is_causal = False
+
+    if m._qkv_same_embed_dim:
+        if self_attention:
+            q, k, v = _project(m, "in_proj", query, m.in_proj_weight, m.in_proj_bias).chunk(3, dim=-1)
+        else:
+            # rows of the packed weight see different inputs: no single Kronecker block
+            for hook in list(m.__dict__.get("_fop_projection_hooks", {}).get("in_proj", {}).values()):
+                hook(m, (query,), None)
+            w_q, w_k, w_v = m.in_proj_weight.chunk(3)
+            b_q, b_k, b_v = (None, None, None) if m.in_proj_bias is None else m.in_proj_bias.chunk(3)
+            q, k, v = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+    else:
+        b_q, b_k, b_v = (None, None, None) if m.in_proj_bias is None else m.in_proj_bias.chunk(3)
+        q = _project(m, "q_proj", query, m.q_proj_weight, b_q)
+        k = _project(m, "k_proj", key, m.k_proj_weight, b_k)
+        v = _project(m, "v_proj", value, m.v_proj_weight, b_v)
+
+    src_len = k.shape[1]
+    if attn_mask is not None:
+        if attn_mask.dim() == 2:
+            if attn_mask.shape != (tgt_len, src_len):
+                raise RuntimeError(f"The shape of the 2D attn_mask is {attn_mask.shape}, but should be {(tgt_len, src_len)}.")
+            attn_mask = attn_mask.unsqueeze(0)
+        elif attn_mask.dim() == 3:
+            if attn_mask.shape != (bsz * heads, tgt_len, src_len):
+                raise RuntimeError(
+                    f"The shape of the 3D attn_mask is {attn_mask.shape}, but should be {(bsz * heads, tgt_len, src_len)}."
+                )
+        else:
+            raise RuntimeError(f"attn_mask's dimension {attn_mask.dim()} is not supported")
+    if m.bias_k is not None and m.bias_v is not None:
+        k = torch.cat([k, m.bias_k.repeat(bsz, 1, 1)], dim=1)
+        v = torch.cat([v, m.bias_v.repeat(bsz, 1, 1)], dim=1)
+        if attn_mask is not None:
+            attn_mask = F.pad(attn_mask, (0, 1))
+        if key_padding_mask is not None:
+            key_padding_mask = F.pad(key_padding_mask, (0, 1))
+
+    # (batch·heads, seq, head_dim), batch-major as in torch
+    q = q.reshape(bsz, tgt_len, heads, head_dim).transpose(1, 2).reshape(bsz * heads, tgt_len, head_dim)
+    k = k.reshape(bsz, -1, heads, head_dim).transpose(1, 2).reshape(bsz * heads, -1, head_dim)
+    v = v.reshape(bsz, -1, heads, head_dim).transpose(1, 2).reshape(bsz * heads, -1, head_dim)
+    if m.add_zero_attn:
+        zeros = torch.zeros((bsz * heads, 1, head_dim), dtype=k.dtype, device=k.device)
+        k = torch.cat([k, zeros], dim=1)
+        v = torch.cat([v, zeros.to(v.dtype)], dim=1)
+        if attn_mask is not None:
+            attn_mask = F.pad(attn_mask, (0, 1))
+        if key_padding_mask is not None:
+            key_padding_mask = F.pad(key_padding_mask, (0, 1))
+    src_len = k.shape[1]
+    if key_padding_mask is not None:
+        if key_padding_mask.shape != (bsz, src_len):
+            raise AssertionError(f"expecting key_padding_mask shape of {(bsz, src_len)}, but got {key_padding_mask.shape}")
+        key_padding_mask = key_padding_mask.view(bsz, 1, 1, src_len).expand(-1, heads, -1, -1).reshape(bsz * heads, 1, src_len)
+        attn_mask = key_padding_mask if attn_mask is None else attn_mask + key_padding_mask
+    dropout_p = m.dropout if m.training else 0.0
+
+    weights: Tensor | None = None
+    if need_weights:
+        if is_causal and attn_mask is None:
+            raise AssertionError("FIXME: is_causal not implemented for need_weights")
+        q_scaled = q * math.sqrt(1.0 / float(head_dim))
+        if attn_mask is not None:
+            scores = torch.baddbmm(attn_mask, q_scaled, k.transpose(-2, -1))
+        else:
+            scores = torch.bmm(q_scaled, k.transpose(-2, -1))
+        weights = F.softmax(scores, dim=-1)
+        if dropout_p > 0.0:
+            weights = F.dropout(weights, p=dropout_p)
+        context = torch.bmm(weights, v).view(bsz, heads, tgt_len, head_dim)
+        weights = weights.view(bsz, heads, tgt_len, src_len)
+        if average_attn_weights:
+            weights = weights.mean(dim=1)
+    else:
+        if attn_mask is not None:
+            if attn_mask.size(0) == 1 and attn_mask.dim() == 3:
+                attn_mask = attn_mask.unsqueeze(0)
+            else:
+                attn_mask = attn_mask.view(bsz, heads, -1, src_len)
+        context = F.scaled_dot_product_attention(
+            q.view(bsz, heads, tgt_len, head_dim), k.view(bsz, heads, src_len, head_dim),
+            v.view(bsz, heads, src_len, head_dim), attn_mask, dropout_p, is_causal,
+        )  # fmt: skip
+    out = m.out_proj(context.transpose(1, 2).reshape(bsz, tgt_len, embed_dim))
+    if not is_batched:
+        return out.squeeze(0), None if weights is None else weights.squeeze(0)
+    if not m.batch_first:
+        out = out.transpose(0, 1)
+    return out, weights

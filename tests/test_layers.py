@@ -1,0 +1,517 @@
+"""Conv1d, Conv3d, nn.MultiheadAttention and GPT-2's Conv1D against float64 dense references.
+
+For every layer type: the hook-captured sub-batch gradients equal separate backward passes on
+each half of the batch, the Kronecker factors equal second moments formed by hand (patches by
+explicit indexing, attention projections by a textbook attention written here), and a K-FAC /
+FOP step equals the dense damped solve / the functional FOP direction of those quantities.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import warnings
+from typing import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fop import FOP, KFAC
+from fop.functional import fop_direction
+from fop.nn import MultiheadAttention, convert_attention
+from test_curvature import captured
+
+DTYPE = torch.float64
+FAST = dict(curvature_update_interval=1, inverse_update_interval=1)
+
+
+# ===================================================================================== models
+class Conv1D(nn.Module):
+    """The structure of ``transformers.pytorch_utils.Conv1D`` (GPT-2): weight (in, out), ``x W + b``."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.5)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size_out = x.size()[:-1] + (self.nf,)
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+
+
+class Attn(nn.Module):
+    """Attention over ``(batch, seq, 6)`` inputs, then mean over positions and a linear head.
+
+    ``cross``: key/value are other tensors (``kdim=5``, ``vdim=4``: separate q/k/v weights).
+    """
+
+    def __init__(self, batch_first: bool = True, cross: bool = False, bias: bool = True) -> None:
+        super().__init__()
+        extra = dict(kdim=5, vdim=4) if cross else {}
+        self.attn = nn.MultiheadAttention(6, 2, batch_first=batch_first, bias=bias, **extra)
+        self.head = nn.Linear(6, 3)
+        self.batch_first, self.cross = batch_first, cross
+
+    def inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.cross:
+            q, k, v = x, torch.tanh(x[..., :5]), torch.sin(x[..., 1:5])
+        else:
+            q = k = v = x
+        if not self.batch_first:
+            if self.cross:
+                return q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+            q = k = v = x.transpose(0, 1)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.attn(*self.inputs(x), need_weights=False)[0]
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        return self.head(out.mean(1))
+
+
+class Encoder(nn.Module):
+    """PyTorch's own TransformerEncoderLayer, sequence-first, as a user would write it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(6, 2, dim_feedforward=8, dropout=0.0)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer(x.transpose(0, 1)).mean(0))
+
+
+class GPT2Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c_fc = Conv1D(7, 5)
+        self.c_proj = Conv1D(3, 7)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(torch.tanh(self.c_fc(x))).mean(1)
+
+
+def conv_net(conv: nn.Module, shape: tuple[int, ...]) -> nn.Module:
+    with torch.no_grad():
+        probe = conv(torch.zeros(1, *shape))
+    return nn.Sequential(conv, nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(probe.numel(), 3))
+
+
+CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "conv1d": (lambda: conv_net(nn.Conv1d(3, 4, 3, padding=1), (3, 9)), (3, 9)),
+    "conv1d-stride-dilation-nobias": (lambda: conv_net(nn.Conv1d(3, 4, 3, stride=2, dilation=2, bias=False), (3, 9)), (3, 9)),
+    "conv1d-same-reflect": (lambda: conv_net(nn.Conv1d(3, 4, 4, padding="same", padding_mode="reflect"), (3, 9)), (3, 9)),
+    "conv3d": (lambda: conv_net(nn.Conv3d(2, 3, (2, 3, 2), stride=(1, 2, 1), padding=1), (2, 4, 5, 4)), (2, 4, 5, 4)),
+    "conv3d-dilation-circular": (
+        lambda: conv_net(nn.Conv3d(2, 3, 2, dilation=(1, 2, 1), padding=1, padding_mode="circular"), (2, 4, 5, 4)),
+        (2, 4, 5, 4),
+    ),
+    "mha-batch-first": (lambda: Attn(batch_first=True), (4, 6)),
+    "mha-seq-first": (lambda: Attn(batch_first=False), (4, 6)),
+    "mha-separate-qkv": (lambda: Attn(batch_first=False, cross=True), (4, 6)),
+    "mha-no-bias": (lambda: Attn(batch_first=True, bias=False), (4, 6)),
+    "encoder-layer": (Encoder, (4, 6)),
+    "gpt2-conv1d": (GPT2Block, (4, 5)),
+}
+
+
+def make(case: str, n: int, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(seed)
+    build, shape = CASES[case]
+    model = build().to(DTYPE)
+    x = torch.randn(n, *shape, dtype=DTYPE)
+    y = torch.randint(0, 3, (n,))
+    return model, x, y
+
+
+# ===================================================================================== references
+def folded_reference(model: nn.Module, layer_name: str) -> torch.Tensor:
+    """``[W | b]`` of a captured layer from the model's ``.grad`` (layouts written out by hand)."""
+    modules = dict(model.named_modules())
+    owner, _, key = layer_name.rpartition(".")
+    if key == "in_proj":
+        m = modules[owner]
+        parts = [m.in_proj_weight.grad] + ([] if m.in_proj_bias is None else [m.in_proj_bias.grad[:, None]])
+        return torch.cat(parts, 1)
+    if key in ("q_proj", "k_proj", "v_proj"):
+        return getattr(modules[owner], f"{key}_weight").grad
+    m = modules[layer_name]
+    w = m.weight.grad.T if isinstance(m, Conv1D) else m.weight.grad.reshape(m.weight.shape[0], -1)
+    return w if m.bias is None else torch.cat([w, m.bias.grad[:, None]], 1)
+
+
+def half_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
+    ref = copy.deepcopy(model)
+    F.cross_entropy(ref(x), y).backward()
+    return {name: folded_reference(ref, name) for name in names}
+
+
+def conv_patches(x: torch.Tensor, conv: nn.Module) -> torch.Tensor:
+    """Every receptive field of ``conv`` as a row, by explicit indexing over output positions."""
+    d = x.dim() - 2
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode.replace("zeros", "constant"))
+    else:
+        x = F.pad(x, [p for pad in reversed(conv.padding) for p in (pad, pad)])
+    k, s, dil = conv.kernel_size, conv.stride, conv.dilation
+    outs = [(x.shape[2 + i] - dil[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(d)]
+    rows = []
+    for n in range(x.shape[0]):
+        for pos in itertools.product(*(range(o) for o in outs)):
+            index = tuple(slice(p * s[i], p * s[i] + dil[i] * (k[i] - 1) + 1, dil[i]) for i, p in enumerate(pos))
+            rows.append(x[(n, slice(None), *index)].reshape(-1))
+    return torch.stack(rows)
+
+
+def textbook_attention(m: nn.MultiheadAttention, q_in, k_in, v_in, batch_first: bool) -> tuple[torch.Tensor, dict]:
+    """softmax(Q Kᵀ/√d) V per head with explicit projections; returns output and the projections."""
+    if not batch_first:
+        q_in, k_in, v_in = (t.transpose(0, 1) for t in (q_in, k_in, v_in))
+    n, length, e = q_in.shape
+    h, d = m.num_heads, e // m.num_heads
+    b = m.in_proj_bias if m.in_proj_bias is not None else torch.zeros(3 * e, dtype=DTYPE)
+    if m._qkv_same_embed_dim:
+        proj = {"in_proj": q_in @ m.in_proj_weight.T + b}
+        q, k, v = proj["in_proj"].chunk(3, -1)
+    else:
+        proj = {
+            "q_proj": q_in @ m.q_proj_weight.T, "k_proj": k_in @ m.k_proj_weight.T, "v_proj": v_in @ m.v_proj_weight.T,
+        }  # fmt: skip
+        q, k, v = proj["q_proj"] + b[:e], proj["k_proj"] + b[e : 2 * e], proj["v_proj"] + b[2 * e :]
+    for t in proj.values():
+        t.retain_grad()
+    split = [t.reshape(n, -1, h, d).transpose(1, 2) for t in (q, k, v)]
+    weights = torch.softmax(split[0] @ split[1].transpose(-1, -2) / math.sqrt(d), -1)
+    out = m.out_proj((weights @ split[2]).transpose(1, 2).reshape(n, length, e))
+    return (out if batch_first else out.transpose(0, 1)), proj
+
+
+def factor_oracle(case: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, tuple]:
+    """``(rows of a, rows of δ)`` of every Kronecker layer of ``model``, formed by hand."""
+    ref = copy.deepcopy(model)
+    n = x.shape[0]
+    found: dict[str, tuple] = {}
+    outputs: dict[str, tuple] = {}
+
+    def keep(name: str):
+        def hook(module, args, out):
+            out.retain_grad()
+            outputs[name] = (args[0].detach(), out)
+
+        return hook
+
+    for name, module in ref.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv3d, Conv1D)) and not name.endswith("out_proj"):
+            module.register_forward_hook(keep(name))
+        if isinstance(module, nn.ReLU):
+            module.inplace = False
+    if isinstance(ref, Attn):
+        q_in, k_in, v_in = ref.inputs(x)
+        ref.attn.out_proj.register_forward_hook(keep("attn.out_proj"))
+        out, proj = textbook_attention(ref.attn, q_in, k_in, v_in, ref.batch_first)
+        torch.testing.assert_close(out, model.attn(q_in, k_in, v_in, need_weights=False)[0])  # the oracle is MHA
+        if not ref.batch_first:
+            out = out.transpose(0, 1)
+        logits = ref.head(out.mean(1))
+        F.cross_entropy(logits, y).backward()
+        for key, t in proj.items():
+            a = {"in_proj": q_in, "q_proj": q_in, "k_proj": k_in, "v_proj": v_in}[key]
+            if not ref.batch_first:
+                a = a.transpose(0, 1)
+            found[f"attn.{key}"] = (a.reshape(-1, a.shape[-1]), t.grad.reshape(-1, t.shape[-1]))
+    else:
+        F.cross_entropy(ref(x), y).backward()
+    modules = dict(ref.named_modules())
+    for name, (inp, out) in outputs.items():
+        module = modules[name]
+        if isinstance(module, (nn.Conv1d, nn.Conv3d)):
+            found[name] = (conv_patches(inp, module), out.grad.movedim(1, -1).reshape(-1, out.shape[1]))
+        else:
+            found[name] = (inp.reshape(-1, inp.shape[-1]), out.grad.reshape(-1, out.shape[-1]))
+    result = {}
+    for name, (a, delta) in found.items():
+        owner, _, key = name.rpartition(".")
+        bias = (
+            (modules[owner].in_proj_bias is not None) if key == "in_proj"
+            else False if key in ("q_proj", "k_proj", "v_proj")
+            else modules[name].bias is not None
+        )  # fmt: skip
+        if bias:
+            a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=DTYPE)], 1)
+        result[name] = (a.T @ a / a.shape[0], (delta * n).T @ (delta * n) / n)
+    return result
+
+
+# ===================================================================================== tests
+ATTENTION_LAYERS = {
+    "mha-batch-first": ["attn.in_proj", "attn.out_proj", "head"],
+    "mha-seq-first": ["attn.in_proj", "attn.out_proj", "head"],
+    "mha-separate-qkv": ["attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj", "head"],
+    "mha-no-bias": ["attn.in_proj", "attn.out_proj", "head"],
+    "encoder-layer": ["layer.self_attn.in_proj", "layer.self_attn.out_proj", "layer.linear1", "layer.linear2", "head"],
+    "gpt2-conv1d": ["c_fc", "c_proj"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(ATTENTION_LAYERS))
+def test_every_projection_gets_curvature_without_warnings(case: str) -> None:
+    model, x, y = make(case, 6)
+    # a sequence-first encoder with a Linear head: the optimizer cannot know at construction that
+    # the head sees (batch, features), and warns unless told with batch_first=True
+    options = {"batch_first": True} if case == "encoder-layer" else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        optimizer = FOP(model, **options, **FAST)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    assert [layer.name for layer in optimizer.layers] == ATTENTION_LAYERS[case]
+    assert set(optimizer.diagnostics()) == set(ATTENTION_LAYERS[case])
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("n", [7])  # unequal halves (4 | 3)
+def test_sub_batch_gradients_equal_separate_passes(case: str, n: int) -> None:
+    """Sequence-first attention too: the halves are halves of the batch, never of the sequence."""
+    model, x, y = make(case, n)
+    reference = copy.deepcopy(model)
+    optimizer = FOP(model)
+    F.cross_entropy(model(x), y).backward()
+    work = captured(optimizer)
+    names = list(work)
+    n1 = (n + 1) // 2
+    g1 = half_grads(reference, x[:n1], y[:n1], names)
+    g2 = half_grads(reference, x[n1:], y[n1:], names)
+    full = half_grads(reference, x, y, names)
+    for name in names:
+        torch.testing.assert_close(work[name].g1, g1[name], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(work[name].g2, g2[name], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(work[name].grad, full[name], rtol=1e-10, atol=1e-12)
+
+
+FACTOR_CASES = [c for c in sorted(CASES) if c != "encoder-layer"]
+
+
+@pytest.mark.parametrize("case", FACTOR_CASES)
+def test_factors_equal_explicit_second_moments(case: str) -> None:
+    model, x, y = make(case, 5)
+    oracle = factor_oracle(case, model, x, y)
+    optimizer = FOP(model)
+    F.cross_entropy(model(x), y).backward()
+    work = captured(optimizer)
+    assert set(oracle) == set(work)
+    for name, (a, g) in oracle.items():
+        torch.testing.assert_close(work[name].a, a, msg=f"A of {name}")
+        torch.testing.assert_close(work[name].g, g, msg=f"G of {name}")
+
+
+@pytest.mark.parametrize("case", FACTOR_CASES)
+def test_kfac_step_equals_dense_damped_natural_gradient(case: str) -> None:
+    """Δθ_ℓ = −lr·(A ⊗ G + λI)⁻¹ g_ℓ per layer, with A, G and g formed by hand."""
+    model, x, y = make(case, 6)
+    oracle = factor_oracle(case, model, x, y)
+    reference = copy.deepcopy(model)
+    grads = half_grads(reference, x, y, list(oracle))
+    lr, damping = 0.3, 0.02
+    optimizer = KFAC(model, lr=lr, momentum=0.0, damping=damping, kl_clip=None, **FAST)
+    before = {layer.name: folded_param(layer) for layer in optimizer.layers}
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    for layer in optimizer.layers:
+        a, g = oracle[layer.name]
+        grad = grads[layer.name]
+        m = torch.kron(a, g) + damping * torch.eye(a.shape[0] * g.shape[0], dtype=DTYPE)
+        step = torch.linalg.solve(m, grad.T.reshape(-1)).reshape(a.shape[0], g.shape[0]).T
+        torch.testing.assert_close(folded_param(layer), before[layer.name] - lr * step, msg=layer.name)
+
+
+@pytest.mark.parametrize("case", ["conv1d", "conv3d", "mha-seq-first", "mha-separate-qkv", "encoder-layer", "gpt2-conv1d"])
+def test_fop_step_is_the_functional_direction(case: str) -> None:
+    """The update is −lr·fop_direction(g1, g2, A, G, λ) of halves from separate passes."""
+    model, x, y = make(case, 8)
+    reference = copy.deepcopy(model)
+    optimizer = FOP(model, lr=0.5, momentum=0.0, damping=0.05, kl_clip=None, **FAST)
+    names = [layer.name for layer in optimizer.layers]
+    g1 = half_grads(reference, x[:4], y[:4], names)
+    g2 = half_grads(reference, x[4:], y[4:], names)
+    before = {layer.name: folded_param(layer) for layer in optimizer.layers}
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    for layer in optimizer.layers:
+        state = optimizer.state[layer.weight]
+        expected = fop_direction(g1[layer.name], g2[layer.name], state["A"], state["G"], 0.05)
+        torch.testing.assert_close(folded_param(layer), before[layer.name] - 0.5 * expected.direction, msg=layer.name)
+
+
+def folded_param(layer) -> torch.Tensor:
+    """The layer's parameters in the ``[W | b]`` layout, written out per type (not via the layer)."""
+    module, w = layer.module, layer.weight.detach()
+    w = w.T if isinstance(module, Conv1D) else w.reshape(w.shape[0], -1)
+    return (w if layer.bias is None else torch.cat([w, layer.bias.detach()[:, None]], 1)).clone()
+
+
+# ------------------------------------------------------------------------ attention conversion
+MHA_CONFIGS = {
+    "packed": dict(),
+    "seq-first": dict(batch_first=False),
+    "bias-kv-zero-attn": dict(add_bias_kv=True, add_zero_attn=True),
+    "no-bias": dict(bias=False),
+    "separate": dict(kdim=5, vdim=7),
+    "dropout": dict(dropout=0.3),
+}
+
+
+CALLS = [
+    (config, call) for config in sorted(MHA_CONFIGS) for call in ("self", "masks", "causal", "cross", "unbatched")
+    if call == "cross" or "kdim" not in MHA_CONFIGS[config]  # kdim/vdim ≠ embed_dim: no self-attention
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("config", "call"), CALLS)
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_converted_attention_equals_torch(config: str, need_weights: bool, call: str) -> None:
+    """Outputs, attention weights and every parameter's gradient agree with nn.MultiheadAttention."""
+    kwargs = {"batch_first": True, **MHA_CONFIGS[config]}
+    separate = "kdim" in kwargs
+    torch.manual_seed(0)
+    torch_mha = nn.MultiheadAttention(8, 2, **kwargs).to(DTYPE)
+    ours = convert_attention(copy.deepcopy(torch_mha))
+    assert type(ours) is MultiheadAttention
+    ours.__dict__["_fop_projection_hooks"] = {"in_proj": {0: lambda *a: None}}  # take the captured path
+    bf = kwargs["batch_first"]
+    x = torch.randn(3, 5, 8, dtype=DTYPE)
+    x = x if bf else x.transpose(0, 1)
+    mem = torch.randn(3, 4, 8, dtype=DTYPE) if not separate else None
+    args: tuple
+    extra: dict = {"need_weights": need_weights}
+    if call == "cross":
+        if separate:
+            k, v = torch.randn(3, 4, 5, dtype=DTYPE), torch.randn(3, 4, 7, dtype=DTYPE)
+            args = (x, k if bf else k.transpose(0, 1), v if bf else v.transpose(0, 1))
+        else:
+            mem = mem if bf else mem.transpose(0, 1)
+            args = (x, mem, mem)
+    elif call == "unbatched":
+        x0 = torch.randn(5, 8, dtype=DTYPE)
+        args = (x0, x0, x0)
+    else:
+        args = (x, x, x)
+    if call == "masks":
+        padding = torch.zeros(3, 5, dtype=torch.bool)
+        padding[0, -2:] = True
+        extra.update(attn_mask=nn.Transformer.generate_square_subsequent_mask(5, dtype=DTYPE), key_padding_mask=padding.to(DTYPE) * -1e9)
+    if call == "causal":
+        extra.update(attn_mask=nn.Transformer.generate_square_subsequent_mask(5, dtype=DTYPE), is_causal=True)
+    results = []
+    for module in (torch_mha, ours):
+        torch.manual_seed(1)  # the same dropout masks
+        out, weights = module(*args, **extra)
+        (out.square().sum() + (0 if weights is None else weights.sum())).backward()
+        results.append((out, weights, [p.grad for p in module.parameters()]))
+    (o1, w1, g1), (o2, w2, g2) = results
+    torch.testing.assert_close(o2, o1)
+    assert (w1 is None) == (w2 is None)
+    if w1 is not None:
+        torch.testing.assert_close(w2, w1)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(b, a)
+
+
+def test_conversion_keeps_parameters_state_dict_and_eval_path() -> None:
+    torch.manual_seed(0)
+    model = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True).to(DTYPE)
+    keys = list(model.state_dict())
+    params = [id(p) for p in model.parameters()]
+    FOP(model)
+    assert type(model.self_attn) is MultiheadAttention and isinstance(model.self_attn, nn.MultiheadAttention)
+    assert list(model.state_dict()) == keys and [id(p) for p in model.parameters()] == params
+    model.eval()
+    x = torch.randn(2, 5, 8, dtype=DTYPE)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model(x))  # the eval fast path of torch is untouched
+
+
+def test_packed_cross_attention_falls_back_loudly() -> None:
+    """Packed in_proj applied to query ≠ key: one warning naming it; its parameters take the plain gradient."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(6, 2, batch_first=True).to(DTYPE)
+    optimizer = FOP(mha, lr=0.1, momentum=0.0, **FAST)
+    x, mem = torch.randn(4, 3, 6, dtype=DTYPE), torch.randn(4, 5, 6, dtype=DTYPE)
+    before = mha.in_proj_weight.detach().clone()
+    mha(x, mem, mem)[0].square().sum().backward()
+    grad = mha.in_proj_weight.grad.clone()
+    with pytest.warns(UserWarning, match=r"in_proj.*cross-attention.*first-order"):
+        optimizer.step()
+    torch.testing.assert_close(mha.in_proj_weight.detach(), before - 0.1 * grad)
+    assert "out_proj" in optimizer.diagnostics()
+
+
+def test_unsupported_weight_layers_are_named_in_one_warning() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Embedding(10, 4), nn.Conv1d(4, 4, 3, groups=2), nn.ConvTranspose1d(4, 4, 2), nn.Flatten(), nn.Linear(4, 3)
+    )  # fmt: skip
+    with pytest.warns(UserWarning) as record:
+        optimizer = FOP(model)
+    messages = [str(w.message) for w in record if "no Kronecker curvature" in str(w.message)]
+    assert len(messages) == 1
+    for name in ("0 (Embedding)", "1 (Conv1d): grouped", "2 (ConvTranspose1d)"):
+        assert name in messages[0]
+    assert [layer.name for layer in optimizer.layers] == ["4"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        FOP(model, exclude=[nn.Embedding, nn.ConvTranspose1d, model[1]])
+
+
+def test_checkpoint_of_an_attention_model_resumes_exactly() -> None:
+    """state_dict() of a converted model and of its optimizer: torch's keys, bitwise resume."""
+    import io
+
+    data = [make("encoder-layer", 6, seed=s)[1:] for s in range(4)]
+    kw = dict(lr=0.1, fallback="adamw", curvature_update_interval=2, inverse_update_interval=1)
+
+    def train(model: nn.Module, optimizer: FOP, batches: list) -> None:
+        for x, y in batches:
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+
+    model = make("encoder-layer", 6)[0]
+    optimizer = FOP(model, **kw)
+    train(model, optimizer, data[:2])
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, buffer)
+    train(model, optimizer, data[2:])
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    resumed = make("encoder-layer", 6, seed=9)[0]  # plain torch modules: the keys are torch's
+    resumed.load_state_dict(checkpoint["model"])
+    optimizer2 = FOP(resumed, **kw)
+    optimizer2.load_state_dict(checkpoint["optim"])
+    train(resumed, optimizer2, data[2:])
+    for a, b in zip(resumed.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+def test_sequence_first_transformer_layer_equals_batch_first(fisher: str) -> None:
+    """The same TransformerEncoderLayer, sequence-first or batch-first: identical factors and halves."""
+    seq_first, x, y = make("encoder-layer", 6)
+    batch_first = copy.deepcopy(seq_first)
+    batch_first.layer.self_attn.batch_first = True  # the layer reads its layout from self_attn
+    batch_first.forward = lambda x: batch_first.head(batch_first.layer(x).mean(1))  # type: ignore[method-assign]
+    works = []
+    for model in (seq_first, batch_first):
+        optimizer = FOP(model, fisher=fisher, **FAST)
+        output = model(x)
+        if fisher == "mc":
+            optimizer.sample_fisher(output, generator=torch.Generator().manual_seed(3))
+        F.cross_entropy(output, y).backward()
+        works.append(captured(optimizer))
+    for name in works[0]:
+        for key in ("a", "g", "g1", "g2"):
+            torch.testing.assert_close(getattr(works[0][name], key), getattr(works[1][name], key), msg=f"{key} of {name}")
