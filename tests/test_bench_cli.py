@@ -262,11 +262,18 @@ def test_tuning_protocol_second_axis_edge_extension_and_paired_report(tmp_path, 
     printed = capsys.readouterr()
     records = _records(out)
     base = 3 * 2 * 2 * 2  # optimizers x lr x second axis x seeds
+    hp = [r["spec"]["hyperparameters"] for r in records]
     extended = [r for r in records if r["spec"]["lr_factor"] not in (1.0, 2.0)]
-    # one more factor per cell, with every value of the second axis and every seed
-    assert len(records) == base + len(extended) and len(extended) == 3 * 2 * 2
-    assert {r["spec"]["lr_factor"] for r in extended} <= {0.5, 4.0}
-    assert "grid edge: 12 more runs" in printed.err
+    damping_ext = [r for r, h in zip(records, hp) if r["spec"]["optimizer"] != "sgd" and h["damping"] not in (0.1, 1.0)]
+    decay_ext = [r for r, h in zip(records, hp) if r["spec"]["optimizer"] == "sgd" and h["weight_decay"] not in (0, 1e-3)]
+    # one more lr factor per cell, with every value of the second axis and every seed
+    assert len(extended) == 3 * 2 * 2 and {r["spec"]["lr_factor"] for r in extended} <= {0.5, 4.0}
+    # a two-point damping grid always has its best on an edge: one more damping at the chosen lr, every seed
+    assert len(damping_ext) == 2 * 2
+    assert {r["spec"]["hyperparameters"]["damping"] for r in damping_ext} <= {0.01, 10.0}
+    assert len(decay_ext) in (0, 2) and all(r["spec"]["hyperparameters"]["weight_decay"] == 1e-2 for r in decay_ext)
+    assert len(records) == base + len(extended) + len(damping_ext) + len(decay_ext)
+    assert "more runs beyond the edges of the grid" in printed.err
     dampings = {(r["spec"]["optimizer"], r["spec"]["hyperparameters"]["damping"]) for r in records}
     assert {("kfac", 0.1), ("kfac", 1.0), ("fop:mc", 0.1), ("fop:mc", 1.0)} <= dampings
     assert {r["spec"]["hyperparameters"]["weight_decay"] for r in records if r["spec"]["optimizer"] == "sgd"} == {0, 1e-3}

@@ -308,3 +308,12 @@ def test_variants_set_constructor_options():
         resolve_optimizer("fop:bogus")
     with pytest.raises(BenchError, match="kfac and fop only"):
         resolve_optimizer("sgd:mc")
+
+
+def test_no_weight_decay_is_a_boundary_not_a_grid_edge():
+    records = [_tuned("sgd", f, 0.1, 0, final=0.9 - 0.1 * (f != 1.0)) for f in (0.5, 1.0, 2.0)]
+    for record in records:
+        record["spec"]["hyperparameters"]["weight_decay"] = 0.0
+    records += [_tuned("sgd", 1.0, 0.1, 0, final=0.7)]
+    records[-1]["spec"]["hyperparameters"]["weight_decay"] = 1e-3
+    assert summarize(records)[(256, "sgd")].edges == ()

@@ -234,8 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         type=_single(_nonneg_int, "an integer >= 0"),
         default=1,
-        help="rounds of automatic grid extension: a cell whose best learning rate lies on the edge of its grid "
-        "gets one more factor beyond that edge, per round (default: 1; 0 turns it off)",
+        help="rounds of automatic grid extension: a cell whose best learning rate, damping or weight decay lies on "
+        "the edge of what was tried gets one more value beyond that edge, per round (default: 1; 0 turns it off)",
     )
     tuning.add_argument(
         "--compare-to",
@@ -568,7 +568,7 @@ def _sweep(
         extra = _edge_extension(records, config, task, dataset, optimizers)
         if not extra:
             break
-        print(f"grid edge: {len(extra)} more runs beyond the edge of the learning-rate grid", file=sys.stderr)
+        print(f"grid edge: {len(extra)} more runs beyond the edges of the grid", file=sys.stderr)
         records += run_sweep(extra, task, dataset, pipeline, optimizers, store, context=context, progress=progress)
 
     plot_file = "accuracy_vs_time.png"
@@ -627,29 +627,49 @@ def _check_budget(config: SweepConfig, optimizers: dict[str, OptimizerSpec]) -> 
         )
 
 
+def _beyond(values: Sequence[float], chosen: float) -> float:
+    """One geometric grid step past the edge value ``chosen`` of the sorted ``values``."""
+    if chosen == values[0]:
+        value = values[0] * values[0] / values[1] if values[0] > 0 else 0.0
+    else:
+        value = values[-1] * values[-1] / values[-2] if values[-2] > 0 else 10 * values[-1]
+    return float(f"{value:.10g}")  # 0.01, not 0.010000000000000002: records and reports stay readable
+
+
 def _edge_extension(
     records: Sequence[dict[str, Any]], config: SweepConfig, task: Task, dataset: Any,
     optimizers: dict[str, OptimizerSpec],
 ) -> list[RunSpec]:  # fmt: skip
-    """Runs one geometric grid step beyond the edge for every cell whose best learning rate is on it."""
+    """Runs one geometric grid step beyond every edge a cell's best configuration lies on.
+
+    A learning-rate edge adds the new factor with every value of the second axis; a damping or
+    weight-decay edge adds the new value at the cell's chosen learning-rate factor.
+    """
     from fop.bench.report import summarize
     from fop.bench.runner import plan_runs
 
     extra: list[RunSpec] = []
-    tried: dict[tuple[int, str], set[float]] = {}
+    tried: dict[tuple[int, str], list[set[float]]] = {}
     for record in records:
-        spec = record["spec"]
-        tried.setdefault((spec["batch_size"], spec["optimizer"]), set()).add(spec["lr_factor"])
+        spec, hp = record["spec"], record["spec"]["hyperparameters"]
+        sets = tried.setdefault((spec["batch_size"], spec["optimizer"]), [set(), set(), set()])
+        for axis, value in enumerate((spec["lr_factor"], hp.get("damping"), hp.get("weight_decay"))):
+            if value is not None:
+                sets[axis].add(value)
     for (batch_size, name), cell in summarize(records).items():
-        factors = sorted(tried[(batch_size, name)])
-        if "lr" not in cell.edges or len(factors) < 2:
-            continue
-        if cell.lr_factor == factors[0]:
-            new = factors[0] * factors[0] / factors[1]
-        else:
-            new = factors[-1] * factors[-1] / factors[-2]
-        one = dataclasses.replace(config, optimizers=(name,), batch_sizes=(batch_size,), lr_grid=(new,))
-        extra += plan_runs(one, task, dataset, [optimizers[name]])
+        factors, dampings, decays = (sorted(values) for values in tried[(batch_size, name)])
+        one = dataclasses.replace(config, optimizers=(name,), batch_sizes=(batch_size,))
+        if "lr" in cell.edges:
+            new_lr = _beyond(factors, cell.lr_factor)
+            extra += plan_runs(dataclasses.replace(one, lr_grid=(new_lr,)), task, dataset, [optimizers[name]])
+        if "damping" in cell.edges and cell.damping is not None:
+            new = _beyond(dampings, cell.damping)
+            single = dataclasses.replace(one, lr_grid=(cell.lr_factor,), damping_grid=(new,))
+            extra += plan_runs(single, task, dataset, [optimizers[name]])
+        if "weight decay" in cell.edges and cell.weight_decay is not None:
+            new = _beyond(decays, cell.weight_decay)
+            single = dataclasses.replace(one, lr_grid=(cell.lr_factor,), weight_decay_grid=(new,))
+            extra += plan_runs(single, task, dataset, [optimizers[name]])
     return extra
 
 

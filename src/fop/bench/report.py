@@ -104,7 +104,8 @@ def summarize(records: Iterable[dict[str, Any]]) -> dict[tuple[int, str], Cell]:
         for axis, name in ((0, "lr"), (1, "damping"), (2, "weight decay")):
             values = sorted({config[axis] for config in configs if config[axis] is not None})
             chosen = (cell.lr_factor, cell.damping, cell.weight_decay)[axis]
-            if len(values) > 1 and chosen in (values[0], values[-1]):
+            at_zero = name == "weight decay" and chosen == 0  # no weight decay is a boundary, not an edge
+            if len(values) > 1 and chosen in (values[0], values[-1]) and not at_zero:
                 edges.append(name)
         best[key] = dataclasses.replace(cell, edges=tuple(edges), trials=len(configs))
     return best
