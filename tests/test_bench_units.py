@@ -317,3 +317,11 @@ def test_no_weight_decay_is_a_boundary_not_a_grid_edge():
     records += [_tuned("sgd", 1.0, 0.1, 0, final=0.7)]
     records[-1]["spec"]["hyperparameters"]["weight_decay"] = 1e-3
     assert summarize(records)[(256, "sgd")].edges == ()
+
+
+def test_kl_variant_token_sets_the_trust_region_size():
+    from fop.bench.optimizers import resolve_optimizer
+
+    assert resolve_optimizer("kfac:dirclip:kl0.1").options == {"trust_region": "direction", "kl_clip": 0.1}
+    with pytest.raises(BenchError, match="kl takes a positive number"):
+        resolve_optimizer("fop:klx")

@@ -57,6 +57,10 @@ class DDPCommunicator(LocalCommunicator):
         if self.world_size < 2:
             raise ValueError("dual_gradient_hook needs a process group of two or more processes")
         optimizer._mode.halves = False  # the halves are the two process groups
+        for layer in optimizer.layers:
+            # p.grad is DDP's all-reduced gradient, which no local hook saw: the check that a
+            # layer's gradient is all its own (tied weights) cannot be made on it
+            layer.verify = False
         optimizer._set_capture_mode()
 
     # ----------------------------------------------------------------------------- DDP side

@@ -242,6 +242,15 @@ def _variant(key: str) -> OptimizerSpec:
         raise BenchError(f"variants ({key!r}) exist for kfac and fop only")
     options: dict[str, Any] = {}
     for token in tokens:
+        if token.startswith("kl") and token not in VARIANT_TOKENS:  # kl0.1: kl_clip=0.1
+            try:
+                kappa = float(token[2:])
+            except ValueError:
+                kappa = -1.0
+            if not 0 < kappa < math.inf:
+                raise BenchError(f"variant {token!r} in {key!r}: kl takes a positive number, e.g. kl0.1")
+            options["kl_clip"] = kappa
+            continue
         if token not in VARIANT_TOKENS:
             raise BenchError(f"unknown variant {token!r} in {key!r} (choose from {', '.join(VARIANT_TOKENS)})")
         options.update(VARIANT_TOKENS[token])
