@@ -129,7 +129,7 @@ def test_kl_clip_scales_the_step_into_the_trust_region(cls: type) -> None:
     lr, kappa = 0.5, 1e-6
     train(m1, cls(m1, lr=lr, momentum=0.0, kl_clip=None, **FAST), data)
     x, y = data[0]
-    optimizer = cls(m2, lr=lr, momentum=0.0, kl_clip=kappa, **FAST)
+    optimizer = cls(m2, lr=lr, momentum=0.0, kl_clip=kappa, trust_region="step", **FAST)
     F.cross_entropy(m2(x), y).backward()
     grads = [p.grad.clone() for p in m2.parameters()]
     before = params(m2)

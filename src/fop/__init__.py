@@ -12,4 +12,4 @@ from .optimizer import FOP, KFAC, PAPER_PRESET, KroneckerOptimizer
 __all__ = [
     "FOP", "KFAC", "PAPER_PRESET", "DistributedCommunicator", "KroneckerOptimizer", "dual_gradient_hook", "functional",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -77,12 +77,14 @@ class KroneckerOptimizer(Optimizer):
             or a callable ``step -> int``).
         inverse_update_interval: recompute the eigendecompositions every this many steps.
         projection_eps: ``ε`` in the projection scalar ``s = ⟨g_diff, F g_avg⟩/(⟨g_avg, F g_avg⟩+ε)``.
-        kl_clip: trust region ``κ``: the curvature layers' directions are scaled by
-            ``ν = min(1, √(κ / (lr² Σ⟨d, g⟩)))`` (K-FAC's KL clipping); ``None`` disables it.
-        trust_region: ``"step"`` (above: the clip bounds the step ``lr·d``, so while it binds the
-            step is ``√(κ/Σ⟨d,g⟩)·d`` whatever ``lr``) or ``"direction"``
-            (``ν = min(1, √(κ / Σ⟨d, g⟩))``: the clip bounds the direction ``d`` and the step is
-            ``lr·ν·d``, so the learning rate and its schedule always act).
+        kl_clip: trust region ``κ`` (K-FAC's KL clipping); ``None`` disables it. With the default
+            ``trust_region="direction"`` the curvature layers' directions are scaled by
+            ``ν = min(1, √(κ / Σ⟨d, g⟩))``: the direction has Fisher norm at most ``√κ`` and the step
+            ``lr·ν·d`` at most ``lr·√κ`` (``κ = 1``: the learning rate is the trust radius).
+        trust_region: ``"direction"`` (above: the learning rate and its schedule always act) or
+            ``"step"`` (``ν = min(1, √(κ / (lr² Σ⟨d, g⟩)))``, kfac-pytorch's rule and this library's
+            default before 0.2 with ``κ = 1e-3``: the clip bounds the step ``lr·d``, so while it binds
+            the step is ``√(κ/Σ⟨d,g⟩)·d`` whatever ``lr``).
         fisher: ``"empirical"`` (``G`` from the output gradients of the training loss, no extra
             cost) or ``"mc"`` (Monte-Carlo Fisher: ``G`` from the output gradients of labels
             sampled from the model's predictive distribution; the loop calls
@@ -129,8 +131,8 @@ class KroneckerOptimizer(Optimizer):
         curvature_update_interval: Interval = 10,
         inverse_update_interval: Interval = 10,
         projection_eps: float = 1e-12,
-        kl_clip: float | None = 1e-3,
-        trust_region: str = "step",
+        kl_clip: float | None = 1.0,
+        trust_region: str = "direction",
         fisher: str = "empirical",
         damping_mode: str = "exact",
         eta: str = "mean",

@@ -415,10 +415,17 @@ def environment(device: torch.device) -> dict[str, Any]:
         "hardware": hardware,
         "device": str(device),
         "torch": torch.__version__,
+        "fop": _fop_version(),
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
+
+
+def _fop_version() -> str:
+    import fop
+
+    return fop.__version__
 
 
 def _cpu_model() -> str:

@@ -93,6 +93,9 @@ class RunSpec:
     device: str
     bf16: bool
     stop_at_target: bool
+    # the library's version: its defaults (e.g. the trust region) shape a run, so a run of
+    # another version is not resumed as if it were this one
+    library: str = ""
 
     @property
     def key(self) -> str:
@@ -181,9 +184,16 @@ def plan_runs(
                             device=torch.device(config.device).type,
                             bf16=config.bf16,
                             stop_at_target=config.stop_at_target,
+                            library=_library_version(),
                         )
                     )
     return runs
+
+
+def _library_version() -> str:
+    import fop
+
+    return fop.__version__
 
 
 def _base_lr(spec: OptimizerSpec, task: Task, overrides: dict[str, float]) -> float:
