@@ -159,6 +159,7 @@ def _record(opt: Any) -> dict[str, Any]:
         "last_step_bytes": dict(comm.last_step_bytes),
         "state_bytes": state_bytes(opt),
         "diagnostics": {k: {n: float(v) for n, v in d.items()} for k, d in opt.diagnostics().items()},
+        "noise_scale": opt.gradient_noise_scale(),
     }
 
 
@@ -613,6 +614,9 @@ def test_diagnostics_are_shared(world2) -> None:
     results, _ = world2
     d0, d1 = (res["fop_mlp"]["diagnostics"] for res in results)
     assert d0 == d1 and set(d0) == {"0", "3", "5"}
+    # the model's noise scale sums every layer's terms on every process, not only the owned ones
+    n0, n1 = (res["fop_mlp"]["noise_scale"] for res in results)
+    assert n0 is not None and n0 == n1
 
 
 def test_checkpoint_from_rank0_holds_full_state_and_resumes_anywhere(world2, world4) -> None:

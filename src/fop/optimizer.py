@@ -579,6 +579,7 @@ class KroneckerOptimizer(Optimizer):
         ok = self.communicator.reduce(work, ok)
         self._owner_directions([item for item in work if self.communicator.owns(item.layer)], group, ok, inverse_step)
         self.communicator.share(work)
+        self._record_noise(work, ok)
         if group["kl_clip"] is not None and work:
             lr = group["lr"] if group["trust_region"] == "step" else 1.0
             nu = _clip_to_trust_region(work, lr, group["kl_clip"])
@@ -630,17 +631,22 @@ class KroneckerOptimizer(Optimizer):
         with phase("eigh"):
             self._update_eigen([s for s in states if "A" in s and (inverse_step or "A_values" not in s)])
         with phase("direction"):
-            noise: list[Tensor] = []
             for item, state in zip(owned, states):
                 # no factors yet (a layer first seen on a step without capture): plain gradient this once
                 item.direction = self._direction(item, state, group) if "A" in state else item.grad
-                if "noise_trace" in item.layer.last:
-                    noise.append(torch.stack([item.layer.last["noise_trace"], item.layer.last["noise_grad_sq"]]))
-            if noise:
-                # a skipped step (non-finite gradients) must not enter the noise estimate
-                total = torch.stack(noise).sum(0)
-                self._noise_sums.append(torch.where(ok, total, torch.zeros_like(total)))
-                del self._noise_sums[:-_NU_HISTORY]
+
+    def _record_noise(self, work: Sequence[LayerWork], ok: Tensor) -> None:
+        """Sum this step's gradient-noise terms over the layers (shared by their owners when distributed)."""
+        noise = [
+            torch.stack([item.layer.last["noise_trace"], item.layer.last["noise_grad_sq"]])
+            for item in work
+            if "noise_trace" in item.layer.last
+        ]
+        if noise:
+            # a skipped step (non-finite gradients) must not enter the noise estimate
+            total = torch.stack([n.to(noise[0].device, noise[0].dtype) for n in noise]).sum(0)
+            self._noise_sums.append(torch.where(ok, total, torch.zeros_like(total)))
+            del self._noise_sums[:-_NU_HISTORY]
 
     def _update_factors(self, state: dict, a_new: Tensor, g_new: Tensor, decay: float, ok: Tensor) -> None:
         good = ok & torch.isfinite(a_new).all() & torch.isfinite(g_new).all()
