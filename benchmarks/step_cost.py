@@ -1,0 +1,143 @@
+"""Step cost of FOP and K-FAC as ratios to SGD with momentum, measured side by side in one process.
+
+    python benchmarks/step_cost.py [--model cnn|mlp|both] [--cycles 4] [--repeats 3] [--profile]
+
+For each model (issue #13's CNN: two 3x3 convs and Linear(2048, 10) on 32x32x3 inputs, batch 256;
+the digits MLP: 64-256-256-10, batch 256) the optimizers run interleaved, ``repeats`` times, each
+timing ``cycles`` whole curvature intervals step by step (defaults otherwise: curvature and
+inverse every 10 steps). Reported per optimizer, median over repeats:
+
+* amortized: mean time per training step (forward + backward + step) over whole intervals;
+* ordinary: median time of a step that captures no curvature and computes no inverse;
+* curvature: mean time of the steps that capture statistics and eigendecompose;
+* peak: the process's peak RSS growth while the optimizer trains (CPU; a rough figure).
+
+Ratios are to SGD within the same repeat, so machine load shared by all optimizers cancels out.
+``--profile`` adds the fop:: phase breakdown (ms per step, amortized) from torch.profiler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fop import FOP, KFAC
+
+
+def cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(2048, 10),
+    )  # fmt: skip
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+
+
+MODELS = {"cnn": (cnn, (3, 32, 32)), "mlp": (mlp, (64,))}
+OPTIMIZERS = {
+    "sgd": lambda m: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9),
+    "kfac": lambda m: KFAC(m, lr=0.01),
+    "fop": lambda m: FOP(m, lr=0.01),
+}
+
+
+def run(name: str, opt_name: str, cycles: int, interval: int = 10, batch: int = 256, profile: bool = False):
+    build, shape = MODELS[name]
+    torch.manual_seed(0)
+    model = build()
+    opt = OPTIMIZERS[opt_name](model)
+    gen = torch.Generator().manual_seed(1)
+    data = torch.randn(4 * batch, *shape, generator=gen)
+    labels = torch.randint(0, 10, (4 * batch,), generator=gen)
+
+    def step(k: int) -> float:
+        i = (k % 4) * batch
+        x, y = data[i : i + batch], labels[i : i + batch]
+        t = time.perf_counter()
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        return time.perf_counter() - t
+
+    for k in range(interval + 2):
+        step(k)
+    # align to the start of a curvature interval (fop's step counter)
+    k = interval + 2
+    while k % interval:
+        step(k)
+        k += 1
+    if profile:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for j in range(cycles * interval):
+                step(k + j)
+        phases: dict[str, float] = {}
+        for ev in prof.key_averages():
+            if ev.key.startswith("fop::"):
+                phases[ev.key[5:]] = ev.cpu_time_total / 1000.0 / (cycles * interval)
+        return phases
+    times = [step(k + j) for j in range(cycles * interval)]
+    curvature = [t for j, t in enumerate(times) if j % interval == 0]
+    ordinary = [t for j, t in enumerate(times) if j % interval != 0]
+    return sum(times) / len(times), statistics.median(ordinary), sum(curvature) / len(curvature)
+
+
+def peak_rss_mb(name: str, opt_name: str) -> float:
+    """Peak RSS of a fresh process training a few intervals (CPU memory is per process)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource,sys,torch;torch.set_num_threads(1);sys.path.insert(0,'benchmarks');import step_cost as s;"
+        f"s.run({name!r},{opt_name!r},2);"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.split()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["cnn", "mlp", "both"], default="both")
+    parser.add_argument("--cycles", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--memory", action="store_true", help="peak RSS of a fresh process per optimizer")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: no oversubscription on a shared machine)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for name in (["cnn", "mlp"] if args.model == "both" else [args.model]):
+        results: dict[str, list[tuple[float, float, float]]] = {o: [] for o in OPTIMIZERS}
+        for _ in range(args.repeats):
+            for opt_name in OPTIMIZERS:
+                results[opt_name].append(run(name, opt_name, args.cycles))
+        print(f"\n{name}: median over {args.repeats} interleaved repeats of {args.cycles} intervals")
+        print("| optimizer | amortized ms | x SGD | ordinary ms | x SGD | curvature-step ms |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for opt_name, rows in results.items():
+            ratios_a = [r[0] / s[0] for r, s in zip(rows, results["sgd"])]
+            ratios_o = [r[1] / s[1] for r, s in zip(rows, results["sgd"])]
+            med = [statistics.median(r[i] for r in rows) * 1000 for i in range(3)]
+            print(
+                f"| {opt_name} | {med[0]:.1f} | {statistics.median(ratios_a):.2f} | {med[1]:.1f} | "
+                f"{statistics.median(ratios_o):.2f} | {med[2]:.1f} |"
+            )
+        if args.memory:
+            peaks = {o: peak_rss_mb(name, o) for o in OPTIMIZERS}
+            print("peak RSS MB: " + ", ".join(f"{o} {v:.0f} ({v / peaks['sgd']:.2f}x)" for o, v in peaks.items()))
+        if args.profile:
+            for opt_name in ("kfac", "fop"):
+                phases = run(name, opt_name, args.cycles, profile=True)
+                print(f"{opt_name} phases ms/step: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(phases.items())))
+
+
+if __name__ == "__main__":
+    main()
