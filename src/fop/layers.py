@@ -28,7 +28,7 @@ from .nn import MultiheadAttention as CapturedAttention
 from .nn import register_projection_hook
 
 __all__ = [
-    "AttentionProjectionLayer", "ConvNdLayer", "SequenceFirstLinearLayer", "TransposedLinearLayer", "batch_dims",
+    "AttentionProjectionLayer", "ConvNdLayer", "SequenceFirstLinearLayer", "TransposedLinearLayer", "linear_layouts",
     "make_layers", "supports", "unsupported_reason",
 ]  # fmt: skip
 
@@ -153,7 +153,7 @@ class SequenceFirstLinearLayer(LinearLayer):
     """``nn.Linear`` on sequence-first ``(seq, batch, *, in)`` inputs: the halves split dim 1.
 
     Used for the feed-forward layers of ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer``
-    with ``batch_first=False`` (see :func:`batch_dims`); the factors do not depend on row order.
+    with ``batch_first=False`` (see :func:`linear_layouts`); the factors do not depend on row order.
     """
 
     def __init__(self, name: str, module: nn.Module, mode: CaptureMode) -> None:
@@ -166,18 +166,38 @@ class SequenceFirstLinearLayer(LinearLayer):
         super()._backward_hook(x, grad_out, mode)
 
 
-def batch_dims(model: nn.Module) -> dict[int, int]:
-    """``id(module) -> batch dim`` of the Linear layers known to see sequence-first inputs (else dim 0).
+def linear_layouts(model: nn.Module, batch_first: bool | None) -> tuple[set[int], set[int]]:
+    """``(sequence_first, undetermined)``: ids of the ``nn.Linear`` modules whose inputs of three or
+    more dimensions are ``(seq, batch, ...)``, and of those whose layout the model does not tell.
 
-    PyTorch's transformer layers with ``batch_first=False`` apply ``linear1``/``linear2`` to
-    ``(seq, batch, d)`` tensors; splitting those along dim 0 would split the sequence, not the batch.
+    Sequence first: every Linear under a scope that declares ``batch_first=False`` (torch's
+    transformer modules; ``nn.TransformerEncoderLayer`` holds the flag on its ``self_attn`` child
+    only, so a module's scope is also set by a ``MultiheadAttention`` among its direct children),
+    or every Linear when ``batch_first=False``. Never the Linear layers inside an attention module:
+    :mod:`fop.nn`'s attention calls them batch first whatever its flag says. Undetermined: the
+    other Linear layers, when ``batch_first`` is ``None`` and the model has sequence-first ones.
     """
-    dims = {}
-    for module in model.modules():
-        if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and not module.self_attn.batch_first:
-            for child in (module.linear1, module.linear2):
-                dims[id(child)] = 1
-    return dims
+    scoped: set[int] = set()
+    internal: set[int] = set()
+
+    def visit(module: nn.Module, inherited: bool | None) -> None:
+        flag = getattr(module, "batch_first", None)
+        if not isinstance(flag, bool):
+            flags = [c.batch_first for c in module.children() if isinstance(c, nn.MultiheadAttention)]
+            flag = flags[0] if flags else inherited
+        if isinstance(module, nn.MultiheadAttention):
+            internal.update(id(inner) for inner in module.modules() if inner is not module)
+            return
+        if flag is False:
+            scoped.add(id(module))
+        for child in module.children():
+            visit(child, flag)
+
+    visit(model, None)
+    linears = {id(m) for m in model.modules() if isinstance(m, nn.Linear)} - internal
+    sequence_first = linears if batch_first is False else linears & scoped
+    undetermined = linears - sequence_first if batch_first is None and sequence_first else set()
+    return sequence_first, undetermined
 
 
 def is_gpt2_conv1d(module: nn.Module) -> bool:
@@ -205,7 +225,7 @@ def supports(module: nn.Module) -> bool:
 def make_layers(name: str, module: nn.Module, mode: CaptureMode, batch_dim: int = 0) -> list[KroneckerLayer]:
     """The :class:`KroneckerLayer` objects of a supported module (an attention module has several).
 
-    ``batch_dim``: 1 for a Linear that sees sequence-first inputs (from :func:`batch_dims`).
+    ``batch_dim``: 1 for a Linear that sees sequence-first inputs (from :func:`linear_layouts`).
     """
     if _is_attention(module):
         assert isinstance(module, nn.MultiheadAttention)

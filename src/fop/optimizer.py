@@ -29,7 +29,7 @@ from torch.optim import Optimizer
 
 from . import functional as Fn
 from .curvature import FACTOR_KEYS, CaptureMode, KroneckerLayer, LayerWork
-from .layers import batch_dims, make_layers, supports, unsupported_reason
+from .layers import linear_layouts, make_layers, supports, unsupported_reason
 from .distributed import Communicator, make_communicator
 from .first_order import adamw_update, masked_copy_, sgd_update
 from .profiling import phase
@@ -191,13 +191,10 @@ class KroneckerOptimizer(Optimizer):
         self._sampled = False  # sample_fisher() ran in this cycle
         self._nu_history: list[Tensor] = []  # the trust region's ν per step (device tensors)
         self._noise_sums: list[Tensor] = []  # per step: Σ_layers (tr Σ estimate, |G|² estimate)
-        self.layers, tied = _discover_layers(model, exclude, self._mode, batch_first)
-        if batch_first is None and any(layer.batch_dim == 1 for layer in self.layers):
-            internal = _attention_internals(model)
-            unsure = [
-                layer.name for layer in self.layers
-                if layer.batch_dim == 0 and isinstance(layer.module, nn.Linear) and id(layer.module) not in internal
-            ]  # fmt: skip
+        sequence_first, undetermined = linear_layouts(model, batch_first)
+        self.layers, tied = _discover_layers(model, exclude, self._mode, sequence_first)
+        if undetermined:
+            unsure = [layer.name for layer in self.layers if id(layer.module) in undetermined]
             if unsure:
                 warnings.warn(
                     f"the model has sequence-first modules (batch_first=False), whose Linear layers are split along "
@@ -787,7 +784,7 @@ def _clip_to_trust_region(work: Sequence[LayerWork], lr: float | Tensor, kl_clip
 
 
 def _discover_layers(
-    model: nn.Module, exclude: ExcludeSpec, mode: CaptureMode, batch_first: bool | None
+    model: nn.Module, exclude: ExcludeSpec, mode: CaptureMode, sequence_first: set[int]
 ) -> tuple[list[KroneckerLayer], dict[str, list[str]]]:
     """The Kronecker layers, and the supported layers left out because a parameter is shared."""
     if isinstance(exclude, (str, nn.Module, type)):
@@ -823,7 +820,6 @@ def _discover_layers(
             owners.setdefault(id(p), {}).setdefault(id(module), f"{name}.{pname}" if name else pname)
     layers: list[KroneckerLayer] = []
     tied: dict[str, list[str]] = {}
-    sequence_first, dims, internal = _sequence_first_modules(model), batch_dims(model), _attention_internals(model)
     for name, module in model.named_modules():
         if not supports(module):
             continue
@@ -834,46 +830,9 @@ def _discover_layers(
         if shared:
             tied[name] = shared
             continue
-        sequence = (
-            isinstance(module, nn.Linear)
-            and id(module) not in internal
-            and (batch_first is False or id(module) in sequence_first)
-        )
-        layers += make_layers(name, module, mode, 1 if sequence or dims.get(id(module)) == 1 else 0)
+        layers += make_layers(name, module, mode, 1 if id(module) in sequence_first else 0)
     _warn_unsupported(model, exclude_ids=excluded_modules, exclude_names=excluded_names, exclude_types=excluded_types)
     return layers, tied
-
-
-def _attention_internals(model: nn.Module) -> set[int]:
-    """Modules inside attention modules (``out_proj``): fop.nn's attention calls them batch first."""
-    return {
-        id(inner) for module in model.modules() if isinstance(module, nn.MultiheadAttention)
-        for inner in module.modules() if inner is not module
-    }  # fmt: skip
-
-
-def _sequence_first_modules(model: nn.Module) -> set[int]:
-    """The modules under a scope that declares ``batch_first=False`` (torch's transformer modules).
-
-    ``nn.TransformerEncoderLayer`` holds the flag on its ``self_attn`` child only, so a module's
-    scope is also set by a ``MultiheadAttention`` among its direct children.
-    """
-    found: set[int] = set()
-
-    def visit(module: nn.Module, inherited: bool | None) -> None:
-        flag = getattr(module, "batch_first", None)
-        if not isinstance(flag, bool):
-            flags = [c.batch_first for c in module.children() if isinstance(c, nn.MultiheadAttention)]
-            flag = flags[0] if flags else inherited
-        if flag is False:
-            found.add(id(module))
-        if isinstance(module, nn.MultiheadAttention):
-            return  # fop.nn's attention applies out_proj batch first, whatever batch_first says
-        for child in module.children():
-            visit(child, flag)
-
-    visit(model, None)
-    return found
 
 
 def _warn_unsupported(model: nn.Module, exclude_ids: set[int], exclude_names: set[str], exclude_types: tuple) -> None:
