@@ -190,7 +190,7 @@ class KroneckerOptimizer(Optimizer):
         )
         self._sampled = False  # sample_fisher() ran in this cycle
         self._nu_history: list[Tensor] = []  # the trust region's ν per step (device tensors)
-        self._noise_sums: list[Tensor] = []  # per step: Σ_layers (tr Σ estimate, |G|² estimate)
+        self._noise_total: Tensor | None = None  # Σ over steps and layers of (tr Σ, |G|²) estimates
         sequence_first, undetermined = linear_layouts(model, batch_first)
         self.layers, tied = _discover_layers(model, exclude, self._mode, sequence_first)
         if undetermined:
@@ -429,11 +429,11 @@ class KroneckerOptimizer(Optimizer):
         or before the first step; ``inf`` when the gradient estimate ``|G|²`` is not positive
         (pure noise). Synchronises with the device.
         """
-        if not self._noise_sums:
+        if self._noise_total is None:
             return None
-        trace, grad_sq = torch.stack(self._noise_sums).sum(0).tolist()
+        trace, grad_sq = self._noise_total.tolist()
         if reset:
-            self._noise_sums.clear()
+            self._noise_total = None
         return trace / grad_sq if grad_sq > 0 else float("inf")
 
     def trust_region_stats(self, reset: bool = False) -> dict[str, float] | None:
@@ -641,9 +641,8 @@ class KroneckerOptimizer(Optimizer):
         ]
         if noise:
             # a skipped step (non-finite gradients) must not enter the noise estimate
-            total = torch.stack([n.to(noise[0].device, noise[0].dtype) for n in noise]).sum(0)
-            self._noise_sums.append(torch.where(ok, total, torch.zeros_like(total)))
-            del self._noise_sums[:-_NU_HISTORY]
+            total = torch.where(ok, torch.stack([n.to(noise[0]) for n in noise]).sum(0), 0.0)
+            self._noise_total = total if self._noise_total is None else self._noise_total + total
 
     def _update_factors(self, state: dict, a_new: Tensor, g_new: Tensor, decay: float, ok: Tensor) -> None:
         good = ok & torch.isfinite(a_new).all() & torch.isfinite(g_new).all()

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from fop.bench.errors import BenchError
+from fop.optimizer import PAPER_PRESET
 
 __all__ = [
     "CURVATURE_OPTIMIZERS",
@@ -233,7 +234,7 @@ VARIANT_TOKENS: dict[str, dict[str, Any]] = {
     # κ = 1 on the direction: the step lr·ν·d has Fisher norm at most lr (lr is the trust radius)
     "dirclip": {"trust_region": "direction", "kl_clip": 1.0},  # the default since 0.2
     "stepclip": {"trust_region": "step", "kl_clip": 1e-3},  # the default before 0.2 (kfac-pytorch's rule)
-    "paper": {"fisher": "mc", "damping_mode": "factored", "factor_decay": 0.0, "kl_clip": None, "eta": "sum"},
+    "paper": PAPER_PRESET,
 }
 
 
