@@ -326,3 +326,15 @@ def test_mc_fisher_on_a_non_finite_output_skips_the_step_without_failing() -> No
     optimizer.step()
     assert int(optimizer.skipped_steps) == 1
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_noise_terms_from_the_fop_direction_equal_those_of_the_raw_halves() -> None:
+    """The rotation into the eigenbasis is orthogonal: |g_avg|² and |g1 − g2|² come free from it."""
+    gen = torch.Generator().manual_seed(5)
+    a, g = spd(6, gen), spd(4, gen)
+    g1, g2 = torch.randn(4, 6, generator=gen, dtype=DTYPE), torch.randn(4, 6, generator=gen, dtype=DTYPE)
+    result = Fn.fop_direction(g1, g2, a, g, 0.05)
+    from_direction = Fn.noise_terms(result.avg_sq, result.diff_sq, 8)
+    for got, want in zip(from_direction, Fn.gradient_noise_terms(g1, g2, 8)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert Fn.fop_direction(g1, g2, a, g, 0.05, projection=False).diff_sq is None

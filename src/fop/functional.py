@@ -41,6 +41,7 @@ __all__ = [
     "inner",
     "safe_divide",
     "gradient_noise_terms",
+    "noise_terms",
     "kfac_direction",
     "kfac_direction_eigen",
     "to_eigenbasis",
@@ -63,13 +64,18 @@ class FOPDirection(NamedTuple):
     """Result of :func:`fop_direction`.
 
     ``direction`` is ``η*·n_comb`` (the update before the learning rate), ``beta`` is ``β*``,
-    ``eta`` is ``η*`` and ``projection`` is the Fisher projection scalar ``s``.
+    ``eta`` is ``η*`` and ``projection`` is the Fisher projection scalar ``s``. ``avg_sq`` and
+    ``diff_sq`` are ``|g_avg|²`` and ``|g1 − g2|²`` (the rotation into the eigenbasis is orthogonal,
+    so they come free from the rotated gradients; for :func:`noise_terms`), ``None`` with the
+    projection off, where ``g1 − g2`` is not formed.
     """
 
     direction: Tensor
     beta: Tensor
     eta: Tensor
     projection: Tensor
+    avg_sq: Tensor | None = None
+    diff_sq: Tensor | None = None
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -216,9 +222,13 @@ def gradient_noise_terms(g1: Tensor, g2: Tensor, half_batch: float | Tensor) -> 
     Both terms are noisy; sum them over layers and average over steps before taking the ratio.
     Sums run over the last two dimensions.
     """
-    diff_sq = inner(g1 - g2, g1 - g2)
     avg = 0.5 * (g1 + g2)
-    return 0.5 * half_batch * diff_sq, inner(avg, avg) - 0.25 * diff_sq
+    return noise_terms(inner(avg, avg), inner(g1 - g2, g1 - g2), half_batch)
+
+
+def noise_terms(avg_sq: Tensor, diff_sq: Tensor, half_batch: float | Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`gradient_noise_terms` from ``|g_avg|²`` and ``|g1 − g2|²``: ``(½·b·|g1 − g2|², |g_avg|² − ¼|g1 − g2|²)``."""
+    return 0.5 * half_batch * diff_sq, avg_sq - 0.25 * diff_sq
 
 
 def fop_direction_eigen(
@@ -266,7 +276,7 @@ def fop_direction_eigen(
     if eta_convention == "sum":  # the paper's g_tot = g1 + g2: ⟨g_tot, n_comb⟩ = 2⟨g_avg, n_comb⟩
         eta = 2.0 * eta
     direction = from_eigenbasis(eta[..., None, None] * n_comb, eig_a, eig_g)
-    return FOPDirection(direction, beta, eta, s)
+    return FOPDirection(direction, beta, eta, s, inner(avg, avg), inner(diff, diff))
 
 
 def fop_direction(

@@ -684,7 +684,10 @@ class KroneckerOptimizer(Optimizer):
                 item.g1, item.g2, eig_a, eig_g, damping, group["projection_eps"], self.projection,
                 damping_mode, group["eta"],
             )  # fmt: skip
-            trace, grad_sq = Fn.gradient_noise_terms(item.g1, item.g2, item.half_batch)
+            if result.avg_sq is not None and result.diff_sq is not None:  # free from the rotated halves
+                trace, grad_sq = Fn.noise_terms(result.avg_sq, result.diff_sq, item.half_batch)
+            else:  # projection off: g1 − g2 was not formed
+                trace, grad_sq = Fn.gradient_noise_terms(item.g1, item.g2, item.half_batch)
             layer.last = {
                 "beta": result.beta, "eta": result.eta, "projection": result.projection,
                 "noise_trace": trace, "noise_grad_sq": grad_sq,
