@@ -320,13 +320,13 @@ class KroneckerLayer:
             else:
                 work.g2 = rest * (n / (n - n1))
             work.half_batch = p.batch_samples / 2
-        if p.a_sum is not None and p.a_rows > 0:
-            if p.gg_sum is not None:
-                work.a = p.a_sum / p.a_rows
-                work.g = p.gg_sum * (p.samples * r * r)
-            elif p.mc_gg_sum is not None and p.mc_samples > 0:
-                work.a = p.a_sum / p.a_rows
-                work.g = p.mc_gg_sum / p.mc_samples
+        g_factor = None
+        if p.gg_sum is not None:
+            g_factor = p.gg_sum * (p.samples * r * r)
+        elif p.mc_gg_sum is not None and p.mc_samples > 0:
+            g_factor = p.mc_gg_sum / p.mc_samples
+        if p.a_sum is not None and p.a_rows > 0 and g_factor is not None:
+            work.a, work.g = p.a_sum / p.a_rows, g_factor
         self.reset()
         return work
 
