@@ -320,11 +320,13 @@ def _profile(
             seen.add((spec.optimizer, spec.batch_size))
             specs.append(spec)
     pipeline = BatchPipeline(dataset, device, crop_padding=task.crop_padding, channels_last=device.type == "cuda")
-    rows = profile_runs(specs, task, dataset, pipeline, optimizers, args.profile_steps)
     header = f"{task.name} step profile: {env['hardware']}; torch {env['torch']}; command: {command}"
-    table = format_profile(rows, baseline, header)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "profile.md").write_text(table + "\n", encoding="utf-8")
+    rows = []
+    for spec in specs:  # the table is rewritten after each row: an interrupted profile keeps its rows
+        rows += profile_runs([spec], task, dataset, pipeline, optimizers, args.profile_steps)
+        table = format_profile(rows, baseline, header)
+        (out / "profile.md").write_text(table + "\n", encoding="utf-8")
     print(table)
     return 0
 

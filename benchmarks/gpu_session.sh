@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# One GPU lease in one call (issue #11): the CUDA tests, the step profile, then as much of the
+# CIFAR-10 study as the remaining time allows. Every stage has its own time limit, so a slow stage
+# cannot take the others' time, and everything lands in OUT/gpu-session.tgz (plus the small logs).
+#
+#   bash benchmarks/gpu_session.sh OUT SECONDS [DATA]
+#
+# DATA defaults to .data/cifar10_jpeg.npz (an ignored folder of the checkout, carried to the GPU
+# machine). Run from the repository root; fop is imported from src/ (nothing is installed).
+# On a machine without CUDA it runs the same stages on the CPU at toy size (a dry run of the script).
+# STAGES (default "1 2 3") picks stages; EPOCHS fixes the study's epoch budget instead of deriving it.
+set -u
+OUT=${1:?usage: gpu_session.sh OUT SECONDS [DATA]}
+TOTAL=${2:?usage: gpu_session.sh OUT SECONDS [DATA]}
+DATA=${3:-.data/cifar10_jpeg.npz}
+PYTHON=${PYTHON:-python3}
+START=$(date +%s)
+WORK=$(mktemp -d)
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 FOP_CACHE_DIR=${FOP_CACHE_DIR:-$WORK/cache}
+
+left() { echo $((TOTAL - ($(date +%s) - START))); }
+log() { echo "[$(date +%T) +$(($(date +%s) - START))s] $*" | tee -a "$WORK/session.log"; }
+stage() {  # stage NAME LIMIT COMMAND...: run with a time limit, log its exit status
+    local name=$1 limit=$2
+    shift 2
+    log "$name: start (limit ${limit}s)"
+    timeout --signal=INT --kill-after=10 "$limit" "$@" >"$WORK/$name.log" 2>&1
+    log "$name: rc=$?"
+}
+
+BENCH=("$PYTHON" -m fop.bench --task cifar10-resnet18 --data "$DATA" --no-progress)
+if "$PYTHON" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+    DEVICE=cuda SIZE=()
+else
+    DEVICE=cpu SIZE=(--subset 256 --width 4 --threads 2)
+fi
+{
+    nvidia-smi 2>&1 || true
+    "$PYTHON" -c "import sys, torch; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
+} >"$WORK/env.txt" 2>&1
+log "device $DEVICE, $(left)s for the session"
+
+STAGES=" ${STAGES:-1 2 3} "
+# 1. the CUDA path (tests/test_cuda.py, marker cuda)
+if [[ $STAGES != *" 1 "* ]]; then
+    :
+elif [ "$DEVICE" = cuda ]; then
+    stage stage1-cuda-tests 120 "$PYTHON" -m pytest -m cuda tests/test_cuda.py -q -rA -p no:cacheprovider
+else
+    FOP_TEST_DEVICE=cpu stage stage1-cuda-tests 120 "$PYTHON" -m pytest -m cuda tests/test_cuda.py -q -rA -p no:cacheprovider
+fi
+
+# 2. the step profile: SGD, AdamW, K-FAC and FOP side by side (the first command also decodes the pack)
+if [ "$DEVICE" = cuda ]; then B_MAIN=4096 B_BIG=16384; else B_MAIN=32 B_BIG=64; fi
+if [[ $STAGES == *" 2 "* ]]; then
+stage stage2-profile-i10 150 "${BENCH[@]}" "${SIZE[@]}" --device "$DEVICE" --profile --profile-steps 10 \
+    --batch-sizes "$B_MAIN,$B_BIG" --curvature-interval 10 --out "$WORK/profile-i10"
+stage stage2-profile-i5 60 "${BENCH[@]}" "${SIZE[@]}" --device "$DEVICE" --profile --profile-steps 10 \
+    --batch-sizes "$B_MAIN" --curvature-interval 5 --out "$WORK/profile-i5"
+fi
+
+# 3. the study at the main batch size, one learning rate, one seed: the epoch budget is what the
+#    remaining time allows at the profiled step times (one budget for every optimizer)
+[ -n "${EPOCHS:-}" ] || EPOCHS=$("$PYTHON" - "$WORK/profile-i10/profile.md" "$B_MAIN" "$(($(left) - 60))" <<'EOF'
+import re, sys
+path, batch, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+try:
+    rows = [line.split("|") for line in open(path) if line.startswith(f"| {batch} |")]
+    per_epoch = sum(50000 / batch * float(r[4]) / 1000 + 1.5 for r in rows)  # + evaluation, logging
+except (OSError, ValueError):
+    per_epoch = 0.0
+runs = 4
+epochs = int((seconds - 20 * runs) / per_epoch) if per_epoch > 0 else 0
+print(max(0, min(epochs, 40)))
+EOF
+)
+log "study: $EPOCHS epochs per run"
+if [[ $STAGES == *" 3 "* ]] && [ "${EPOCHS:-0}" -ge 3 ]; then
+    stage stage3-study $(($(left) - 25)) "${BENCH[@]}" "${SIZE[@]}" --device "$DEVICE" --batch-sizes "$B_MAIN" \
+        --optimizers fop,kfac,sgd,adamw --lr-grid 1 --extend-edges 0 --max-epochs "$EPOCHS" --out "$WORK/study"
+fi
+
+log "done; packing"
+cp "$WORK/session.log" "$WORK/env.txt" "$OUT/" 2>/dev/null
+tar czf "$OUT/gpu-session.tgz" -C "$WORK" --exclude cache .
