@@ -186,7 +186,7 @@ def test_ordinary_step_does_not_synchronise_with_the_host(cls: type) -> None:
     for _ in range(12):  # the first curvature cycle, one-time checks, step counters 1, 2, 4, 8
         step()
     torch.cuda.synchronize()
-    assert not optimizer.curvature_step()
+    assert not optimizer.curvature_step
     torch.cuda.set_sync_debug_mode("error")
     try:
         step()
