@@ -107,7 +107,7 @@ def _profile_one(
         for _ in range(window):
             train_step()
         _synchronize(device)
-    totals = _phase_totals(prof.key_averages(), device.type == "cuda")
+    totals = _phase_totals(prof.events(), device.type == "cuda")
     phase_ms = {
         label: max(0.0, sum(totals.get(n, 0.0) for n in add) - sum(totals.get(n, 0.0) for n in sub)) / window
         for label, add, sub in _COLUMNS
@@ -125,15 +125,23 @@ def _profile_one(
 
 
 def _phase_totals(events: Any, on_device: bool) -> dict[str, float]:
-    """Milliseconds inside each ``fop::`` range (device time on CUDA, host time otherwise)."""
+    """Milliseconds inside each ``fop::`` range (device time on CUDA, host time otherwise).
+
+    On CUDA a range's device time is the kernel time of the host-side range (its kernels and its
+    children's). The profiler also records each range as a GPU-side annotation of the same name,
+    whose span it would add to that total (pytorch/pytorch#130730), so those are skipped.
+    """
     totals: dict[str, float] = {}
     for event in events:
-        if not event.key.startswith("fop::"):
+        if not event.name.startswith("fop::"):
             continue
-        micros = getattr(event, "device_time_total", None) if on_device else None
-        if micros is None:
-            micros = getattr(event, "cuda_time_total", 0.0) if on_device else event.cpu_time_total
-        totals[event.key] = totals.get(event.key, 0.0) + micros / 1000.0
+        if on_device:
+            if event.device_type != torch.autograd.DeviceType.CPU:
+                continue
+            micros = event.device_time_total
+        else:
+            micros = event.cpu_time_total
+        totals[event.name] = totals.get(event.name, 0.0) + micros / 1000.0
     return totals
 
 
