@@ -22,7 +22,8 @@ demo: $(PY)
 	$(VENV)/bin/fop-bench
 
 install-test: $(PY)
-	$(PIP) install -q -e ".[test]"
+	# the torch spec in the same command keeps the recipes' trainers from replacing the CPU torch
+	$(PIP) install -q -e ".[test,recipes]" "$(TORCH_SPEC)"
 	# independent K-FAC reference for tests/test_crosscheck.py; --no-deps keeps torchvision out
 	$(PIP) install -q --no-deps curvlinops-for-pytorch einconv linear_operator backpack-for-pytorch
 

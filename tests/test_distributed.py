@@ -96,19 +96,40 @@ def attention_net(seed: int = 0) -> nn.Module:
     return AttentionNet().to(DTYPE)
 
 
+class EmbeddingNet(nn.Module):
+    """Token indices (batch, 5) from a vocabulary of 13, padding index 0: diagonal input factor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(13, 4, padding_idx=0)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.emb(x)).mean(1))
+
+
+def embedding_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return EmbeddingNet().to(DTYPE)
+
+
+VOCAB = 13
 MODELS = {
     "mlp": (mlp, (6,), 4), "cnn": (cnn, (2, 6, 6), 3), "bn": (bn_net, (2, 6, 6), 3), "norm": (norm_only, (6,), 6),
-    "attn": (attention_net, (4, 6), 3),
+    "attn": (attention_net, (4, 6), 3), "emb": (embedding_net, (5,), 3),
 }  # fmt: skip
 
 
 def global_batches(kind: str, steps: int, size: int = GLOBAL_BATCH, seed: int = 1) -> list:
     _, shape, classes = MODELS[kind]
     gen = torch.Generator().manual_seed(seed)
-    return [
-        (torch.randn(size, *shape, generator=gen, dtype=DTYPE), torch.randint(0, classes, (size,), generator=gen))
-        for _ in range(steps)
-    ]
+
+    def inputs() -> torch.Tensor:
+        if kind == "emb":
+            return torch.randint(0, VOCAB, (size, *shape), generator=gen)
+        return torch.randn(size, *shape, generator=gen, dtype=DTYPE)
+
+    return [(inputs(), torch.randint(0, classes, (size,), generator=gen)) for _ in range(steps)]
 
 
 def local_part(batch: tuple, rank: int, world: int, split: str = "parity") -> tuple:
@@ -274,7 +295,7 @@ def scenario_ddp(rank: int, world: int, out: dict) -> None:
     """DistributedDataParallel with FOP's communication hook, as a DDP user trains."""
     from fop.ddp import bytes_per_step as ddp_bytes_per_step
 
-    for opt_name, kind in (("fop", "mlp"), ("fop", "cnn"), ("kfac", "mlp")):
+    for opt_name, kind in (("fop", "mlp"), ("fop", "cnn"), ("kfac", "mlp"), ("fop", "emb")):
         model, ddp, opt = hooked_ddp(kind, opt_name, bucket_cap_mb=1e-4)  # several buckets
         train(ddp, opt, [local_part(b, rank, world) for b in global_batches(kind, 4)])
         out[f"ddp_{opt_name}_{kind}"] = {
@@ -320,6 +341,9 @@ def scenario_errors(rank: int, world: int, out: dict) -> None:
     out["err_layers"] = _expect_error(lambda: make_optimizer("fop", mlp() if rank == 0 else cnn()))
     out["err_kind"] = _expect_error(lambda: make_optimizer("fop" if rank == 0 else "kfac", mlp()))
     out["err_ddp"] = _expect_error(lambda: FOP(nn.parallel.DistributedDataParallel(mlp())))
+    emb = embedding_net()
+    opt = make_optimizer("fop", emb)
+    out["err_embedding"] = _expect_error(lambda: train(emb, opt, [local_part(b, rank, world) for b in global_batches("emb", 1)]))
 
     class Skipper(nn.Module):  # rank 1 does not use its second layer
         def __init__(self) -> None:
@@ -671,6 +695,13 @@ def test_mismatches_raise_clear_errors_on_every_process(world2) -> None:
         assert "b: gradients on 1 of 2 processes" in res["err_unused"]
 
 
+def test_layer_specialists_refuse_embeddings_by_name(world2) -> None:
+    """The specialist layout has no diagonal input factor: refused at the first step, naming the module."""
+    for res in world2[0]:
+        assert res["err_embedding"].startswith("NotImplementedError: DistributedCommunicator does not support"), res
+        assert "emb (Embedding)" in res["err_embedding"] and "dual_gradient_hook" in res["err_embedding"]
+
+
 def test_processes_out_of_step_fail_fast_on_every_process(world2) -> None:
     results, _ = world2
     for rank, res in enumerate(results):
@@ -741,7 +772,7 @@ if __name__ == "__main__" and len(sys.argv) >= 4 and sys.argv[1] == "--worker":
 
 
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("case", ["fop_mlp", "fop_cnn", "kfac_mlp"])
+@pytest.mark.parametrize("case", ["fop_mlp", "fop_cnn", "kfac_mlp", "fop_emb"])
 def test_ddp_comm_hook_equals_single_process_on_global_batch(request, world, case) -> None:
     """FOP(ddp.module) + ddp.register_comm_hook(optimizer, dual_gradient_hook) = one process on the global batch."""
     results = request.getfixturevalue(f"world{world}")

@@ -1,4 +1,4 @@
-"""Conv1d, Conv3d, nn.MultiheadAttention and GPT-2's Conv1D against float64 dense references.
+"""Conv1d, Conv3d, nn.MultiheadAttention, GPT-2's Conv1D and nn.Embedding against float64 dense references.
 
 For every layer type: the hook-captured sub-batch gradients equal separate backward passes on
 each half of the batch, the Kronecker factors equal second moments formed by hand (patches by
@@ -141,8 +141,9 @@ def folded_reference(model: nn.Module, layer_name: str) -> torch.Tensor:
     if key in ("q_proj", "k_proj", "v_proj"):
         return getattr(modules[owner], f"{key}_weight").grad
     m = modules[layer_name]
-    w = m.weight.grad.T if isinstance(m, Conv1D) else m.weight.grad.reshape(m.weight.shape[0], -1)
-    return w if m.bias is None else torch.cat([w, m.bias.grad[:, None]], 1)
+    w = m.weight.grad.T if isinstance(m, (Conv1D, nn.Embedding)) else m.weight.grad.reshape(m.weight.shape[0], -1)
+    bias = getattr(m, "bias", None)  # nn.Embedding has none
+    return w if bias is None else torch.cat([w, bias.grad[:, None]], 1)
 
 
 def half_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
@@ -333,8 +334,17 @@ def test_kfac_step_equals_dense_damped_natural_gradient(case: str) -> None:
 def test_fop_step_is_the_functional_direction(case: str) -> None:
     """The update is −lr·fop_direction(g1, g2, A, G, λ) of halves from separate passes."""
     model, x, y = make(case, 8)
+    check_fop_step(model, x, y)
+
+
+def check_fop_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dense_a: dict | None = None, **options: object) -> tuple:
+    """One FOP step (lr 0.5, λ 0.05) equals −lr·fop_direction(g1, g2, A, G, λ), the halves from separate passes.
+
+    ``dense_a``: a layer's input factor formed by hand, used instead of the optimizer's. Returns
+    ``(optimizer, parameters before the step)``.
+    """
     reference = copy.deepcopy(model)
-    optimizer = FOP(model, lr=0.5, momentum=0.0, damping=0.05, kl_clip=None, **FAST)
+    optimizer = FOP(model, lr=0.5, momentum=0.0, damping=0.05, kl_clip=None, **options, **FAST)
     names = [layer.name for layer in optimizer.layers]
     g1 = half_grads(reference, x[:4], y[:4], names)
     g2 = half_grads(reference, x[4:], y[4:], names)
@@ -343,14 +353,16 @@ def test_fop_step_is_the_functional_direction(case: str) -> None:
     optimizer.step()
     for layer in optimizer.layers:
         state = optimizer.state[layer.weight]
-        expected = fop_direction(g1[layer.name], g2[layer.name], state["A"], state["G"], 0.05)
+        a = (dense_a or {}).get(layer.name, state["A"])
+        expected = fop_direction(g1[layer.name], g2[layer.name], a, state["G"], 0.05)
         torch.testing.assert_close(folded_param(layer), before[layer.name] - 0.5 * expected.direction, msg=layer.name)
+    return optimizer, before
 
 
 def folded_param(layer) -> torch.Tensor:
     """The layer's parameters in the ``[W | b]`` layout, written out per type (not via the layer)."""
     module, w = layer.module, layer.weight.detach()
-    w = w.T if isinstance(module, Conv1D) else w.reshape(w.shape[0], -1)
+    w = w.T if isinstance(module, (Conv1D, nn.Embedding)) else w.reshape(w.shape[0], -1)
     return (w if layer.bias is None else torch.cat([w, layer.bias.detach()[:, None]], 1)).clone()
 
 
@@ -453,13 +465,14 @@ def test_packed_cross_attention_falls_back_loudly() -> None:
 def test_unsupported_weight_layers_are_named_in_one_warning() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Embedding(10, 4), nn.Conv1d(4, 4, 3, groups=2), nn.ConvTranspose1d(4, 4, 2), nn.Flatten(), nn.Linear(4, 3)
+        nn.Embedding(10, 4, scale_grad_by_freq=True), nn.Conv1d(4, 4, 3, groups=2), nn.ConvTranspose1d(4, 4, 2),
+        nn.Flatten(), nn.Linear(4, 3),
     )  # fmt: skip
     with pytest.warns(UserWarning) as record:
         optimizer = FOP(model)
     messages = [str(w.message) for w in record if "no Kronecker curvature" in str(w.message)]
     assert len(messages) == 1
-    for name in ("0 (Embedding)", "1 (Conv1d): grouped", "2 (ConvTranspose1d)"):
+    for name in ("0 (Embedding): scale_grad_by_freq=True", "1 (Conv1d): grouped", "2 (ConvTranspose1d)"):
         assert name in messages[0]
     assert [layer.name for layer in optimizer.layers] == ["4"]
     with warnings.catch_warnings():
@@ -515,3 +528,165 @@ def test_sequence_first_transformer_layer_equals_batch_first(fisher: str) -> Non
     for name in works[0]:
         for key in ("a", "g", "g1", "g2"):
             torch.testing.assert_close(getattr(works[0][name], key), getattr(works[1][name], key), msg=f"{key} of {name}")
+
+
+# ------------------------------------------------------------------------ nn.Embedding
+VOCAB, SEQ = 11, 5
+
+
+class TokenNet(nn.Module):
+    """Embedding → tanh → mean over positions → Linear; ``seq_first``: indices are (seq, batch)."""
+
+    def __init__(self, seq_first: bool = False, **embedding: object) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 4, **embedding)  # type: ignore[arg-type]
+        self.head = nn.Linear(4, 3)
+        self.seq_first = seq_first
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.emb(x.T if self.seq_first else x))
+        return self.head(h.mean(0 if self.seq_first else 1))
+
+
+EMBEDDINGS = {
+    "plain": dict(),
+    "padding": dict(padding_idx=2),
+    "max-norm": dict(max_norm=0.8),
+    "seq-first": dict(seq_first=True, padding_idx=0),
+}
+
+
+def make_tokens(case: str, n: int, seed: int = 0) -> tuple[TokenNet, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(seed)
+    model = TokenNet(**EMBEDDINGS[case]).to(DTYPE)  # type: ignore[arg-type]
+    x = torch.randint(0, VOCAB, (n, SEQ))
+    x[0, :2] = 2  # the padding index of "padding" occurs, and so do repeated tokens
+    x[1, 1] = 0
+    return model, x, torch.randint(0, 3, (n,))
+
+
+def token_options(case: str) -> dict:
+    return {"batch_first": False} if EMBEDDINGS[case].get("seq_first") else {}
+
+
+def embedding_oracle(model: TokenNet, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense ``A = E[e eᵀ]`` of one-hot rows (zero at the padding index), ``G`` from the output gradients."""
+    ref = copy.deepcopy(model)
+    keep: dict[str, torch.Tensor] = {}
+
+    def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        out.retain_grad()
+        keep["out"] = out
+
+    ref.emb.register_forward_hook(hook)
+    F.cross_entropy(ref(x), y).backward()
+    out = keep["out"]
+    rows = F.one_hot(x.reshape(-1), VOCAB).to(DTYPE)  # positions in any order: A, G do not depend on it
+    if ref.emb.padding_idx is not None:
+        rows[:, ref.emb.padding_idx] = 0.0
+    n = x.shape[0]
+    delta = out.grad.reshape(-1, out.shape[-1]) * n
+    return rows.T @ rows / rows.shape[0], delta.T @ delta / n
+
+
+@pytest.mark.parametrize("case", sorted(EMBEDDINGS))
+def test_embedding_factors_and_halves_equal_dense_references(case: str) -> None:
+    """A = diag(token counts)/positions (the explicit one-hot second moment), G, g1, g2 from separate passes."""
+    model, x, y = make_tokens(case, 7)  # unequal halves (4 | 3)
+    a, g = embedding_oracle(model, x, y)
+    reference = copy.deepcopy(model)
+    optimizer = FOP(model, **token_options(case))
+    F.cross_entropy(model(x), y).backward()
+    work = captured(optimizer)["emb"]
+    assert work.a.shape == (VOCAB,)  # kept as its diagonal
+    torch.testing.assert_close(torch.diag(work.a), a)
+    torch.testing.assert_close(work.g, g)
+    halves = [half_grads(reference, x[:4], y[:4], ["emb"]), half_grads(reference, x[4:], y[4:], ["emb"])]
+    torch.testing.assert_close(work.g1, halves[0]["emb"], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(work.g2, halves[1]["emb"], rtol=1e-10, atol=1e-12)
+    if "padding_idx" in EMBEDDINGS[case]:
+        assert work.a[EMBEDDINGS[case]["padding_idx"]] == 0 and work.g1[:, EMBEDDINGS[case]["padding_idx"]].abs().max() == 0
+
+
+@pytest.mark.parametrize("case", sorted(EMBEDDINGS))
+def test_embedding_kfac_step_equals_dense_damped_natural_gradient(case: str) -> None:
+    """Δθ = −lr·(A ⊗ G + λI)⁻¹ g with the explicit (vocab·dim)² Kronecker product of the dense diagonal A."""
+    model, x, y = make_tokens(case, 6)
+    a, g = embedding_oracle(model, x, y)
+    grad = half_grads(copy.deepcopy(model), x, y, ["emb"])["emb"]
+    lr, damping = 0.3, 0.02
+    optimizer = KFAC(model, lr=lr, momentum=0.0, damping=damping, kl_clip=None, **token_options(case), **FAST)
+    layer = optimizer.layers[0]
+    F.cross_entropy(model(x), y).backward()
+    before = folded_param(layer)  # after the forward: max_norm renormalises the looked-up rows in place
+    optimizer.step()
+    m = torch.kron(a, g) + damping * torch.eye(a.shape[0] * g.shape[0], dtype=DTYPE)
+    step = torch.linalg.solve(m, grad.T.reshape(-1)).reshape(a.shape[0], g.shape[0]).T
+    torch.testing.assert_close(folded_param(layer), before - lr * step)
+    assert "A_vectors" not in optimizer.state[layer.weight]  # no eigendecomposition of the vocabulary factor
+
+
+@pytest.mark.parametrize("case", ["plain", "padding", "seq-first"])
+def test_embedding_fop_step_is_the_functional_direction_of_the_dense_factor(case: str) -> None:
+    """The update is −lr·fop_direction(g1, g2, A, G, λ) with the dense diag(A) (an eigh path) and separate passes."""
+    model, x, y = make_tokens(case, 8)
+    a, _ = embedding_oracle(model, x, y)
+    optimizer, before = check_fop_step(model, x, y, dense_a={"emb": a}, **token_options(case))
+    assert set(optimizer.diagnostics()) == {"emb", "head"}
+    if case == "padding":  # the padding row has no gradient, hence no direction
+        torch.testing.assert_close(folded_param(optimizer.layers[0])[:, 2], before["emb"][:, 2], rtol=0, atol=0)
+
+
+def test_embedding_with_a_large_vocabulary_keeps_a_diagonal_factor() -> None:
+    """A 50 000-token vocabulary: the input factor and its decomposition are vectors, never 50 000²."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(50_000, 8), nn.Flatten(), nn.Linear(8 * 3, 2))
+    optimizer = FOP(model, **FAST)
+    x, y = torch.randint(0, 50_000, (16, 3)), torch.randint(0, 2, (16,))
+    for _ in range(3):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    state = optimizer.state[model[0].weight]
+    assert state["A"].shape == state["A_values"].shape == (50_000,) and "A_vectors" not in state
+    assert state["G_vectors"].shape == (8, 8)
+    assert set(optimizer.diagnostics()) == {"0", "2"}
+
+
+def test_sequence_first_embedding_needs_batch_first_false_and_is_named_otherwise() -> None:
+    """(seq, batch) indices next to a sequence-first encoder: the embedding is named in the layout warning."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"emb": nn.Embedding(VOCAB, 6), "enc": nn.TransformerEncoderLayer(6, 2, dim_feedforward=8)})
+    with pytest.warns(UserWarning, match=r"outside them \(emb\) are taken as batch first"):
+        FOP(model)
+    optimizer = FOP(nn.ModuleDict({"emb": nn.Embedding(VOCAB, 6)}), batch_first=False)
+    assert optimizer.layers[0].batch_dim == 1
+
+
+def test_embedding_checkpoint_resumes_exactly() -> None:
+    """The 1-D factor through state_dict(): the shape check knows it, the resumed run is bitwise the same."""
+    import io
+
+    model, x, y = make_tokens("padding", 6)
+    kw = dict(lr=0.1, curvature_update_interval=1, inverse_update_interval=2)
+
+    def train(model: nn.Module, optimizer: FOP, steps: int) -> None:
+        for _ in range(steps):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+
+    optimizer = FOP(model, **kw)
+    train(model, optimizer, 2)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, buffer)
+    train(model, optimizer, 2)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    resumed = make_tokens("padding", 6, seed=3)[0]
+    resumed.load_state_dict(checkpoint["model"])
+    optimizer2 = FOP(resumed, **kw)
+    optimizer2.load_state_dict(checkpoint["optim"])
+    train(resumed, optimizer2, 2)
+    for a, b in zip(resumed.parameters(), model.parameters()):
+        assert torch.equal(a, b)

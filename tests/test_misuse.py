@@ -383,7 +383,7 @@ def test_linear_layers_outside_a_sequence_first_transformer_are_named() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.head(self.encoder(x))
 
-    with pytest.warns(UserWarning, match=r"the Linear layers outside them \(head\) are taken as batch first"):
+    with pytest.warns(UserWarning, match=r"the Linear and Embedding layers outside them \(head\) are taken as batch first"):
         FOP(Tutorial())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # out_proj

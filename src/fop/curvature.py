@@ -360,6 +360,8 @@ class KroneckerLayer:
 
     # ----------------------------------------------------------------------------- per type
     _unbatched_dims = 1
+    # the input factor is diagonal and kept as its 1-D diagonal (fop.layers.EmbeddingLayer)
+    diagonal_input = False
 
     def _input_second_moment(self, x: Tensor) -> tuple[Tensor, int]:
         """``(Σ_rows a aᵀ, rows)`` with the bias column of ones folded in."""

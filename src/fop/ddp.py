@@ -116,18 +116,25 @@ class DDPCommunicator(LocalCommunicator):
             self._halves = {}  # consumed: a step without a hooked backward must not reuse them
         factored = [item for item in work if item.a is not None and item.g is not None]
         if factored:
-            sizes = [(_tri(item.a.shape[0]), _tri(item.g.shape[0])) for item in factored]
+            # a diagonal input factor (nn.Embedding) travels as its diagonal, a dense one as its upper triangle
+            sizes = [(_factor_size(item.a), _tri(item.g.shape[0])) for item in factored]
             first = factored[0].a
             flat = torch.zeros(sum(a + g for a, g in sizes), dtype=first.dtype, device=first.device)
             offset = 0
             for item, (na, ng) in zip(factored, sizes):
-                self._tri.pack(item.a, flat[offset : offset + na])
+                if item.a.dim() == 1:
+                    flat[offset : offset + na].copy_(item.a)
+                else:
+                    self._tri.pack(item.a, flat[offset : offset + na])
                 self._tri.pack(item.g, flat[offset + na : offset + na + ng])
                 offset += na + ng
             self._all_reduce(flat)
             offset = 0
             for item, (na, ng) in zip(factored, sizes):
-                item.a = self._tri.unpack(flat[offset : offset + na], item.a.shape[0], item.a.dtype) / self.world_size
+                a = flat[offset : offset + na]
+                if item.a.dim() == 2:
+                    a = self._tri.unpack(a, item.a.shape[0], item.a.dtype)
+                item.a = a / self.world_size
                 item.g = self._tri.unpack(flat[offset + na : offset + na + ng], item.g.shape[0], item.g.dtype) / self.world_size
                 offset += na + ng
         return ok
@@ -153,6 +160,11 @@ class DDPCommunicator(LocalCommunicator):
         return torch.cat([w, b[:, None]], dim=1)
 
 
+def _factor_size(a: Tensor) -> int:
+    """Elements an input factor takes in the all-reduce: its diagonal (1-D) or its upper triangle."""
+    return a.shape[0] if a.dim() == 1 else _tri(a.shape[0])
+
+
 def bytes_per_step(optimizer: Any, curvature_step: bool = True) -> dict[str, int]:
     """Payload bytes of one step under :func:`dual_gradient_hook`, and plain DDP's for comparison.
 
@@ -167,7 +179,8 @@ def bytes_per_step(optimizer: Any, curvature_step: bool = True) -> dict[str, int
     for layer in optimizer.layers:
         size = torch.empty((), dtype=compute_dtype(layer.weight.dtype)).element_size()
         if curvature_step:
-            extra += (_tri(layer.in_features) + _tri(layer.out_features)) * size
+            n_a = layer.in_features if layer.diagonal_input else _tri(layer.in_features)
+            extra += (n_a + _tri(layer.out_features)) * size
         if layer.bias is not None and layer.bias.requires_grad:
             extra += layer.out_features * size
         elif layer.is_reference:

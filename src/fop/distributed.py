@@ -329,6 +329,21 @@ def _short(value: Any, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _refuse_diagonal(layers: Sequence[KroneckerLayer]) -> None:
+    """The specialist layout packs every input factor as a dense triangle: no diagonal (Embedding) ones.
+
+    Raised by every process alike (their layers agree) before the step's first collective.
+    """
+    diagonal = [f"{layer.name} ({type(layer.module).__name__})" for layer in layers if layer.diagonal_input]
+    if diagonal:
+        raise NotImplementedError(
+            "DistributedCommunicator does not support layers with a diagonal input factor: "
+            + ", ".join(diagonal)
+            + ". Pass exclude=[...] for them (their parameters then take the fallback rule), or train through "
+            "DistributedDataParallel with fop.dual_gradient_hook, which supports them"
+        )
+
+
 def _raise_uncaptured(layers: Sequence[KroneckerLayer]) -> None:
     if layers:
         name = layers[0].name
@@ -692,6 +707,9 @@ class DistributedCommunicator(Communicator):
     def reduce(self, work: Sequence[LayerWork], ok: Tensor) -> Tensor:
         opt = self._opt_ref()
         assert opt is not None
+        # at the first step, not at construction: under DDP, dual_gradient_hook replaces this
+        # communicator (which supports them) before any step; the layers agree across processes
+        _refuse_diagonal(self.layers)
         self._check_layout(opt)
         items = {self._index[id(item.layer)]: item for item in work}
         # raised after the first collective, whose sequence and presence checks name the cause on

@@ -12,6 +12,10 @@ The damped Fisher is ``M = F + λI``. With the eigendecompositions ``A = Q_A dia
 
     M⁻¹X = Q_G [ (Q_Gᵀ X Q_A) / (g aᵀ + λ) ] Q_Aᵀ
 
+A diagonal input factor (``nn.Embedding``: ``A = diag(c)``, token frequencies) is passed as the
+1-D tensor ``c`` of its diagonal; its eigenbasis is the standard one, so :func:`eigen_diagonal`
+returns ``Eigen(c, None)`` and the rotations skip ``Q_A`` (no ``vocab × vocab`` matrix is formed).
+
 All functions accept leading batch dimensions (``(..., out, in)`` gradients with ``(..., in, in)``
 and ``(..., out, out)`` factors), so that layers of one shape can be processed together. None of
 them synchronises with the host: guards are expressed with ``torch.where``.
@@ -33,6 +37,7 @@ __all__ = [
     "damped_fisher_eigenvalues",
     "damped_inverse",
     "damped_inverse_eigen",
+    "eigen_diagonal",
     "eigen_factor",
     "fisher_inner",
     "fisher_mv",
@@ -54,10 +59,13 @@ ETA_CONVENTIONS = ("mean", "sum")
 
 
 class Eigen(NamedTuple):
-    """Eigendecomposition ``F = Q diag(values) Qᵀ`` of a symmetric positive semi-definite factor."""
+    """Eigendecomposition ``F = Q diag(values) Qᵀ`` of a symmetric positive semi-definite factor.
+
+    ``vectors`` is None for a diagonal factor (``Q = I``, ``values`` its diagonal; :func:`eigen_diagonal`).
+    """
 
     values: Tensor
-    vectors: Tensor
+    vectors: Tensor | None
 
 
 class FOPDirection(NamedTuple):
@@ -96,7 +104,9 @@ def safe_divide(num: Tensor, den: Tensor, valid: Tensor, default: float) -> Tens
 
 
 def fisher_mv(x: Tensor, a: Tensor, g: Tensor) -> Tensor:
-    """Kronecker-factored Fisher-vector product ``(A ⊗ G)·X = G X A``."""
+    """Kronecker-factored Fisher-vector product ``(A ⊗ G)·X = G X A`` (1-D ``a``: ``A = diag(a)``)."""
+    if a.dim() == 1:
+        return (g @ x) * a
     return g @ x @ a
 
 
@@ -146,14 +156,34 @@ def eigen_factor(factor: Tensor, previous: Eigen | None = None) -> Eigen:
     return Eigen(values, vectors)
 
 
+def eigen_diagonal(diagonal: Tensor, previous: Eigen | None = None) -> Eigen:
+    """The eigendecomposition of the diagonal factor ``diag(diagonal)``: its entries, standard basis.
+
+    Entries are clamped at zero; where any is non-finite, ``previous`` is kept (or zero
+    eigenvalues, a plain damped gradient step, when there is none), as in :func:`eigen_factor`.
+    """
+    values = diagonal.to(compute_dtype(diagonal.dtype)).clamp_min(0.0)
+    fallback = torch.zeros_like(values) if previous is None else previous.values.to(values.dtype)
+    return Eigen(torch.where(torch.isfinite(values).all(-1, keepdim=True), values, fallback), None)
+
+
+def _eigen(factor: Tensor) -> Eigen:
+    """:func:`eigen_diagonal` of a 1-D (diagonal) factor, else :func:`eigen_factor`."""
+    return eigen_diagonal(factor) if factor.dim() == 1 else eigen_factor(factor)
+
+
 def to_eigenbasis(x: Tensor, eig_a: Eigen, eig_g: Eigen) -> Tensor:
     """Rotate a gradient matrix into the Kronecker eigenbasis: ``X̃ = Q_Gᵀ X Q_A``."""
-    return eig_g.vectors.transpose(-2, -1) @ x @ eig_a.vectors
+    assert eig_g.vectors is not None
+    x = eig_g.vectors.transpose(-2, -1) @ x
+    return x if eig_a.vectors is None else x @ eig_a.vectors
 
 
 def from_eigenbasis(x: Tensor, eig_a: Eigen, eig_g: Eigen) -> Tensor:
     """Inverse of :func:`to_eigenbasis`: ``X = Q_G X̃ Q_Aᵀ``."""
-    return eig_g.vectors @ x @ eig_a.vectors.transpose(-2, -1)
+    assert eig_g.vectors is not None
+    x = eig_g.vectors @ x
+    return x if eig_a.vectors is None else x @ eig_a.vectors.transpose(-2, -1)
 
 
 def _fisher_eigenvalues(eig_a: Eigen, eig_g: Eigen) -> Tensor:
@@ -201,9 +231,12 @@ def damped_inverse_eigen(
 def damped_inverse(
     x: Tensor, a: Tensor, g: Tensor, damping: float | Tensor, damping_mode: str = "exact"
 ) -> Tensor:
-    """``M⁻¹X``, e.g. ``(A ⊗ G + λI)⁻¹ X``, from the factors themselves (decomposes them first)."""
+    """``M⁻¹X``, e.g. ``(A ⊗ G + λI)⁻¹ X``, from the factors themselves (decomposes them first).
+
+    A 1-D ``a`` is the diagonal of a diagonal ``A`` (no batch dimensions then).
+    """
     dtype = compute_dtype(x.dtype)
-    return damped_inverse_eigen(x.to(dtype), eigen_factor(a), eigen_factor(g), damping, damping_mode)
+    return damped_inverse_eigen(x.to(dtype), _eigen(a), eigen_factor(g), damping, damping_mode)
 
 
 # K-FAC's direction is the damped inverse applied to the gradient; the names say what a caller means.
@@ -319,10 +352,12 @@ def fop_direction(
     chooses ``M`` (:func:`damped_fisher_eigenvalues`); the projection always uses the undamped
     ``F = A ⊗ G``.
 
+    A 1-D ``a`` is the diagonal of a diagonal ``A`` (``nn.Embedding``; no batch dimensions then).
+
     Returns a :class:`FOPDirection` ``(direction, beta, eta, projection)``.
     """
     dtype = compute_dtype(g1.dtype)
     return fop_direction_eigen(
-        g1.to(dtype), g2.to(dtype), eigen_factor(a), eigen_factor(g), damping, eps, projection,
+        g1.to(dtype), g2.to(dtype), _eigen(a), eigen_factor(g), damping, eps, projection,
         damping_mode, eta_convention,
     )  # fmt: skip

@@ -7,6 +7,8 @@
   hooks see them, and ``out_proj`` is an ordinary ``nn.Linear`` layer.
 * GPT-2's ``Conv1D`` (``transformers.pytorch_utils.Conv1D``: weight ``(in, out)``, ``y = x W + b``),
   recognised by its structure: :class:`TransposedLinearLayer`.
+* ``nn.Embedding`` (dense gradients, ``scale_grad_by_freq=False``): :class:`EmbeddingLayer`, a
+  Linear on one-hot inputs whose input factor is diagonal (token frequencies).
 
 :func:`supports` and :func:`make_layers` are what the optimizer asks; :func:`unsupported_reason`
 names the weight-bearing modules that fall back to the first-order rule, for its warning.
@@ -28,7 +30,7 @@ from .nn import MultiheadAttention as CapturedAttention
 from .nn import register_projection_hook
 
 __all__ = [
-    "AttentionProjectionLayer", "ConvNdLayer", "SequenceFirstLinearLayer", "TransposedLinearLayer", "linear_layouts",
+    "AttentionProjectionLayer", "ConvNdLayer", "EmbeddingLayer", "SequenceFirstEmbeddingLayer", "SequenceFirstLinearLayer", "TransposedLinearLayer", "linear_layouts",
     "make_layers", "supports", "unsupported_reason",
 ]  # fmt: skip
 
@@ -105,8 +107,8 @@ class TransposedLinearLayer(LinearLayer):
     ``nn.Linear``; only the conversion to and from the parameter's layout transposes.
     """
 
-    def __init__(self, name: str, module: nn.Module, mode: CaptureMode) -> None:
-        super().__init__(name, module, mode)
+    def __init__(self, name: str, module: nn.Module, mode: CaptureMode, weight: nn.Parameter | None = None) -> None:
+        super().__init__(name, module, mode, weight=weight)  # weight given: no bias (EmbeddingLayer)
         self.out_features = self.weight.shape[1]
         self.in_features = self.weight.shape[0] + (1 if self.bias is not None else 0)
 
@@ -115,6 +117,75 @@ class TransposedLinearLayer(LinearLayer):
 
     def _from_matrix(self, matrix: Tensor) -> Tensor:
         return matrix.T.contiguous()
+
+
+class EmbeddingLayer(TransposedLinearLayer):
+    """``nn.Embedding``: ``y = W[x]`` is the Linear ``y = Wᵀ e_x`` on the one-hot input ``e_x`` (no bias).
+
+    The folded matrix is ``Wᵀ`` (embedding_dim, num_embeddings). Over the ``R`` looked-up positions
+    ``r`` (every index of every sample) the factors are
+
+        A = (1/R) Σ_r e_{x_r} e_{x_r}ᵀ = diag(c) / R        (c_v: how often token v occurs)
+        G = as for Linear, from the output gradients δ_r of every position
+
+    (the diagonal input factor of K-FAC for embeddings, as in TF-KFAC's ``EmbeddingInputKroneckerFactor``,
+    ASDL and kfac-jax). ``A`` is kept as its diagonal ``c / R``, so the damped inverse is elementwise in
+    the vocabulary: ``M⁻¹X = Q_G [(Q_Gᵀ X) / (g cᵀ/R + λ)]``, no ``vocab × vocab`` matrix and no
+    ``eigh`` of one. FOP's halves are those of the batch, as for any layer:
+    ``g_h = Σ_{r ∈ half} δ_r e_{x_r}ᵀ`` rescaled as in :mod:`fop.curvature`.
+
+    ``padding_idx``: torch gives the padding row no gradient, i.e. a position holding the padding
+    token has input zero: it counts in ``R`` and ``G`` but not in ``c``; the padding row's gradient
+    and direction are zero (weight decay, if any, still acts on it, as in ``torch.optim``).
+    ``max_norm``: the forward renormalises the looked-up rows of ``W`` in place, outside autograd;
+    the gradient is still the lookup's, so nothing changes here (the step applies to the
+    renormalised weight). ``sparse=True`` is refused by the optimizer and ``scale_grad_by_freq=True``
+    takes the first-order rule (see :func:`unsupported_reason`).
+    """
+
+    diagonal_input = True
+    _unbatched_dims = 0  # any index tensor is a batch: (batch,) or (batch, seq, ...)
+
+    def __init__(self, name: str, module: nn.Module, mode: CaptureMode) -> None:
+        super().__init__(name, module, mode, weight=module.weight)
+        self.padding_idx: int | None = module.padding_idx
+
+    def _input_second_moment(self, x: Tensor) -> tuple[Tensor, int]:
+        index = x.reshape(-1)
+        if self.padding_idx is not None:
+            index = index[index != self.padding_idx]
+        counts = torch.bincount(index, minlength=self.in_features).to(compute_dtype(self.weight.dtype))
+        return counts, x.numel()
+
+    def _output_rows(self, grad_out: Tensor) -> Tensor:
+        return grad_out.reshape(-1, self.out_features)
+
+    def _folded_grad(self, x: Tensor, grad_out: Tensor) -> Tensor:
+        index = x.reshape(-1)
+        rows = self._output_rows(grad_out)
+        if self.padding_idx is not None:
+            rows = rows * (index != self.padding_idx)[:, None].to(rows.dtype)
+        return rows.new_zeros(self.in_features, self.out_features).index_add_(0, index, rows).T
+
+
+class _SequenceFirst(KroneckerLayer):
+    """Mixin for layers whose batched inputs are ``(seq, batch, ...)``: the halves split dim 1.
+
+    Every capture (halves, sample counts) sees the batch first; the factors do not depend on row order.
+    """
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.batch_dim = 1
+
+    def _backward_hook(self, x: Tensor, grad_out: Tensor, mode: CaptureMode) -> None:
+        if x.dim() > self._unbatched_dims + 1:  # an unbatched input has no batch dim to move
+            x, grad_out = x.transpose(0, 1), grad_out.transpose(0, 1)
+        super()._backward_hook(x, grad_out, mode)
+
+
+class SequenceFirstEmbeddingLayer(_SequenceFirst, EmbeddingLayer):
+    """``nn.Embedding`` on ``(seq, batch, ...)`` indices (a sequence-first model; see :func:`linear_layouts`)."""
 
 
 class AttentionProjectionLayer(LinearLayer):
@@ -149,26 +220,18 @@ class AttentionProjectionLayer(LinearLayer):
         self._forward_hook(module, args, output)
 
 
-class SequenceFirstLinearLayer(LinearLayer):
+class SequenceFirstLinearLayer(_SequenceFirst, LinearLayer):
     """``nn.Linear`` on sequence-first ``(seq, batch, *, in)`` inputs: the halves split dim 1.
 
     Used for the feed-forward layers of ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer``
     with ``batch_first=False`` (see :func:`linear_layouts`); the factors do not depend on row order.
     """
 
-    def __init__(self, name: str, module: nn.Module, mode: CaptureMode) -> None:
-        super().__init__(name, module, mode)
-        self.batch_dim = 1
-
-    def _backward_hook(self, x: Tensor, grad_out: Tensor, mode: CaptureMode) -> None:
-        if x.dim() > 2:  # every capture (halves, sample counts) then sees the batch first
-            x, grad_out = x.transpose(0, 1), grad_out.transpose(0, 1)
-        super()._backward_hook(x, grad_out, mode)
-
 
 def linear_layouts(model: nn.Module, batch_first: bool | None) -> tuple[set[int], set[int]]:
     """``(sequence_first, undetermined)``: ids of the ``nn.Linear`` modules whose inputs of three or
-    more dimensions are ``(seq, batch, ...)``, and of those whose layout the model does not tell.
+    more dimensions (``nn.Embedding``: indices of two or more) are ``(seq, batch, ...)``, and of
+    those whose layout the model does not tell.
 
     Sequence first: every Linear under a scope that declares ``batch_first=False`` (torch's
     transformer modules; ``nn.TransformerEncoderLayer`` holds the flag on its ``self_attn`` child
@@ -194,7 +257,7 @@ def linear_layouts(model: nn.Module, batch_first: bool | None) -> tuple[set[int]
             visit(child, flag)
 
     visit(model, None)
-    linears = {id(m) for m in model.modules() if isinstance(m, nn.Linear)} - internal
+    linears = {id(m) for m in model.modules() if isinstance(m, nn.Linear) or _is_embedding(m)} - internal
     sequence_first = linears if batch_first is False else linears & scoped
     undetermined = linears - sequence_first if batch_first is None and sequence_first else set()
     return sequence_first, undetermined
@@ -215,9 +278,17 @@ def _is_attention(module: nn.Module) -> bool:
     return type(module) in (nn.MultiheadAttention, CapturedAttention)
 
 
+def _is_embedding(module: nn.Module) -> bool:
+    """An ``nn.Embedding`` (or subclass keeping its forward) with a Kronecker-factored gradient."""
+    return (
+        isinstance(module, nn.Embedding) and type(module).forward is nn.Embedding.forward
+        and not module.sparse and not module.scale_grad_by_freq
+    )  # fmt: skip
+
+
 def supports(module: nn.Module) -> bool:
     """Whether ``module`` gets Kronecker curvature (else its parameters use the fallback rule)."""
-    if curvature.supports(module) or _is_attention(module) or is_gpt2_conv1d(module):
+    if curvature.supports(module) or _is_attention(module) or is_gpt2_conv1d(module) or _is_embedding(module):
         return True
     return isinstance(module, (nn.Conv1d, nn.Conv3d)) and module.groups == 1
 
@@ -225,8 +296,10 @@ def supports(module: nn.Module) -> bool:
 def make_layers(name: str, module: nn.Module, mode: CaptureMode, batch_dim: int = 0) -> list[KroneckerLayer]:
     """The :class:`KroneckerLayer` objects of a supported module (an attention module has several).
 
-    ``batch_dim``: 1 for a Linear that sees sequence-first inputs (from :func:`linear_layouts`).
+    ``batch_dim``: 1 for a Linear or Embedding that sees sequence-first inputs (from :func:`linear_layouts`).
     """
+    if isinstance(module, nn.Embedding):
+        return [(SequenceFirstEmbeddingLayer if batch_dim == 1 else EmbeddingLayer)(name, module, mode)]
     if _is_attention(module):
         assert isinstance(module, nn.MultiheadAttention)
         keys = ["in_proj"] if module._qkv_same_embed_dim else ["q_proj", "k_proj", "v_proj"]
@@ -248,8 +321,15 @@ def unsupported_reason(module: nn.Module) -> str | None:
         return "transposed convolutions have no Kronecker factorisation here"
     if isinstance(module, nn.modules.conv._ConvNd) and module.groups != 1:
         return f"grouped convolution (groups={module.groups}): one Kronecker block per group is not implemented"
-    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
-        return "embeddings need a diagonal input factor, which the engine's dense eigendecomposition does not have"
+    if isinstance(module, nn.EmbeddingBag):
+        return "nn.EmbeddingBag reduces its lookups per bag (sum/mean/max): no per-position Kronecker factors here"
+    if isinstance(module, nn.Embedding) and module.scale_grad_by_freq:
+        return (
+            "scale_grad_by_freq=True divides each row's gradient by the token's count in the whole batch, "
+            "which is neither Kronecker-factored nor separable into the two halves"
+        )
+    if isinstance(module, nn.Embedding) and type(module).forward is not nn.Embedding.forward:
+        return f"{type(module).__name__} overrides nn.Embedding.forward; the captured indices may not be what selects its rows"
     if isinstance(module, nn.MultiheadAttention):
         return f"{type(module).__name__} subclasses nn.MultiheadAttention with its own forward; its projections cannot be captured"
     if isinstance(module, nn.Linear):

@@ -64,7 +64,7 @@ class KroneckerOptimizer(Optimizer):
 
     Args:
         model: the module to train. Its ``nn.Linear``, ``nn.Conv1d/2d/3d`` (``groups=1``) and
-            ``nn.MultiheadAttention`` layers get Kronecker curvature (see :mod:`fop.layers`);
+            ``nn.MultiheadAttention`` and ``nn.Embedding`` layers get Kronecker curvature (see :mod:`fop.layers`);
             every other trainable parameter goes to the fallback group.
         lr: base learning rate ``η0`` of the curvature group.
         momentum: momentum of the update ``θ ← θ − lr·buf``, ``buf ← μ·buf + d`` (as torch SGD).
@@ -198,8 +198,9 @@ class KroneckerOptimizer(Optimizer):
             if unsure:
                 warnings.warn(
                     f"the model has sequence-first modules (batch_first=False), whose Linear layers are split along "
-                    f"dimension 1; the Linear layers outside them ({', '.join(unsure)}) are taken as batch first. "
-                    "Pass batch_first=False if their inputs of 3 or more dimensions are (seq, batch, ...) too, "
+                    f"dimension 1; the Linear and Embedding layers outside them ({', '.join(unsure)}) are taken as batch "
+                    "first. Pass batch_first=False if their inputs of 3 or more dimensions (Embedding: indices of 2 "
+                    "or more) are (seq, batch, ...) too, "
                     "batch_first=True if they are (batch, seq, ...)",
                     stacklevel=3,
                 )
@@ -247,7 +248,7 @@ class KroneckerOptimizer(Optimizer):
         self.communicator.setup(self, model)  # distributed: checks agreement, assigns owners
         if not self.layers:
             warnings.warn(
-                f"{type(self).__name__}: the model has no supported layer (Linear, Conv1d/2d/3d with groups=1, MultiheadAttention); "
+                f"{type(self).__name__}: the model has no supported layer (Linear, Conv1d/2d/3d with groups=1, MultiheadAttention, Embedding); "
                 f"every parameter uses the '{fallback}' fallback rule",
                 stacklevel=2,
             )
@@ -392,6 +393,8 @@ class KroneckerOptimizer(Optimizer):
                 n_in, n_out = layer.in_features, layer.out_features
                 expected.update(A=(n_in, n_in), G=(n_out, n_out), A_values=(n_in,), A_vectors=(n_in, n_in),
                                 G_values=(n_out,), G_vectors=(n_out, n_out))  # fmt: skip
+                if layer.diagonal_input:
+                    expected["A"] = (n_in,)
             for key, value in entry.items():
                 want = expected.get(key)
                 if isinstance(value, Tensor) and want is not None and tuple(value.shape) != tuple(want):
@@ -656,11 +659,19 @@ class KroneckerOptimizer(Optimizer):
         masked_copy_(state["G"], torch.lerp(state["G"], g_new, 1 - decay), good)
 
     def _update_eigen(self, states: list[dict]) -> None:
-        """Eigendecompose the factors, batched over factors of one shape (one ``eigh`` call each)."""
+        """Eigendecompose the factors, batched over factors of one shape (one ``eigh`` call each).
+
+        A diagonal input factor (``nn.Embedding``'s token frequencies, stored 1-D) needs no ``eigh``:
+        its eigenvalues are its entries and its basis the standard one (no ``A_vectors``).
+        """
         for key in ("A", "G"):
             buckets: dict[tuple, list[dict]] = {}
             for state in states:
                 factor = state[key]
+                if factor.dim() == 1:
+                    previous = Fn.Eigen(state[f"{key}_values"], None) if f"{key}_values" in state else None
+                    state[f"{key}_values"] = Fn.eigen_diagonal(factor, previous).values
+                    continue
                 bucket = (tuple(factor.shape), factor.dtype, factor.device, f"{key}_values" in state)
                 buckets.setdefault(bucket, []).append(state)
             for (*_, has_previous), bucket_states in buckets.items():
@@ -676,7 +687,7 @@ class KroneckerOptimizer(Optimizer):
 
     def _direction(self, item: LayerWork, state: dict, group: dict[str, Any]) -> Tensor:
         layer = item.layer
-        eig_a = Fn.Eigen(state["A_values"], state["A_vectors"])
+        eig_a = Fn.Eigen(state["A_values"], state.get("A_vectors"))  # none: diagonal A (Embedding)
         eig_g = Fn.Eigen(state["G_values"], state["G_vectors"])
         damping, damping_mode = group["damping"], group["damping_mode"]
         if self.splits_batch and item.g1 is not None and item.g2 is not None:
