@@ -31,7 +31,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .curvature import KroneckerLayer, LayerWork, loss_scale_ratio
-from .distributed import LocalCommunicator, _TriCache, _tri
+from .assignment import tri
+from .distributed import LocalCommunicator, TriangleCodec
 from .functional import compute_dtype
 
 __all__ = ["DDPCommunicator", "bytes_per_step", "dual_gradient_hook"]
@@ -51,7 +52,7 @@ class DDPCommunicator(LocalCommunicator):
         self.splits = bool(optimizer.splits_batch)
         self.n_even, self.n_odd = (self.world_size + 1) // 2, self.world_size // 2
         self._halves: dict[int, tuple[Tensor, Tensor]] = {}  # id(param) -> (g1, g2) of the last backward
-        self._tri = _TriCache()
+        self._tri = TriangleCodec()
         self.last_step_bytes: dict[str, int] = {"hook_all_reduce": 0, "all_reduce": 0}  # of the last step()
         self._hook_bytes = 0  # since the last step()
         if self.world_size < 2:
@@ -117,7 +118,7 @@ class DDPCommunicator(LocalCommunicator):
         factored = [item for item in work if item.a is not None and item.g is not None]
         if factored:
             # a diagonal input factor (nn.Embedding) travels as its diagonal, a dense one as its upper triangle
-            sizes = [(_factor_size(item.a), _tri(item.g.shape[0])) for item in factored]
+            sizes = [(_factor_size(item.a), tri(item.g.shape[0])) for item in factored]
             first = factored[0].a
             flat = torch.zeros(sum(a + g for a, g in sizes), dtype=first.dtype, device=first.device)
             offset = 0
@@ -162,7 +163,7 @@ class DDPCommunicator(LocalCommunicator):
 
 def _factor_size(a: Tensor) -> int:
     """Elements an input factor takes in the all-reduce: its diagonal (1-D) or its upper triangle."""
-    return a.shape[0] if a.dim() == 1 else _tri(a.shape[0])
+    return a.shape[0] if a.dim() == 1 else tri(a.shape[0])
 
 
 def bytes_per_step(optimizer: Any, curvature_step: bool = True) -> dict[str, int]:
@@ -179,8 +180,8 @@ def bytes_per_step(optimizer: Any, curvature_step: bool = True) -> dict[str, int
     for layer in optimizer.layers:
         size = torch.empty((), dtype=compute_dtype(layer.weight.dtype)).element_size()
         if curvature_step:
-            n_a = layer.in_features if layer.diagonal_input else _tri(layer.in_features)
-            extra += (n_a + _tri(layer.out_features)) * size
+            n_a = layer.in_features if layer.diagonal_input else tri(layer.in_features)
+            extra += (n_a + tri(layer.out_features)) * size
         if layer.bias is not None and layer.bias.requires_grad:
             extra += layer.out_features * size
         elif layer.is_reference:

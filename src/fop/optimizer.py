@@ -32,11 +32,11 @@ from .curvature import FACTOR_KEYS, CaptureMode, KroneckerLayer, LayerWork
 from .layers import linear_layouts, make_layers, supports, unsupported_reason
 from .distributed import Communicator, make_communicator
 from .first_order import adamw_update, masked_copy_, sgd_update
+from .intervals import Interval, check_interval, interval_at
 from .profiling import phase
 
 __all__ = ["FOP", "KFAC", "KroneckerOptimizer", "PAPER_PRESET"]
 
-Interval = Union[int, Callable[[int], int]]
 ExcludeSpec = Iterable[Union[nn.Module, str, type]]
 
 _FALLBACK_RULES = ("sgd", "adamw")
@@ -160,8 +160,8 @@ class KroneckerOptimizer(Optimizer):
             raise ValueError(f"damping must be a finite float > 0, got {damping!r}")
         if not 0.0 <= factor_decay < 1.0:
             raise ValueError(f"factor_decay must be in [0, 1), got {factor_decay}")
-        _check_interval("curvature_update_interval", curvature_update_interval)
-        _check_interval("inverse_update_interval", inverse_update_interval)
+        check_interval("curvature_update_interval", curvature_update_interval)
+        check_interval("inverse_update_interval", inverse_update_interval)
         if not projection_eps >= 0:
             raise ValueError(f"projection_eps must be >= 0, got {projection_eps}")
         if kl_clip is not None and not kl_clip > 0:
@@ -479,7 +479,7 @@ class KroneckerOptimizer(Optimizer):
                     "(it returns at once on other steps)"
                 )
         ok = self._finite_gradients()
-        inverse_step = self._steps % _interval_at(self.inverse_update_interval, self._steps) == 0
+        inverse_step = self._steps % interval_at(self.inverse_update_interval, self._steps) == 0
         for group in self.param_groups:
             if group["rule"] == "kronecker":
                 ok = self._kronecker_step(group, ok, inverse_step)
@@ -541,7 +541,7 @@ class KroneckerOptimizer(Optimizer):
 
     def _set_capture_mode(self) -> None:
         k = self._steps
-        due = k % _interval_at(self.curvature_update_interval, k) == 0
+        due = k % interval_at(self.curvature_update_interval, k) == 0
         missing = any(
             layer.weight.requires_grad and not self.communicator.has_factors(self.state, layer) for layer in self.layers
         )  # a frozen layer never gets factors: it must not force a capture at every step
@@ -900,18 +900,4 @@ def _check_nonneg(name: str, value: float | Tensor) -> None:
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-
-
-def _check_interval(name: str, value: Interval) -> None:
-    if callable(value):
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1 or a callable step -> int, got {value!r}")
-
-
-def _interval_at(interval: Interval, step: int) -> int:
-    value = interval(step) if callable(interval) else interval
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"update interval callable returned {value!r} at step {step}; it must return an int >= 1")
-    return value
 
