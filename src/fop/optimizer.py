@@ -712,7 +712,7 @@ class KroneckerOptimizer(Optimizer):
             )
         zero = torch.zeros((), dtype=item.grad.dtype, device=item.grad.device)
         layer.last = {"beta": zero, "eta": torch.ones_like(zero), "projection": zero}
-        return Fn.kfac_direction_eigen(item.grad, eig_a, eig_g, damping, damping_mode)
+        return Fn.damped_inverse_eigen(item.grad, eig_a, eig_g, damping, damping_mode)
 
     def _apply_sgd(
         self, group: dict[str, Any], params: Sequence[Tensor], directions: Sequence[Tensor], ok: Tensor
