@@ -20,9 +20,10 @@ Buffers of one step (``N`` processes, ``S = 2`` gradient slots for FOP, 1 for K-
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 __all__ = ["SHARED_SCALARS", "LayerShape", "WorkAssignment", "assign_owners", "layer_cost", "tri"]
 
@@ -32,8 +33,11 @@ SHARED_SCALARS = 6
 
 
 class _Shaped(Protocol):
-    in_features: int
-    out_features: int
+    @property
+    def in_features(self) -> int: ...
+
+    @property
+    def out_features(self) -> int: ...
 
 
 def tri(n: int) -> int:

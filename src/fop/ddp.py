@@ -24,14 +24,15 @@ triangles on curvature steps and one all-reduce of the layers' bias-sized loss-s
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .curvature import KroneckerLayer, LayerWork, loss_scale_ratio
 from .assignment import tri
+from .curvature import KroneckerLayer, LayerWork, loss_scale_ratio
 from .distributed import LocalCommunicator, TriangleCodec
 from .functional import compute_dtype
 
@@ -96,16 +97,15 @@ class DDPCommunicator(LocalCommunicator):
         """
         self.last_step_bytes = {"hook_all_reduce": self._hook_bytes, "all_reduce": 0}  # a step begins here
         self._hook_bytes = 0
-        pending = [layer._pending for layer in layers if layer._pending.reference is not None]
-        if pending:
-            flat = torch.cat([p.reference.reshape(-1) for p in pending])
+        references = [ref for layer in layers if (ref := layer._pending.reference) is not None]
+        if references:
+            flat = torch.cat([ref.reshape(-1) for ref in references])
             self._all_reduce(flat)
             flat /= self.world_size
             offset = 0
-            for p in pending:
-                n = p.reference.numel()
-                p.reference.copy_(flat[offset : offset + n].view_as(p.reference))
-                offset += n
+            for ref in references:
+                ref.copy_(flat[offset : offset + ref.numel()].view_as(ref))
+                offset += ref.numel()
         return loss_scale_ratio(list(layers))
 
     def reduce(self, work: Sequence[LayerWork], ok: Tensor) -> Tensor:
@@ -115,28 +115,28 @@ class DDPCommunicator(LocalCommunicator):
                 item.grad = 0.5 * (item.g1 + item.g2)
                 item.half_batch = item.samples * self.world_size / 2  # the halves: even and odd ranks' batches
             self._halves = {}  # consumed: a step without a hooked backward must not reuse them
-        factored = [item for item in work if item.a is not None and item.g is not None]
+        factored = [(item, a, g) for item in work if (a := item.a) is not None and (g := item.g) is not None]
         if factored:
             # a diagonal input factor (nn.Embedding) travels as its diagonal, a dense one as its upper triangle
-            sizes = [(_factor_size(item.a), tri(item.g.shape[0])) for item in factored]
-            first = factored[0].a
-            flat = torch.zeros(sum(a + g for a, g in sizes), dtype=first.dtype, device=first.device)
+            sizes = [(_factor_size(a), tri(g.shape[0])) for _, a, g in factored]
+            first = factored[0][1]
+            flat = torch.zeros(sum(na + ng for na, ng in sizes), dtype=first.dtype, device=first.device)
             offset = 0
-            for item, (na, ng) in zip(factored, sizes):
-                if item.a.dim() == 1:
-                    flat[offset : offset + na].copy_(item.a)
+            for (_, a, g), (na, ng) in zip(factored, sizes):
+                if a.dim() == 1:
+                    flat[offset : offset + na].copy_(a)
                 else:
-                    self._tri.pack(item.a, flat[offset : offset + na])
-                self._tri.pack(item.g, flat[offset + na : offset + na + ng])
+                    self._tri.pack(a, flat[offset : offset + na])
+                self._tri.pack(g, flat[offset + na : offset + na + ng])
                 offset += na + ng
             self._all_reduce(flat)
             offset = 0
-            for item, (na, ng) in zip(factored, sizes):
-                a = flat[offset : offset + na]
-                if item.a.dim() == 2:
-                    a = self._tri.unpack(a, item.a.shape[0], item.a.dtype)
-                item.a = a / self.world_size
-                item.g = self._tri.unpack(flat[offset + na : offset + na + ng], item.g.shape[0], item.g.dtype) / self.world_size
+            for (item, a, g), (na, ng) in zip(factored, sizes):
+                reduced = flat[offset : offset + na]
+                if a.dim() == 2:
+                    reduced = self._tri.unpack(reduced, a.shape[0], a.dtype)
+                item.a = reduced / self.world_size
+                item.g = self._tri.unpack(flat[offset + na : offset + na + ng], g.shape[0], g.dtype) / self.world_size
                 offset += na + ng
         return ok
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Callable, Union
+from collections.abc import Callable
 
 __all__ = ["Interval", "check_interval", "interval_at", "mean_interval"]
 
-Interval = Union[int, Callable[[int], int]]
+Interval = int | Callable[[int], int]
 
 # steps over which the cost model averages a callable interval
 _HORIZON = 1000

@@ -9,7 +9,8 @@ share for a checkpoint, :func:`merge_curvature` puts every process's share into 
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from torch import Tensor
 
