@@ -75,6 +75,7 @@ class LayerWork:
     dg: Tensor | None = None  # ⟨direction, grad⟩ from the layer's owner (distributed; else None)
     samples: int = 0  # samples of this process's batch that reached the layer's backward
     half_batch: float = 0.0  # samples behind each of g1, g2 (for the gradient-noise scale)
+    first_order: bool = False  # plain gradient, no halves or factors: the layer takes the first-order rule
 
     @classmethod
     def from_capture(cls, layer: KroneckerLayer, ratio: Tensor | None) -> LayerWork:

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .assignment import tri
 from .curvature import KroneckerLayer, LayerWork, loss_scale_ratio
-from .distributed import LocalCommunicator, TriangleCodec
+from .distributed import LocalCommunicator, StepContext, TriangleCodec
 from .functional import compute_dtype
 
 __all__ = ["DDPCommunicator", "bytes_per_step", "dual_gradient_hook"]
@@ -43,8 +43,14 @@ class DDPCommunicator(LocalCommunicator):
     """The optimizer's side of :func:`dual_gradient_hook` (installed by the hook; see the module doc).
 
     Every process owns every layer and shares nothing, as one local process does; DDP's hook has
-    averaged the fallback parameters' gradients.
+    averaged the fallback parameters' gradients. ``optimizer``: the FOP or KFAC it serves (only its
+    ``splits_batch`` is read); the hook installs it with ``optimizer.use_communicator``.
     """
+
+    halves_from_processes = True  # the even and the odd ranks
+    # p.grad is DDP's all-reduced gradient, which no local hook saw: the check that a layer's
+    # gradient is all its own (tied weights) cannot be made on it
+    local_gradients = False
 
     def __init__(self, optimizer: Any, group: Any = None) -> None:
         self.group = group
@@ -58,12 +64,6 @@ class DDPCommunicator(LocalCommunicator):
         self._hook_bytes = 0  # since the last step()
         if self.world_size < 2:
             raise ValueError("dual_gradient_hook needs a process group of two or more processes")
-        optimizer._mode.halves = False  # the halves are the two process groups
-        for layer in optimizer.layers:
-            # p.grad is DDP's all-reduced gradient, which no local hook saw: the check that a
-            # layer's gradient is all its own (tied weights) cannot be made on it
-            layer.verify = False
-        optimizer._set_capture_mode()
 
     # ----------------------------------------------------------------------------- DDP side
     def reduce_bucket(self, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
@@ -108,7 +108,7 @@ class DDPCommunicator(LocalCommunicator):
                 offset += ref.numel()
         return loss_scale_ratio(list(layers))
 
-    def reduce(self, work: Sequence[LayerWork], ok: Tensor) -> Tensor:
+    def reduce(self, work: Sequence[LayerWork], ok: Tensor, context: StepContext) -> Tensor:
         if self.splits:
             for item in work:
                 item.g1, item.g2 = (self._folded(item.layer, k, item.grad) for k in (0, 1))
@@ -196,16 +196,16 @@ def dual_gradient_hook(state: Any, bucket: dist.GradBucket) -> torch.futures.Fut
     (``ddp_model.register_comm_hook(optimizer, dual_gradient_hook)``). Gradients come out as with
     plain DDP; the two sub-batch gradients are kept for the optimizer's next ``step()``.
     """
-    from .optimizer import KroneckerOptimizer
-
-    if not isinstance(state, KroneckerOptimizer):
+    if not callable(getattr(state, "use_communicator", None)):  # FOP / KFAC (fop.optimizer is not imported here)
         raise TypeError(
             f"dual_gradient_hook's state must be the FOP / KFAC optimizer, got {type(state).__name__}: "
             "ddp_model.register_comm_hook(optimizer, dual_gradient_hook)"
         )
-    if not isinstance(state.communicator, DDPCommunicator):
-        state.communicator = DDPCommunicator(state)
-    return state.communicator.reduce_bucket(bucket)
+    communicator = state.communicator
+    if not isinstance(communicator, DDPCommunicator):
+        communicator = DDPCommunicator(state)
+        state.use_communicator(communicator)
+    return communicator.reduce_bucket(bucket)
 
 
 # DDP checks the hook's annotations as objects; postponed (string) annotations would be refused

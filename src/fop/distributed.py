@@ -1,15 +1,18 @@
 """How one optimizer step is shared between processes: FOP on ``torch.distributed``.
 
 The engine (:class:`fop.optimizer.KroneckerOptimizer`) calls a :class:`Communicator` at fixed
-points of every step:
+points of every step, handing it an immutable :class:`StepContext` (step number, curvature step or
+not, device, whether the batch is split, the parameters with a gradient); data flows one way, the
+communicator keeps no reference to the optimizer:
 
-1. ``reduce(work, ok)``: combine the processes' per-layer gradients, sub-batch gradients and factor
-   statistics (each :class:`fop.curvature.LayerWork`), and agree on the finite-gradient flag;
+1. ``reduce(work, ok, context)``: combine the processes' per-layer gradients, sub-batch gradients
+   and factor statistics (each :class:`fop.curvature.LayerWork`) and the fallback parameters'
+   gradients, and agree on the finite-gradient flag (returned);
 2. ``owns(layer)``: only the owner of a layer updates its curvature and computes its direction;
 3. ``share(work)``: hand every process the directions computed by their owners;
-4. ``reduce_first_order(params, ok)``: average the fallback parameters' gradients.
 
-and, outside the step, ``setup`` (construction), ``has_factors`` (whether a layer's curvature has
+and, outside the step, ``setup`` (construction; ``halves_from_processes`` then tells the engine
+whether the two sub-batches are process groups), ``has_factors`` (whether a layer's curvature has
 been captured yet, which drives the capture schedule), ``gather_state`` (``state_dict()``) and
 ``loaded`` (after ``load_state_dict()``).
 
@@ -53,10 +56,9 @@ from __future__ import annotations
 
 import datetime
 import warnings
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -65,18 +67,16 @@ from torch import Tensor, nn
 from .assignment import SHARED_SCALARS, LayerShape, WorkAssignment, assign_owners, layer_cost, tri
 from .curvature import KroneckerLayer, LayerWork, loss_scale_ratio
 from .functional import compute_dtype, inner
-from .intervals import mean_interval
-from .state import drop_curvature, has_curvature, merge_curvature, owned_curvature
+from .intervals import Interval, mean_interval
+from .state import LayerCurvature, merge_curvature, owned_curvature
 from .transport import Transport
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .optimizer import KroneckerOptimizer
 
 __all__ = [
     "Communicator",
     "DistributedCommunicator",
     "DistributedConfigError",
     "LocalCommunicator",
+    "StepContext",
     "TriangleCodec",
     "WorkAssignment",
     "assign_owners",
@@ -106,13 +106,41 @@ class DistributedConfigError(ValueError):
 
 
 # ================================================================================ interface
+class Engine(Protocol):
+    """What a communicator reads of the optimizer, at construction and checkpoints only (public API)."""
+
+    layers: list[KroneckerLayer]
+    param_groups: list[dict[str, Any]]
+    state: Any
+    projection: bool
+    splits_batch: bool
+    curvature_update_interval: Interval
+    inverse_update_interval: Interval
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What the optimizer tells its communicator about the step in progress."""
+
+    step: int  # step() calls before this one
+    zero_grads: int  # zero_grad() calls so far (processes compare them with the step count)
+    curvature: bool  # the step captured factor statistics
+    device: torch.device
+    splits_batch: bool  # FOP: the step needs the two sub-batch gradients
+    params: tuple[Tensor, ...] = ()  # every parameter with a gradient this step
+
+
 class Communicator:
     """Interface between the optimizer engine and the processes that share a step."""
 
     world_size: int = 1
     rank: int = 0
+    # the two sub-batches are process groups (not halves of each forward batch): the hooks record no halves
+    halves_from_processes: bool = False
+    # p.grad is what this process's hooks saw (DDP's hook: the mean over processes, so no check is possible)
+    local_gradients: bool = True
 
-    def setup(self, optimizer: KroneckerOptimizer, model: nn.Module) -> None:
+    def setup(self, optimizer: Engine, model: nn.Module) -> None:
         """Called once at the end of the optimizer's constructor."""
         return None
 
@@ -120,7 +148,8 @@ class Communicator:
         """The loss-scale ratio of :func:`fop.curvature.loss_scale_ratio` (DDP's hook averages first)."""
         return loss_scale_ratio(list(layers))
 
-    def reduce(self, work: Sequence[LayerWork], ok: Tensor) -> Tensor:
+    def reduce(self, work: Sequence[LayerWork], ok: Tensor, context: StepContext) -> Tensor:
+        """Combine this step's gradients and statistics over the processes; the agreed finite-gradient flag."""
         raise NotImplementedError
 
     def owns(self, layer: KroneckerLayer) -> bool:
@@ -129,18 +158,15 @@ class Communicator:
     def share(self, work: Sequence[LayerWork]) -> None:
         raise NotImplementedError
 
-    def reduce_first_order(self, params: Sequence[Tensor], ok: Tensor) -> Tensor:
-        raise NotImplementedError
-
     def has_factors(self, state: dict, layer: KroneckerLayer) -> bool:
         """Whether the layer's running factors exist (on whichever process owns them)."""
-        return "A" in state.get(layer.weight, {})
+        return LayerCurvature.of(state, layer.weight).has_factors
 
-    def gather_state(self, optimizer: KroneckerOptimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    def gather_state(self, optimizer: Engine, state_dict: dict[str, Any]) -> dict[str, Any]:
         """Complete ``optimizer.state_dict()``'s output (the curvature of other processes' layers)."""
         return state_dict
 
-    def loaded(self, optimizer: KroneckerOptimizer) -> None:
+    def loaded(self, optimizer: Engine, steps: int) -> None:
         """Called by ``load_state_dict`` once the (full) state is in ``optimizer.state``."""
         return None
 
@@ -158,7 +184,7 @@ class LocalCommunicator(Communicator):
     def __init__(self, auto: bool = False) -> None:
         self._auto = auto
 
-    def reduce(self, work: Sequence[LayerWork], ok: Tensor) -> Tensor:
+    def reduce(self, work: Sequence[LayerWork], ok: Tensor, context: StepContext) -> Tensor:
         if self._auto:
             self._auto = False
             if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -177,9 +203,6 @@ class LocalCommunicator(Communicator):
 
     def share(self, work: Sequence[LayerWork]) -> None:
         return None
-
-    def reduce_first_order(self, params: Sequence[Tensor], ok: Tensor) -> Tensor:
-        return ok
 
 
 def make_communicator(
@@ -238,7 +261,7 @@ class _Trainables:
         return torch.float64 if wide else torch.float32
 
 
-def _trainables(optimizer: Any, model: nn.Module, sync_buffers: bool) -> _Trainables:
+def _trainables(optimizer: Engine, model: nn.Module, sync_buffers: bool) -> _Trainables:
     # Parameters frozen now get no slot in the collectives (a frozen backbone would otherwise be
     # sent as zeros at every step); the communicator refuses them if they train later.
     layers = [layer for layer in optimizer.layers if any(p.requires_grad for p in layer.params())]
@@ -261,7 +284,7 @@ def _trainables(optimizer: Any, model: nn.Module, sync_buffers: bool) -> _Traina
 
 
 def _work_assignment(
-    optimizer: Any, found: _Trainables, world_size: int, replicated: bool,
+    optimizer: Engine, found: _Trainables, world_size: int, replicated: bool,
     cost: Callable[[KroneckerLayer], float] | None,
 ) -> WorkAssignment:  # fmt: skip
     projection = bool(optimizer.projection)
@@ -284,7 +307,7 @@ def _itemsize(dtype: torch.dtype) -> int:
 
 
 def plan(
-    optimizer: Any, model: nn.Module, world_size: int, replicated: bool = False,
+    optimizer: Engine, model: nn.Module, world_size: int, replicated: bool = False,
     cost: Callable[[KroneckerLayer], float] | None = None,
 ) -> WorkAssignment:  # fmt: skip
     """What a run on ``world_size`` processes would do, computed here without any process group.
@@ -382,10 +405,9 @@ def _raise_uncaptured(layers: Sequence[KroneckerLayer]) -> None:
     if layers:
         name = layers[0].name
         raise RuntimeError(
-            f"{name}: its parameters got gradients that its captured forward does not account for (used outside "
-            "the module's forward, tied to another module, or a frozen weight with a trained bias); distributed "
-            f"training cannot reduce them: exclude the module (exclude=[{name!r}]) so that its parameters use "
-            "the fallback rule"
+            f"{name}: its bias has a gradient but its weight has none (a frozen weight with a trained bias); "
+            f"distributed training cannot reduce it: exclude the module (exclude=[{name!r}]) so that its "
+            "parameters use the fallback rule"
         )
 
 
@@ -437,7 +459,6 @@ class DistributedCommunicator(Communicator):
         self.cost = cost
         self.work: WorkAssignment | None = None
         self.transport: Transport | None = None
-        self._opt_ref: Callable[[], KroneckerOptimizer | None] = lambda: None
         self._codec = TriangleCodec()
         self._index: dict[int, int] = {}
         self._factored: set[int] = set()
@@ -481,7 +502,9 @@ class DistributedCommunicator(Communicator):
         return self.transport
 
     # ----------------------------------------------------------------------------- setup
-    def setup(self, optimizer: KroneckerOptimizer, model: nn.Module) -> None:
+    halves_from_processes = True  # the even and the odd ranks
+
+    def setup(self, optimizer: Engine, model: nn.Module) -> None:
         self.transport = Transport(self.group, self.timeout)
         self.group = self.transport.group
         self.world_size, self.rank = self.transport.world_size, self.transport.rank
@@ -490,25 +513,23 @@ class DistributedCommunicator(Communicator):
                 "DistributedCommunicator needs a group of two or more processes; with one process leave "
                 "distributed=None (the optimizer then splits each batch in two halves itself)"
             )
-        self._opt_ref = weakref.ref(optimizer)  # no cycle: the optimizer owns the communicator
         self.backend = self.transport.backend
         found = _trainables(optimizer, model, self.sync_buffers)
         if self.backend == "nccl" and found.device.type != "cuda":
             raise RuntimeError("the NCCL backend needs the model on a CUDA device (use gloo for CPU training)")
         self._adopt(found, _work_assignment(optimizer, found, self.world_size, self.replicated, self.cost))
-        self._check_agreement(optimizer, "construction")
+        self._names = {id(p): name for name, p in model.named_parameters()}
+        self._optimizer_name = type(optimizer).__name__
+        self._check_agreement(optimizer, "construction", 0)
         if self.broadcast_parameters:
             self._link.broadcast_tensors(list(model.parameters()) + list(model.buffers()))
         self._factored = set()
-        self._step_seen = -1  # optimizer._steps of the step whose common all-reduce has run
-        self._ok: Tensor | None = None
+        self._context = StepContext(0, 0, False, found.device, self.splits)  # of the step in progress
         self._pending: list = []
         self._last_pattern: Any = None
         self._presence_cache: dict[Any, Tensor] = {}
         self._force_check = True
         self._checked_identical = not self.splits
-        optimizer._mode.halves = False  # the halves are the two process groups
-        optimizer._set_capture_mode()
 
     def _adopt(self, found: _Trainables, work: WorkAssignment) -> None:
         """Keep the trained tensors and the assignment's offsets at hand for packing."""
@@ -533,7 +554,7 @@ class DistributedCommunicator(Communicator):
         self.group = None
 
     # ----------------------------------------------------------------------------- agreement
-    def _signature(self, optimizer: KroneckerOptimizer) -> dict[str, Any]:
+    def _signature(self, optimizer: Engine, steps: int) -> dict[str, Any]:
         groups = []
         for group in optimizer.param_groups:
             entry = {k: _plain(v) for k, v in sorted(group.items()) if k != "params"}
@@ -552,13 +573,13 @@ class DistributedCommunicator(Communicator):
             "inverse_update_interval": _plain(optimizer.inverse_update_interval),
             "synced_buffers": [(name, tuple(b.shape)) for name, b in zip(self._buffer_names, self._buffers)],
             "device_type": self.device.type,
-            "steps": int(optimizer._steps),
+            "steps": int(steps),
             "factored": sorted(self._factored),
         }
 
-    def _check_agreement(self, optimizer: KroneckerOptimizer, when: str) -> None:
+    def _check_agreement(self, optimizer: Engine, when: str, steps: int) -> None:
         """All processes compare their configuration; every one raises on a mismatch (no hang)."""
-        mine = _flatten(self._signature(optimizer))
+        mine = _flatten(self._signature(optimizer, steps))
         everyone = self._link.all_gather_object(mine)
         problems = []
         for key in sorted(set().union(*everyone), key=lambda k: (k not in mine, list(mine).index(k) if k in mine else 0)):
@@ -583,30 +604,28 @@ class DistributedCommunicator(Communicator):
     def has_factors(self, state: dict, layer: KroneckerLayer) -> bool:
         return self._index.get(id(layer), -1) in self._factored  # tracked here: owners hold the factors
 
-    def _check_layout(self, optimizer: KroneckerOptimizer) -> None:
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and id(p) not in self._laid_out:
-                    name = optimizer._param_names.get(id(p), f"a parameter of shape {tuple(p.shape)}")
-                    raise DistributedConfigError(
-                        f"{name} was frozen (requires_grad=False) when the optimizer was built and now has a "
-                        f"gradient: distributed {type(optimizer).__name__} lays out its collectives at construction, "
-                        "for the parameters that train then. Build the optimizer after unfreezing (load the old "
-                        "one's state_dict() into it to keep its state)"
-                    )
+    def _check_layout(self, params: Sequence[Tensor]) -> None:
+        for p in params:
+            if id(p) not in self._laid_out:
+                name = self._names.get(id(p), f"a parameter of shape {tuple(p.shape)}")
+                raise DistributedConfigError(
+                    f"{name} was frozen (requires_grad=False) when the optimizer was built and now has a "
+                    f"gradient: distributed {self._optimizer_name} lays out its collectives at construction, "
+                    "for the parameters that train then. Build the optimizer after unfreezing (load the old "
+                    "one's state_dict() into it to keep its state)"
+                )
 
-    def reduce(self, work: Sequence[LayerWork], ok: Tensor) -> Tensor:
-        opt = self._opt_ref()
-        assert opt is not None
+    def reduce(self, work: Sequence[LayerWork], ok: Tensor, context: StepContext) -> Tensor:
+        self._context = context
         # at the first step, not at construction: under DDP, dual_gradient_hook replaces this
         # communicator (which supports them) before any step; the layers agree across processes
         _refuse_diagonal(self.layers)
-        self._check_layout(opt)
+        self._check_layout(context.params)
         items = {self._index[id(item.layer)]: item for item in work}
         # raised after the first collective, whose sequence and presence checks name the cause on
         # every process when the processes disagree (e.g. a second step() without a new backward)
         uncaptured = [layer for i, layer in enumerate(self.layers) if i not in items and any(p.grad is not None for p in layer.params())]  # fmt: skip
-        curvature = bool(opt._mode.factors)
+        curvature = context.curvature
         self._link.new_step()
         common = self._pack_common(items, ok, curvature)
         if self.replicated:
@@ -622,8 +641,6 @@ class DistributedCommunicator(Communicator):
             if not self._work.owns(self.rank, i):
                 item.a = item.g = item.g1 = item.g2 = None  # computed by the owner only
         self._warn_if_identical(items)
-        self._ok = ok
-        self._step_seen = opt._steps
         return ok
 
     def _reduce_replicated(
@@ -698,7 +715,7 @@ class DistributedCommunicator(Communicator):
             last = item.layer.last
             values = [last.get("beta", zero), last.get("eta", zero + 1), last.get("projection", zero)]
             values.append(inner(item.direction, item.grad))
-            if self.splits:  # a step without halves (one sample) has no noise terms: NaN on every process
+            if self.splits and not item.first_order:  # a step without halves (one sample): NaN noise terms
                 for key in _NOISE_KEYS:
                     last.setdefault(key, zero + float("nan"))
             values += [last.get(key, zero) for key in _NOISE_KEYS]
@@ -716,23 +733,12 @@ class DistributedCommunicator(Communicator):
             dtype = compute_dtype(layer.weight.dtype)
             item.direction = bucket[off : off + self._numel[i]].view(layer.out_features, layer.in_features).to(dtype)
             scalars = bucket[off + self._numel[i] : off + self._numel[i] + SHARED_SCALARS].to(dtype)
+            item.dg = scalars[3]
+            if item.first_order:  # no curvature: no diagnostics
+                continue
             layer.last = {"beta": scalars[0], "eta": scalars[1], "projection": scalars[2]}
             if self.splits:
                 layer.last.update(zip(_NOISE_KEYS, scalars[4:6]))
-            item.dg = scalars[3]
-
-    def reduce_first_order(self, params: Sequence[Tensor], ok: Tensor) -> Tensor:
-        opt = self._opt_ref()
-        assert opt is not None
-        if self._step_seen != opt._steps:  # no Kronecker layer: the common all-reduce runs here
-            self._check_layout(opt)
-            self._link.new_step()
-            common = self._pack_common({}, ok, False)
-            self._link.all_reduce_now(common, "the gradient all-reduce")
-            self._ok = self._unpack_common(common, {})
-            self._step_seen = opt._steps
-        assert self._ok is not None
-        return self._ok
 
     # ----------------------------------------------------------------------------- packing
     def _pattern(self, items: dict[int, LayerWork], curvature: bool) -> tuple:
@@ -778,9 +784,8 @@ class DistributedCommunicator(Communicator):
         sends zeros in the same collective) is caught at once, on every process. The modulus keeps
         the sums exact in float32 for up to 4096 processes.
         """
-        opt = self._opt_ref()
-        assert opt is not None
-        return float(opt._steps % _SEQ_MOD + 1), float(opt._zero_grads % _SEQ_MOD)
+        context = self._context
+        return float(context.step % _SEQ_MOD + 1), float(context.zero_grads % _SEQ_MOD)
 
     def _sequence_message(self, summed: list[float]) -> str:
         own = self._sequence()
@@ -813,8 +818,7 @@ class DistributedCommunicator(Communicator):
         sequence = common[self._common.sequence : self._common.sequence + 2]
         in_step = (sequence == torch.tensor(self._sequence(), dtype=self.dtype, device=self.device) * n).all()
         consistent = ((presence == 0) | (presence == n)).all() & in_step
-        opt = self._opt_ref()
-        steps = opt._steps + 1 if opt is not None else 1
+        steps = self._context.step + 1
         if self._check_now or steps & (steps - 1) == 0:  # and at steps 1, 2, 4, ... on GPUs
             self._force_check = False
             if not bool(in_step):
@@ -900,7 +904,7 @@ class DistributedCommunicator(Communicator):
 
     # ----------------------------------------------------------------------------- checkpoints
     # ----------------------------------------------------------------------------- checkpoints
-    def gather_state(self, optimizer: KroneckerOptimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    def gather_state(self, optimizer: Engine, state_dict: dict[str, Any]) -> dict[str, Any]:
         """Rank 0's ``state_dict()`` gets every layer's curvature; a collective (all processes call it).
 
         Other ranks return their own view (their owned layers' curvature only). The gathered
@@ -933,13 +937,12 @@ class DistributedCommunicator(Communicator):
                 "call it on every process at the same point of the loop (and save rank 0's state)"
             )
 
-    def loaded(self, optimizer: KroneckerOptimizer) -> None:
+    def loaded(self, optimizer: Engine, steps: int) -> None:
         """After every process loaded the same (full) checkpoint: shard it and check agreement."""
         self._same_call("load_state_dict()")
-        self._factored = {i for i, layer in enumerate(self.layers) if has_curvature(optimizer.state, layer.weight)}
+        self._factored = {i for i, layer in enumerate(self.layers) if LayerCurvature.of(optimizer.state, layer.weight).has_factors}
         for i, layer in enumerate(self.layers):
             if not self._work.owns(self.rank, i):
-                drop_curvature(optimizer.state, layer.weight)
-        self._check_agreement(optimizer, "load_state_dict")
+                LayerCurvature.of(optimizer.state, layer.weight).drop()
+        self._check_agreement(optimizer, "load_state_dict", steps)
         self._force_check = True
-        self._step_seen = -1
