@@ -29,7 +29,7 @@ install-test: $(PY)
 
 # lint and types first: either failing fails the build before the (minutes-long) tests run
 lint: install-test
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks examples
 	$(VENV)/bin/mypy src/fop
 
 test: lint

@@ -63,6 +63,11 @@ class LayerWork:
     step's factor estimates (δ: per-row output gradients, i.e. ``1/n`` times the per-sample
     gradients of a mean loss; None when the step captured no curvature). ``direction`` is filled
     in by the layer's owner.
+
+    Phases: from :meth:`from_capture` to the communicator's ``reduce`` the fields are this
+    process's own; after it, ``grad``, ``g1``, ``g2``, ``a``, ``g`` are the reduced values on the
+    layer's owner (``a``, ``g``, ``g1``, ``g2`` None elsewhere); after ``share``, ``direction``
+    and ``dg`` hold the owner's result on every process.
     """
 
     layer: KroneckerLayer

@@ -397,26 +397,31 @@ def train_run(
             if reached is not None and spec.stop_at_target:
                 break
 
-    accuracies = [point["accuracy"] for point in curve]
     skipped = getattr(optimizer, "skipped_steps", None)  # K-FAC/FOP skip steps with non-finite gradients
     return {
         "key": spec.key,
         "spec": dataclasses.asdict(spec),
         "status": status,
-        "epochs_run": len(curve),
-        "epochs_to_target": None if reached is None else reached["epoch"],
-        "seconds_to_target": None if reached is None else reached["seconds"],
-        "best_accuracy": max(accuracies),
-        "final_accuracy": accuracies[-1],
-        "train_seconds": timing.train_seconds,
+        **_outcome_fields(curve, reached),
+        **timing.fields(),
         "steps_per_epoch": steps_per_epoch,
-        "median_step_seconds": statistics.median(timing.step_seconds),
-        "optimizer_share": timing.optimizer_seconds / max(sum(timing.step_seconds), 1e-12),
         "peak_memory_bytes": memory.peak_bytes(),
         "memory_kind": memory.kind,
         "skipped_steps": None if skipped is None else int(skipped),
         "dataset": dataset.summary(),
         "curve": curve,
+    }
+
+
+def _outcome_fields(curve: list[dict[str, Any]], reached: dict[str, Any] | None) -> dict[str, Any]:
+    """When the run reached its target, and its best and final accuracy."""
+    accuracies = [point["accuracy"] for point in curve]
+    return {
+        "epochs_run": len(curve),
+        "epochs_to_target": None if reached is None else reached["epoch"],
+        "seconds_to_target": None if reached is None else reached["seconds"],
+        "best_accuracy": max(accuracies),
+        "final_accuracy": accuracies[-1],
     }
 
 
@@ -434,6 +439,14 @@ class _Timing:
     step_seconds: list[float] = dataclasses.field(default_factory=list)
     optimizer_seconds: float = 0.0
     train_seconds: float = 0.0
+
+    def fields(self) -> dict[str, float]:
+        """The record's timing fields."""
+        return {
+            "train_seconds": self.train_seconds,
+            "median_step_seconds": statistics.median(self.step_seconds),
+            "optimizer_share": self.optimizer_seconds / max(sum(self.step_seconds), 1e-12),
+        }
 
     def add(self, clock: StepClock, marks: list[tuple[Any, Any, Any]], seconds: float) -> None:
         self.train_seconds += seconds
