@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 import torch
 
@@ -20,35 +23,30 @@ def _grads(step: int) -> list[torch.Tensor]:
     return [torch.randn(3, 4, generator=gen, dtype=DTYPE), torch.randn(5, generator=gen, dtype=DTYPE)]
 
 
-@pytest.mark.parametrize("nesterov", [False, True])
-def test_sgd_update_is_torch_sgd(nesterov: bool) -> None:
+def _three_steps_like(reference: type, hyper: dict, update: Callable[..., Any], state: list) -> None:
+    """Three steps of ``update`` (with its ``state``) and of ``reference`` on the same gradients: same parameters."""
     mine = _params()
     theirs = [p.clone().requires_grad_() for p in mine]
-    reference = torch.optim.SGD(theirs, lr=0.1, momentum=0.9, weight_decay=1e-2, nesterov=nesterov)
-    buffers: list[torch.Tensor | None] = [None, None]
+    optimizer = reference(theirs, **hyper)
     for step in range(3):
         grads = _grads(step)
-        buffers = sgd_update(mine, grads, buffers, lr=0.1, momentum=0.9, weight_decay=1e-2, nesterov=nesterov)
+        state[:] = update(mine, grads, state) or state
         for p, g in zip(theirs, grads):
             p.grad = g
-        reference.step()
+        optimizer.step()
     for a, b in zip(mine, theirs):
-        torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(a, b.detach(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_sgd_update_is_torch_sgd(nesterov: bool) -> None:
+    hyper = dict(lr=0.1, momentum=0.9, weight_decay=1e-2, nesterov=nesterov)
+    _three_steps_like(torch.optim.SGD, hyper, lambda p, g, buffers: sgd_update(p, g, buffers, **hyper), [None, None])
 
 
 def test_adamw_update_is_torch_adamw() -> None:
-    mine = _params()
-    theirs = [p.clone().requires_grad_() for p in mine]
-    reference = torch.optim.AdamW(theirs, lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=1e-2)
-    states: list[dict] = [{}, {}]
-    for step in range(3):
-        grads = _grads(step)
-        adamw_update(mine, grads, states, lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=1e-2)
-        for p, g in zip(theirs, grads):
-            p.grad = g
-        reference.step()
-    for a, b in zip(mine, theirs):
-        torch.testing.assert_close(a, b.detach(), rtol=1e-10, atol=1e-12)
+    hyper = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=1e-2)
+    _three_steps_like(torch.optim.AdamW, hyper, lambda p, g, states: adamw_update(p, g, states, **hyper), [{}, {}])
 
 
 def test_a_skipped_step_changes_no_parameter_and_no_state() -> None:
