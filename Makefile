@@ -1,6 +1,6 @@
 # Two entry points on a fresh clone:
 #   make demo  -> creates .venv, installs fop with the benchmark extra, runs fop-bench's default
-#   make test  -> creates .venv, installs fop with the test extra, runs the test suite
+#   make test  -> creates .venv, installs fop with the test extra, runs ruff check, mypy and the test suite
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,7 +8,7 @@ PIP := $(VENV)/bin/pip
 # A CPU build of torch; users with a GPU install their own torch (fop needs torch>=2.3).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv demo test install-test
+.PHONY: venv demo test install-test lint
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,5 +27,10 @@ install-test: $(PY)
 	# independent K-FAC reference for tests/test_crosscheck.py; --no-deps keeps torchvision out
 	$(PIP) install -q --no-deps curvlinops-for-pytorch einconv linear_operator backpack-for-pytorch
 
-test: install-test
+# lint and types first: either failing fails the build before the (minutes-long) tests run
+lint: install-test
+	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/mypy src/fop
+
+test: lint
 	$(PY) -m pytest -q

@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from _data import ENV_VAR, cifar10_path, missing_reason
 from PIL import Image
 
+from _data import ENV_VAR, cifar10_path, missing_reason
 from fop.bench.cli import main
 from fop.bench.data import load_cifar10, long_tail_counts
 
@@ -289,3 +289,29 @@ def test_unequal_tuning_budgets_are_refused(tmp_path, capsys):
     argv = ["--out", str(tmp_path), "--optimizers", "sgd,fop", "--damping-grid", "0.1,1", "--no-progress"]
     assert main(argv) == 2
     assert "unequal tuning budgets" in capsys.readouterr().err
+
+
+def test_nproc_scaling_run_on_two_gloo_processes(tmp_path, capsys):
+    """``--nproc 2``: the task's model, the sweep's training step, one and two real (gloo) processes."""
+    out = tmp_path / "scaling"
+    argv = _tiny(out, "--nproc", "2", "--optimizers", "fop,kfac:replicated", "--batch-sizes", "64", "--width", "16",
+                 "--subset", "200", "--curvature-interval", "2", "--profile-steps", "2", "--device", "cpu")  # fmt: skip
+    assert main(argv) == 0
+    table = (out / "scaling.md").read_text()
+    assert table.strip() in capsys.readouterr().out
+    rows = [line.split("|")[1:-1] for line in table.splitlines() if " b=64 |" in line]
+    assert [(cells[0].strip(), cells[1].strip(), cells[2].strip()) for cells in rows] == [
+        ("fop b=64", "1", "64"), ("kfac:replicated b=64", "1", "64"),
+        ("fop b=64", "2", "32"), ("kfac:replicated b=64", "2", "32"),
+    ]  # fmt: skip
+    results = json.loads((out / "scaling.json").read_text())
+    one, two = results["1"]["runs"], results["2"]["runs"]
+    assert results["2"]["threads"] == results["1"]["threads"] == 1
+    specialists, replicated = two["fop b=64"], two["kfac:replicated b=64"]
+    assert specialists["step_seconds"] > 0 and specialists["optimizer_seconds"] > 0
+    assert set(specialists["assignment"].values()) == {0, 1}  # the MLP's three layers on both ranks
+    assert specialists["bytes_plain"]["reduce"] > 0 and specialists["bytes_plain"]["calls"] == 5
+    assert replicated["bytes_plain"]["calls"] == 1 and set(replicated["assignment"].values()) == {0}
+    # layer specialists shard the curvature; a replicated optimizer holds all of it on every process
+    assert max(specialists["state_bytes_all"]) < one["fop b=64"]["state_bytes_all"][0]
+    assert replicated["state_bytes_all"] == [one["kfac:replicated b=64"]["state_bytes_all"][0]] * 2

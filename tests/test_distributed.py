@@ -244,6 +244,31 @@ def scaler_run(rank: int, world: int) -> list[torch.Tensor]:
     return params_of(model)
 
 
+class Misused(nn.Module):
+    """An MLP whose middle layer's weight is also used outside the layer's forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+        self.to(DTYPE)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(x))
+        h = torch.tanh(self.b(h)) + 0.1 * F.linear(h, self.b.weight)
+        return self.c(h)
+
+
+def scenario_misuse(rank: int, world: int, out: dict) -> None:
+    """The weight used outside its forward: the first-order rule for that layer, as on one process."""
+    model = Misused()
+    opt = make_optimizer("fop", model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(model, opt, [local_part(b, rank, world) for b in global_batches("mlp", 4)])
+    out["fop_misused"] = {"params": params_of(model), "warnings": [str(w.message) for w in caught]}
+
+
 def scenario_checkpoint(rank: int, world: int, out: dict, directory: Path, load_from: str | None) -> None:
     data = global_batches("mlp", 6)
     model = mlp()
@@ -424,6 +449,8 @@ def worker(scenarios: str, directory: str, load_from: str | None) -> None:
             scenario_ddp(rank, world, out)
         elif name == "errors":
             scenario_errors(rank, world, out)
+        elif name == "misuse":
+            scenario_misuse(rank, world, out)
         torch.save(out, path / f"rank{rank}.pt")  # after each scenario: partial results survive
     if "errors" not in scenarios:
         dist.barrier()
@@ -468,7 +495,7 @@ def launch(world: int, scenarios: str, directory: Path, load_from: Path | None =
 @pytest.fixture(scope="module")
 def world2(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], Path]:
     directory = tmp_path_factory.mktemp("world2")
-    return launch(2, "equivalence,checkpoint,ddp,errors", directory), directory
+    return launch(2, "equivalence,checkpoint,ddp,misuse,errors", directory), directory
 
 
 @pytest.fixture(scope="module")
@@ -756,6 +783,19 @@ def test_plan_without_processes_counts_bytes_and_shards_memory() -> None:
         assert sum(spec.curvature_bytes()) == rep.curvature_bytes()[0]
         assert set(spec.assignment.values()) <= set(range(world))
         assert "owner" in spec.describe()
+
+
+def test_a_weight_used_outside_its_forward_gets_the_first_order_rule_as_on_one_process(world2) -> None:
+    results, _ = world2
+    assert_ranks_agree(results, "fop_misused")
+    model = Misused()
+    opt = make_optimizer("fop", model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(model, opt, global_batches("mlp", 4))
+    assert_params(results[0]["fop_misused"]["params"], params_of(model))
+    for messages in ([str(w.message) for w in caught], results[0]["fop_misused"]["warnings"]):
+        assert any("does not come from the module's own forward" in m for m in messages), messages
 
 
 def test_one_process_falls_back_to_local_split() -> None:

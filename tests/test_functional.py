@@ -154,7 +154,7 @@ def test_eta_minimises_mean_loss_model_and_lies_in_half_to_one(problem: tuple) -
 def test_projection_off_is_kfac(problem: tuple) -> None:
     a, g, g1, g2 = problem
     off = Fn.fop_direction(g1, g2, a, g, DAMPING, projection=False)
-    kfac = Fn.kfac_direction((g1 + g2) / 2, a, g, DAMPING)
+    kfac = Fn.damped_inverse((g1 + g2) / 2, a, g, DAMPING)
     torch.testing.assert_close(off.direction, kfac)
     assert float(off.beta) == 0.0 and float(off.eta) == 1.0
 
@@ -164,7 +164,7 @@ def test_identical_halves_give_kfac_step(problem: tuple) -> None:
     a, g, g1, _ = problem
     result = Fn.fop_direction(g1, g1.clone(), a, g, DAMPING)
     assert float(result.beta) == 0.0 and float(result.eta) == 1.0
-    torch.testing.assert_close(result.direction, Fn.kfac_direction(g1, a, g, DAMPING))
+    torch.testing.assert_close(result.direction, Fn.damped_inverse(g1, a, g, DAMPING))
 
 
 def test_zero_gradient_gives_zero_direction(problem: tuple) -> None:
@@ -222,3 +222,9 @@ def test_eigen_factor_retries_in_float64_when_eigh_fails(monkeypatch: pytest.Mon
     assert eig.values.dtype == torch.float32
     rebuilt = eig.vectors @ torch.diag(eig.values) @ eig.vectors.T
     torch.testing.assert_close(rebuilt, a, rtol=1e-5, atol=1e-6)
+
+
+def test_kfac_direction_is_the_damped_inverse_under_a_deprecated_name() -> None:
+    with pytest.warns(DeprecationWarning, match="use damped_inverse"):
+        assert Fn.kfac_direction is Fn.damped_inverse
+    assert "kfac_direction" not in Fn.__all__ and not hasattr(Fn, "kfac_direction_eigen")

@@ -12,7 +12,7 @@ import copy
 import itertools
 import math
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch

@@ -8,6 +8,7 @@ one-layer model are written out (:func:`explicit_fop`), shared or tied weights a
 from __future__ import annotations
 
 import copy
+import json
 import pickle
 import warnings
 
@@ -589,32 +590,58 @@ def test_bench_lr_grid_must_be_finite_and_positive(capsys, value: str) -> None:
     assert err == f"fop-bench: error: argument --lr-grid: {value!r} is not a comma-separated list of finite positive numbers"
 
 
-def test_bench_nproc_passes_its_options_on_and_refuses_the_sweeps(tmp_path, capsys, monkeypatch) -> None:
-    import fop.distributed_bench as distributed_bench
+def test_bench_nproc_honours_the_task_optimizers_threads_and_output(tmp_path, capsys, monkeypatch) -> None:
+    import fop.bench.scaling as scaling
 
-    err = _bench_error(capsys, ["--nproc", "2", "--task", "cifar10-resnet18", "--seeds", "1"])
-    assert err.startswith("fop-bench: error: --nproc runs the distributed scaling benchmark on a synthetic model")
-    assert "which does not take --seeds, --task; drop them or run it directly" in err
     err = _bench_error(capsys, ["--nproc", "2", "--optimizers", "fop,sgd"])
-    assert err == "fop-bench: error: --nproc measures fop and kfac only, not sgd"
+    assert err == "fop-bench: error: --nproc measures K-FAC and FOP (and their variants) only, not sgd"
+    err = _bench_error(capsys, ["--nproc", "2", "--profile"])
+    assert err == "fop-bench: error: --nproc and --profile are two modes of fop-bench; choose one"
+    err = _bench_error(capsys, ["--nproc", "3", "--batch-sizes", "64", "--out", str(tmp_path / "x")])
+    assert err == "fop-bench: error: --nproc 3 does not divide batch size 64 (the global batch)"
 
-    seen: list[list[str]] = []
-    monkeypatch.setattr(distributed_bench, "main", lambda argv: seen.append(argv) or 0)
+    jobs: list = []
+
+    def launch(job, n):  # noqa: ANN001, ANN202 - stands in for torchrun
+        jobs.append((job, n))
+        run = {"step_seconds": 0.5 / n, "optimizer_seconds": 0.1, "interval": 2, "local_batch": 64 // n,
+               "state_bytes_all": [2**20] * n}  # fmt: skip
+        if n > 1:
+            sizes = {"total": 2048, "wire_estimate": 1024, "ddp_wire_estimate": 4096}
+            run.update(bytes_curvature=sizes, bytes_plain=sizes)
+        return {"world": n, "threads": job.threads, "device": "cpu", "runs": {"kfac b=64": run}}
+
+    monkeypatch.setattr(scaling, "_launch", launch)
     from fop.bench.cli import main
 
-    assert main(["--nproc", "2", "--optimizers", "kfac", "--threads", "1", "--out", str(tmp_path / "d")]) == 0
-    argv = seen[0]
-    assert argv[argv.index("--nproc") + 1] == "1,2" and argv[argv.index("--optimizers") + 1] == "kfac"
-    assert argv[argv.index("--threads") + 1] == "1"
-    assert argv[argv.index("--json") + 1] == str(tmp_path / "d" / "distributed.json")
+    out = tmp_path / "d"
+    argv = ["--nproc", "2", "--task", "digits-mlp", "--optimizers", "kfac", "--batch-sizes", "64", "--width", "16",
+            "--subset", "200", "--threads", "1", "--out", str(out), "--curvature-interval", "2"]  # fmt: skip
+    assert main(argv) == 0
+    assert [n for _, n in jobs] == [1, 2]
+    job = jobs[0][0]
+    assert job.task == "digits-mlp" and job.threads == 1 and job.data.subset == 200
+    assert [(s.optimizer, s.batch_size, s.width, s.hyperparameters.curvature_interval) for s in job.specs] == [
+        ("kfac", 64, 16, 2)
+    ]
+    table = (out / "scaling.md").read_text()
+    assert table.strip() in capsys.readouterr().out
+    assert "| kfac b=64 | 2 | 32 | 0.2500 | 0.1000 | 2.00 | 1.00 | 1.00 | 2.0 | 1.0 | 4.0 |" in table
+    assert set(json.loads((out / "scaling.json").read_text())) == {"1", "2"}
 
 
-def test_distributed_bench_runs_every_process_count_with_the_same_threads(monkeypatch) -> None:
-    import fop.distributed_bench as distributed_bench
+def test_bench_nproc_runs_every_process_count_with_the_same_threads(monkeypatch) -> None:
+    import fop.bench.scaling as scaling
+    from fop.bench.cli import main
 
     threads: dict[int, int] = {}
-    monkeypatch.setattr(distributed_bench, "_launch", lambda n, args: threads.setdefault(n, args.threads))
-    monkeypatch.setattr(distributed_bench, "_report", lambda results, args: "")
-    monkeypatch.setattr(distributed_bench.os, "cpu_count", lambda: 8)
-    assert distributed_bench.main(["--nproc", "2,4"]) == 0
-    assert threads == {1: 2, 2: 2, 4: 2}
+
+    def launch(job, n):  # noqa: ANN001, ANN202
+        threads[n] = job.threads
+        raise SystemExit(0)
+
+    monkeypatch.setattr(scaling, "_launch", launch)
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    with pytest.raises(SystemExit):
+        main(["--nproc", "4", "--subset", "200", "--batch-sizes", "64", "--no-progress"])
+    assert threads == {1: 2}

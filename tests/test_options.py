@@ -103,7 +103,7 @@ def test_eta_sum_convention_doubles_eta_and_the_direction() -> None:
     assert 1.0 <= float(total.eta) <= 2.0
     # K-FAC (projection off) keeps η* = 1 under either convention
     off = Fn.fop_direction(g1, g2, a, g, 0.05, projection=False, eta_convention="sum")
-    torch.testing.assert_close(off.direction, Fn.kfac_direction((g1 + g2) / 2, a, g, 0.05))
+    torch.testing.assert_close(off.direction, Fn.damped_inverse((g1 + g2) / 2, a, g, 0.05))
     with pytest.raises(ValueError, match="eta convention"):
         Fn.fop_direction(g1, g2, a, g, 0.05, eta_convention="total")
 

@@ -11,5 +11,6 @@ from .optimizer import FOP, KFAC, PAPER_PRESET, KroneckerOptimizer
 
 __all__ = [
     "FOP", "KFAC", "PAPER_PRESET", "DistributedCommunicator", "KroneckerOptimizer", "dual_gradient_hook", "functional",
+    "nn",
 ]
 __version__ = "0.2.0"

@@ -63,6 +63,11 @@ class LayerWork:
     step's factor estimates (δ: per-row output gradients, i.e. ``1/n`` times the per-sample
     gradients of a mean loss; None when the step captured no curvature). ``direction`` is filled
     in by the layer's owner.
+
+    Phases: from :meth:`from_capture` to the communicator's ``reduce`` the fields are this
+    process's own; after it, ``grad``, ``g1``, ``g2``, ``a``, ``g`` are the reduced values on the
+    layer's owner (``a``, ``g``, ``g1``, ``g2`` None elsewhere); after ``share``, ``direction``
+    and ``dg`` hold the owner's result on every process.
     """
 
     layer: KroneckerLayer
@@ -75,6 +80,7 @@ class LayerWork:
     dg: Tensor | None = None  # ⟨direction, grad⟩ from the layer's owner (distributed; else None)
     samples: int = 0  # samples of this process's batch that reached the layer's backward
     half_batch: float = 0.0  # samples behind each of g1, g2 (for the gradient-noise scale)
+    first_order: bool = False  # plain gradient, no halves or factors: the layer takes the first-order rule
 
     @classmethod
     def from_capture(cls, layer: KroneckerLayer, ratio: Tensor | None) -> LayerWork:

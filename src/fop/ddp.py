@@ -24,14 +24,16 @@ triangles on curvature steps and one all-reduce of the layers' bias-sized loss-s
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .assignment import tri
 from .curvature import KroneckerLayer, LayerWork, loss_scale_ratio
-from .distributed import LocalCommunicator, _TriCache, _tri
+from .distributed import LocalCommunicator, StepContext, TriangleCodec
 from .functional import compute_dtype
 
 __all__ = ["DDPCommunicator", "bytes_per_step", "dual_gradient_hook"]
@@ -41,8 +43,14 @@ class DDPCommunicator(LocalCommunicator):
     """The optimizer's side of :func:`dual_gradient_hook` (installed by the hook; see the module doc).
 
     Every process owns every layer and shares nothing, as one local process does; DDP's hook has
-    averaged the fallback parameters' gradients.
+    averaged the fallback parameters' gradients. ``optimizer``: the FOP or KFAC it serves (only its
+    ``splits_batch`` is read); the hook installs it with ``optimizer.use_communicator``.
     """
+
+    halves_from_processes = True  # the even and the odd ranks
+    # p.grad is DDP's all-reduced gradient, which no local hook saw: the check that a layer's
+    # gradient is all its own (tied weights) cannot be made on it
+    local_gradients = False
 
     def __init__(self, optimizer: Any, group: Any = None) -> None:
         self.group = group
@@ -51,17 +59,11 @@ class DDPCommunicator(LocalCommunicator):
         self.splits = bool(optimizer.splits_batch)
         self.n_even, self.n_odd = (self.world_size + 1) // 2, self.world_size // 2
         self._halves: dict[int, tuple[Tensor, Tensor]] = {}  # id(param) -> (g1, g2) of the last backward
-        self._tri = _TriCache()
+        self._tri = TriangleCodec()
         self.last_step_bytes: dict[str, int] = {"hook_all_reduce": 0, "all_reduce": 0}  # of the last step()
         self._hook_bytes = 0  # since the last step()
         if self.world_size < 2:
             raise ValueError("dual_gradient_hook needs a process group of two or more processes")
-        optimizer._mode.halves = False  # the halves are the two process groups
-        for layer in optimizer.layers:
-            # p.grad is DDP's all-reduced gradient, which no local hook saw: the check that a
-            # layer's gradient is all its own (tied weights) cannot be made on it
-            layer.verify = False
-        optimizer._set_capture_mode()
 
     # ----------------------------------------------------------------------------- DDP side
     def reduce_bucket(self, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
@@ -95,47 +97,46 @@ class DDPCommunicator(LocalCommunicator):
         """
         self.last_step_bytes = {"hook_all_reduce": self._hook_bytes, "all_reduce": 0}  # a step begins here
         self._hook_bytes = 0
-        pending = [layer._pending for layer in layers if layer._pending.reference is not None]
-        if pending:
-            flat = torch.cat([p.reference.reshape(-1) for p in pending])
+        references = [ref for layer in layers if (ref := layer._pending.reference) is not None]
+        if references:
+            flat = torch.cat([ref.reshape(-1) for ref in references])
             self._all_reduce(flat)
             flat /= self.world_size
             offset = 0
-            for p in pending:
-                n = p.reference.numel()
-                p.reference.copy_(flat[offset : offset + n].view_as(p.reference))
-                offset += n
+            for ref in references:
+                ref.copy_(flat[offset : offset + ref.numel()].view_as(ref))
+                offset += ref.numel()
         return loss_scale_ratio(list(layers))
 
-    def reduce(self, work: Sequence[LayerWork], ok: Tensor) -> Tensor:
+    def reduce(self, work: Sequence[LayerWork], ok: Tensor, context: StepContext) -> Tensor:
         if self.splits:
             for item in work:
                 item.g1, item.g2 = (self._folded(item.layer, k, item.grad) for k in (0, 1))
                 item.grad = 0.5 * (item.g1 + item.g2)
                 item.half_batch = item.samples * self.world_size / 2  # the halves: even and odd ranks' batches
             self._halves = {}  # consumed: a step without a hooked backward must not reuse them
-        factored = [item for item in work if item.a is not None and item.g is not None]
+        factored = [(item, a, g) for item in work if (a := item.a) is not None and (g := item.g) is not None]
         if factored:
             # a diagonal input factor (nn.Embedding) travels as its diagonal, a dense one as its upper triangle
-            sizes = [(_factor_size(item.a), _tri(item.g.shape[0])) for item in factored]
-            first = factored[0].a
-            flat = torch.zeros(sum(a + g for a, g in sizes), dtype=first.dtype, device=first.device)
+            sizes = [(_factor_size(a), tri(g.shape[0])) for _, a, g in factored]
+            first = factored[0][1]
+            flat = torch.zeros(sum(na + ng for na, ng in sizes), dtype=first.dtype, device=first.device)
             offset = 0
-            for item, (na, ng) in zip(factored, sizes):
-                if item.a.dim() == 1:
-                    flat[offset : offset + na].copy_(item.a)
+            for (_, a, g), (na, ng) in zip(factored, sizes):
+                if a.dim() == 1:
+                    flat[offset : offset + na].copy_(a)
                 else:
-                    self._tri.pack(item.a, flat[offset : offset + na])
-                self._tri.pack(item.g, flat[offset + na : offset + na + ng])
+                    self._tri.pack(a, flat[offset : offset + na])
+                self._tri.pack(g, flat[offset + na : offset + na + ng])
                 offset += na + ng
             self._all_reduce(flat)
             offset = 0
-            for item, (na, ng) in zip(factored, sizes):
-                a = flat[offset : offset + na]
-                if item.a.dim() == 2:
-                    a = self._tri.unpack(a, item.a.shape[0], item.a.dtype)
-                item.a = a / self.world_size
-                item.g = self._tri.unpack(flat[offset + na : offset + na + ng], item.g.shape[0], item.g.dtype) / self.world_size
+            for (item, a, g), (na, ng) in zip(factored, sizes):
+                reduced = flat[offset : offset + na]
+                if a.dim() == 2:
+                    reduced = self._tri.unpack(reduced, a.shape[0], a.dtype)
+                item.a = reduced / self.world_size
+                item.g = self._tri.unpack(flat[offset + na : offset + na + ng], g.shape[0], g.dtype) / self.world_size
                 offset += na + ng
         return ok
 
@@ -162,7 +163,7 @@ class DDPCommunicator(LocalCommunicator):
 
 def _factor_size(a: Tensor) -> int:
     """Elements an input factor takes in the all-reduce: its diagonal (1-D) or its upper triangle."""
-    return a.shape[0] if a.dim() == 1 else _tri(a.shape[0])
+    return a.shape[0] if a.dim() == 1 else tri(a.shape[0])
 
 
 def bytes_per_step(optimizer: Any, curvature_step: bool = True) -> dict[str, int]:
@@ -179,8 +180,8 @@ def bytes_per_step(optimizer: Any, curvature_step: bool = True) -> dict[str, int
     for layer in optimizer.layers:
         size = torch.empty((), dtype=compute_dtype(layer.weight.dtype)).element_size()
         if curvature_step:
-            n_a = layer.in_features if layer.diagonal_input else _tri(layer.in_features)
-            extra += (n_a + _tri(layer.out_features)) * size
+            n_a = layer.in_features if layer.diagonal_input else tri(layer.in_features)
+            extra += (n_a + tri(layer.out_features)) * size
         if layer.bias is not None and layer.bias.requires_grad:
             extra += layer.out_features * size
         elif layer.is_reference:
@@ -195,16 +196,16 @@ def dual_gradient_hook(state: Any, bucket: dist.GradBucket) -> torch.futures.Fut
     (``ddp_model.register_comm_hook(optimizer, dual_gradient_hook)``). Gradients come out as with
     plain DDP; the two sub-batch gradients are kept for the optimizer's next ``step()``.
     """
-    from .optimizer import KroneckerOptimizer
-
-    if not isinstance(state, KroneckerOptimizer):
+    if not callable(getattr(state, "use_communicator", None)):  # FOP / KFAC (fop.optimizer is not imported here)
         raise TypeError(
             f"dual_gradient_hook's state must be the FOP / KFAC optimizer, got {type(state).__name__}: "
             "ddp_model.register_comm_hook(optimizer, dual_gradient_hook)"
         )
-    if not isinstance(state.communicator, DDPCommunicator):
-        state.communicator = DDPCommunicator(state)
-    return state.communicator.reduce_bucket(bucket)
+    communicator = state.communicator
+    if not isinstance(communicator, DDPCommunicator):
+        communicator = DDPCommunicator(state)
+        state.use_communicator(communicator)
+    return communicator.reduce_bucket(bucket)
 
 
 # DDP checks the hook's annotations as objects; postponed (string) annotations would be refused

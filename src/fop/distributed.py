@@ -1,15 +1,18 @@
 """How one optimizer step is shared between processes: FOP on ``torch.distributed``.
 
 The engine (:class:`fop.optimizer.KroneckerOptimizer`) calls a :class:`Communicator` at fixed
-points of every step:
+points of every step, handing it an immutable :class:`StepContext` (step number, curvature step or
+not, device, whether the batch is split, the parameters with a gradient); data flows one way, the
+communicator keeps no reference to the optimizer:
 
-1. ``reduce(work, ok)``: combine the processes' per-layer gradients, sub-batch gradients and factor
-   statistics (each :class:`fop.curvature.LayerWork`), and agree on the finite-gradient flag;
+1. ``reduce(work, ok, context)``: combine the processes' per-layer gradients, sub-batch gradients
+   and factor statistics (each :class:`fop.curvature.LayerWork`) and the fallback parameters'
+   gradients, and agree on the finite-gradient flag (returned);
 2. ``owns(layer)``: only the owner of a layer updates its curvature and computes its direction;
 3. ``share(work)``: hand every process the directions computed by their owners;
-4. ``reduce_first_order(params, ok)``: average the fallback parameters' gradients.
 
-and, outside the step, ``setup`` (construction), ``has_factors`` (whether a layer's curvature has
+and, outside the step, ``setup`` (construction; ``halves_from_processes`` then tells the engine
+whether the two sub-batches are process groups), ``has_factors`` (whether a layer's curvature has
 been captured yet, which drives the capture schedule), ``gather_state`` (``state_dict()``) and
 ``loaded`` (after ``load_state_dict()``).
 
@@ -53,24 +56,29 @@ from __future__ import annotations
 
 import datetime
 import warnings
-import weakref
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .curvature import FACTOR_KEYS, KroneckerLayer, LayerWork, loss_scale_ratio
+from .assignment import SHARED_SCALARS, LayerShape, WorkAssignment, assign_owners, layer_cost, tri
+from .curvature import KroneckerLayer, LayerWork, loss_scale_ratio
 from .functional import compute_dtype, inner
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .optimizer import KroneckerOptimizer
+from .intervals import Interval, mean_interval
+from .state import LayerCurvature, merge_curvature, owned_curvature
+from .transport import Transport
 
 __all__ = [
     "Communicator",
     "DistributedCommunicator",
     "DistributedConfigError",
     "LocalCommunicator",
+    "StepContext",
+    "TriangleCodec",
+    "WorkAssignment",
     "assign_owners",
     "layer_cost",
     "make_communicator",
@@ -78,9 +86,6 @@ __all__ = [
     "state_bytes",
 ]
 
-# shared with every layer's direction: β*, η*, s (diagnostics), ⟨d, g⟩ (the KL trust region) and,
-# for FOP, the gradient-noise terms tr Σ, |G|² (diagnostics)
-_SHARED_SCALARS = 6
 _NOISE_KEYS = ("noise_trace", "noise_grad_sq")
 _SEQ_MOD = 4096  # call counters travel modulo this (exact float32 sums for up to 4096 processes)
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
@@ -101,13 +106,41 @@ class DistributedConfigError(ValueError):
 
 
 # ================================================================================ interface
+class Engine(Protocol):
+    """What a communicator reads of the optimizer, at construction and checkpoints only (public API)."""
+
+    layers: list[KroneckerLayer]
+    param_groups: list[dict[str, Any]]
+    state: Any
+    projection: bool
+    splits_batch: bool
+    curvature_update_interval: Interval
+    inverse_update_interval: Interval
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What the optimizer tells its communicator about the step in progress."""
+
+    step: int  # step() calls before this one
+    zero_grads: int  # zero_grad() calls so far (processes compare them with the step count)
+    curvature: bool  # the step captured factor statistics
+    device: torch.device
+    splits_batch: bool  # FOP: the step needs the two sub-batch gradients
+    params: tuple[Tensor, ...] = ()  # every parameter with a gradient this step
+
+
 class Communicator:
     """Interface between the optimizer engine and the processes that share a step."""
 
     world_size: int = 1
     rank: int = 0
+    # the two sub-batches are process groups (not halves of each forward batch): the hooks record no halves
+    halves_from_processes: bool = False
+    # p.grad is what this process's hooks saw (DDP's hook: the mean over processes, so no check is possible)
+    local_gradients: bool = True
 
-    def setup(self, optimizer: KroneckerOptimizer, model: nn.Module) -> None:
+    def setup(self, optimizer: Engine, model: nn.Module) -> None:
         """Called once at the end of the optimizer's constructor."""
         return None
 
@@ -115,7 +148,8 @@ class Communicator:
         """The loss-scale ratio of :func:`fop.curvature.loss_scale_ratio` (DDP's hook averages first)."""
         return loss_scale_ratio(list(layers))
 
-    def reduce(self, work: Sequence[LayerWork], ok: Tensor) -> Tensor:
+    def reduce(self, work: Sequence[LayerWork], ok: Tensor, context: StepContext) -> Tensor:
+        """Combine this step's gradients and statistics over the processes; the agreed finite-gradient flag."""
         raise NotImplementedError
 
     def owns(self, layer: KroneckerLayer) -> bool:
@@ -124,18 +158,15 @@ class Communicator:
     def share(self, work: Sequence[LayerWork]) -> None:
         raise NotImplementedError
 
-    def reduce_first_order(self, params: Sequence[Tensor], ok: Tensor) -> Tensor:
-        raise NotImplementedError
-
     def has_factors(self, state: dict, layer: KroneckerLayer) -> bool:
         """Whether the layer's running factors exist (on whichever process owns them)."""
-        return "A" in state.get(layer.weight, {})
+        return LayerCurvature.of(state, layer.weight).has_factors
 
-    def gather_state(self, optimizer: KroneckerOptimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    def gather_state(self, optimizer: Engine, state_dict: dict[str, Any]) -> dict[str, Any]:
         """Complete ``optimizer.state_dict()``'s output (the curvature of other processes' layers)."""
         return state_dict
 
-    def loaded(self, optimizer: KroneckerOptimizer) -> None:
+    def loaded(self, optimizer: Engine, steps: int) -> None:
         """Called by ``load_state_dict`` once the (full) state is in ``optimizer.state``."""
         return None
 
@@ -153,7 +184,7 @@ class LocalCommunicator(Communicator):
     def __init__(self, auto: bool = False) -> None:
         self._auto = auto
 
-    def reduce(self, work: Sequence[LayerWork], ok: Tensor) -> Tensor:
+    def reduce(self, work: Sequence[LayerWork], ok: Tensor, context: StepContext) -> Tensor:
         if self._auto:
             self._auto = False
             if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -172,9 +203,6 @@ class LocalCommunicator(Communicator):
 
     def share(self, work: Sequence[LayerWork]) -> None:
         return None
-
-    def reduce_first_order(self, params: Sequence[Tensor], ok: Tensor) -> Tensor:
-        return ok
 
 
 def make_communicator(
@@ -211,51 +239,84 @@ def make_communicator(
     return DistributedCommunicator(replicated=replicated)
 
 
-# ================================================================================ layer owners
-def layer_cost(layer: KroneckerLayer, projection: bool = True, inverse_interval: int = 1) -> float:
-    """Relative per-step cost of a layer's curvature work, the quantity owners are balanced on.
+# ================================================================================ what travels
+@dataclass
+class _Trainables:
+    """What a distributed step moves: the trained Kronecker layers, fallback parameters, synced buffers."""
 
-    ``9 (n_in³ + n_out³) / T_inv`` for the two symmetric eigendecompositions (about ``9 n³`` flops
-    each, once every ``T_inv`` steps) plus ``c · n_out n_in (n_in + n_out)`` for the rotations into
-    and out of the eigenbasis (``c = 6`` for FOP: ``g_avg``, ``g_diff`` in and ``n_comb`` out;
-    ``c = 4`` for K-FAC).
-    """
-    n_in, n_out = layer.in_features, layer.out_features
-    rotations = 6.0 if projection else 4.0
-    return 9.0 * (n_in**3 + n_out**3) / max(1, inverse_interval) + rotations * n_out * n_in * (n_in + n_out)
+    layers: list[KroneckerLayer]
+    fallback: list[Tensor]
+    buffers: list[Tensor]
+    buffer_names: list[str]
+    device: torch.device
+
+    @property
+    def params(self) -> list[Tensor]:
+        return [p for layer in self.layers for p in layer.params()] + list(self.fallback)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The collectives' dtype: float64 if any parameter or buffer is, else float32."""
+        wide = any(t.dtype == torch.float64 for t in self.params + self.buffers)
+        return torch.float64 if wide else torch.float32
 
 
-def assign_owners(costs: Sequence[float], world_size: int) -> list[int]:
-    """Owner rank of each layer: longest-processing-time-first greedy on ``costs``.
+def _trainables(optimizer: Engine, model: nn.Module, sync_buffers: bool) -> _Trainables:
+    # Parameters frozen now get no slot in the collectives (a frozen backbone would otherwise be
+    # sent as zeros at every step); the communicator refuses them if they train later.
+    layers = [layer for layer in optimizer.layers if any(p.requires_grad for p in layer.params())]
+    kron_ids = {id(p) for layer in optimizer.layers for p in layer.params()}
+    fallback = [
+        p for group in optimizer.param_groups if group["rule"] != "kronecker"
+        for p in group["params"] if id(p) not in kron_ids and p.requires_grad
+    ]  # fmt: skip
+    buffers, names = [], []
+    if sync_buffers:
+        for name, module in model.named_modules():
+            if isinstance(module, nn.modules.batchnorm._NormBase):
+                for key in ("running_mean", "running_var"):
+                    buf = getattr(module, key, None)
+                    if isinstance(buf, Tensor) and buf.is_floating_point():
+                        buffers.append(buf)
+                        names.append(f"{name}.{key}")
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    return _Trainables(layers, fallback, buffers, names, device)
 
-    Layers are taken from the most to the least expensive (ties: lower index first) and each goes
-    to the currently least loaded rank (ties: lower rank). The heaviest load is at most
-    ``sum/N + max(costs)`` (and at most 4/3 of the optimum).
-    """
-    loads = [0.0] * world_size
-    owners = [0] * len(costs)
-    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        rank = min(range(world_size), key=lambda r: (loads[r], r))
-        owners[i] = rank
-        loads[rank] += costs[i]
-    return owners
+
+def _work_assignment(
+    optimizer: Engine, found: _Trainables, world_size: int, replicated: bool,
+    cost: Callable[[KroneckerLayer], float] | None,
+) -> WorkAssignment:  # fmt: skip
+    projection = bool(optimizer.projection)
+    interval = mean_interval(optimizer.inverse_update_interval)
+    costs = [float(cost(layer)) if cost else layer_cost(layer, projection, interval) for layer in found.layers]
+    shapes = [
+        LayerShape(layer.name, layer.in_features, layer.out_features, _itemsize(compute_dtype(layer.weight.dtype)))
+        for layer in found.layers
+    ]
+    return WorkAssignment(
+        layers=tuple(shapes), world_size=world_size, costs=tuple(costs), replicated=replicated,
+        splits=bool(optimizer.splits_batch), fallback_sizes=tuple(p.numel() for p in found.fallback),
+        buffer_sizes=tuple(b.numel() for b in found.buffers), itemsize=_itemsize(found.dtype),
+        gradient_bytes=sum(p.numel() * p.element_size() for p in found.params),
+    )  # fmt: skip
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def plan(
-    optimizer: KroneckerOptimizer, model: nn.Module, world_size: int, replicated: bool = False,
+    optimizer: Engine, model: nn.Module, world_size: int, replicated: bool = False,
     cost: Callable[[KroneckerLayer], float] | None = None,
-) -> DistributedCommunicator:
+) -> WorkAssignment:  # fmt: skip
     """What a run on ``world_size`` processes would do, computed here without any process group.
 
-    ``optimizer`` is an ordinary (local) FOP or KFAC of ``model``. The result has the owner
-    ``assignment`` and ``loads``, :meth:`DistributedCommunicator.describe`,
-    :meth:`~DistributedCommunicator.bytes_per_step` and
-    :meth:`~DistributedCommunicator.curvature_bytes` (per-process curvature memory).
+    ``optimizer`` is an ordinary (local) FOP or KFAC of ``model``. The result
+    (:class:`fop.assignment.WorkAssignment`) has the owner ``assignment`` and ``loads``,
+    ``describe()``, ``bytes_per_step()`` and ``curvature_bytes()`` (per-process curvature memory).
     """
-    comm = DistributedCommunicator(replicated=replicated, cost=cost)
-    comm.backend = "planned"
-    comm._plan(optimizer, model, world_size, 0)
-    return comm
+    return _work_assignment(optimizer, _trainables(optimizer, model, True), world_size, replicated, cost)
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -271,12 +332,8 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 # ================================================================================ helpers
-def _tri(n: int) -> int:
-    return n * (n + 1) // 2
-
-
-class _TriCache:
-    """``torch.triu_indices`` per (size, device): pack / unpack symmetric matrices."""
+class TriangleCodec:
+    """Symmetric matrices to and from their upper triangles (``torch.triu_indices`` cached per size, device)."""
 
     def __init__(self) -> None:
         self._cache: dict[tuple[int, str], Tensor] = {}
@@ -348,11 +405,12 @@ def _raise_uncaptured(layers: Sequence[KroneckerLayer]) -> None:
     if layers:
         name = layers[0].name
         raise RuntimeError(
-            f"{name}: its parameters got gradients that its captured forward does not account for (used outside "
-            "the module's forward, tied to another module, or a frozen weight with a trained bias); distributed "
-            f"training cannot reduce them: exclude the module (exclude=[{name!r}]) so that its parameters use "
-            "the fallback rule"
+            f"{name}: its bias has a gradient but its weight has none (a frozen weight with a trained bias); "
+            f"distributed training cannot reduce it: exclude the module (exclude=[{name!r}]) so that its "
+            "parameters use the fallback rule"
         )
+
+
 
 
 # ================================================================================ distributed
@@ -374,11 +432,12 @@ class DistributedCommunicator(Communicator):
         broadcast_parameters: copy rank 0's parameters and buffers to every process at
             construction (as DDP does), so that training starts from one model.
         cost: ``layer -> float``, the load the owner assignment balances (default
-            :func:`layer_cost`).
+            :func:`fop.assignment.layer_cost`).
 
-    After construction ``assignment`` (layer name -> owner rank), ``loads`` (cost per rank) and
-    :meth:`describe` show who owns what; :meth:`bytes_per_step` gives the payload of every
-    collective of a step and ``last_step_bytes`` what the last step sent.
+    After construction ``work`` is the :class:`fop.assignment.WorkAssignment` (owners, loads,
+    buffer offsets); ``assignment`` (layer name -> owner rank), ``loads``, :meth:`describe` and
+    :meth:`bytes_per_step` read it, and ``last_step_bytes`` is what the last step sent. The
+    collectives go through ``transport`` (:class:`fop.transport.Transport`).
     """
 
     def __init__(
@@ -398,232 +457,104 @@ class DistributedCommunicator(Communicator):
         self.sync_buffers = sync_buffers
         self.broadcast_parameters = broadcast_parameters
         self.cost = cost
-        self.assignment: dict[str, int] = {}
-        self.loads: list[float] = []
-        self.last_step_bytes: dict[str, int] = {}
-        self._opt_ref: Callable[[], KroneckerOptimizer | None] = lambda: None
-        self._own_group = False
-        self._tri = _TriCache()
+        self.work: WorkAssignment | None = None
+        self.transport: Transport | None = None
+        self._codec = TriangleCodec()
         self._index: dict[int, int] = {}
         self._factored: set[int] = set()
 
+    # ----------------------------------------------------------------------------- the assignment
+    @property
+    def assignment(self) -> dict[str, int]:
+        """Layer name -> owner rank."""
+        return self.work.assignment if self.work is not None else {}
+
+    @property
+    def loads(self) -> list[float]:
+        return list(self.work.loads) if self.work is not None else []
+
+    @property
+    def last_step_bytes(self) -> dict[str, int]:
+        """Payload bytes the last step sent, per kind of collective."""
+        return dict(self.transport.sent) if self.transport is not None else {}
+
+    def describe(self) -> str:
+        """A table of the layers, their cost, owner and factor sizes."""
+        return self._work.describe(self.backend)
+
+    def curvature_bytes(self) -> list[int]:
+        """Bytes of curvature state each rank holds (:meth:`fop.assignment.WorkAssignment.curvature_bytes`)."""
+        return self._work.curvature_bytes()
+
+    def bytes_per_step(self, curvature_step: bool = True) -> dict[str, Any]:
+        """Payload of each collective of one step (:meth:`fop.assignment.WorkAssignment.bytes_per_step`)."""
+        return self._work.bytes_per_step(curvature_step)
+
+    @property
+    def _work(self) -> WorkAssignment:
+        if self.work is None:
+            raise RuntimeError("the communicator has no work assignment before the optimizer's construction")
+        return self.work
+
+    @property
+    def _link(self) -> Transport:
+        assert self.transport is not None
+        return self.transport
+
     # ----------------------------------------------------------------------------- setup
-    def setup(self, optimizer: KroneckerOptimizer, model: nn.Module) -> None:
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError("DistributedCommunicator needs torch.distributed.init_process_group(...) first")
-        if self.group is None:
-            self.group = dist.new_group(timeout=self.timeout) if self.timeout is not None else dist.new_group()
-            self._own_group = True
-        self._opt_ref = weakref.ref(optimizer)  # no cycle: the optimizer owns the communicator
-        self.world_size = dist.get_world_size(self.group)
+    halves_from_processes = True  # the even and the odd ranks
+
+    def setup(self, optimizer: Engine, model: nn.Module) -> None:
+        self.transport = Transport(self.group, self.timeout)
+        self.group = self.transport.group
+        self.world_size, self.rank = self.transport.world_size, self.transport.rank
         if self.world_size < 2:
             raise ValueError(
                 "DistributedCommunicator needs a group of two or more processes; with one process leave "
                 "distributed=None (the optimizer then splits each batch in two halves itself)"
             )
-        self.rank = dist.get_rank(self.group)
-        self._global_ranks = [dist.get_global_rank(self.group, r) for r in range(self.world_size)]
-        self.backend = str(dist.get_backend(self.group))
-        if self.backend == "nccl" and optimizer._skipped.device.type != "cuda":
+        self.backend = self.transport.backend
+        found = _trainables(optimizer, model, self.sync_buffers)
+        if self.backend == "nccl" and found.device.type != "cuda":
             raise RuntimeError("the NCCL backend needs the model on a CUDA device (use gloo for CPU training)")
-        self._plan(optimizer, model, self.world_size, self.rank)
-
-        self._check_agreement(optimizer, "construction")
+        self._adopt(found, _work_assignment(optimizer, found, self.world_size, self.replicated, self.cost))
+        self._names = {id(p): name for name, p in model.named_parameters()}
+        self._optimizer_name = type(optimizer).__name__
+        self._check_agreement(optimizer, "construction", 0)
         if self.broadcast_parameters:
-            self._broadcast_model(model)
-
+            self._link.broadcast_tensors(list(model.parameters()) + list(model.buffers()))
         self._factored = set()
-        self._step_seen = -1  # optimizer._steps of the step whose common all-reduce has run
-        self._ok: Tensor | None = None
+        self._context = StepContext(0, 0, False, found.device, self.splits)  # of the step in progress
         self._pending: list = []
         self._last_pattern: Any = None
         self._presence_cache: dict[Any, Tensor] = {}
         self._force_check = True
         self._checked_identical = not self.splits
-        optimizer._mode.halves = False  # the halves are the two process groups
-        optimizer._set_capture_mode()
 
-    def _plan(self, optimizer: KroneckerOptimizer, model: nn.Module, world_size: int, rank: int) -> None:
-        """Everything that needs no collective: layers, owners, dtypes and buffer layouts."""
-        self.world_size, self.rank = world_size, rank
-        self.device = optimizer._skipped.device
-        self.projection = bool(optimizer.projection)  # FOP's β*, η* (diagnostics, cost model)
-        self.splits = bool(getattr(optimizer, "splits_batch", optimizer.projection))  # needs g1, g2
-        # Parameters frozen now get no slot in the collectives (a frozen backbone would otherwise be
-        # sent as zeros at every step); _check_layout refuses them if they train later.
-        self.layers: list[KroneckerLayer] = [
-            layer for layer in optimizer.layers if any(p.requires_grad for p in layer.params())
-        ]
+    def _adopt(self, found: _Trainables, work: WorkAssignment) -> None:
+        """Keep the trained tensors and the assignment's offsets at hand for packing."""
+        self.work = work
+        self.layers, self._fallback, self._buffers = found.layers, found.fallback, found.buffers
+        self._buffer_names, self.device, self.dtype = found.buffer_names, found.device, found.dtype
         self._index = {id(layer): i for i, layer in enumerate(self.layers)}
-        kron_ids = {id(p) for layer in optimizer.layers for p in layer.params()}
-        self._fallback: list[Tensor] = []
-        for group in optimizer.param_groups:
-            if group["rule"] != "kronecker":
-                self._fallback += [p for p in group["params"] if id(p) not in kron_ids and p.requires_grad]
-        self._laid_out = {id(p) for p in self._all_params()}
-        self._buffers: list[Tensor] = []
-        self._buffer_names: list[str] = []
-        if self.sync_buffers:
-            for name, module in model.named_modules():
-                if isinstance(module, nn.modules.batchnorm._NormBase):
-                    for key in ("running_mean", "running_var"):
-                        buf = getattr(module, key, None)
-                        if isinstance(buf, Tensor) and buf.is_floating_point():
-                            self._buffers.append(buf)
-                            self._buffer_names.append(f"{name}.{key}")
-        wide = any(p.dtype == torch.float64 for p in self._all_params()) or any(
-            b.dtype == torch.float64 for b in self._buffers
-        )
-        self.dtype = torch.float64 if wide else torch.float32
-
-        interval = optimizer.inverse_update_interval
-        inverse_interval = interval(0) if callable(interval) else interval
-        costs = [
-            float(self.cost(layer)) if self.cost is not None else layer_cost(layer, self.projection, inverse_interval)
-            for layer in self.layers
-        ]
-        self._costs = costs
-        if self.replicated:
-            self._owner = [self.rank] * len(self.layers)
-            self.loads = [sum(costs)] * self.world_size
-        else:
-            self._owner = assign_owners(costs, self.world_size)
-            self.loads = [0.0] * self.world_size
-            for i, r in enumerate(self._owner):
-                self.loads[r] += costs[i]
-        self.assignment = {layer.name: self._owner[i] for i, layer in enumerate(self.layers)}
-        self._build_layout()
-
-    def _all_params(self) -> list[Tensor]:
-        return [p for layer in self.layers for p in layer.params()] + list(self._fallback)
-
-    def _build_layout(self) -> None:
-        """Static offsets of every flat buffer (identical on every process)."""
-        n = len(self.layers)
-        self._numel = [layer.out_features * layer.in_features for layer in self.layers]
-        self._slots = 2 if self.splits else 1
-        self._owned: list[list[int]] = [[i for i in range(n) if self._owner[i] == r] for r in range(self.world_size)]
-        if self.replicated:
-            self._owned = [list(range(n)) for _ in range(self.world_size)]
-        self._n_even = (self.world_size + 1) // 2
-        self._n_odd = self.world_size // 2
-
-        # reduce buckets: per owner [slots of its layers | factor triangles (curvature steps)]
-        self._grad_off: dict[int, int] = {}
-        self._fac_off: dict[int, int] = {}
-        self._bucket_grad_len: list[int] = []
-        self._bucket_fac_len: list[int] = []
-        buckets = [list(range(n))] if self.replicated else self._owned
-        for members in buckets:
-            off = 0
-            for i in members:
-                self._grad_off[i] = off
-                off += self._slots * self._numel[i]
-            self._bucket_grad_len.append(off)
-            foff = 0
-            for i in members:
-                self._fac_off[i] = foff
-                foff += _tri(self.layers[i].in_features) + _tri(self.layers[i].out_features)
-            self._bucket_fac_len.append(foff)
-        # share buckets: per owner [direction | β*, η*, s, ⟨d, g⟩] of its layers
-        self._share_off: dict[int, int] = {}
-        self._share_len: list[int] = []
-        for members in self._owned if not self.replicated else []:
-            off = 0
-            for i in members:
-                self._share_off[i] = off
-                off += self._numel[i] + _SHARED_SCALARS
-            self._share_len.append(off)
-        # the common all-reduce: [fallback grads | BN buffers | presence (grads, factors, fallback) |
-        # call sequence (step() calls, zero_grad() calls) | not-ok]
-        off = 0
-        self._fb_off = []
-        for p in self._fallback:
-            self._fb_off.append(off)
-            off += p.numel()
-        self._buf_off = []
-        for b in self._buffers:
-            self._buf_off.append(off)
-            off += b.numel()
-        self._presence_off = off
-        self._presence_len = 2 * n + len(self._fallback)
-        off += self._presence_len
-        self._seq_off = off
-        off += 2
-        self._flag_off = off
-        self._common_len = off + 1
+        self._laid_out = {id(p) for p in found.params}
+        self.splits = work.splits
+        self._numel = [layer.numel for layer in work.layers]
+        self._n_even, self._n_odd = work.group_sizes
+        self._grad_off, self._bucket_grad_len = work.grad_offsets
+        self._fac_off, self._bucket_fac_len = work.factor_offsets
+        self._share_off, self._share_len = work.share_offsets
+        self._members = work.buckets
+        self._common = work.common
 
     def close(self) -> None:
         """Destroy the process group this communicator created (optional; for long-lived processes)."""
-        if self._own_group and self.group is not None and dist.is_initialized():
-            dist.destroy_process_group(self.group)
+        if self.transport is not None:
+            self.transport.close()
         self.group = None
-        self._own_group = False
-
-    # ----------------------------------------------------------------------------- inspection
-    def describe(self) -> str:
-        """A table of the layers, their cost, owner and factor sizes."""
-        mode = "replicated" if self.replicated else "layer specialists"
-        lines = [f"{mode} on {self.world_size} processes ({self.backend}); owner loads: "
-                 + ", ".join(f"rank {r}: {load:.3g}" for r, load in enumerate(self.loads))]  # fmt: skip
-        for i, layer in enumerate(self.layers):
-            owner = "all" if self.replicated else str(self._owner[i])
-            lines.append(
-                f"  {layer.name:<32} A {layer.in_features:>5}  G {layer.out_features:>5}  "
-                f"cost {self._costs[i]:>10.3g}  owner {owner}"
-            )
-        return "\n".join(lines)
-
-    def curvature_bytes(self) -> list[int]:
-        """Bytes of curvature state (running factors and their eigendecompositions) each rank holds.
-
-        Per layer ``2n² + n`` elements for each factor (``A`` or ``G``, its eigenvectors and
-        eigenvalues) in the compute dtype. Momentum buffers and the fallback rule's state come on
-        top, the same on every process.
-        """
-        out = [0] * self.world_size
-        for i, layer in enumerate(self.layers):
-            size = torch.empty((), dtype=compute_dtype(layer.weight.dtype)).element_size()
-            n_in, n_out = layer.in_features, layer.out_features
-            nbytes = (2 * n_in * n_in + n_in + 2 * n_out * n_out + n_out) * size
-            for r in range(self.world_size):
-                if self.replicated or self._owner[i] == r:
-                    out[r] += nbytes
-        return out
-
-    def bytes_per_step(self, curvature_step: bool = True) -> dict[str, Any]:
-        """Payload bytes of each collective of one step, and DDP's all-reduce for comparison.
-
-        ``all_reduce``, ``reduce``, ``broadcast``: summed payload of the step's collectives of that
-        kind; ``calls``: how many collectives; ``ddp_all_reduce``: the payload of DDP's all-reduce
-        of the same trainable parameters' gradients (in their dtype). ``wire_estimate`` and
-        ``ddp_wire_estimate`` are the average bytes each process sends with bandwidth-optimal
-        ring algorithms: ``2(N−1)/N·S`` for an all-reduce, ``(N−1)/N·S`` for a reduce or a
-        broadcast.
-        """
-        size = torch.empty((), dtype=self.dtype).element_size()
-        grads = sum(self._bucket_grad_len)
-        factors = sum(self._bucket_fac_len) if curvature_step else 0
-        n = self.world_size
-        out: dict[str, Any] = {"all_reduce": 0, "reduce": 0, "broadcast": 0, "calls": 0}
-        if self.replicated:
-            out["all_reduce"] = (grads + factors + self._common_len) * size
-            out["calls"] = 1
-        else:
-            out["all_reduce"] = self._common_len * size
-            out["reduce"] = (grads + factors) * size
-            out["broadcast"] = sum(self._share_len) * size
-            busy = sum(1 for r in range(n) if self._bucket_grad_len[r] > 0)
-            out["calls"] = 1 + 2 * busy
-        out["total"] = out["all_reduce"] + out["reduce"] + out["broadcast"]
-        out["ddp_all_reduce"] = sum(p.numel() * p.element_size() for p in self._all_params())
-        share = (n - 1) / n
-        out["wire_estimate"] = int(2 * share * out["all_reduce"] + share * (out["reduce"] + out["broadcast"]))
-        out["ddp_wire_estimate"] = int(2 * share * out["ddp_all_reduce"])
-        return out
 
     # ----------------------------------------------------------------------------- agreement
-    def _signature(self, optimizer: KroneckerOptimizer) -> dict[str, Any]:
+    def _signature(self, optimizer: Engine, steps: int) -> dict[str, Any]:
         groups = []
         for group in optimizer.param_groups:
             entry = {k: _plain(v) for k, v in sorted(group.items()) if k != "params"}
@@ -642,15 +573,14 @@ class DistributedCommunicator(Communicator):
             "inverse_update_interval": _plain(optimizer.inverse_update_interval),
             "synced_buffers": [(name, tuple(b.shape)) for name, b in zip(self._buffer_names, self._buffers)],
             "device_type": self.device.type,
-            "steps": int(optimizer._steps),
-            "factored": sorted(getattr(self, "_factored", set())),
+            "steps": int(steps),
+            "factored": sorted(self._factored),
         }
 
-    def _check_agreement(self, optimizer: KroneckerOptimizer, when: str) -> None:
+    def _check_agreement(self, optimizer: Engine, when: str, steps: int) -> None:
         """All processes compare their configuration; every one raises on a mismatch (no hang)."""
-        mine = _flatten(self._signature(optimizer))
-        everyone: list[Any] = [None] * self.world_size
-        dist.all_gather_object(everyone, mine, group=self.group)
+        mine = _flatten(self._signature(optimizer, steps))
+        everyone = self._link.all_gather_object(mine)
         problems = []
         for key in sorted(set().union(*everyone), key=lambda k: (k not in mine, list(mine).index(k) if k in mine else 0)):
             values = [sig.get(key, "<missing>") for sig in everyone]
@@ -667,181 +597,148 @@ class DistributedCommunicator(Communicator):
                 + "\n".join(problems)
             )
 
-    def _broadcast_model(self, model: nn.Module) -> None:
-        """Rank 0's parameters and buffers to every process, one flat broadcast per dtype."""
-        tensors = [t for t in list(model.parameters()) + list(model.buffers())]
-        by_dtype: dict[torch.dtype, list[Tensor]] = {}
-        seen: set[int] = set()
-        for t in tensors:
-            if id(t) not in seen:
-                seen.add(id(t))
-                by_dtype.setdefault(t.dtype, []).append(t)
-        with torch.no_grad():
-            for group in by_dtype.values():
-                flat = torch.cat([t.detach().reshape(-1) for t in group])
-                dist.broadcast(flat, src=self._global_ranks[0], group=self.group)
-                off = 0
-                for t in group:
-                    t.copy_(flat[off : off + t.numel()].view_as(t))
-                    off += t.numel()
-
     # ----------------------------------------------------------------------------- the step
     def owns(self, layer: KroneckerLayer) -> bool:
-        return self.replicated or self._owner[self._index[id(layer)]] == self.rank
+        return self._work.owns(self.rank, self._index[id(layer)])
 
     def has_factors(self, state: dict, layer: KroneckerLayer) -> bool:
         return self._index.get(id(layer), -1) in self._factored  # tracked here: owners hold the factors
 
-    def _check_layout(self, optimizer: KroneckerOptimizer) -> None:
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and id(p) not in self._laid_out:
-                    name = optimizer._param_names.get(id(p), f"a parameter of shape {tuple(p.shape)}")
-                    raise DistributedConfigError(
-                        f"{name} was frozen (requires_grad=False) when the optimizer was built and now has a "
-                        f"gradient: distributed {type(optimizer).__name__} lays out its collectives at construction, "
-                        "for the parameters that train then. Build the optimizer after unfreezing (load the old "
-                        "one's state_dict() into it to keep its state)"
-                    )
+    def _check_layout(self, params: Sequence[Tensor]) -> None:
+        for p in params:
+            if id(p) not in self._laid_out:
+                name = self._names.get(id(p), f"a parameter of shape {tuple(p.shape)}")
+                raise DistributedConfigError(
+                    f"{name} was frozen (requires_grad=False) when the optimizer was built and now has a "
+                    f"gradient: distributed {self._optimizer_name} lays out its collectives at construction, "
+                    "for the parameters that train then. Build the optimizer after unfreezing (load the old "
+                    "one's state_dict() into it to keep its state)"
+                )
 
-    def reduce(self, work: Sequence[LayerWork], ok: Tensor) -> Tensor:
-        opt = self._opt_ref()
-        assert opt is not None
+    def reduce(self, work: Sequence[LayerWork], ok: Tensor, context: StepContext) -> Tensor:
+        self._context = context
         # at the first step, not at construction: under DDP, dual_gradient_hook replaces this
         # communicator (which supports them) before any step; the layers agree across processes
         _refuse_diagonal(self.layers)
-        self._check_layout(opt)
+        self._check_layout(context.params)
         items = {self._index[id(item.layer)]: item for item in work}
         # raised after the first collective, whose sequence and presence checks name the cause on
         # every process when the processes disagree (e.g. a second step() without a new backward)
         uncaptured = [layer for i, layer in enumerate(self.layers) if i not in items and any(p.grad is not None for p in layer.params())]  # fmt: skip
-        curvature = bool(opt._mode.factors)
-        self.last_step_bytes = {"all_reduce": 0, "reduce": 0, "broadcast": 0}
-        size = torch.empty((), dtype=self.dtype).element_size()
-
+        curvature = context.curvature
+        self._link.new_step()
         common = self._pack_common(items, ok, curvature)
         if self.replicated:
-            flat = torch.zeros(self._bucket_grad_len[0] + (self._bucket_fac_len[0] if curvature else 0) + self._common_len,
-                               dtype=self.dtype, device=self.device)  # fmt: skip
-            self._pack_bucket(flat, 0, items, curvature)
-            flat[flat.numel() - self._common_len :].copy_(common)
-            handle = dist.all_reduce(flat, group=self.group, async_op=True)
-            self._wait(handle, "the gradient all-reduce")
-            self.last_step_bytes["all_reduce"] += flat.numel() * size
-            ok = self._unpack_common(flat[flat.numel() - self._common_len :], items)
-            _raise_uncaptured(uncaptured)
-            self._unpack_bucket(flat, 0, items, curvature)
+            ok = self._reduce_replicated(items, common, curvature, uncaptured)
         else:
-            common_handle = dist.all_reduce(common, group=self.group, async_op=True)
-            self.last_step_bytes["all_reduce"] += common.numel() * size
-            mine = None
-            self._pending = [common_handle]
-            for r in range(self.world_size):
-                length = self._bucket_grad_len[r] + (self._bucket_fac_len[r] if curvature else 0)
-                if length == 0:
-                    continue
-                bucket = torch.zeros(length, dtype=self.dtype, device=self.device)
-                self._pack_bucket(bucket, r, items, curvature)
-                handle = dist.reduce(bucket, dst=self._global_ranks[r], group=self.group, async_op=True)
-                self.last_step_bytes["reduce"] += length * size
-                self._pending.append((handle, bucket))
-                if r == self.rank:
-                    mine = (handle, bucket)
-            self._wait(common_handle, "the gradient all-reduce")
-            ok = self._unpack_common(common, items)
-            _raise_uncaptured(uncaptured)
-            if mine is not None:
-                self._wait(mine[0], "the reduction to this layer owner")
-                self._unpack_bucket(mine[1], self.rank, items, curvature)
+            ok = self._reduce_to_owners(items, common, curvature, uncaptured)
         fresh = [i for i, it in items.items() if curvature and it.a is not None and it.g is not None and i not in self._factored]
         # a skipped step (non-finite gradients) creates no factors on the owner, so a layer counts
         # as factored only after a good step (one host synchronisation, until every layer is)
         if fresh and bool(ok):
             self._factored.update(fresh)
         for i, item in items.items():
-            if not (self.replicated or self._owner[i] == self.rank):
+            if not self._work.owns(self.rank, i):
                 item.a = item.g = item.g1 = item.g2 = None  # computed by the owner only
         self._warn_if_identical(items)
-        self._ok = ok
-        self._step_seen = opt._steps
+        return ok
+
+    def _reduce_replicated(
+        self, items: dict[int, LayerWork], common: Tensor, curvature: bool, uncaptured: list[KroneckerLayer]
+    ) -> Tensor:
+        """One all-reduce of everything: [slots | factor triangles | common]."""
+        length = self._work.bucket_len(0, curvature)
+        flat = torch.zeros(length + self._common.length, dtype=self.dtype, device=self.device)
+        self._pack_bucket(flat, 0, items, curvature)
+        flat[length:].copy_(common)
+        self._link.all_reduce_now(flat, "the gradient all-reduce")
+        ok = self._unpack_common(flat[length:], items)
+        _raise_uncaptured(uncaptured)
+        self._unpack_bucket(flat, 0, items, curvature)
+        return ok
+
+    def _reduce_to_owners(
+        self, items: dict[int, LayerWork], common: Tensor, curvature: bool, uncaptured: list[KroneckerLayer]
+    ) -> Tensor:
+        """The common all-reduce and one reduce per owner, launched together; wait for the own bucket only."""
+        common_handle = self._link.all_reduce(common)
+        mine = None
+        self._pending = []
+        for r in range(self.world_size):
+            length = self._work.bucket_len(r, curvature)
+            if length == 0:
+                continue
+            bucket = torch.zeros(length, dtype=self.dtype, device=self.device)
+            self._pack_bucket(bucket, r, items, curvature)
+            handle = self._link.reduce(bucket, r)
+            self._pending.append(handle)
+            if r == self.rank:
+                mine = (handle, bucket)
+        self._link.wait(common_handle, "the gradient all-reduce")
+        ok = self._unpack_common(common, items)
+        _raise_uncaptured(uncaptured)
+        if mine is not None:
+            self._link.wait(mine[0], "the reduction to this layer owner")
+            self._unpack_bucket(mine[1], self.rank, items, curvature)
         return ok
 
     def share(self, work: Sequence[LayerWork]) -> None:
-        for pending in self._pending[1:]:
-            self._wait(pending[0], "the reduction to the layer owners")
+        for handle in self._pending:
+            self._link.wait(handle, "the reduction to the layer owners")
         self._pending = []
         if self.replicated:
             return
         items = {self._index[id(item.layer)]: item for item in work}
-        size = torch.empty((), dtype=self.dtype).element_size()
         received = []
         for r in range(self.world_size):
             if self._share_len[r] == 0:
                 continue
             bucket = torch.zeros(self._share_len[r], dtype=self.dtype, device=self.device)
             if r == self.rank:
-                for i in self._owned[r]:
-                    item = items.get(i)
-                    if item is None:
-                        continue
-                    assert item.direction is not None
-                    off = self._share_off[i]
-                    bucket[off : off + self._numel[i]].copy_(item.direction.reshape(-1))
-                    last = item.layer.last
-                    zero = torch.zeros((), dtype=self.dtype, device=self.device)
-                    values = [last.get("beta", zero), last.get("eta", zero + 1), last.get("projection", zero)]
-                    values.append(inner(item.direction, item.grad))
-                    if self.splits:  # a step without halves (one sample) has no noise terms: NaN on every process
-                        for key in _NOISE_KEYS:
-                            last.setdefault(key, zero + float("nan"))
-                    values += [last.get(key, zero) for key in _NOISE_KEYS]
-                    scalars = bucket[off + self._numel[i] : off + self._numel[i] + _SHARED_SCALARS]
-                    scalars.copy_(torch.stack([v.to(self.dtype).reshape(()) for v in values]))
-                    item.dg = scalars[3].to(item.grad.dtype)  # as every other process will read it
-            handle = dist.broadcast(bucket, src=self._global_ranks[r], group=self.group, async_op=True)
-            self.last_step_bytes["broadcast"] = self.last_step_bytes.get("broadcast", 0) + bucket.numel() * size
-            received.append((r, handle, bucket))
+                self._pack_share(bucket, items)
+            received.append((r, self._link.broadcast(bucket, r), bucket))
         for r, handle, bucket in received:
-            self._wait(handle, "the broadcast of the owners' directions")
-            if r == self.rank:
+            self._link.wait(handle, "the broadcast of the owners' directions")
+            if r != self.rank:
+                self._unpack_share(bucket, r, items)
+
+    def _pack_share(self, bucket: Tensor, items: dict[int, LayerWork]) -> None:
+        """This owner's directions and their scalars: ``[d | β*, η*, s, ⟨d, g⟩, tr Σ, |G|²]`` per layer."""
+        zero = torch.zeros((), dtype=self.dtype, device=self.device)
+        for i in self._members[self.rank]:
+            item = items.get(i)
+            if item is None:
                 continue
-            for i in self._owned[r]:
-                item = items.get(i)
-                if item is None:
-                    continue
-                off = self._share_off[i]
-                layer = item.layer
-                dtype = compute_dtype(layer.weight.dtype)
-                item.direction = bucket[off : off + self._numel[i]].view(layer.out_features, layer.in_features).to(dtype)
-                scalars = bucket[off + self._numel[i] : off + self._numel[i] + _SHARED_SCALARS].to(dtype)
-                layer.last = {"beta": scalars[0], "eta": scalars[1], "projection": scalars[2]}
-                if self.splits:
-                    layer.last.update(zip(_NOISE_KEYS, scalars[4:6]))
-                item.dg = scalars[3]
+            assert item.direction is not None
+            off = self._share_off[i]
+            bucket[off : off + self._numel[i]].copy_(item.direction.reshape(-1))
+            last = item.layer.last
+            values = [last.get("beta", zero), last.get("eta", zero + 1), last.get("projection", zero)]
+            values.append(inner(item.direction, item.grad))
+            if self.splits and not item.first_order:  # a step without halves (one sample): NaN noise terms
+                for key in _NOISE_KEYS:
+                    last.setdefault(key, zero + float("nan"))
+            values += [last.get(key, zero) for key in _NOISE_KEYS]
+            scalars = bucket[off + self._numel[i] : off + self._numel[i] + SHARED_SCALARS]
+            scalars.copy_(torch.stack([v.to(self.dtype).reshape(()) for v in values]))
+            item.dg = scalars[3].to(item.grad.dtype)  # as every other process will read it
 
-    def reduce_first_order(self, params: Sequence[Tensor], ok: Tensor) -> Tensor:
-        opt = self._opt_ref()
-        assert opt is not None
-        if self._step_seen != opt._steps:  # no Kronecker layer: the common all-reduce runs here
-            self._check_layout(opt)
-            common = self._pack_common({}, ok, False)
-            self._wait(dist.all_reduce(common, group=self.group, async_op=True), "the gradient all-reduce")
-            size = torch.empty((), dtype=self.dtype).element_size()
-            self.last_step_bytes = {"all_reduce": common.numel() * size, "reduce": 0, "broadcast": 0}
-            self._ok = self._unpack_common(common, {})
-            self._step_seen = opt._steps
-        assert self._ok is not None
-        return self._ok
-
-    def _wait(self, handle: Any, what: str) -> None:
-        try:
-            handle.wait()
-        except RuntimeError as exc:
-            raise RuntimeError(
-                f"fop: {what} did not complete on all {self.world_size} processes: a process stopped taking "
-                "part (crashed, or did not call step() / state_dict() / load_state_dict() with the others) "
-                f"or the group's timeout ({self.timeout}) ran out. Cause: {exc}"
-            ) from exc
+    def _unpack_share(self, bucket: Tensor, r: int, items: dict[int, LayerWork]) -> None:
+        for i in self._members[r]:
+            item = items.get(i)
+            if item is None:
+                continue
+            off = self._share_off[i]
+            layer = item.layer
+            dtype = compute_dtype(layer.weight.dtype)
+            item.direction = bucket[off : off + self._numel[i]].view(layer.out_features, layer.in_features).to(dtype)
+            scalars = bucket[off + self._numel[i] : off + self._numel[i] + SHARED_SCALARS].to(dtype)
+            item.dg = scalars[3]
+            if item.first_order:  # no curvature: no diagnostics
+                continue
+            layer.last = {"beta": scalars[0], "eta": scalars[1], "projection": scalars[2]}
+            if self.splits:
+                layer.last.update(zip(_NOISE_KEYS, scalars[4:6]))
 
     # ----------------------------------------------------------------------------- packing
     def _pattern(self, items: dict[int, LayerWork], curvature: bool) -> tuple:
@@ -854,7 +751,7 @@ class DistributedCommunicator(Communicator):
         if pattern not in self._presence_cache:
             grads, factors, fallback = pattern
             n = len(self.layers)
-            values = torch.zeros(self._presence_len, dtype=self.dtype)
+            values = torch.zeros(self._common.presence_len, dtype=self.dtype)
             values[list(grads)] = 1
             values[[n + i for i in factors]] = 1
             values[[2 * n + j for j in fallback]] = 1
@@ -864,18 +761,18 @@ class DistributedCommunicator(Communicator):
         return self._presence_cache[pattern]
 
     def _pack_common(self, items: dict[int, LayerWork], ok: Tensor, curvature: bool) -> Tensor:
-        common = torch.zeros(self._common_len, dtype=self.dtype, device=self.device)
-        for p, off in zip(self._fallback, self._fb_off):
+        common = torch.zeros(self._common.length, dtype=self.dtype, device=self.device)
+        for p, off in zip(self._fallback, self._common.fallback):
             if p.grad is not None:
                 common[off : off + p.numel()].copy_(p.grad.reshape(-1))
-        for b, off in zip(self._buffers, self._buf_off):
+        for b, off in zip(self._buffers, self._common.buffers):
             common[off : off + b.numel()].copy_(b.reshape(-1))
         pattern = self._pattern(items, curvature)
         self._check_now = self._force_check or pattern != self._last_pattern or self.device.type == "cpu"
         self._last_pattern = pattern
-        common[self._presence_off : self._presence_off + self._presence_len].copy_(self._presence(pattern))
-        common[self._seq_off : self._seq_off + 2] = torch.tensor(self._sequence(), dtype=self.dtype)
-        common[self._flag_off :].copy_((~ok).reshape(1))
+        common[self._common.presence : self._common.presence + self._common.presence_len].copy_(self._presence(pattern))
+        common[self._common.sequence : self._common.sequence + 2] = torch.tensor(self._sequence(), dtype=self.dtype)
+        common[self._common.flag :].copy_((~ok).reshape(1))
         return common
 
     def _sequence(self) -> tuple[float, float]:
@@ -887,9 +784,8 @@ class DistributedCommunicator(Communicator):
         sends zeros in the same collective) is caught at once, on every process. The modulus keeps
         the sums exact in float32 for up to 4096 processes.
         """
-        opt = self._opt_ref()
-        assert opt is not None
-        return float(opt._steps % _SEQ_MOD + 1), float(opt._zero_grads % _SEQ_MOD)
+        context = self._context
+        return float(context.step % _SEQ_MOD + 1), float(context.zero_grads % _SEQ_MOD)
 
     def _sequence_message(self, summed: list[float]) -> str:
         own = self._sequence()
@@ -913,24 +809,23 @@ class DistributedCommunicator(Communicator):
 
     def _unpack_common(self, common: Tensor, items: dict[int, LayerWork]) -> Tensor:
         n = self.world_size
-        for p, off in zip(self._fallback, self._fb_off):
+        for p, off in zip(self._fallback, self._common.fallback):
             if p.grad is not None:
                 p.grad.copy_(common[off : off + p.numel()].view_as(p.grad) / n)
-        for b, off in zip(self._buffers, self._buf_off):
+        for b, off in zip(self._buffers, self._common.buffers):
             b.copy_(common[off : off + b.numel()].view_as(b) / n)
-        presence = common[self._presence_off : self._presence_off + self._presence_len]
-        sequence = common[self._seq_off : self._seq_off + 2]
+        presence = common[self._common.presence : self._common.presence + self._common.presence_len]
+        sequence = common[self._common.sequence : self._common.sequence + 2]
         in_step = (sequence == torch.tensor(self._sequence(), dtype=self.dtype, device=self.device) * n).all()
         consistent = ((presence == 0) | (presence == n)).all() & in_step
-        opt = self._opt_ref()
-        steps = opt._steps + 1 if opt is not None else 1
+        steps = self._context.step + 1
         if self._check_now or steps & (steps - 1) == 0:  # and at steps 1, 2, 4, ... on GPUs
             self._force_check = False
             if not bool(in_step):
                 raise DistributedConfigError(self._sequence_message(sequence.tolist()))
             if not bool(consistent):
                 raise DistributedConfigError(self._presence_message(presence))
-        return (common[self._flag_off] == 0) & consistent
+        return (common[self._common.flag] == 0) & consistent
 
     def _presence_message(self, presence: Tensor) -> str:
         counts = [int(c) for c in presence.round().tolist()]
@@ -951,9 +846,9 @@ class DistributedCommunicator(Communicator):
         )
 
     def _pack_bucket(self, bucket: Tensor, r: int, items: dict[int, LayerWork], curvature: bool) -> None:
-        members = list(range(len(self.layers))) if self.replicated else self._owned[r]
+        members = self._members[r]
         slot = self.rank % 2 if self.splits else 0
-        grad_len = self._bucket_grad_len[0 if self.replicated else r]
+        grad_len = self._bucket_grad_len[r]
         for i in members:
             item = items.get(i)
             if item is None:
@@ -963,12 +858,12 @@ class DistributedCommunicator(Communicator):
             if curvature and item.a is not None and item.g is not None:
                 foff = grad_len + self._fac_off[i]
                 n_in, n_out = self.layers[i].in_features, self.layers[i].out_features
-                self._tri.pack(item.a, bucket[foff : foff + _tri(n_in)])
-                self._tri.pack(item.g, bucket[foff + _tri(n_in) : foff + _tri(n_in) + _tri(n_out)])
+                self._codec.pack(item.a, bucket[foff : foff + tri(n_in)])
+                self._codec.pack(item.g, bucket[foff + tri(n_in) : foff + tri(n_in) + tri(n_out)])
 
     def _unpack_bucket(self, bucket: Tensor, r: int, items: dict[int, LayerWork], curvature: bool) -> None:
-        members = list(range(len(self.layers))) if self.replicated else self._owned[r]
-        grad_len = self._bucket_grad_len[0 if self.replicated else r]
+        members = self._members[r]
+        grad_len = self._bucket_grad_len[r]
         n = self.world_size
         for i in members:
             item = items.get(i)
@@ -988,8 +883,8 @@ class DistributedCommunicator(Communicator):
             if curvature and item.a is not None and item.g is not None:
                 foff = grad_len + self._fac_off[i]
                 n_in, n_out = layer.in_features, layer.out_features
-                item.a = self._tri.unpack(bucket[foff : foff + _tri(n_in)], n_in, item.a.dtype) / n
-                item.g = self._tri.unpack(bucket[foff + _tri(n_in) : foff + _tri(n_in) + _tri(n_out)], n_out, item.g.dtype) / n
+                item.a = self._codec.unpack(bucket[foff : foff + tri(n_in)], n_in, item.a.dtype) / n
+                item.g = self._codec.unpack(bucket[foff + tri(n_in) : foff + tri(n_in) + tri(n_out)], n_out, item.g.dtype) / n
             else:
                 item.a = item.g = None
 
@@ -1008,7 +903,8 @@ class DistributedCommunicator(Communicator):
             )
 
     # ----------------------------------------------------------------------------- checkpoints
-    def gather_state(self, optimizer: KroneckerOptimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    # ----------------------------------------------------------------------------- checkpoints
+    def gather_state(self, optimizer: Engine, state_dict: dict[str, Any]) -> dict[str, Any]:
         """Rank 0's ``state_dict()`` gets every layer's curvature; a collective (all processes call it).
 
         Other ranks return their own view (their owned layers' curvature only). The gathered
@@ -1017,29 +913,12 @@ class DistributedCommunicator(Communicator):
         if self.replicated:
             return state_dict
         self._same_call("state_dict()")
-        mine = {}
-        for i in self._owned[self.rank]:
-            st = optimizer.state.get(self.layers[i].weight, {})
-            tensors = {k: st[k].detach().cpu() for k in FACTOR_KEYS if k in st}
-            if tensors:
-                mine[i] = tensors
-        everyone: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
-        dist.gather_object(mine, everyone, dst=self._global_ranks[0], group=self.group)
-        if self.rank != 0:
+        weights = [layer.weight for layer in self.layers]
+        mine = owned_curvature(optimizer.state, {i: weights[i] for i in self._members[self.rank]})
+        everyone = self._link.gather_object(mine)
+        if everyone is None:
             return state_dict
-        assert everyone is not None
-        index: dict[int, int] = {}
-        for packed, group in zip(state_dict["param_groups"], optimizer.param_groups):
-            for idx, p in zip(packed["params"], group["params"]):
-                index.setdefault(id(p), idx)
-        states = dict(state_dict["state"])
-        for part in everyone:
-            for i, tensors in part.items():
-                idx = index[id(self.layers[i].weight)]
-                states[idx] = {**states.get(idx, {}), **tensors}
-        state_dict = dict(state_dict)
-        state_dict["state"] = states
-        return state_dict
+        return merge_curvature(state_dict, optimizer.param_groups, everyone, weights)
 
     def _same_call(self, what: str) -> None:
         """Fail fast, on every process, unless all of them are in this checkpoint collective.
@@ -1048,9 +927,9 @@ class DistributedCommunicator(Communicator):
         a step's first one: a process still training pairs with it and both see the mismatch,
         instead of meeting in different collectives and waiting for the timeout.
         """
-        probe = torch.zeros(self._common_len, dtype=self.dtype, device=self.device)
-        self._wait(dist.all_reduce(probe, group=self.group, async_op=True), f"the {what} collective")
-        sequence = probe[self._seq_off : self._seq_off + 2]
+        probe = torch.zeros(self._common.length, dtype=self.dtype, device=self.device)
+        self._link.all_reduce_now(probe, f"the {what} collective")
+        sequence = probe[self._common.sequence : self._common.sequence + 2]
         if bool((sequence != 0).any()):
             raise DistributedConfigError(
                 f"fop: {what} is a collective and this process (rank {self.rank}) called it while "
@@ -1058,15 +937,12 @@ class DistributedCommunicator(Communicator):
                 "call it on every process at the same point of the loop (and save rank 0's state)"
             )
 
-    def loaded(self, optimizer: KroneckerOptimizer) -> None:
+    def loaded(self, optimizer: Engine, steps: int) -> None:
         """After every process loaded the same (full) checkpoint: shard it and check agreement."""
         self._same_call("load_state_dict()")
-        self._factored = {i for i, layer in enumerate(self.layers) if "A" in optimizer.state.get(layer.weight, {})}
-        if not self.replicated:
-            for i, layer in enumerate(self.layers):
-                if self._owner[i] != self.rank and layer.weight in optimizer.state:
-                    for key in FACTOR_KEYS:
-                        optimizer.state[layer.weight].pop(key, None)
-        self._check_agreement(optimizer, "load_state_dict")
+        self._factored = {i for i, layer in enumerate(self.layers) if LayerCurvature.of(optimizer.state, layer.weight).has_factors}
+        for i, layer in enumerate(self.layers):
+            if not self._work.owns(self.rank, i):
+                LayerCurvature.of(optimizer.state, layer.weight).drop()
+        self._check_agreement(optimizer, "load_state_dict", steps)
         self._force_check = True
-        self._step_seen = -1

@@ -10,7 +10,7 @@ nothing changes, neither parameters nor state, without a host synchronisation.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

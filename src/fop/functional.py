@@ -47,8 +47,6 @@ __all__ = [
     "safe_divide",
     "gradient_noise_terms",
     "noise_terms",
-    "kfac_direction",
-    "kfac_direction_eigen",
     "to_eigenbasis",
     "from_eigenbasis",
 ]
@@ -103,16 +101,16 @@ def safe_divide(num: Tensor, den: Tensor, valid: Tensor, default: float) -> Tens
     return torch.where(valid, quotient, default)
 
 
-def fisher_mv(x: Tensor, a: Tensor, g: Tensor) -> Tensor:
-    """Kronecker-factored Fisher-vector product ``(A ⊗ G)·X = G X A`` (1-D ``a``: ``A = diag(a)``)."""
-    if a.dim() == 1:
-        return (g @ x) * a
-    return g @ x @ a
+def fisher_mv(x: Tensor, a_factor: Tensor, g_factor: Tensor) -> Tensor:
+    """Kronecker-factored Fisher-vector product ``(A ⊗ G)·X = G X A`` (1-D ``a_factor``: ``A = diag(a_factor)``)."""
+    if a_factor.dim() == 1:
+        return (g_factor @ x) * a_factor
+    return g_factor @ x @ a_factor
 
 
-def fisher_inner(x: Tensor, y: Tensor, a: Tensor, g: Tensor) -> Tensor:
+def fisher_inner(x: Tensor, y: Tensor, a_factor: Tensor, g_factor: Tensor) -> Tensor:
     """Fisher inner product ``⟨X, F·Y⟩ = ⟨X, G Y A⟩``."""
-    return inner(x, fisher_mv(y, a, g))
+    return inner(x, fisher_mv(y, a_factor, g_factor))
 
 
 def eigen_factor(factor: Tensor, previous: Eigen | None = None) -> Eigen:
@@ -229,19 +227,29 @@ def damped_inverse_eigen(
 
 
 def damped_inverse(
-    x: Tensor, a: Tensor, g: Tensor, damping: float | Tensor, damping_mode: str = "exact"
+    x: Tensor, a_factor: Tensor, g_factor: Tensor, damping: float | Tensor, damping_mode: str = "exact"
 ) -> Tensor:
     """``M⁻¹X``, e.g. ``(A ⊗ G + λI)⁻¹ X``, from the factors themselves (decomposes them first).
 
-    A 1-D ``a`` is the diagonal of a diagonal ``A`` (no batch dimensions then).
+    A 1-D ``a_factor`` is the diagonal of a diagonal ``A`` (no batch dimensions then). K-FAC's direction
+    for a gradient ``X`` (``kfac_direction``, its old name, still works with a DeprecationWarning).
     """
     dtype = compute_dtype(x.dtype)
-    return damped_inverse_eigen(x.to(dtype), _eigen(a), eigen_factor(g), damping, damping_mode)
+    return damped_inverse_eigen(x.to(dtype), _eigen(a_factor), eigen_factor(g_factor), damping, damping_mode)
 
 
-# K-FAC's direction is the damped inverse applied to the gradient; the names say what a caller means.
-kfac_direction_eigen = damped_inverse_eigen
-kfac_direction = damped_inverse
+_DEPRECATED = {"kfac_direction": "damped_inverse"}
+
+
+def __getattr__(name: str) -> object:
+    """``kfac_direction``: the damped inverse under its old name (deprecated)."""
+    if name in _DEPRECATED:
+        import warnings
+
+        new = _DEPRECATED[name]
+        warnings.warn(f"fop.functional.{name} is deprecated: use {new} (the same function)", DeprecationWarning, 2)
+        return globals()[new]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def gradient_noise_terms(g1: Tensor, g2: Tensor, half_batch: float | Tensor) -> tuple[Tensor, Tensor]:
@@ -315,8 +323,8 @@ def fop_direction_eigen(
 def fop_direction(
     g1: Tensor,
     g2: Tensor,
-    a: Tensor,
-    g: Tensor,
+    a_factor: Tensor,
+    g_factor: Tensor,
     damping: float | Tensor,
     eps: float = 1e-12,
     projection: bool = True,
@@ -352,12 +360,12 @@ def fop_direction(
     chooses ``M`` (:func:`damped_fisher_eigenvalues`); the projection always uses the undamped
     ``F = A ⊗ G``.
 
-    A 1-D ``a`` is the diagonal of a diagonal ``A`` (``nn.Embedding``; no batch dimensions then).
+    A 1-D ``a_factor`` is the diagonal of a diagonal ``A`` (``nn.Embedding``; no batch dimensions then).
 
     Returns a :class:`FOPDirection` ``(direction, beta, eta, projection)``.
     """
     dtype = compute_dtype(g1.dtype)
     return fop_direction_eigen(
-        g1.to(dtype), g2.to(dtype), _eigen(a), eigen_factor(g), damping, eps, projection,
+        g1.to(dtype), g2.to(dtype), _eigen(a_factor), eigen_factor(g_factor), damping, eps, projection,
         damping_mode, eta_convention,
     )  # fmt: skip

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -116,51 +116,9 @@ def _attention(
     if embed_dim != m.embed_dim:
         raise AssertionError(f"was expecting embedding dimension of {m.embed_dim}, but got {embed_dim}")
 
-    key_padding_mask = F._canonical_mask(
-        mask=key_padding_mask, mask_name="key_padding_mask", other_type=F._none_or_dtype(attn_mask),
-        other_name="attn_mask", target_type=query.dtype,
-    )  # fmt: skip
-    if is_causal and attn_mask is None:
-        raise RuntimeError("Need attn_mask if specifying the is_causal hint.")
-    if is_causal and key_padding_mask is None and not need_weights:
-        attn_mask = None  # scaled_dot_product_attention builds the causal mask itself
-    else:
-        attn_mask = F._canonical_mask(
-            mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
-            target_type=query.dtype, check_other=False,
-        )  # fmt: skip
-        if key_padding_mask is not None:
-            is_causal = False
-
-    if m._qkv_same_embed_dim:
-        if self_attention:
-            q, k, v = _project(m, "in_proj", query, m.in_proj_weight, m.in_proj_bias).chunk(3, dim=-1)
-        else:
-            # rows of the packed weight see different inputs: no single Kronecker block
-            for hook in list(m.__dict__.get("_fop_projection_hooks", {}).get("in_proj", {}).values()):
-                hook(m, (query,), None)
-            w_q, w_k, w_v = m.in_proj_weight.chunk(3)
-            b_q, b_k, b_v = (None, None, None) if m.in_proj_bias is None else m.in_proj_bias.chunk(3)
-            q, k, v = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
-    else:
-        b_q, b_k, b_v = (None, None, None) if m.in_proj_bias is None else m.in_proj_bias.chunk(3)
-        q = _project(m, "q_proj", query, m.q_proj_weight, b_q)
-        k = _project(m, "k_proj", key, m.k_proj_weight, b_k)
-        v = _project(m, "v_proj", value, m.v_proj_weight, b_v)
-
-    src_len = k.shape[1]
-    if attn_mask is not None:
-        if attn_mask.dim() == 2:
-            if attn_mask.shape != (tgt_len, src_len):
-                raise RuntimeError(f"The shape of the 2D attn_mask is {attn_mask.shape}, but should be {(tgt_len, src_len)}.")
-            attn_mask = attn_mask.unsqueeze(0)
-        elif attn_mask.dim() == 3:
-            if attn_mask.shape != (bsz * heads, tgt_len, src_len):
-                raise RuntimeError(
-                    f"The shape of the 3D attn_mask is {attn_mask.shape}, but should be {(bsz * heads, tgt_len, src_len)}."
-                )
-        else:
-            raise RuntimeError(f"attn_mask's dimension {attn_mask.dim()} is not supported")
+    key_padding_mask, attn_mask, is_causal = _canonical_masks(query, key_padding_mask, attn_mask, need_weights, is_causal)
+    q, k, v = _in_projections(m, query, key, value, self_attention)
+    attn_mask = _checked_attn_mask(attn_mask, bsz * heads, tgt_len, k.shape[1])
     if m.bias_k is not None and m.bias_v is not None:
         k = torch.cat([k, m.bias_k.repeat(bsz, 1, 1)], dim=1)
         v = torch.cat([v, m.bias_v.repeat(bsz, 1, 1)], dim=1)
@@ -191,33 +149,107 @@ def _attention(
 
     weights: Tensor | None = None
     if need_weights:
-        if is_causal and attn_mask is None:
-            raise AssertionError("FIXME: is_causal not implemented for need_weights")
-        q_scaled = q * math.sqrt(1.0 / float(head_dim))
-        if attn_mask is not None:
-            scores = torch.baddbmm(attn_mask, q_scaled, k.transpose(-2, -1))
-        else:
-            scores = torch.bmm(q_scaled, k.transpose(-2, -1))
-        weights = F.softmax(scores, dim=-1)
-        if dropout_p > 0.0:
-            weights = F.dropout(weights, p=dropout_p)
-        context = torch.bmm(weights, v).view(bsz, heads, tgt_len, head_dim)
-        weights = weights.view(bsz, heads, tgt_len, src_len)
-        if average_attn_weights:
-            weights = weights.mean(dim=1)
+        context, weights = _attend_with_weights(q, k, v, attn_mask, dropout_p, is_causal, bsz, average_attn_weights)
     else:
-        if attn_mask is not None:
-            if attn_mask.size(0) == 1 and attn_mask.dim() == 3:
-                attn_mask = attn_mask.unsqueeze(0)
-            else:
-                attn_mask = attn_mask.view(bsz, heads, -1, src_len)
-        context = F.scaled_dot_product_attention(
-            q.view(bsz, heads, tgt_len, head_dim), k.view(bsz, heads, src_len, head_dim),
-            v.view(bsz, heads, src_len, head_dim), attn_mask, dropout_p, is_causal,
-        )  # fmt: skip
+        context = _attend(q, k, v, attn_mask, dropout_p, is_causal, bsz)
     out = m.out_proj(context.transpose(1, 2).reshape(bsz, tgt_len, embed_dim))
     if not is_batched:
         return out.squeeze(0), None if weights is None else weights.squeeze(0)
     if not m.batch_first:
         out = out.transpose(0, 1)
     return out, weights
+
+
+def _canonical_masks(
+    query: Tensor, key_padding_mask: Tensor | None, attn_mask: Tensor | None, need_weights: bool, is_causal: bool
+) -> tuple[Tensor | None, Tensor | None, bool]:
+    """torch's mask canonicalisation: float masks of the query's dtype; a causal hint without other masks."""
+    key_padding_mask = F._canonical_mask(
+        mask=key_padding_mask, mask_name="key_padding_mask", other_type=F._none_or_dtype(attn_mask),
+        other_name="attn_mask", target_type=query.dtype,
+    )  # fmt: skip
+    if is_causal and attn_mask is None:
+        raise RuntimeError("Need attn_mask if specifying the is_causal hint.")
+    if is_causal and key_padding_mask is None and not need_weights:
+        return key_padding_mask, None, is_causal  # scaled_dot_product_attention builds the causal mask itself
+    attn_mask = F._canonical_mask(
+        mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
+        target_type=query.dtype, check_other=False,
+    )  # fmt: skip
+    return key_padding_mask, attn_mask, is_causal and key_padding_mask is None
+
+
+def _in_projections(
+    m: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor, self_attention: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``q, k, v``: through the hooked projections where one Kronecker block fits, else plain ``F.linear``."""
+    if not m._qkv_same_embed_dim:
+        b_q, b_k, b_v = (None, None, None) if m.in_proj_bias is None else m.in_proj_bias.chunk(3)
+        q = _project(m, "q_proj", query, m.q_proj_weight, b_q)
+        k = _project(m, "k_proj", key, m.k_proj_weight, b_k)
+        return q, k, _project(m, "v_proj", value, m.v_proj_weight, b_v)
+    if self_attention:
+        q, k, v = _project(m, "in_proj", query, m.in_proj_weight, m.in_proj_bias).chunk(3, dim=-1)
+        return q, k, v
+    # rows of the packed weight see different inputs: no single Kronecker block
+    for hook in list(m.__dict__.get("_fop_projection_hooks", {}).get("in_proj", {}).values()):
+        hook(m, (query,), None)
+    w_q, w_k, w_v = m.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = (None, None, None) if m.in_proj_bias is None else m.in_proj_bias.chunk(3)
+    return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+
+
+def _checked_attn_mask(attn_mask: Tensor | None, batch_heads: int, tgt_len: int, src_len: int) -> Tensor | None:
+    """A 2-D mask of shape ``(tgt, src)`` or a 3-D one of ``(batch·heads, tgt, src)``, as 3-D."""
+    if attn_mask is None:
+        return None
+    if attn_mask.dim() == 2:
+        if attn_mask.shape != (tgt_len, src_len):
+            raise RuntimeError(f"The shape of the 2D attn_mask is {attn_mask.shape}, but should be {(tgt_len, src_len)}.")
+        return attn_mask.unsqueeze(0)
+    if attn_mask.dim() == 3:
+        if attn_mask.shape != (batch_heads, tgt_len, src_len):
+            raise RuntimeError(
+                f"The shape of the 3D attn_mask is {attn_mask.shape}, but should be {(batch_heads, tgt_len, src_len)}."
+            )
+        return attn_mask
+    raise RuntimeError(f"attn_mask's dimension {attn_mask.dim()} is not supported")
+
+
+def _attend_with_weights(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout_p: float, is_causal: bool, bsz: int,
+    average_attn_weights: bool,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Attention with explicit weights on ``(batch·heads, seq, head_dim)`` tensors: context and weights."""
+    if is_causal and attn_mask is None:
+        raise AssertionError("FIXME: is_causal not implemented for need_weights")
+    batch_heads, tgt_len, head_dim = q.shape
+    heads = batch_heads // bsz
+    q_scaled = q * math.sqrt(1.0 / float(head_dim))
+    if attn_mask is not None:
+        scores = torch.baddbmm(attn_mask, q_scaled, k.transpose(-2, -1))
+    else:
+        scores = torch.bmm(q_scaled, k.transpose(-2, -1))
+    weights = F.softmax(scores, dim=-1)
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, p=dropout_p)
+    context = torch.bmm(weights, v).view(bsz, heads, tgt_len, head_dim)
+    weights = weights.view(bsz, heads, tgt_len, k.shape[1])
+    return context, weights.mean(dim=1) if average_attn_weights else weights
+
+
+def _attend(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout_p: float, is_causal: bool, bsz: int
+) -> Tensor:
+    """``scaled_dot_product_attention`` on ``(batch·heads, seq, head_dim)`` tensors: the context, per head."""
+    batch_heads, tgt_len, head_dim = q.shape
+    heads, src_len = batch_heads // bsz, k.shape[1]
+    if attn_mask is not None:
+        if attn_mask.size(0) == 1 and attn_mask.dim() == 3:
+            attn_mask = attn_mask.unsqueeze(0)
+        else:
+            attn_mask = attn_mask.view(bsz, heads, -1, src_len)
+    return F.scaled_dot_product_attention(
+        q.view(bsz, heads, tgt_len, head_dim), k.view(bsz, heads, src_len, head_dim),
+        v.view(bsz, heads, src_len, head_dim), attn_mask, dropout_p, is_causal,
+    )  # fmt: skip

@@ -28,15 +28,16 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import functional as Fn
-from .curvature import FACTOR_KEYS, CaptureMode, KroneckerLayer, LayerWork
+from .curvature import CaptureMode, KroneckerLayer, LayerWork
 from .layers import linear_layouts, make_layers, supports, unsupported_reason
-from .distributed import Communicator, make_communicator
-from .first_order import adamw_update, masked_copy_, sgd_update
+from .distributed import Communicator, StepContext, make_communicator
+from .first_order import adamw_update, sgd_update
+from .intervals import Interval, check_interval, interval_at
 from .profiling import phase
+from .state import LayerCurvature
 
 __all__ = ["FOP", "KFAC", "KroneckerOptimizer", "PAPER_PRESET"]
 
-Interval = Union[int, Callable[[int], int]]
 ExcludeSpec = Iterable[Union[nn.Module, str, type]]
 
 _FALLBACK_RULES = ("sgd", "adamw")
@@ -145,43 +146,14 @@ class KroneckerOptimizer(Optimizer):
         distributed: bool | Communicator | None = None,
         replicated: bool = False,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(
-                f"{type(self).__name__} takes the model (an nn.Module), not {type(model).__name__}: "
-                f"it hooks the model's layers; write {type(self).__name__}(model, lr=...)"
-            )
-        _check_nonneg("lr", lr)
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        _check_nonneg("weight_decay", weight_decay)
-        if nesterov and momentum <= 0:
-            raise ValueError("nesterov=True requires momentum > 0")
-        if not (isinstance(damping, (int, float)) and 0 < damping < math.inf):
-            raise ValueError(f"damping must be a finite float > 0, got {damping!r}")
-        if not 0.0 <= factor_decay < 1.0:
-            raise ValueError(f"factor_decay must be in [0, 1), got {factor_decay}")
-        _check_interval("curvature_update_interval", curvature_update_interval)
-        _check_interval("inverse_update_interval", inverse_update_interval)
-        if not projection_eps >= 0:
-            raise ValueError(f"projection_eps must be >= 0, got {projection_eps}")
-        if kl_clip is not None and not kl_clip > 0:
-            raise ValueError(f"kl_clip must be > 0 or None (no clipping), got {kl_clip}")
-        _check_choice("trust_region", trust_region, _TRUST_REGIONS)
-        _check_choice("fisher", fisher, _FISHER_TYPES)
-        _check_choice("damping_mode", damping_mode, Fn.DAMPING_MODES)
-        _check_choice("eta", eta, Fn.ETA_CONVENTIONS)
-        if fallback not in _FALLBACK_RULES:
-            raise ValueError(f"fallback must be one of {_FALLBACK_RULES}, got {fallback!r}")
-        if fallback_lr is not None:
-            _check_nonneg("fallback_lr", fallback_lr)
-        if not (len(fallback_betas) == 2 and all(0.0 <= b < 1.0 for b in fallback_betas)):
-            raise ValueError(f"fallback_betas must be two floats in [0, 1), got {fallback_betas}")
-        if not fallback_eps > 0:
-            raise ValueError(f"fallback_eps must be > 0, got {fallback_eps}")
-
-        sparse = [name for name, m in model.named_modules() if getattr(m, "sparse", False) is True]
-        if sparse:
-            raise ValueError(f"{_SPARSE_MESSAGE.format(name=type(self).__name__)}; sparse=True in: {sparse}")
+        _check_model(model, type(self).__name__)
+        _check_arguments(
+            lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov, damping=damping,
+            factor_decay=factor_decay, curvature_update_interval=curvature_update_interval,
+            inverse_update_interval=inverse_update_interval, projection_eps=projection_eps, kl_clip=kl_clip,
+            trust_region=trust_region, fisher=fisher, damping_mode=damping_mode, eta=eta, fallback=fallback,
+            fallback_lr=fallback_lr, fallback_betas=fallback_betas, fallback_eps=fallback_eps,
+        )  # fmt: skip
         self.curvature_update_interval = curvature_update_interval
         self.inverse_update_interval = inverse_update_interval
         self.fisher = fisher
@@ -193,37 +165,16 @@ class KroneckerOptimizer(Optimizer):
         self._noise_total: Tensor | None = None  # Σ over steps and layers of (tr Σ, |G|²) estimates
         sequence_first, undetermined = linear_layouts(model, batch_first)
         self.layers, tied = _discover_layers(model, exclude, self._mode, sequence_first)
-        if undetermined:
-            unsure = [layer.name for layer in self.layers if id(layer.module) in undetermined]
-            if unsure:
-                warnings.warn(
-                    f"the model has sequence-first modules (batch_first=False), whose Linear layers are split along "
-                    f"dimension 1; the Linear and Embedding layers outside them ({', '.join(unsure)}) are taken as batch "
-                    "first. Pass batch_first=False if their inputs of 3 or more dimensions (Embedding: indices of 2 "
-                    "or more) are (seq, batch, ...) too, "
-                    "batch_first=True if they are (batch, seq, ...)",
-                    stacklevel=3,
-                )
-        if tied:
-            warnings.warn(
-                "parameters shared between modules (tied weights) get gradient from more than one forward, "
-                "so a Kronecker factorisation of one module would be wrong: "
-                + "; ".join(f"{layer} shares {', '.join(names)}" for layer, names in tied.items())
-                + f". These layers use the '{fallback}' fallback rule (one update per step for a shared "
-                "parameter); pass exclude=[...] for them to silence this warning",
-                stacklevel=3,
-            )
+        _warn_discovery(self.layers, undetermined, tied, fallback, type(self).__name__)
         trainable = [layer for layer in self.layers if layer.weight.requires_grad] or self.layers
         if trainable and all(layer.bias is None or not layer.bias.requires_grad for layer in trainable):
-            min(trainable, key=lambda layer: layer.weight.numel()).is_reference = True
+            min(trainable, key=lambda layer: layer.weight.numel()).is_reference = True  # see loss_scale_ratio
         self.communicator: Communicator = make_communicator(model, distributed, replicated, type(self).__name__)
         self._steps = 0  # step() calls: drives the update intervals
         self._zero_grads = 0  # zero_grad() calls: distributed processes compare them (skipped steps)
         self._warned: set[str] = set()
         self._foreign: set[int] = set()  # layers found to get gradient from outside their forward
 
-        curvature_ids = {id(p) for layer in self.layers for p in layer.params()}
-        rest = [p for p in _unique_params(model) if id(p) not in curvature_ids]
         # No 'betas' in the defaults: torch's momentum-cycling schedulers (OneCycleLR, CyclicLR)
         # cycle betas[0] instead of 'momentum' as soon as the defaults hold 'betas'. The optimizer
         # behaves as SGD with momentum, so only AdamW groups carry their own betas and eps.
@@ -233,26 +184,28 @@ class KroneckerOptimizer(Optimizer):
             trust_region=trust_region, damping_mode=damping_mode, eta=eta, rule=fallback,
         )  # fmt: skip
         self._adamw_defaults = {"betas": tuple(fallback_betas), "eps": fallback_eps}
-        groups: list[dict[str, Any]] = []
-        if self.layers:
-            groups.append({"params": [p for layer in self.layers for p in layer.params()], "rule": "kronecker"})
-        if rest:
-            if fallback_lr is None:
-                fallback_lr = lr if fallback == "sgd" else 1e-3  # type: ignore[assignment]
-            groups.append({"params": rest, "rule": fallback, "lr": fallback_lr})
-        super().__init__(groups, defaults)
+        super().__init__(_param_groups(model, self.layers, fallback, lr if fallback == "sgd" else 1e-3, fallback_lr), defaults)
         self._set_capture_mode()
         for layer in self.layers:
             layer.attach()
         self._skipped = torch.zeros((), dtype=torch.int64, device=_device_of(model))
         self.communicator.setup(self, model)  # distributed: checks agreement, assigns owners
-        if not self.layers:
-            warnings.warn(
-                f"{type(self).__name__}: the model has no supported layer (Linear, Conv1d/2d/3d with groups=1, MultiheadAttention, Embedding); "
-                f"every parameter uses the '{fallback}' fallback rule",
-                stacklevel=2,
-            )
+        self.use_communicator(self.communicator)
         self._param_names = {id(p): name for name, p in model.named_parameters()}
+
+    def use_communicator(self, communicator: Communicator) -> None:
+        """Share steps through ``communicator`` from now on (how ``fop.dual_gradient_hook`` installs DDP's).
+
+        The communicator says whether the two sub-batches are process groups (then the hooks record
+        no halves) and whether ``p.grad`` is this process's own gradient (else the check that a
+        layer's gradient all comes through its forward cannot be made).
+        """
+        self.communicator = communicator
+        self._mode.halves = self.splits_batch and not communicator.halves_from_processes
+        if not communicator.local_gradients:
+            for layer in self.layers:
+                layer.verify = False
+        self._set_capture_mode()
 
     # ------------------------------------------------------------------------------ copies
     def _not_copyable(self, how: str) -> TypeError:
@@ -361,16 +314,12 @@ class KroneckerOptimizer(Optimizer):
         self._check_shapes(state_dict)
         super().load_state_dict(state_dict)
         for layer in self.layers:
-            state = self.state.get(layer.weight, {})
-            dtype = Fn.compute_dtype(layer.weight.dtype)
-            for key in FACTOR_KEYS:
-                if key in state:
-                    state[key] = state[key].to(dtype)
+            LayerCurvature.of(self.state, layer.weight).to_dtype(Fn.compute_dtype(layer.weight.dtype))
         self._steps = int(extra["steps"])
         self._skipped = extra["skipped_steps"].to(self._skipped.device).clone()
         for layer in self.layers:
             layer.reset()
-        self.communicator.loaded(self)  # distributed: shards the curvature, checks agreement
+        self.communicator.loaded(self, self._steps)  # distributed: shards the curvature, checks agreement
         self._set_capture_mode()
 
     def _check_shapes(self, state_dict: dict[str, Any]) -> None:
@@ -390,11 +339,7 @@ class KroneckerOptimizer(Optimizer):
             layer = layers.get(id(p))
             expected = {"momentum_buffer": p.shape, "exp_avg": p.shape, "exp_avg_sq": p.shape}
             if layer is not None:
-                n_in, n_out = layer.in_features, layer.out_features
-                expected.update(A=(n_in, n_in), G=(n_out, n_out), A_values=(n_in,), A_vectors=(n_in, n_in),
-                                G_values=(n_out,), G_vectors=(n_out, n_out))  # fmt: skip
-                if layer.diagonal_input:
-                    expected["A"] = (n_in,)
+                expected.update(LayerCurvature.shapes(layer.in_features, layer.out_features, layer.diagonal_input))
             for key, value in entry.items():
                 want = expected.get(key)
                 if isinstance(value, Tensor) and want is not None and tuple(value.shape) != tuple(want):
@@ -479,10 +424,12 @@ class KroneckerOptimizer(Optimizer):
                     "(it returns at once on other steps)"
                 )
         ok = self._finite_gradients()
-        inverse_step = self._steps % _interval_at(self.inverse_update_interval, self._steps) == 0
-        for group in self.param_groups:
-            if group["rule"] == "kronecker":
-                ok = self._kronecker_step(group, ok, inverse_step)
+        inverse_step = self._steps % interval_at(self.inverse_update_interval, self._steps) == 0
+        kronecker = next((group for group in self.param_groups if group["rule"] == "kronecker"), None)
+        work, loose = self._gather_work() if kronecker is not None else ([], [])
+        ok = self.communicator.reduce(work, ok, self._context())  # distributed: the fallback gradients too
+        if kronecker is not None:
+            self._kronecker_step(kronecker, work, loose, ok, inverse_step)
         for group in self.param_groups:
             if group["rule"] == "adamw" and "base_momentum" in group:
                 self._warn_once(
@@ -492,15 +439,19 @@ class KroneckerOptimizer(Optimizer):
                     "cycle one of the two for a whole optimizer)",
                 )
             if group["rule"] != "kronecker":
-                params = [p for p in group["params"] if p.grad is not None]
-                ok = self.communicator.reduce_first_order(params, ok)
-                self._first_order_step(group, params, ok)
+                self._first_order_step(group, [p for p in group["params"] if p.grad is not None], ok)
         self._skipped.add_((~ok).to(self._skipped.dtype))
         self._report_skipped(ok)
         self._steps += 1
         self._sampled = False
         self._set_capture_mode()
         return loss
+
+    def _context(self) -> StepContext:
+        """What the communicator is told about this step."""
+        params = tuple(p for group in self.param_groups for p in group["params"] if p.grad is not None)
+        device = self._skipped.device
+        return StepContext(self._steps, self._zero_grads, bool(self._mode.factors), device, self.splits_batch, params)
 
     def _grads(self) -> list[Tensor]:
         return [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
@@ -541,23 +492,28 @@ class KroneckerOptimizer(Optimizer):
 
     def _set_capture_mode(self) -> None:
         k = self._steps
-        due = k % _interval_at(self.curvature_update_interval, k) == 0
+        due = k % interval_at(self.curvature_update_interval, k) == 0
         missing = any(
             layer.weight.requires_grad and not self.communicator.has_factors(self.state, layer) for layer in self.layers
         )  # a frozen layer never gets factors: it must not force a capture at every step
         self._mode.factors = due or missing
         self._mode.total = self._mode.factors and not self._mode.halves
 
-    def _kronecker_step(self, group: dict[str, Any], ok: Tensor, inverse_step: bool) -> Tensor:
-        """Curvature layers: gather this step's work, reduce it, let owners compute, share, apply."""
-        params, directions, captured = [], [], []
+    def _gather_work(self) -> tuple[list[LayerWork], list[tuple[Tensor, Tensor]]]:
+        """This step's :class:`LayerWork`, and the trained biases of frozen weights with their gradients.
+
+        A captured layer brings its statistics; a layer whose gradient did not all come through its
+        forward (a weight also used outside the module, tied, or a second step() without a new
+        backward) brings its plain gradient and takes the first-order rule (``first_order``), on one
+        process and on many alike.
+        """
         self._verify_own_gradients([layer for layer in self.layers if layer.verify and layer.captured()])
+        captured, plain, loose = [], [], []
         for layer in self.layers:
             if layer.weight.grad is None:  # frozen or unused this step
                 layer.reset()
                 if layer.bias is not None and layer.bias.grad is not None:  # a trained bias of a frozen weight
-                    params.append(layer.bias)
-                    directions.append(layer.bias.grad)
+                    loose.append((layer.bias, layer.bias.grad))
                 continue
             if id(layer) in self._foreign or not layer.captured():
                 if id(layer) not in self._foreign:
@@ -570,21 +526,32 @@ class KroneckerOptimizer(Optimizer):
                         "they get the first-order rule this step",
                     )
                 layer.reset()
-                params += layer.params()
-                directions += [p.grad if p.grad is not None else torch.zeros_like(p) for p in layer.params()]
+                plain.append(layer)
                 continue
             captured.append(layer)
         ratio = self.communicator.loss_scale_ratio(captured)
         work = [LayerWork.from_capture(layer, ratio) for layer in captured]
-        ok = self.communicator.reduce(work, ok)
+        for layer in plain:
+            grad = layer.folded_param_grad()
+            assert grad is not None
+            work.append(LayerWork(layer, grad, first_order=True))
+        return work, loose
+
+    def _kronecker_step(
+        self, group: dict[str, Any], work: list[LayerWork], loose: list[tuple[Tensor, Tensor]], ok: Tensor,
+        inverse_step: bool,
+    ) -> None:  # fmt: skip
+        """Curvature layers, after the reduction: owners compute, directions are shared, all apply."""
         self._owner_directions([item for item in work if self.communicator.owns(item.layer)], group, ok, inverse_step)
         self.communicator.share(work)
-        self._record_noise(work, ok)
-        if group["kl_clip"] is not None and work:
+        curvature = [item for item in work if not item.first_order]
+        self._record_noise(curvature, ok)
+        if group["kl_clip"] is not None and curvature:
             lr = group["lr"] if group["trust_region"] == "step" else 1.0
-            nu = _clip_to_trust_region(work, lr, group["kl_clip"])
+            nu = _clip_to_trust_region(curvature, lr, group["kl_clip"])
             self._nu_history.append(nu)
             del self._nu_history[:-_NU_HISTORY]
+        params, directions = [p for p, _ in loose], [d for _, d in loose]
         for item in work:
             assert item.direction is not None
             for param, direction in zip(item.layer.params(), item.layer.unfold_direction(item.direction)):
@@ -592,7 +559,6 @@ class KroneckerOptimizer(Optimizer):
                     params.append(param)
                     directions.append(direction)
         self._apply_sgd(group, params, directions, ok)
-        return ok
 
     def _verify_own_gradients(self, layers: list[KroneckerLayer]) -> None:
         """At a layer's first captured step: is ``p.grad`` all the gradient its hooks saw?
@@ -623,17 +589,26 @@ class KroneckerOptimizer(Optimizer):
 
     def _owner_directions(self, owned: list[LayerWork], group: dict[str, Any], ok: Tensor, inverse_step: bool) -> None:
         """Factor updates, eigendecompositions and FOP/K-FAC directions of the layers owned here."""
-        states = [self.state[item.layer.weight] for item in owned]
+        curvature = [item for item in owned if not item.first_order]
+        views = [LayerCurvature(self.state[item.layer.weight]) for item in curvature]
         with phase("factors"):
-            for item, state in zip(owned, states):
+            for item, view in zip(curvature, views):
                 if item.a is not None and item.g is not None:
-                    self._update_factors(state, item.a, item.g, group["factor_decay"], ok)
+                    view.update_factors(item.a, item.g, group["factor_decay"], ok)
         with phase("eigh"):
-            self._update_eigen([s for s in states if "A" in s and (inverse_step or "A_values" not in s)])
+            LayerCurvature.decompose([v for v in views if v.has_factors and (inverse_step or not v.has_eigen)])
         with phase("direction"):
-            for item, state in zip(owned, states):
-                # no factors yet (a layer first seen on a step without capture): plain gradient this once
-                item.direction = self._direction(item, state, group) if "A" in state else item.grad
+            for item in owned:
+                item.direction = item.grad  # the first-order rule; or no factors yet (first seen without capture)
+            for item, view in zip(curvature, views):
+                if view.has_factors:
+                    item.direction, item.layer.last = view.direction(item, group, self.projection, self.splits_batch)
+                    if self.splits_batch and (item.g1 is None or item.g2 is None):
+                        self._warn_once(
+                            f"single:{item.layer.name}",
+                            f"{item.layer.name}: a forward batch of one sample cannot be split in two halves; "
+                            "this step is a K-FAC step (beta = 0, eta = 1) for the layer",
+                        )
 
     def _record_noise(self, work: Sequence[LayerWork], ok: Tensor) -> None:
         """Sum this step's gradient-noise terms over the layers (shared by their owners when distributed)."""
@@ -646,73 +621,6 @@ class KroneckerOptimizer(Optimizer):
             # a skipped step (non-finite gradients) must not enter the noise estimate
             total = torch.where(ok, torch.stack([n.to(noise[0]) for n in noise]).sum(0), 0.0)
             self._noise_total = total if self._noise_total is None else self._noise_total + total
-
-    def _update_factors(self, state: dict, a_new: Tensor, g_new: Tensor, decay: float, ok: Tensor) -> None:
-        good = ok & torch.isfinite(a_new).all() & torch.isfinite(g_new).all()
-        if "A" not in state:
-            # A skipped first capture must leave no factor behind (a placeholder would be averaged
-            # into every later one): this one host synchronisation happens until a layer has factors.
-            if bool(good):
-                state["A"], state["G"] = a_new.clone(), g_new.clone()
-            return
-        masked_copy_(state["A"], torch.lerp(state["A"], a_new, 1 - decay), good)
-        masked_copy_(state["G"], torch.lerp(state["G"], g_new, 1 - decay), good)
-
-    def _update_eigen(self, states: list[dict]) -> None:
-        """Eigendecompose the factors, batched over factors of one shape (one ``eigh`` call each).
-
-        A diagonal input factor (``nn.Embedding``'s token frequencies, stored 1-D) needs no ``eigh``:
-        its eigenvalues are its entries and its basis the standard one (no ``A_vectors``).
-        """
-        for key in ("A", "G"):
-            buckets: dict[tuple, list[dict]] = {}
-            for state in states:
-                factor = state[key]
-                if factor.dim() == 1:
-                    previous = Fn.Eigen(state[f"{key}_values"], None) if f"{key}_values" in state else None
-                    state[f"{key}_values"] = Fn.eigen_diagonal(factor, previous).values
-                    continue
-                bucket = (tuple(factor.shape), factor.dtype, factor.device, f"{key}_values" in state)
-                buckets.setdefault(bucket, []).append(state)
-            for (*_, has_previous), bucket_states in buckets.items():
-                previous = None
-                if has_previous:
-                    previous = Fn.Eigen(
-                        torch.stack([s[f"{key}_values"] for s in bucket_states]),
-                        torch.stack([s[f"{key}_vectors"] for s in bucket_states]),
-                    )
-                eig = Fn.eigen_factor(torch.stack([s[key] for s in bucket_states]), previous)
-                for i, state in enumerate(bucket_states):
-                    state[f"{key}_values"], state[f"{key}_vectors"] = eig.values[i], eig.vectors[i]
-
-    def _direction(self, item: LayerWork, state: dict, group: dict[str, Any]) -> Tensor:
-        layer = item.layer
-        eig_a = Fn.Eigen(state["A_values"], state.get("A_vectors"))  # none: diagonal A (Embedding)
-        eig_g = Fn.Eigen(state["G_values"], state["G_vectors"])
-        damping, damping_mode = group["damping"], group["damping_mode"]
-        if self.splits_batch and item.g1 is not None and item.g2 is not None:
-            result = Fn.fop_direction_eigen(
-                item.g1, item.g2, eig_a, eig_g, damping, group["projection_eps"], self.projection,
-                damping_mode, group["eta"],
-            )  # fmt: skip
-            if result.avg_sq is not None and result.diff_sq is not None:  # free from the rotated halves
-                trace, grad_sq = Fn.noise_terms(result.avg_sq, result.diff_sq, item.half_batch)
-            else:  # projection off: g1 − g2 was not formed
-                trace, grad_sq = Fn.gradient_noise_terms(item.g1, item.g2, item.half_batch)
-            layer.last = {
-                "beta": result.beta, "eta": result.eta, "projection": result.projection,
-                "noise_trace": trace, "noise_grad_sq": grad_sq,
-            }  # fmt: skip
-            return result.direction
-        if self.splits_batch:
-            self._warn_once(
-                f"single:{layer.name}",
-                f"{layer.name}: a forward batch of one sample cannot be split in two halves; "
-                "this step is a K-FAC step (beta = 0, eta = 1) for the layer",
-            )
-        zero = torch.zeros((), dtype=item.grad.dtype, device=item.grad.device)
-        layer.last = {"beta": zero, "eta": torch.ones_like(zero), "projection": zero}
-        return Fn.kfac_direction_eigen(item.grad, eig_a, eig_g, damping, damping_mode)
 
     def _apply_sgd(
         self, group: dict[str, Any], params: Sequence[Tensor], directions: Sequence[Tensor], ok: Tensor
@@ -888,6 +796,100 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _check_arguments(
+    *, lr: float | Tensor, momentum: float, weight_decay: float, nesterov: bool, damping: float, factor_decay: float,
+    curvature_update_interval: Interval, inverse_update_interval: Interval, projection_eps: float,
+    kl_clip: float | None, trust_region: str, fisher: str, damping_mode: str, eta: str, fallback: str,
+    fallback_lr: float | None, fallback_betas: tuple[float, float], fallback_eps: float,
+) -> None:  # fmt: skip
+    """The constructor's arguments, each checked with a message naming it."""
+    _check_nonneg("lr", lr)
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    _check_nonneg("weight_decay", weight_decay)
+    if nesterov and momentum <= 0:
+        raise ValueError("nesterov=True requires momentum > 0")
+    if not (isinstance(damping, (int, float)) and 0 < damping < math.inf):
+        raise ValueError(f"damping must be a finite float > 0, got {damping!r}")
+    if not 0.0 <= factor_decay < 1.0:
+        raise ValueError(f"factor_decay must be in [0, 1), got {factor_decay}")
+    check_interval("curvature_update_interval", curvature_update_interval)
+    check_interval("inverse_update_interval", inverse_update_interval)
+    if not projection_eps >= 0:
+        raise ValueError(f"projection_eps must be >= 0, got {projection_eps}")
+    if kl_clip is not None and not kl_clip > 0:
+        raise ValueError(f"kl_clip must be > 0 or None (no clipping), got {kl_clip}")
+    _check_choice("trust_region", trust_region, _TRUST_REGIONS)
+    _check_choice("fisher", fisher, _FISHER_TYPES)
+    _check_choice("damping_mode", damping_mode, Fn.DAMPING_MODES)
+    _check_choice("eta", eta, Fn.ETA_CONVENTIONS)
+    if fallback not in _FALLBACK_RULES:
+        raise ValueError(f"fallback must be one of {_FALLBACK_RULES}, got {fallback!r}")
+    if fallback_lr is not None:
+        _check_nonneg("fallback_lr", fallback_lr)
+    if not (len(fallback_betas) == 2 and all(0.0 <= b < 1.0 for b in fallback_betas)):
+        raise ValueError(f"fallback_betas must be two floats in [0, 1), got {fallback_betas}")
+    if not fallback_eps > 0:
+        raise ValueError(f"fallback_eps must be > 0, got {fallback_eps}")
+
+
+def _warn_discovery(
+    layers: Sequence[KroneckerLayer], undetermined: set[int], tied: dict[str, list[str]], fallback: str, name: str
+) -> None:
+    """The constructor's warnings about the layers found: none, undetermined Linear layouts, tied weights."""
+    if not layers:
+        warnings.warn(
+            f"{name}: the model has no supported layer (Linear, Conv1d/2d/3d with groups=1, MultiheadAttention, Embedding); "
+            f"every parameter uses the '{fallback}' fallback rule",
+            stacklevel=4,
+        )
+    unsure = [layer.name for layer in layers if id(layer.module) in undetermined]
+    if unsure:
+        warnings.warn(
+            f"the model has sequence-first modules (batch_first=False), whose Linear layers are split along "
+            f"dimension 1; the Linear and Embedding layers outside them ({', '.join(unsure)}) are taken as batch "
+            "first. Pass batch_first=False if their inputs of 3 or more dimensions (Embedding: indices of 2 "
+            "or more) are (seq, batch, ...) too, "
+            "batch_first=True if they are (batch, seq, ...)",
+            stacklevel=4,
+        )
+    if tied:
+        warnings.warn(
+            "parameters shared between modules (tied weights) get gradient from more than one forward, "
+            "so a Kronecker factorisation of one module would be wrong: "
+            + "; ".join(f"{layer} shares {', '.join(names)}" for layer, names in tied.items())
+            + f". These layers use the '{fallback}' fallback rule (one update per step for a shared "
+            "parameter); pass exclude=[...] for them to silence this warning",
+            stacklevel=4,
+        )
+
+
+def _check_model(model: Any, name: str) -> None:
+    """A module, without sparse gradients."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"{name} takes the model (an nn.Module), not {type(model).__name__}: "
+            f"it hooks the model's layers; write {name}(model, lr=...)"
+        )
+    sparse = [module_name for module_name, m in model.named_modules() if getattr(m, "sparse", False) is True]
+    if sparse:
+        raise ValueError(f"{_SPARSE_MESSAGE.format(name=name)}; sparse=True in: {sparse}")
+
+
+def _param_groups(
+    model: nn.Module, layers: Sequence[KroneckerLayer], fallback: str, default_lr: float | Tensor,
+    fallback_lr: float | None,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """The Kronecker group (the layers' parameters) and the fallback group (every other parameter)."""
+    curvature_ids = {id(p) for layer in layers for p in layer.params()}
+    rest = [p for p in _unique_params(model) if id(p) not in curvature_ids]
+    groups: list[dict[str, Any]] = []
+    if layers:
+        groups.append({"params": [p for layer in layers for p in layer.params()], "rule": "kronecker"})
+    if rest:
+        groups.append({"params": rest, "rule": fallback, "lr": default_lr if fallback_lr is None else fallback_lr})
+    return groups
+
 def _check_nonneg(name: str, value: float | Tensor) -> None:
     if isinstance(value, Tensor):
         if value.numel() != 1:
@@ -900,18 +902,4 @@ def _check_nonneg(name: str, value: float | Tensor) -> None:
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-
-
-def _check_interval(name: str, value: Interval) -> None:
-    if callable(value):
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1 or a callable step -> int, got {value!r}")
-
-
-def _interval_at(interval: Interval, step: int) -> int:
-    value = interval(step) if callable(interval) else interval
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"update interval callable returned {value!r} at step {step}; it must return an int >= 1")
-    return value
 

@@ -9,7 +9,7 @@ flag check.
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager
+from contextlib import AbstractContextManager
 
 import torch
 
@@ -19,7 +19,7 @@ PHASES = ("capture", "factors", "eigh", "direction", "update")
 _NULL = contextlib.nullcontext()
 
 
-def phase(name: str) -> ContextManager[object]:
+def phase(name: str) -> AbstractContextManager[object]:
     """A ``record_function("fop::<name>")`` range while a profiler runs, else a no-op."""
     if torch._C._autograd._profiler_enabled():
         return torch.profiler.record_function(f"fop::{name}")

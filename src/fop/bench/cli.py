@@ -280,9 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--nproc",
         metavar="N",
         type=_single(_positive_int, "a positive integer"),
-        help="instead of the sweep: distributed scaling benchmark, 1 and N processes under torchrun "
-        "(time per step, scaling efficiency, optimizer-state memory per process, bytes per step; "
-        "python -m fop.distributed_bench --help has its options)",
+        help="instead of the sweep: distributed scaling run of the K-FAC/FOP optimizers (default kfac,fop; "
+        "fop:replicated for the replicated mode) on 1 and N processes under torchrun, at each batch size "
+        "(global): time per step, scaling efficiency, optimizer state per process, bytes per step; "
+        "writes DIR/scaling.md",
     )
     machine.add_argument(
         "--profile",
@@ -295,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--profile-steps",
         metavar="N",
         type=_single(_positive_int, "a positive integer"),
-        help="steps per profiled window, rounded up to whole curvature intervals (default: max(interval, 10))",
+        help="steps per measured window of --profile and --nproc, rounded up to whole curvature intervals "
+        "(default: max(interval, 10))",
     )
     machine.add_argument(
         "--no-progress",
@@ -305,29 +307,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _profile(
-    args: argparse.Namespace, task: Task, dataset: Any, device: torch.device, plan: Sequence[Any],
-    optimizers: dict[str, OptimizerSpec], baseline: str, out: Path, env: dict[str, Any], command: str,
-) -> int:  # fmt: skip
-    """``--profile``: one learning rate and seed per optimizer and batch size, measured side by side."""
-    from fop.bench.data import BatchPipeline
-    from fop.bench.profile import format_profile, profile_runs
-
+def _first_per_cell(plan: Sequence[RunSpec]) -> list[RunSpec]:
+    """One learning rate and seed per optimizer and batch size: the first planned."""
     seen: set[tuple[str, int]] = set()
     specs = []
     for spec in plan:
         if (spec.optimizer, spec.batch_size) not in seen:
             seen.add((spec.optimizer, spec.batch_size))
             specs.append(spec)
-    pipeline = BatchPipeline(dataset, device, crop_padding=task.crop_padding, channels_last=device.type == "cuda")
-    header = f"{task.name} step profile: {env['hardware']}; torch {env['torch']}; command: {command}"
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for spec in specs:  # the table is rewritten after each row: an interrupted profile keeps its rows
-        rows += profile_runs([spec], task, dataset, pipeline, optimizers, args.profile_steps)
-        table = format_profile(rows, baseline, header)
-        (out / "profile.md").write_text(table + "\n", encoding="utf-8")
+    return specs
+
+
+def _profile(run: _Run, plan: Sequence[RunSpec]) -> int:
+    """``--profile``: one learning rate and seed per optimizer and batch size, measured side by side."""
+    from fop.bench.data import BatchPipeline
+    from fop.bench.profile import format_profile, profile_runs
+
+    task, device = run.task, run.device
+    pipeline = BatchPipeline(run.dataset, device, crop_padding=task.crop_padding, channels_last=device.type == "cuda")
+    run.out.mkdir(parents=True, exist_ok=True)
+    rows: list[Any] = []
+    table = ""
+    for spec in _first_per_cell(plan):  # the table is rewritten after each row: an interrupted profile keeps its rows
+        rows += profile_runs([spec], task, run.dataset, pipeline, run.optimizers, run.args.profile_steps)
+        table = format_profile(rows, run.baseline, f"{task.name} step profile: {run.header}")
+        (run.out / "profile.md").write_text(table + "\n", encoding="utf-8")
     print(table)
+    return 0
+
+
+def _scaling(run: _Run, plan: Sequence[RunSpec]) -> int:
+    """``--nproc N``: the distributed scaling run of every K-FAC/FOP optimizer and batch size, 1 and N processes."""
+    from fop.bench.scaling import ScalingJob, run_scaling, write_scaling
+
+    nproc = run.args.nproc
+    for spec in plan:
+        if spec.batch_size % nproc:
+            raise BenchError(f"--nproc {nproc} does not divide batch size {spec.batch_size} (the global batch)")
+    job = ScalingJob(run.task.name, run.data, tuple(_first_per_cell(plan)), str(run.device),
+                     torch_threads(), run.args.profile_steps)  # fmt: skip
+    results = run_scaling(job, nproc)
+    header = f"{run.task.name} distributed scaling, 1 and {nproc} processes, {job.threads} threads each: {run.header}"
+    print(write_scaling(results, header, run.out))
     return 0
 
 
@@ -404,31 +425,114 @@ def _protocol_lines(task: Task, config: SweepConfig, plan: Sequence[RunSpec]) ->
     return lines
 
 
+@dataclasses.dataclass
+class _Run:
+    """One ``fop-bench`` command after parsing: what every mode (sweep, profile, scaling) reads."""
+
+    args: argparse.Namespace
+    task: Task
+    optimizers: dict[str, OptimizerSpec]
+    baseline: str
+    device: torch.device
+    out: Path
+    command: str
+    started: float
+    data: Any = None  # the DataOptions the dataset was loaded with
+    dataset: Any = None
+    env: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def header(self) -> str:
+        return f"{self.env['hardware']}; torch {self.env['torch']}; command: {self.command}"
+
+
 def _run(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.list:
         print(_list_tasks())
         return 0
+    run = _prepare(args, argv)
+    threads = args.threads or (run.task.cpu_threads if run.device.type == "cpu" else None)
+    if args.nproc:  # one thread count for every process of every launch (comparable step times)
+        threads = args.threads or max(1, (os.cpu_count() or 1) // args.nproc)
+    with _torch_threads(threads):
+        plan = _load_and_plan(run)
+        if args.profile:
+            return _profile(run, plan)
+        if args.nproc:
+            return _scaling(run, plan)
+        return _sweep(run, plan)
 
+
+def _prepare(args: argparse.Namespace, argv: Sequence[str]) -> _Run:
+    """Check the command before any data is loaded: task, optimizers, device, output folder."""
     from fop.bench.optimizers import resolve_optimizer
     from fop.bench.tasks import get_task
 
-    if args.nproc:
-        return _distributed(args)
     started = time.perf_counter()
-    command = shlex.join([PROG, *argv])
     task = get_task(args.task)
     _check_task_options(args, task)
-    optimizer_names = tuple(dict.fromkeys(name.lower() for name in (args.optimizers or task.optimizers)))
+    if args.nproc and args.profile:
+        raise BenchError("--nproc and --profile are two modes of fop-bench; choose one")
+    names = args.optimizers or (("kfac", "fop") if args.nproc else task.optimizers)
+    optimizer_names = tuple(dict.fromkeys(name.lower() for name in names))
     optimizers = {spec.name: spec for spec in map(resolve_optimizer, optimizer_names)}
+    if args.nproc:
+        first_order = [name for name, spec in optimizers.items() if not spec.uses_curvature]
+        if first_order:
+            raise BenchError(f"--nproc measures K-FAC and FOP (and their variants) only, not {', '.join(first_order)}")
     baseline = (args.baseline or ("sgd" if "sgd" in optimizers else optimizer_names[0])).lower()
     if baseline not in optimizers:
         raise BenchError(f"--baseline {baseline} is not among the optimizers run ({', '.join(optimizers)})")
     _comparison_reference(args, optimizers, baseline)  # fail before training
     device = _resolve_device(args.device)
-    threads = args.threads or (task.cpu_threads if device.type == "cpu" else None)
-    with _torch_threads(threads):
-        return _sweep(args, task, optimizers, baseline, device, command, started)
+    out = args.out or Path("bench-runs") / task.name
+    _check_output_folder(out)
+    return _Run(args, task, optimizers, baseline, device, out, shlex.join([PROG, *argv]), started)
+
+
+def _load_and_plan(run: _Run) -> list[RunSpec]:
+    """Load the task's data into ``run`` and plan the runs the command asks for."""
+    from fop.bench.report import environment
+    from fop.bench.runner import plan_runs
+    from fop.bench.tasks import DataOptions
+
+    args, task = run.args, run.task
+    data_path = args.data or (
+        Path(os.environ[DATA_ENV]) if "path" in task.data_options and os.environ.get(DATA_ENV) else None
+    )
+    run.data = DataOptions(path=data_path, subset=args.subset, imbalance=args.imbalance, cache_dir=args.cache_dir,
+                           download=args.download)  # fmt: skip
+    run.dataset = task.load_data(run.data)
+    run.env = environment(run.device)
+    config = _sweep_config(run)
+    _check_budget(config, run.optimizers)
+    return plan_runs(config, task, run.dataset, list(run.optimizers.values()))
+
+
+def _sweep_config(run: _Run) -> SweepConfig:
+    from fop.bench.runner import SweepConfig
+
+    args, task = run.args, run.task
+    return SweepConfig(
+        optimizers=tuple(run.optimizers),
+        batch_sizes=args.batch_sizes or task.batch_sizes,
+        lr_grid=args.lr_grid or task.lr_grid,
+        seeds=args.seeds or task.seeds,
+        max_epochs=args.max_epochs or task.max_epochs,
+        target=task.default_target(run.dataset) if args.target is None else _target_fraction(args.target),
+        device=str(run.device),
+        micro_batch=args.micro_batch,
+        width=args.width,
+        lr_scaling=args.lr_scaling,
+        base_lrs=tuple(args.base_lr or ()),
+        curvature_interval=args.curvature_interval,
+        damping=args.damping,
+        bf16=not args.fp32,
+        stop_at_target=args.stop_at_target,
+        damping_grid=args.damping_grid,
+        weight_decay_grid=args.wd_grid,
+    )
 
 
 @contextlib.contextmanager
@@ -445,35 +549,11 @@ def _torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-# what --nproc passes on to the distributed benchmark; every other option belongs to the sweep
-_NPROC_OPTIONS = {"nproc", "optimizers", "threads", "out", "no_progress"}
+def torch_threads() -> int:
+    """Torch's CPU threads in this process."""
+    import torch
 
-
-def _distributed(args: argparse.Namespace) -> int:
-    """``--nproc N``: the synthetic scaling benchmark of :mod:`fop.distributed_bench`, 1 and N processes."""
-    from fop.distributed_bench import main as distributed_main
-
-    parser = build_parser()
-    ignored = sorted(
-        f"--{name.replace('_', '-')}" for name, value in vars(args).items()
-        if name not in _NPROC_OPTIONS and value != parser.get_default(name)
-    )  # fmt: skip
-    if ignored:
-        raise BenchError(
-            f"--nproc runs the distributed scaling benchmark on a synthetic model (python -m fop.distributed_bench "
-            f"--help lists its options), which does not take {', '.join(ignored)}; drop them or run it directly"
-        )
-    optimizers = args.optimizers or ("fop", "kfac")
-    unknown = sorted(set(optimizers) - {"fop", "kfac"})
-    if unknown:
-        raise BenchError(f"--nproc measures fop and kfac only, not {', '.join(unknown)}")
-    argv = ["--nproc", f"1,{args.nproc}", "--width", "256", "--steps", "5", "--optimizers", ",".join(optimizers)]
-    if args.threads:
-        argv += ["--threads", str(args.threads)]
-    if args.out:
-        _check_output_folder(args.out)
-        argv += ["--json", str(args.out / "distributed.json")]
-    return distributed_main(argv)
+    return torch.get_num_threads()
 
 
 def _check_output_folder(out: Path) -> None:
@@ -498,122 +578,82 @@ def _check_output_folder(out: Path) -> None:
         raise BenchError(f"--out {out} is not writable ({exc.strerror or exc}); choose another --out") from None
 
 
-def _sweep(
-    args: argparse.Namespace,
-    task: Task,
-    optimizers: dict[str, OptimizerSpec],
-    baseline: str,
-    device: torch.device,
-    command: str,
-    started: float,
-) -> int:
-    """Load the data, train every run not yet finished, write and print the reports."""
+def _sweep(run: _Run, plan: list[RunSpec]) -> int:
+    """Train every run not yet finished (and the grid's edge extensions), write and print the reports."""
     from fop.bench.data import BatchPipeline
-    from fop.bench.report import (
-        environment,
-        format_paired_table,
-        format_final_table,
-        format_report,
-        format_table1,
-        plot_curves,
-        summarize,
-    )
-    from fop.bench.runner import ResultStore, SweepConfig, plan_runs, run_sweep
-    from fop.bench.tasks import DataOptions
+    from fop.bench.runner import ResultStore, run_sweep
 
-    out = args.out or Path("bench-runs") / task.name
-    _check_output_folder(out)
-    data_path = args.data or (
-        Path(os.environ[DATA_ENV]) if "path" in task.data_options and os.environ.get(DATA_ENV) else None
-    )
-    dataset = task.load_data(
-        DataOptions(
-            path=data_path,
-            subset=args.subset,
-            imbalance=args.imbalance,
-            cache_dir=args.cache_dir,
-            download=args.download,
-        )
-    )
-    config = SweepConfig(
-        optimizers=tuple(optimizers),
-        batch_sizes=args.batch_sizes or task.batch_sizes,
-        lr_grid=args.lr_grid or task.lr_grid,
-        seeds=args.seeds or task.seeds,
-        max_epochs=args.max_epochs or task.max_epochs,
-        target=task.default_target(dataset) if args.target is None else _target_fraction(args.target),
-        device=str(device),
-        micro_batch=args.micro_batch,
-        width=args.width,
-        lr_scaling=args.lr_scaling,
-        base_lrs=tuple(args.base_lr or ()),
-        curvature_interval=args.curvature_interval,
-        damping=args.damping,
-        bf16=not args.fp32,
-        stop_at_target=args.stop_at_target,
-        damping_grid=args.damping_grid,
-        weight_decay_grid=args.wd_grid,
-    )
-    _check_budget(config, optimizers)
-    plan = plan_runs(config, task, dataset, list(optimizers.values()))
-
-    env = environment(device)
-    if args.profile:
-        return _profile(args, task, dataset, device, plan, optimizers, baseline, out, env, command)
-    print(f"{PROG}: {task.name} on {env['hardware']}, torch {env['torch']}: {len(plan)} runs -> {out}", file=sys.stderr)
-    pipeline = BatchPipeline(dataset, device, crop_padding=task.crop_padding, channels_last=device.type == "cuda")
+    task, dataset, out, args = run.task, run.dataset, run.out, run.args
+    print(f"{PROG}: {task.name} on {run.env['hardware']}, torch {run.env['torch']}: {len(plan)} runs -> {out}", file=sys.stderr)
+    pipeline = BatchPipeline(dataset, run.device, crop_padding=task.crop_padding, channels_last=run.device.type == "cuda")
     store = ResultStore(out / "runs.jsonl")
     progress = not args.no_progress and sys.stderr.isatty()
-    context = {"environment": env, "command": command}
-    records = run_sweep(plan, task, dataset, pipeline, optimizers, store, context=context, progress=progress)
+    context = {"environment": run.env, "command": run.command}
+    records = run_sweep(plan, task, dataset, pipeline, run.optimizers, store, context=context, progress=progress)
+    config = _sweep_config(run)
     for _ in range(args.extend_edges):
-        extra = _edge_extension(records, config, task, dataset, optimizers)
+        extra = _edge_extension(records, config, task, dataset, run.optimizers)
         if not extra:
             break
         print(f"grid edge: {len(extra)} more runs beyond the edges of the grid", file=sys.stderr)
-        records += run_sweep(extra, task, dataset, pipeline, optimizers, store, context=context, progress=progress)
+        records += run_sweep(extra, task, dataset, pipeline, run.optimizers, store, context=context, progress=progress)
+    _write_report(run, config, plan, records)
+    _print_summary(run, config, records)
+    print(f"total wall time {time.perf_counter() - run.started:.1f} s", file=sys.stderr)
+    return 0
 
-    plot_file = "accuracy_vs_time.png"
-    title = f"{task.name}: {env['hardware']}, torch {env['torch']}\n{command}"
-    plot_curves(records, out / plot_file, config.batch_sizes, config.optimizers, config.target, task.metric, title)
+
+_PLOT_FILE = "accuracy_vs_time.png"
+
+
+def _write_report(run: _Run, config: SweepConfig, plan: Sequence[RunSpec], records: list[dict[str, Any]]) -> None:
+    """``results.md`` and the accuracy-versus-time plot in the output folder."""
+    from fop.bench.report import format_report, plot_curves
+
+    task, env = run.task, run.env
+    title = f"{task.name}: {env['hardware']}, torch {env['torch']}\n{run.command}"
+    plot_curves(records, run.out / _PLOT_FILE, config.batch_sizes, config.optimizers, config.target, task.metric, title)
     report = format_report(
         task=task.name,
         summary_line=task.summary,
         records=records,
         batch_sizes=config.batch_sizes,
         optimizers=config.optimizers,
-        baseline=baseline,
+        baseline=run.baseline,
         metric=task.metric,
         target=config.target,
         protocol=_protocol_lines(task, config, plan),
         env=env,
-        command=command,
-        dataset=dataset.summary(),
-        plot_file=plot_file,
-        reference=_comparison_reference(args, optimizers, baseline),
+        command=run.command,
+        dataset=run.dataset.summary(),
+        plot_file=_PLOT_FILE,
+        reference=_comparison_reference(run.args, run.optimizers, run.baseline),
     )
-    (out / "results.md").write_text(report, encoding="utf-8")
+    (run.out / "results.md").write_text(report, encoding="utf-8")
 
-    seeds = len(config.seeds)
+
+def _print_summary(run: _Run, config: SweepConfig, records: list[dict[str, Any]]) -> None:
+    """The paper's Table 1 layout, the final accuracies and the paired comparison, on stdout."""
+    from fop.bench.report import format_final_table, format_paired_table, format_table1, summarize
+
+    task, out, seeds = run.task, run.out, len(config.seeds)
     print(
         f"\n{task.name}: epochs / seconds to {100 * config.target:g}% test accuracy "
-        f"(median of {seeds} seed{'s' * (seeds > 1)}, best of {len(config.lr_grid)} lr; (×) speedup vs {baseline}; "
+        f"(median of {seeds} seed{'s' * (seeds > 1)}, best of {len(config.lr_grid)} lr; (×) speedup vs {run.baseline}; "
         f"— not reached in {config.max_epochs} epochs)"
     )
-    print(f"{env['hardware']}; torch {env['torch']}; command: {command}\n")
+    print(f"{run.header}\n")
     cells = summarize(records)
-    print(format_table1(cells, config.batch_sizes, config.optimizers, baseline))
+    print(format_table1(cells, config.batch_sizes, config.optimizers, run.baseline))
     print(
         f"\nfinal {'Top-1 error' if task.metric == 'error' else 'test accuracy'} % (best in run), median over seeds:\n"
     )
     print(format_final_table(cells, config.batch_sizes, config.optimizers, task.metric))
-    reference = _comparison_reference(args, optimizers, baseline)
-    if len(config.seeds) >= 2 and len(config.optimizers) > 1:
+    reference = _comparison_reference(run.args, run.optimizers, run.baseline)
+    if seeds >= 2 and len(config.optimizers) > 1:
         print(f"\npaired per-seed comparison against {reference} (final accuracy points, median [95% bootstrap CI]):\n")
         print(format_paired_table(cells, config.batch_sizes, config.optimizers, reference, task.metric))
-    print(f"\nfull report: {out / 'results.md'}; plot: {out / plot_file}; runs: {out / 'runs.jsonl'}")
-    print(f"total wall time {time.perf_counter() - started:.1f} s", file=sys.stderr)
-    return 0
+    print(f"\nfull report: {out / 'results.md'}; plot: {out / _PLOT_FILE}; runs: {out / 'runs.jsonl'}")
 
 
 def _check_budget(config: SweepConfig, optimizers: dict[str, OptimizerSpec]) -> None:

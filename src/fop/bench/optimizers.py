@@ -235,6 +235,8 @@ VARIANT_TOKENS: dict[str, dict[str, Any]] = {
     "dirclip": {"trust_region": "direction", "kl_clip": 1.0},  # the default since 0.2
     "stepclip": {"trust_region": "step", "kl_clip": 1e-3},  # the default before 0.2 (kfac-pytorch's rule)
     "paper": PAPER_PRESET,
+    # distributed (fop-bench --nproc): every process computes every layer, instead of one owner per layer
+    "replicated": {"replicated": True},
 }
 
 

@@ -20,14 +20,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from fop.bench.data import BatchPipeline, ImageDataset
 from fop.bench.optimizers import OptimizerSpec
-from fop.bench.runner import MemoryMeter, RunSpec, _autocast, build_model_and_optimizer
+from fop.bench.runner import MemoryMeter, RunSpec, build_model_and_optimizer, forward_backward
 from fop.bench.tasks import Task
 
-__all__ = ["ProfileRow", "format_profile", "profile_runs"]
+__all__ = ["ProfileRow", "format_profile", "profile_runs", "window_steps"]
 
 # phases reported, in order: (label, profiler range names summed, ranges subtracted)
 _COLUMNS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
@@ -73,23 +72,17 @@ def _profile_one(
     device = pipeline.device
     model, optimizer = build_model_and_optimizer(spec, task, dataset, device, optimizer_spec)
     interval = spec.hyperparameters.curvature_interval
-    window = steps or max(interval, 10)
-    window = -(-window // interval) * interval  # whole curvature cycles
+    warmup, window = window_steps(interval, steps)
     generator = torch.Generator(device=device).manual_seed(spec.seed)
     order = torch.randint(0, pipeline.train_size, (spec.batch_size,), generator=generator, device=device)
 
     def train_step() -> None:
         with torch.profiler.record_function("fop::forward_backward"):
-            optimizer.zero_grad(set_to_none=True)
-            for micro in order.split(spec.micro_batch):
-                images, labels = pipeline.train_batch(micro, generator)
-                with _autocast(device, spec.bf16):
-                    loss = F.cross_entropy(model(images), labels)
-                (loss * (micro.numel() / spec.batch_size)).backward()
+            forward_backward(model, optimizer, pipeline, order, spec, generator)
         with torch.profiler.record_function("fop::step"):
             optimizer.step()
 
-    for _ in range(interval + 2):  # warm-up: kernels, allocator, the first curvature cycle
+    for _ in range(warmup):
         train_step()
     memory = MemoryMeter(device)
     _synchronize(device)
@@ -122,6 +115,13 @@ def _profile_one(
         memory_kind=memory.kind,
         phase_ms=phase_ms,
     )
+
+
+def window_steps(interval: int, steps: int | None = None) -> tuple[int, int]:
+    """``(warm-up, measured)`` steps: the warm-up covers kernels, the allocator and the first curvature
+    cycle; the window (``steps``, default ``max(interval, 10)``) is rounded up to whole curvature cycles."""
+    window = steps or max(interval, 10)
+    return interval + 2, -(-window // interval) * interval
 
 
 def _phase_totals(events: Any, on_device: bool) -> dict[str, float]:

@@ -458,12 +458,6 @@ def format_report(
 ) -> str:
     """The Markdown report of a sweep: header, Table 1, final metric, fastest batch, details."""
     cells = summarize(records)
-    seeds = sorted({record["spec"]["seed"] for record in records})
-    grid = sorted({record["spec"]["lr_factor"] for record in records})
-    max_epochs = max((record["spec"]["max_epochs"] for record in records), default=0)
-    target_text = f"{100 * target:g}% test accuracy" + (
-        f" (Top-1 error {100 * (1 - target):g}%)" if metric == "error" else ""
-    )
     lines = [
         f"# fop-bench: {task}",
         "",
@@ -478,6 +472,26 @@ def format_report(
         f"- written: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         *(f"- {item}" for item in protocol),
         "",
+        *_main_sections(records, cells, batch_sizes, optimizers, baseline, metric, target),
+        *_optional_sections(records, cells, batch_sizes, optimizers, metric, reference),
+    ]
+    if plot_file:
+        lines += [f"![{_metric_name(metric)} against training time]({plot_file})", ""]
+    return "\n".join(lines)
+
+
+def _main_sections(
+    records: Sequence[dict[str, Any]], cells: dict, batch_sizes: Sequence[int], optimizers: Sequence[str],
+    baseline: str | None, metric: str, target: float,
+) -> list[str]:  # fmt: skip
+    """Table 1, the final metric, the fastest batch size, the details and the learning-rate sensitivity."""
+    seeds = sorted({record["spec"]["seed"] for record in records})
+    grid = sorted({record["spec"]["lr_factor"] for record in records})
+    max_epochs = max((record["spec"]["max_epochs"] for record in records), default=0)
+    target_text = f"{100 * target:g}% test accuracy" + (
+        f" (Top-1 error {100 * (1 - target):g}%)" if metric == "error" else ""
+    )
+    return [
         f"## Time to {target_text} (Table 1 layout)",
         "",
         f"Cells: epochs / training seconds until the test accuracy first reaches the target (evaluation "
@@ -504,8 +518,6 @@ def format_report(
         "",
         format_details(cells, batch_sizes, optimizers, metric),
         "",
-    ]
-    lines += [
         "## Learning-rate sensitivity",
         "",
         f"Final {_metric_name(metric)} at each learning-rate factor (median over seeds, at the factor's best "
@@ -515,6 +527,15 @@ def format_report(
         format_sensitivity(records, batch_sizes, optimizers, metric),
         "",
     ]
+
+
+def _optional_sections(
+    records: Sequence[dict[str, Any]], cells: dict, batch_sizes: Sequence[int], optimizers: Sequence[str],
+    metric: str, reference: str | None,
+) -> list[str]:  # fmt: skip
+    """The noise scale (FOP runs), the grid-edge note and the paired comparison, where they apply."""
+    lines: list[str] = []
+    seeds = {record["spec"]["seed"] for record in records}
     if any("noise_scale" in point for record in records for point in record["curve"]):
         lines += [
             "## Gradient-noise scale",
@@ -546,9 +567,7 @@ def format_report(
             format_paired_table(cells, batch_sizes, optimizers, reference, metric),
             "",
         ]
-    if plot_file:
-        lines += [f"![{_metric_name(metric)} against training time]({plot_file})", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def plot_curves(

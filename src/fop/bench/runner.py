@@ -38,7 +38,10 @@ from fop.bench.optimizers import (
 )
 from fop.bench.tasks import Task
 
-__all__ = ["ResultStore", "RunSpec", "SweepConfig", "plan_runs", "resolve_micro_batch", "run_sweep", "train_run"]
+__all__ = [
+    "ResultStore", "RunSpec", "SweepConfig", "forward_backward", "plan_runs", "resolve_micro_batch", "run_sweep",
+    "train_run",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -361,17 +364,13 @@ def train_run(
     device = pipeline.device
     model, optimizer = build_model_and_optimizer(spec, task, dataset, device, optimizer_spec)
     steps_per_epoch = pipeline.train_size // spec.batch_size
-    total_steps = steps_per_epoch * spec.max_epochs
-    warmup_steps = round(spec.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup_steps))
+    scheduler = _schedule(optimizer, spec, steps_per_epoch)
     generator = torch.Generator(device=device).manual_seed(spec.seed)
     clock, memory = StepClock(device), MemoryMeter(device)
     eval_batch = task.max_micro_batch or 4096
 
     curve: list[dict[str, Any]] = []
-    step_seconds: list[float] = []
-    optimizer_seconds = 0.0
-    train_seconds = 0.0
+    timing = _Timing()
     reached: dict[str, Any] | None = None
     status = "ok"
     with _progress_bar(spec.max_epochs, spec.label, progress) as bar:
@@ -380,21 +379,17 @@ def train_run(
             epoch_start = time.perf_counter()
             marks, loss_sum = _train_epoch(model, optimizer, scheduler, pipeline, spec, generator, clock, memory)
             clock.synchronize()
-            train_seconds += time.perf_counter() - epoch_start
-            for start, before_step, end in marks:
-                step_seconds.append(clock.seconds(start, end))
-                optimizer_seconds += clock.seconds(before_step, end)
-
+            timing.add(clock, marks, time.perf_counter() - epoch_start)
             loss = loss_sum.item() / steps_per_epoch
             accuracy = evaluate(model, pipeline, eval_batch, spec.bf16)
-            point = {"epoch": epoch, "seconds": train_seconds, "accuracy": accuracy, "loss": loss}
+            point = {"epoch": epoch, "seconds": timing.train_seconds, "accuracy": accuracy, "loss": loss}
             point.update(_diagnostics_summary(optimizer))
             curve.append(point)
             if reached is None and accuracy >= spec.target:
                 reached = point
             bar.update(1)
             bar.set_postfix_str(
-                f"acc={accuracy:.4f} train={train_seconds:.1f}s" + (f" target@{reached['epoch']}" if reached else "")
+                f"acc={accuracy:.4f} train={timing.train_seconds:.1f}s" + (f" target@{reached['epoch']}" if reached else "")
             )
             if not math.isfinite(loss):
                 status = "diverged"
@@ -402,27 +397,62 @@ def train_run(
             if reached is not None and spec.stop_at_target:
                 break
 
-    accuracies = [point["accuracy"] for point in curve]
     skipped = getattr(optimizer, "skipped_steps", None)  # K-FAC/FOP skip steps with non-finite gradients
     return {
         "key": spec.key,
         "spec": dataclasses.asdict(spec),
         "status": status,
-        "epochs_run": len(curve),
-        "epochs_to_target": None if reached is None else reached["epoch"],
-        "seconds_to_target": None if reached is None else reached["seconds"],
-        "best_accuracy": max(accuracies),
-        "final_accuracy": accuracies[-1],
-        "train_seconds": train_seconds,
+        **_outcome_fields(curve, reached),
+        **timing.fields(),
         "steps_per_epoch": steps_per_epoch,
-        "median_step_seconds": statistics.median(step_seconds),
-        "optimizer_share": optimizer_seconds / max(sum(step_seconds), 1e-12),
         "peak_memory_bytes": memory.peak_bytes(),
         "memory_kind": memory.kind,
         "skipped_steps": None if skipped is None else int(skipped),
         "dataset": dataset.summary(),
         "curve": curve,
     }
+
+
+def _outcome_fields(curve: list[dict[str, Any]], reached: dict[str, Any] | None) -> dict[str, Any]:
+    """When the run reached its target, and its best and final accuracy."""
+    accuracies = [point["accuracy"] for point in curve]
+    return {
+        "epochs_run": len(curve),
+        "epochs_to_target": None if reached is None else reached["epoch"],
+        "seconds_to_target": None if reached is None else reached["seconds"],
+        "best_accuracy": max(accuracies),
+        "final_accuracy": accuracies[-1],
+    }
+
+
+def _schedule(optimizer: torch.optim.Optimizer, spec: RunSpec, steps_per_epoch: int) -> Any:
+    """The run's learning-rate schedule: linear warmup, cosine decay to 0 at the last epoch."""
+    total_steps = steps_per_epoch * spec.max_epochs
+    warmup_steps = round(spec.warmup_epochs * steps_per_epoch)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup_steps))
+
+
+@dataclass
+class _Timing:
+    """Training time of a run: per step, in ``optimizer.step()``, and in all (evaluation excluded)."""
+
+    step_seconds: list[float] = dataclasses.field(default_factory=list)
+    optimizer_seconds: float = 0.0
+    train_seconds: float = 0.0
+
+    def fields(self) -> dict[str, float]:
+        """The record's timing fields."""
+        return {
+            "train_seconds": self.train_seconds,
+            "median_step_seconds": statistics.median(self.step_seconds),
+            "optimizer_share": self.optimizer_seconds / max(sum(self.step_seconds), 1e-12),
+        }
+
+    def add(self, clock: StepClock, marks: list[tuple[Any, Any, Any]], seconds: float) -> None:
+        self.train_seconds += seconds
+        for start, before_step, end in marks:
+            self.step_seconds.append(clock.seconds(start, end))
+            self.optimizer_seconds += clock.seconds(before_step, end)
 
 
 def build_model_and_optimizer(
@@ -455,27 +485,47 @@ def _train_epoch(
     order = torch.randperm(pipeline.train_size, generator=generator, device=pipeline.device)
     loss_sum = torch.zeros((), device=pipeline.device)
     marks = []
-    batch_size = spec.batch_size
-    mc_fisher = getattr(optimizer, "fisher", None) == "mc"
-    for batch in _batches(order, batch_size):
+    for batch in _batches(order, spec.batch_size):
         start = clock.mark()
-        optimizer.zero_grad(set_to_none=True)
-        for micro in batch.split(spec.micro_batch):
-            images, labels = pipeline.train_batch(micro, generator)
-            weight = micro.numel() / batch_size
-            with _autocast(pipeline.device, spec.bf16):
-                output = model(images)
-                if mc_fisher:
-                    optimizer.sample_fisher(output, generator)  # type: ignore[attr-defined]
-                loss = F.cross_entropy(output, labels)
-            (loss * weight).backward()
-            loss_sum += loss.detach().float() * weight
+        loss_sum += forward_backward(model, optimizer, pipeline, batch, spec, generator)
         memory.sample()
         before_step = clock.mark()
         optimizer.step()
         scheduler.step()
         marks.append((start, before_step, clock.mark()))
     return marks, loss_sum
+
+
+def forward_backward(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    pipeline: BatchPipeline,
+    batch: Tensor,
+    spec: RunSpec,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The gradients of one training step: ``zero_grad``, then forward and backward per micro-batch.
+
+    ``batch`` holds the step's training-set indices, taken in micro-batches of ``spec.micro_batch``
+    (gradient accumulation, each loss weighted by its share of the batch), under bf16 autocast on
+    CUDA when ``spec.bf16``; a Monte-Carlo Fisher optimizer samples its labels on each output. The
+    caller then runs ``optimizer.step()``. Returns the batch's mean loss (a device tensor). The
+    sweep, ``--profile`` and ``--nproc`` all train with this step.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    mc_fisher = getattr(optimizer, "fisher", None) == "mc"
+    loss_sum = torch.zeros((), device=pipeline.device)
+    for micro in batch.split(spec.micro_batch):
+        images, labels = pipeline.train_batch(micro, generator)
+        weight = micro.numel() / batch.numel()
+        with _autocast(pipeline.device, spec.bf16):
+            output = model(images)
+            if mc_fisher:
+                optimizer.sample_fisher(output, generator)  # type: ignore[attr-defined]
+            loss = F.cross_entropy(output, labels)
+        (loss * weight).backward()
+        loss_sum += loss.detach().float() * weight
+    return loss_sum
 
 
 def _batches(order: Tensor, batch_size: int) -> Iterator[Tensor]:
@@ -518,8 +568,8 @@ class ResultStore:
                 record = json.loads(raw.decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:
                 if number < len(lines):  # the last piece has no newline: a run killed while writing
-                    problem = "not UTF-8" if isinstance(exc, UnicodeDecodeError) else "not a JSON record"
-                    print(f"warning: {self.path}:{number}: {problem}; line skipped", file=log or sys.stderr)
+                    reason = "not UTF-8" if isinstance(exc, UnicodeDecodeError) else "not a JSON record"
+                    print(f"warning: {self.path}:{number}: {reason}; line skipped", file=log or sys.stderr)
                 continue
             problem = (check or _keyed)(record)
             if problem is not None:

@@ -16,7 +16,10 @@ from torch import nn
 from fop.bench.data import ImageDataset
 from fop.bench.errors import BenchError
 
-__all__ = ["CurvatureDefaults", "DataOptions", "Task", "get_task", "register", "task_names"]
+__all__ = [
+    "CIFAR10_DEFAULTS", "CurvatureDefaults", "DataOptions", "Task", "cifar10_task", "get_task", "register",
+    "task_names",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -146,6 +149,39 @@ def cifar10_from_options(options: DataOptions, task: str) -> ImageDataset:
             f"task {task} needs --data PATH (the CIFAR-10 JPEG pack .npz or a CIFAR-10 folder; or set FOP_CIFAR10)"
         )
     return load_cifar10(options.path, subset=options.subset, cache_dir=options.cache_dir, download=options.download)
+
+
+# What the CIFAR-10 tasks share unless they say otherwise: the paper's ResNet-18 recipe.
+CIFAR10_DEFAULTS: Mapping[str, object] = {
+    "base_lrs": {"sgd": 0.1, "adamw": 1e-3, "kfac": 0.05, "fop": 0.05},
+    "weight_decays": {"adamw": 5e-2, "default": 5e-4},
+    "max_epochs": 100,
+    "warmup_epochs": 5,
+    "crop_padding": 4,
+    "curvature": CurvatureDefaults(damping=1e-3, reference_interval=50),
+    "lr_grid": (0.5, 1.0, 2.0),
+    "data_options": frozenset({"path"}),
+}
+
+
+def cifar10_task(
+    name: str,
+    summary: str,
+    build_model: Callable[[ImageDataset, int | None], nn.Module],
+    default_target: Callable[[ImageDataset], float],
+    load_data: Callable[[DataOptions], ImageDataset] | None = None,
+    **fields: object,
+) -> Task:
+    """Register a CIFAR-10 task: :data:`CIFAR10_DEFAULTS` with ``fields`` on top; the data from ``--data``."""
+
+    def load(options: DataOptions) -> ImageDataset:
+        return cifar10_from_options(options, name)
+
+    settings = {**CIFAR10_DEFAULTS, **fields}
+    return register(
+        Task(name=name, summary=summary, load_data=load_data or load, build_model=build_model,
+             default_target=default_target, **settings)  # type: ignore[arg-type]
+    )  # fmt: skip
 
 
 # Registration order is the order of `--list`; the first task is the default.

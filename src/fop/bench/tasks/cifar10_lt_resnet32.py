@@ -15,7 +15,7 @@ from torch import nn
 from fop.bench.data import ImageDataset, long_tail_indices
 from fop.bench.errors import BenchError
 from fop.bench.models import resnet32
-from fop.bench.tasks import CurvatureDefaults, DataOptions, Task, cifar10_from_options, register
+from fop.bench.tasks import DataOptions, cifar10_from_options, cifar10_task
 
 NAME = "cifar10-lt-resnet32"
 DEFAULT_IMBALANCE = 100.0
@@ -48,24 +48,17 @@ def _target(dataset: ImageDataset) -> float:
         ) from None
 
 
-TASK = register(
-    Task(
-        name=NAME,
-        summary="long-tailed CIFAR-10 (--imbalance 100 or 50), ResNet-32, Top-1 error; needs --data",
-        load_data=_load,
-        build_model=_model,
-        default_target=_target,
-        batch_sizes=(128, 1024),
-        reference_batch=128,
-        base_lrs={"sgd": 0.1, "adamw": 1e-3, "kfac": 0.05, "fop": 0.05},
-        weight_decays={"adamw": 5e-2, "default": 2e-4},
-        max_epochs=200,
-        warmup_epochs=5,
-        crop_padding=4,
-        curvature=CurvatureDefaults(damping=1e-3, reference_interval=50),
-        lr_grid=(0.5, 1.0, 2.0),
-        max_micro_batch=8192,
-        metric="error",
-        data_options=frozenset({"path", "imbalance"}),
-    )
+TASK = cifar10_task(
+    NAME,
+    "long-tailed CIFAR-10 (--imbalance 100 or 50), ResNet-32, Top-1 error; needs --data",
+    _model,
+    _target,
+    load_data=_load,
+    batch_sizes=(128, 1024),
+    reference_batch=128,
+    weight_decays={"adamw": 5e-2, "default": 2e-4},
+    max_epochs=200,
+    max_micro_batch=8192,
+    metric="error",
+    data_options=frozenset({"path", "imbalance"}),
 )

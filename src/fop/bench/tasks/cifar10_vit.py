@@ -11,20 +11,7 @@ from torch import nn
 
 from fop.bench.data import ImageDataset
 from fop.bench.models import VisionTransformer
-from fop.bench.tasks import (
-    CurvatureDefaults,
-    DataOptions,
-    Task,
-    cifar10_from_options,
-    register,
-    targets_by_kind,
-)
-
-NAME = "cifar10-vit"
-
-
-def _load(options: DataOptions) -> ImageDataset:
-    return cifar10_from_options(options, NAME)
+from fop.bench.tasks import CurvatureDefaults, cifar10_task, targets_by_kind
 
 
 def _model(dataset: ImageDataset, width: int | None) -> nn.Module:
@@ -32,23 +19,15 @@ def _model(dataset: ImageDataset, width: int | None) -> nn.Module:
     return VisionTransformer(dataset.num_classes, image_size=height, in_channels=channels, dim=width or 192)
 
 
-TASK = register(
-    Task(
-        name=NAME,
-        summary="CIFAR-10, small ViT (Linear attention; AdamW on norms/embeddings for K-FAC/FOP); needs --data",
-        load_data=_load,
-        build_model=_model,
-        default_target=targets_by_kind({"cifar10": 0.78, "cifar10-jpeg": 0.75}),
-        batch_sizes=(512, 2048, 8192),
-        reference_batch=512,
-        base_lrs={"sgd": 0.05, "adamw": 1e-3, "kfac": 0.02, "fop": 0.02},
-        weight_decays={"adamw": 5e-2, "default": 5e-4},
-        max_epochs=100,
-        warmup_epochs=10,
-        crop_padding=4,
-        curvature=CurvatureDefaults(damping=1e-3, reference_interval=50, fallback="adamw"),
-        lr_grid=(0.5, 1.0, 2.0),
-        max_micro_batch=2048,
-        data_options=frozenset({"path"}),
-    )
+TASK = cifar10_task(
+    "cifar10-vit",
+    "CIFAR-10, small ViT (Linear attention; AdamW on norms/embeddings for K-FAC/FOP); needs --data",
+    _model,
+    targets_by_kind({"cifar10": 0.78, "cifar10-jpeg": 0.75}),
+    batch_sizes=(512, 2048, 8192),
+    reference_batch=512,
+    base_lrs={"sgd": 0.05, "adamw": 1e-3, "kfac": 0.02, "fop": 0.02},
+    warmup_epochs=10,
+    curvature=CurvatureDefaults(damping=1e-3, reference_interval=50, fallback="adamw"),
+    max_micro_batch=2048,
 )

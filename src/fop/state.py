@@ -1,0 +1,174 @@
+"""A layer's curvature state: :class:`LayerCurvature`, the one typed view of its keys in ``optimizer.state``.
+
+The running factors ``A``, ``G`` and their eigendecompositions live in the optimizer's ordinary
+state, ``optimizer.state[layer.weight]`` (so that ``state_dict()`` saves them), under the keys of
+:data:`fop.curvature.FACTOR_KEYS`. :class:`LayerCurvature` is the only code that reads or writes
+those keys: it updates the factors, decomposes them, computes the layer's direction from them, and
+takes, checks, converts or drops them for checkpoints. Distributed layer specialists keep a
+layer's curvature on its owner only: :func:`owned_curvature` takes a process's share for a
+checkpoint and :func:`merge_curvature` puts every process's share into rank 0's ``state_dict()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from . import functional as Fn
+from .curvature import FACTOR_KEYS
+from .first_order import masked_copy_
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .curvature import LayerWork
+
+__all__ = ["FACTOR_KEYS", "LayerCurvature", "merge_curvature", "owned_curvature"]
+
+_EMPTY: dict[str, Any] = {}
+
+
+class LayerCurvature:
+    """One layer's running factors and their eigendecompositions, in ``state`` (its ``optimizer.state`` entry)."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self.state = state
+
+    @classmethod
+    def of(cls, optimizer_state: Mapping[Tensor, dict[str, Any]], weight: Tensor) -> LayerCurvature:
+        """The view of ``weight``'s layer, for reading (creates no state entry)."""
+        return cls(optimizer_state.get(weight, _EMPTY))
+
+    @property
+    def has_factors(self) -> bool:
+        return "A" in self.state
+
+    @property
+    def has_eigen(self) -> bool:
+        return "A_values" in self.state
+
+    # ----------------------------------------------------------------------------- the step
+    def update_factors(self, a_new: Tensor, g_new: Tensor, decay: float, ok: Tensor) -> None:
+        """``A ← ρA + (1−ρ)A_new`` (and ``G``) where the step is good; the first good statistics as they are."""
+        state = self.state
+        good = ok & torch.isfinite(a_new).all() & torch.isfinite(g_new).all()
+        if "A" not in state:
+            # A skipped first capture must leave no factor behind (a placeholder would be averaged
+            # into every later one): this one host synchronisation happens until a layer has factors.
+            if bool(good):
+                state["A"], state["G"] = a_new.clone(), g_new.clone()
+            return
+        masked_copy_(state["A"], torch.lerp(state["A"], a_new, 1 - decay), good)
+        masked_copy_(state["G"], torch.lerp(state["G"], g_new, 1 - decay), good)
+
+    @staticmethod
+    def decompose(views: Sequence[LayerCurvature]) -> None:
+        """Eigendecompose the factors, batched over factors of one shape (one ``eigh`` call each).
+
+        A diagonal input factor (``nn.Embedding``'s token frequencies, stored 1-D) needs no ``eigh``:
+        its eigenvalues are its entries and its basis the standard one (no ``A_vectors``).
+        """
+        for key in ("A", "G"):
+            buckets: dict[tuple, list[dict[str, Any]]] = {}
+            for view in views:
+                state, factor = view.state, view.state[key]
+                if factor.dim() == 1:
+                    previous = Fn.Eigen(state[f"{key}_values"], None) if f"{key}_values" in state else None
+                    state[f"{key}_values"] = Fn.eigen_diagonal(factor, previous).values
+                    continue
+                bucket = (tuple(factor.shape), factor.dtype, factor.device, f"{key}_values" in view.state)
+                buckets.setdefault(bucket, []).append(view.state)
+            for (*_, has_previous), states in buckets.items():
+                previous = None
+                if has_previous:
+                    previous = Fn.Eigen(
+                        torch.stack([s[f"{key}_values"] for s in states]),
+                        torch.stack([s[f"{key}_vectors"] for s in states]),
+                    )
+                eig = Fn.eigen_factor(torch.stack([s[key] for s in states]), previous)
+                vectors = eig.vectors
+                assert vectors is not None  # a dense factor's basis
+                for i, state in enumerate(states):
+                    state[f"{key}_values"], state[f"{key}_vectors"] = eig.values[i], vectors[i]
+
+    def eigen(self) -> tuple[Fn.Eigen, Fn.Eigen]:
+        """The eigendecompositions of ``A`` and ``G``."""
+        state = self.state  # no A_vectors: a diagonal A (nn.Embedding), the standard basis
+        return Fn.Eigen(state["A_values"], state.get("A_vectors")), Fn.Eigen(state["G_values"], state["G_vectors"])
+
+    def direction(
+        self, item: LayerWork, group: Mapping[str, Any], projection: bool, splits: bool
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The layer's direction for ``item`` under ``group``'s hyperparameters, and its diagnostics.
+
+        FOP (``splits`` and both halves present): :func:`fop.functional.fop_direction_eigen` with
+        ``β*``, ``η*``, ``s`` and the gradient-noise terms; otherwise K-FAC's damped inverse of the
+        averaged gradient, ``β* = 0``, ``η* = 1``.
+        """
+        eig_a, eig_g = self.eigen()
+        damping, damping_mode = group["damping"], group["damping_mode"]
+        if splits and item.g1 is not None and item.g2 is not None:
+            result = Fn.fop_direction_eigen(
+                item.g1, item.g2, eig_a, eig_g, damping, group["projection_eps"], projection, damping_mode, group["eta"]
+            )
+            if result.avg_sq is not None and result.diff_sq is not None:  # free from the rotated halves
+                trace, grad_sq = Fn.noise_terms(result.avg_sq, result.diff_sq, item.half_batch)
+            else:  # projection off: g1 − g2 was not formed
+                trace, grad_sq = Fn.gradient_noise_terms(item.g1, item.g2, item.half_batch)
+            last = {"beta": result.beta, "eta": result.eta, "projection": result.projection,
+                    "noise_trace": trace, "noise_grad_sq": grad_sq}  # fmt: skip
+            return result.direction, last
+        zero = torch.zeros((), dtype=item.grad.dtype, device=item.grad.device)
+        last = {"beta": zero, "eta": torch.ones_like(zero), "projection": zero}
+        return Fn.damped_inverse_eigen(item.grad, eig_a, eig_g, damping, damping_mode), last
+
+    # ----------------------------------------------------------------------------- checkpoints
+    @staticmethod
+    def shapes(in_features: int, out_features: int, diagonal_input: bool = False) -> dict[str, tuple[int, ...]]:
+        """The shape of every curvature tensor of a layer with folded shape ``(out, in)`` (``A`` 1-D if diagonal)."""
+        n_in, n_out = in_features, out_features
+        return {"A": (n_in,) if diagonal_input else (n_in, n_in), "G": (n_out, n_out), "A_values": (n_in,),
+                "A_vectors": (n_in, n_in), "G_values": (n_out,), "G_vectors": (n_out, n_out)}  # fmt: skip
+
+    def tensors(self) -> dict[str, Tensor]:
+        """CPU copies of the curvature tensors present (for a checkpoint)."""
+        return {k: self.state[k].detach().cpu() for k in FACTOR_KEYS if k in self.state}
+
+    def to_dtype(self, dtype: torch.dtype) -> None:
+        """Cast the loaded curvature tensors to the layer's compute dtype."""
+        for key in FACTOR_KEYS:
+            if key in self.state:
+                self.state[key] = self.state[key].to(dtype)
+
+    def drop(self) -> None:
+        """Forget the curvature (another process owns the layer)."""
+        for key in FACTOR_KEYS:
+            self.state.pop(key, None)
+
+
+def owned_curvature(state: Mapping[Tensor, dict], weights: Mapping[int, Tensor]) -> dict[int, dict[str, Tensor]]:
+    """CPU copies of the curvature of the layers ``{index: weight}`` that have any."""
+    out = {}
+    for i, weight in weights.items():
+        tensors = LayerCurvature.of(state, weight).tensors()
+        if tensors:
+            out[i] = tensors
+    return out
+
+
+def merge_curvature(
+    state_dict: dict[str, Any], param_groups: Sequence[dict], parts: Sequence[dict[int, dict[str, Tensor]]],
+    weights: Sequence[Tensor],
+) -> dict[str, Any]:  # fmt: skip
+    """``state_dict`` (of ``param_groups``) with the curvature ``parts`` of layer ``i`` (weight ``weights[i]``) added."""
+    index: dict[int, int] = {}
+    for packed, group in zip(state_dict["param_groups"], param_groups):
+        for idx, p in zip(packed["params"], group["params"]):
+            index.setdefault(id(p), idx)
+    states = dict(state_dict["state"])
+    for part in parts:
+        for i, tensors in part.items():
+            idx = index[id(weights[i])]
+            states[idx] = {**states.get(idx, {}), **tensors}
+    return {**state_dict, "state": states}
