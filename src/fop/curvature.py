@@ -204,8 +204,8 @@ class KroneckerLayer:
     def _capture_sampled(self, x: Tensor, grad_out: Tensor) -> None:
         """Monte-Carlo Fisher pass: only ``Σ δδᵀ`` of the sampled labels' summed loss."""
         pending = self._pending
-        rows = self._output_rows(grad_out.detach()).to(compute_dtype(self.weight.dtype))
-        pending.mc_gg_sum = _add(pending.mc_gg_sum, rows.T @ rows)
+        moment = self._output_second_moment(grad_out.detach(), compute_dtype(self.weight.dtype))
+        pending.mc_gg_sum = _add(pending.mc_gg_sum, moment)
         pending.mc_samples += x.shape[0] if x.dim() > self._unbatched_dims else 1
 
     def _capture_backward(self, x: Tensor, grad_out: Tensor, mode: CaptureMode) -> None:
@@ -221,7 +221,6 @@ class KroneckerLayer:
         n = x.shape[0] if x.dim() > self._unbatched_dims else 1
         dtype = compute_dtype(self.weight.dtype)
         grad_out = grad_out.detach()
-        rows = self._output_rows(grad_out)
         pending.batch_samples += n
         if self.verify:
             pending.hooked = _add(pending.hooked, self._folded_grad(x, grad_out).to(dtype))
@@ -231,20 +230,22 @@ class KroneckerLayer:
             # backward reaches (an unused output, a logged prediction) must leave no trace
             self._accumulate_input_factor(x)
         if mode.factors and mode.empirical:
-            wide = rows.to(dtype)
-            pending.gg_sum = _add(pending.gg_sum, wide.T @ wide)
+            pending.gg_sum = _add(pending.gg_sum, self._output_second_moment(grad_out, dtype))
             pending.samples += n
-        if self.bias is not None and self.bias.requires_grad:
-            pending.reference = _add(pending.reference, rows.sum(0).to(dtype))
-        elif self.is_reference and (mode.total or mode.halves):
+        bias_reference = self.bias is not None and self.bias.requires_grad
+        if not bias_reference and self.is_reference and (mode.total or mode.halves):
             pending.reference = _add(pending.reference, self._folded_grad(x, grad_out).to(dtype))
-        if not mode.halves:
-            return
-        if n < 2:
+        if mode.halves and n < 2:
             pending.single_sample = True
+        if not mode.halves or n < 2:
+            if bias_reference:
+                pending.reference = _add(pending.reference, self._output_sum(grad_out).to(dtype))
             return
         n1 = (n + 1) // 2
         c1 = self._folded_grad(x[:n1], grad_out[:n1]).to(dtype)
+        if bias_reference:
+            # Σδ of the whole batch = the first half's bias column (already summed) + the second half's
+            pending.reference = _add(pending.reference, c1[:, -1] + self._output_sum(grad_out[n1:]).to(dtype))
         pending.g1 = _add(pending.g1, c1 * (n / n1))
         pending.c1 = _add(pending.c1, c1)
         if pending.split is None:
@@ -371,6 +372,15 @@ class KroneckerLayer:
         """Per-row output gradients, ``(rows, out)``."""
         raise NotImplementedError
 
+    def _output_sum(self, grad_out: Tensor) -> Tensor:
+        """``Σ_rows δ`` (the bias gradient), ``(out,)``."""
+        return self._output_rows(grad_out).sum(0)
+
+    def _output_second_moment(self, grad_out: Tensor, dtype: torch.dtype) -> Tensor:
+        """``Σ_rows δ δᵀ`` in ``dtype``, ``(out, out)``."""
+        rows = self._output_rows(grad_out).to(dtype)
+        return rows.T @ rows
+
     def _folded_grad(self, x: Tensor, grad_out: Tensor) -> Tensor:
         """``[∂W | ∂b]`` contributed by these samples, ``(out, in_f)``."""
         raise NotImplementedError
@@ -475,6 +485,23 @@ class Conv2dLayer(KroneckerLayer):
         if grad_out.dim() == 3:
             grad_out = grad_out.unsqueeze(0)
         return grad_out.permute(0, 2, 3, 1).reshape(-1, grad_out.shape[1])
+
+    # The two reductions below work on the (N, C, positions) layout of the output gradient as it
+    # comes (a view): the (rows, C) layout of _output_rows is a permuted copy of the whole tensor,
+    # which cost more than the reductions themselves. Both serve Conv1d/3d too (_unbatched_dims).
+    def _output_sum(self, grad_out: Tensor) -> Tensor:
+        if grad_out.dim() == self._unbatched_dims:
+            grad_out = grad_out.unsqueeze(0)
+        return grad_out.sum((0, *range(2, grad_out.dim())))
+
+    def _output_second_moment(self, grad_out: Tensor, dtype: torch.dtype) -> Tensor:
+        if grad_out.dim() == self._unbatched_dims:
+            grad_out = grad_out.unsqueeze(0)
+        n, c = grad_out.shape[:2]
+        if n * c * c > grad_out.numel():  # the per-sample moments would outgrow the copy they avoid
+            return super()._output_second_moment(grad_out, dtype)
+        per_sample = grad_out.reshape(n, c, -1).to(dtype)
+        return (per_sample @ per_sample.transpose(1, 2)).sum(0)  # Σ_n Σ_positions δ δᵀ
 
     def _folded_grad(self, x: Tensor, grad_out: Tensor) -> Tensor:
         x = self._padded(x)
