@@ -36,8 +36,13 @@ __all__ = [
     "make_layer", "supports",
 ]  # fmt: skip
 
-# The curvature state the optimizer keeps per layer (in ``optimizer.state[layer.weight]``).
-FACTOR_KEYS = ("A", "G", "A_values", "A_vectors", "G_values", "G_vectors")
+# The curvature state the optimizer keeps per layer (in ``optimizer.state[layer.weight]``): the
+# running factors; with exact damping their eigendecompositions; with factored damping the damped
+# inverses and, while the running factors have moved on since those were formed, the factors they
+# were formed from (FOP's projection uses the same factors as the inverse, as with eigenbases).
+FACTOR_KEYS = (
+    "A", "G", "A_values", "A_vectors", "G_values", "G_vectors", "A_inv", "G_inv", "A_at_inverse", "G_at_inverse",
+)  # fmt: skip
 
 # Large convolutions unfold their patches in chunks of this many samples to bound memory.
 _UNFOLD_CHUNK = 256

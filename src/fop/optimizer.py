@@ -52,6 +52,10 @@ PAPER_PRESET: dict[str, Any] = {
     "kl_clip": None,
     "eta": "sum",
 }
+# Curvature state of one damping mode, dropped when the other mode takes over (see FACTOR_KEYS).
+_EIGEN_KEYS = ("A_values", "A_vectors", "G_values", "G_vectors")
+_AT_INVERSE_KEYS = ("A_at_inverse", "G_at_inverse")
+_FACTORED_KEYS = ("A_inv", "G_inv", "inverse_damping") + _AT_INVERSE_KEYS
 # How many per-step trust-region factors ν are kept for trust_region_stats().
 _NU_HISTORY = 100_000
 _SPARSE_MESSAGE = (
@@ -392,9 +396,10 @@ class KroneckerOptimizer(Optimizer):
             if layer is not None:
                 n_in, n_out = layer.in_features, layer.out_features
                 expected.update(A=(n_in, n_in), G=(n_out, n_out), A_values=(n_in,), A_vectors=(n_in, n_in),
-                                G_values=(n_out,), G_vectors=(n_out, n_out))  # fmt: skip
+                                G_values=(n_out,), G_vectors=(n_out, n_out), A_inv=(n_in, n_in),
+                                G_inv=(n_out, n_out), A_at_inverse=(n_in, n_in), G_at_inverse=(n_out, n_out))  # fmt: skip
                 if layer.diagonal_input:
-                    expected["A"] = (n_in,)
+                    expected.update(A=(n_in,), A_inv=(n_in,), A_at_inverse=(n_in,))
             for key, value in entry.items():
                 want = expected.get(key)
                 if isinstance(value, Tensor) and want is not None and tuple(value.shape) != tuple(want):
@@ -624,12 +629,24 @@ class KroneckerOptimizer(Optimizer):
     def _owner_directions(self, owned: list[LayerWork], group: dict[str, Any], ok: Tensor, inverse_step: bool) -> None:
         """Factor updates, eigendecompositions and FOP/K-FAC directions of the layers owned here."""
         states = [self.state[item.layer.weight] for item in owned]
+        factored = group["damping_mode"] == "factored"
         with phase("factors"):
             for item, state in zip(owned, states):
                 if item.a is not None and item.g is not None:
-                    self._update_factors(state, item.a, item.g, group["factor_decay"], ok)
-        with phase("eigh"):
-            self._update_eigen([s for s in states if "A" in s and (inverse_step or "A_values" not in s)])
+                    # factored damping keeps the factors its inverses came from until the next inverse update
+                    keep = factored and not inverse_step and "A_inv" in state
+                    self._update_factors(state, item.a, item.g, group["factor_decay"], ok, keep)
+        if factored:
+            with phase("cholesky"):
+                due = [s for s in states if "A" in s and (inverse_step or "A_inv" not in s)]
+                self._update_factored_inverses(due, group["damping"], fresh=True)
+                # λ is part of the inverses: a new λ (a schedule, a checkpoint without the inverses'
+                # λ) re-forms them from the same factors, as the eigenbasis route applies it at once
+                stale = [s for s in states if "A_inv" in s and s.get("inverse_damping") != group["damping"]]
+                self._update_factored_inverses(stale, group["damping"], fresh=False)
+        else:
+            with phase("eigh"):
+                self._update_eigen([s for s in states if "A" in s and (inverse_step or "A_values" not in s)])
         with phase("direction"):
             for item, state in zip(owned, states):
                 # no factors yet (a layer first seen on a step without capture): plain gradient this once
@@ -647,7 +664,14 @@ class KroneckerOptimizer(Optimizer):
             total = torch.where(ok, torch.stack([n.to(noise[0]) for n in noise]).sum(0), 0.0)
             self._noise_total = total if self._noise_total is None else self._noise_total + total
 
-    def _update_factors(self, state: dict, a_new: Tensor, g_new: Tensor, decay: float, ok: Tensor) -> None:
+    def _update_factors(
+        self, state: dict, a_new: Tensor, g_new: Tensor, decay: float, ok: Tensor, keep: bool = False
+    ) -> None:
+        """Running averages ``A ← ρA + (1−ρ)A_batch`` (same for ``G``), unless the step is skipped.
+
+        ``keep``: the factors as they are now are still in use (factored damping between inverse
+        updates): they move to ``A_at_inverse``/``G_at_inverse`` first, unless already kept.
+        """
         good = ok & torch.isfinite(a_new).all() & torch.isfinite(g_new).all()
         if "A" not in state:
             # A skipped first capture must leave no factor behind (a placeholder would be averaged
@@ -655,6 +679,9 @@ class KroneckerOptimizer(Optimizer):
             if bool(good):
                 state["A"], state["G"] = a_new.clone(), g_new.clone()
             return
+        if keep and "A_at_inverse" not in state:
+            state["A_at_inverse"], state["G_at_inverse"] = state["A"], state["G"]
+            state["A"], state["G"] = state["A"].clone(), state["G"].clone()
         masked_copy_(state["A"], torch.lerp(state["A"], a_new, 1 - decay), good)
         masked_copy_(state["G"], torch.lerp(state["G"], g_new, 1 - decay), good)
 
@@ -664,6 +691,8 @@ class KroneckerOptimizer(Optimizer):
         A diagonal input factor (``nn.Embedding``'s token frequencies, stored 1-D) needs no ``eigh``:
         its eigenvalues are its entries and its basis the standard one (no ``A_vectors``).
         """
+        for state in states:  # what factored damping kept, if the mode was switched
+            _drop(state, _FACTORED_KEYS)
         for key in ("A", "G"):
             buckets: dict[tuple, list[dict]] = {}
             for state in states:
@@ -685,16 +714,60 @@ class KroneckerOptimizer(Optimizer):
                 for i, state in enumerate(bucket_states):
                     state[f"{key}_values"], state[f"{key}_vectors"] = eig.values[i], eig.vectors[i]
 
+    def _update_factored_inverses(self, states: list[dict], damping: float, fresh: bool) -> None:
+        """Factored damping's inverses ``(A + π√λI)⁻¹``, ``(G + √λ/π I)⁻¹`` by Cholesky, batched by shape.
+
+        ``fresh``: from the running factors (an inverse update); else from the factors the current
+        inverses came from, with a new ``λ`` (what the eigenbasis route does when λ changes).
+        """
+        if not states:
+            return
+        sources = []
+        for state in states:
+            _drop(state, _EIGEN_KEYS + (_AT_INVERSE_KEYS if fresh else ()))  # superseded, or from exact damping
+            a, g = state.get("A_at_inverse", state["A"]), state.get("G_at_inverse", state["G"])
+            sources.append((a, g, *Fn.factored_damping_shifts(a, g, damping)))
+        for slot, key in ((0, "A"), (1, "G")):
+            buckets: dict[tuple, list[int]] = {}
+            for i, (state, source) in enumerate(zip(states, sources)):
+                factor = source[slot]
+                if factor.dim() == 1:  # a diagonal A (Embedding), not stacked: (k, n) would read as a matrix
+                    state[f"{key}_inv"] = Fn.damped_factor_inverse(factor, source[2 + slot], state.get(f"{key}_inv"))
+                    continue
+                buckets.setdefault((tuple(factor.shape), factor.dtype, factor.device, f"{key}_inv" in state), []).append(i)
+            for (*_, has_previous), indices in buckets.items():
+                previous = torch.stack([states[i][f"{key}_inv"] for i in indices]) if has_previous else None
+                inverse = Fn.damped_factor_inverse(
+                    torch.stack([sources[i][slot] for i in indices]),
+                    torch.stack([sources[i][2 + slot] for i in indices]),
+                    previous,
+                )
+                for j, i in enumerate(indices):
+                    states[i][f"{key}_inv"] = inverse[j]
+        for state in states:
+            state["inverse_damping"] = damping
+
     def _direction(self, item: LayerWork, state: dict, group: dict[str, Any]) -> Tensor:
         layer = item.layer
-        eig_a = Fn.Eigen(state["A_values"], state.get("A_vectors"))  # none: diagonal A (Embedding)
-        eig_g = Fn.Eigen(state["G_values"], state["G_vectors"])
         damping, damping_mode = group["damping"], group["damping_mode"]
-        if self.splits_batch and item.g1 is not None and item.g2 is not None:
-            result = Fn.fop_direction_eigen(
-                item.g1, item.g2, eig_a, eig_g, damping, group["projection_eps"], self.projection,
-                damping_mode, group["eta"],
+        if damping_mode == "factored":
+            factored = Fn.Factored(
+                state.get("A_at_inverse", state["A"]), state.get("G_at_inverse", state["G"]),
+                state["A_inv"], state["G_inv"],
             )  # fmt: skip
+        else:
+            eig_a = Fn.Eigen(state["A_values"], state.get("A_vectors"))  # none: diagonal A (Embedding)
+            eig_g = Fn.Eigen(state["G_values"], state["G_vectors"])
+        if self.splits_batch and item.g1 is not None and item.g2 is not None:
+            if damping_mode == "factored":
+                result = Fn.fop_direction_factored(
+                    item.g1, item.g2, factored, group["projection_eps"], self.projection, group["eta"]
+                )
+            else:
+                result = Fn.fop_direction_eigen(
+                    item.g1, item.g2, eig_a, eig_g, damping, group["projection_eps"], self.projection,
+                    damping_mode, group["eta"],
+                )  # fmt: skip
             if result.avg_sq is not None and result.diff_sq is not None:  # free from the rotated halves
                 trace, grad_sq = Fn.noise_terms(result.avg_sq, result.diff_sq, item.half_batch)
             else:  # projection off: g1 − g2 was not formed
@@ -712,6 +785,8 @@ class KroneckerOptimizer(Optimizer):
             )
         zero = torch.zeros((), dtype=item.grad.dtype, device=item.grad.device)
         layer.last = {"beta": zero, "eta": torch.ones_like(zero), "projection": zero}
+        if damping_mode == "factored":
+            return Fn.damped_inverse_factored(item.grad, factored)
         return Fn.kfac_direction_eigen(item.grad, eig_a, eig_g, damping, damping_mode)
 
     def _apply_sgd(
@@ -886,6 +961,11 @@ def _device_of(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
+
+
+def _drop(state: dict, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        state.pop(key, None)
 
 
 def _check_nonneg(name: str, value: float | Tensor) -> None:
