@@ -326,13 +326,14 @@ class KroneckerLayer:
             else:
                 work.g2 = rest * (n / (n - n1))
             work.half_batch = p.batch_samples / 2
+        # in place: the sums are this cycle's own (reset below), and A can be large
         g_factor = None
         if p.gg_sum is not None:
-            g_factor = p.gg_sum * (p.samples * r * r)
+            g_factor = p.gg_sum.mul_(p.samples * r * r)
         elif p.mc_gg_sum is not None and p.mc_samples > 0:
-            g_factor = p.mc_gg_sum / p.mc_samples
+            g_factor = p.mc_gg_sum.div_(p.mc_samples)
         if p.a_sum is not None and p.a_rows > 0 and g_factor is not None:
-            work.a, work.g = p.a_sum / p.a_rows, g_factor
+            work.a, work.g = p.a_sum.div_(p.a_rows), g_factor
         self.reset()
         return work
 
@@ -414,9 +415,15 @@ def _tf32(x: Tensor) -> bool:
 
 def _fold_bias_moment(rows: Tensor, with_bias: bool) -> Tensor:
     """``Σ a aᵀ`` over rows, with a trailing all-ones column appended to ``a`` when biased."""
-    core = rows.T @ rows
     if not with_bias:
-        return core
+        return rows.T @ rows
+    if rows.shape[0] < 2 * (rows.shape[1] + 1):
+        # few rows, many columns (a wide Linear): one product of the augmented rows makes the folded
+        # matrix directly, where assembling it from blocks would copy the large moment twice
+        ones = rows.new_ones(rows.shape[0], 1)
+        augmented = torch.cat([rows, ones], dim=1)
+        return augmented.T @ augmented
+    core = rows.T @ rows
     col = rows.sum(0)
     count = rows.new_full((1,), float(rows.shape[0]))  # no host-to-device copy
     top = torch.cat([core, col[:, None]], dim=1)

@@ -149,8 +149,7 @@ def eigen_factor(factor: Tensor, previous: Eigen | None = None) -> Eigen:
     a plain damped gradient step, when there is no previous decomposition).
     """
     dtype = compute_dtype(factor.dtype)
-    sym = factor.to(dtype)
-    sym = 0.5 * (sym + sym.transpose(-2, -1))
+    sym = _symmetrized(factor.to(dtype))
     with torch.autocast(device_type=sym.device.type, enabled=False):
         try:
             values, vectors = torch.linalg.eigh(sym)
@@ -194,6 +193,11 @@ def eigen_diagonal(diagonal: Tensor, previous: Eigen | None = None) -> Eigen:
 def _eigen(factor: Tensor) -> Eigen:
     """:func:`eigen_diagonal` of a 1-D (diagonal) factor, else :func:`eigen_factor`."""
     return eigen_diagonal(factor) if factor.dim() == 1 else eigen_factor(factor)
+
+
+def _symmetrized(x: Tensor) -> Tensor:
+    """``(X + Xᵀ)/2`` as one new tensor (the factors can be large: no second temporary)."""
+    return torch.add(x, x.transpose(-2, -1)).mul_(0.5)
 
 
 def to_eigenbasis(x: Tensor, eig_a: Eigen, eig_g: Eigen) -> Tensor:
@@ -282,24 +286,29 @@ def damped_factor_inverse(factor: Tensor, shift: Tensor, previous: Tensor | None
     kept there (or ``I / shift``, the inverse for a zero factor, when there is none).
     """
     dtype = compute_dtype(factor.dtype)
-    sym = factor.to(dtype)
-    sym = 0.5 * (sym + sym.transpose(-2, -1))
-    shift = torch.as_tensor(shift, dtype=dtype, device=sym.device).expand(sym.shape[:-2])
-    eye = torch.eye(sym.shape[-1], dtype=dtype, device=sym.device)
-    damped = sym + shift[..., None, None] * eye
-    with torch.autocast(device_type=sym.device.type, enabled=False):
+    damped = _symmetrized(factor.to(dtype))
+    shift = torch.as_tensor(shift, dtype=dtype, device=damped.device).expand(damped.shape[:-2])
+    damped.diagonal(dim1=-2, dim2=-1).add_(shift[..., None])  # in place: a large factor is not copied again
+    with torch.autocast(device_type=damped.device.type, enabled=False):
         chol, info = torch.linalg.cholesky_ex(damped)
         inverse = torch.cholesky_inverse(chol)
+        del chol
         if bool((info != 0).any()):  # one host synchronisation per inverse update, as eigh's own check
             chol, info = torch.linalg.cholesky_ex(damped.to(torch.float64))
             inverse = torch.where((info == 0)[..., None, None], torch.cholesky_inverse(chol).to(dtype), inverse)
             failed = info != 0
             if bool(failed.any()):
-                eig = eigen_factor(sym)
-                clamped = eig.vectors @ (eig.vectors.transpose(-2, -1) / (eig.values + shift[..., None])[..., :, None])
+                # eigenvalues a + shift of the damped factor; max(a, 0) + shift = max(a + shift, shift)
+                eig = eigen_factor(damped)
+                values = torch.maximum(eig.values, shift[..., None])
+                clamped = eig.vectors @ (eig.vectors.transpose(-2, -1) / values[..., :, None])
                 inverse = torch.where(failed[..., None, None], clamped, inverse)
-    finite = torch.isfinite(sym).all(dim=(-2, -1)) & torch.isfinite(inverse).all(dim=(-2, -1))
-    fallback = eye / shift[..., None, None] if previous is None else previous.to(dtype)
+    finite = torch.isfinite(damped).all(dim=(-2, -1)) & torch.isfinite(inverse).all(dim=(-2, -1))
+    if previous is None:
+        eye = torch.eye(damped.shape[-1], dtype=dtype, device=damped.device)
+        fallback = eye / shift[..., None, None]
+    else:
+        fallback = previous.to(dtype)
     return torch.where(finite[..., None, None], inverse, fallback)
 
 

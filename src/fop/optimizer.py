@@ -31,7 +31,7 @@ from . import functional as Fn
 from .curvature import FACTOR_KEYS, CaptureMode, KroneckerLayer, LayerWork
 from .layers import linear_layouts, make_layers, supports, unsupported_reason
 from .distributed import Communicator, make_communicator
-from .first_order import adamw_update, masked_copy_, sgd_update
+from .first_order import adamw_update, sgd_update
 from .profiling import phase
 
 __all__ = ["FOP", "KFAC", "KroneckerOptimizer", "PAPER_PRESET"]
@@ -94,8 +94,12 @@ class KroneckerOptimizer(Optimizer):
             sampled from the model's predictive distribution; the loop calls
             :meth:`sample_fisher` on the output before ``backward()``, one extra backward pass on
             curvature steps).
-        damping_mode: ``"exact"`` (``M = A ⊗ G + λI``) or ``"factored"``
-            (``M = (A + π√λI) ⊗ (G + √λ/π I)``); see :func:`fop.functional.damped_fisher_eigenvalues`.
+        damping_mode: ``"exact"`` (``M = A ⊗ G + λI``, through the factors' eigendecompositions) or
+            ``"factored"`` (``M = (A + π√λI) ⊗ (G + √λ/π I)``, through the two damped inverses, formed
+            by Cholesky factorisations: several times cheaper than the eigendecompositions of large
+            factors, and an ordinary step needs no rotation back); see
+            :func:`fop.functional.damped_fisher_eigenvalues` and :func:`fop.functional.factored_inverses`.
+            Either way each step uses the factors as of the last inverse update, with the current ``λ``.
         eta: FOP's step-scale convention: ``"mean"`` (``g_tot = (g1+g2)/2``, η* ∈ [½, 1]) or
             ``"sum"`` (the paper's literal ``g_tot = g1 + g2``, η* ∈ [1, 2]). K-FAC ignores it.
         fallback: ``"sgd"`` or ``"adamw"``, the rule for parameters outside supported layers.
@@ -682,8 +686,9 @@ class KroneckerOptimizer(Optimizer):
         if keep and "A_at_inverse" not in state:
             state["A_at_inverse"], state["G_at_inverse"] = state["A"], state["G"]
             state["A"], state["G"] = state["A"].clone(), state["G"].clone()
-        masked_copy_(state["A"], torch.lerp(state["A"], a_new, 1 - decay), good)
-        masked_copy_(state["G"], torch.lerp(state["G"], g_new, 1 - decay), good)
+        # lerp towards A itself on a skipped step (exactly A): one temporary, not two, for a large A
+        state["A"].lerp_(torch.where(good, a_new, state["A"]), 1 - decay)
+        state["G"].lerp_(torch.where(good, g_new, state["G"]), 1 - decay)
 
     def _update_eigen(self, states: list[dict]) -> None:
         """Eigendecompose the factors, batched over factors of one shape (one ``eigh`` call each).
@@ -710,7 +715,7 @@ class KroneckerOptimizer(Optimizer):
                         torch.stack([s[f"{key}_values"] for s in bucket_states]),
                         torch.stack([s[f"{key}_vectors"] for s in bucket_states]),
                     )
-                eig = Fn.eigen_factor(torch.stack([s[key] for s in bucket_states]), previous)
+                eig = Fn.eigen_factor(_stacked([s[key] for s in bucket_states]), previous)
                 for i, state in enumerate(bucket_states):
                     state[f"{key}_values"], state[f"{key}_vectors"] = eig.values[i], eig.vectors[i]
 
@@ -736,9 +741,9 @@ class KroneckerOptimizer(Optimizer):
                     continue
                 buckets.setdefault((tuple(factor.shape), factor.dtype, factor.device, f"{key}_inv" in state), []).append(i)
             for (*_, has_previous), indices in buckets.items():
-                previous = torch.stack([states[i][f"{key}_inv"] for i in indices]) if has_previous else None
+                previous = _stacked([states[i][f"{key}_inv"] for i in indices]) if has_previous else None
                 inverse = Fn.damped_factor_inverse(
-                    torch.stack([sources[i][slot] for i in indices]),
+                    _stacked([sources[i][slot] for i in indices]),
                     torch.stack([sources[i][2 + slot] for i in indices]),
                     previous,
                 )
@@ -961,6 +966,11 @@ def _device_of(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
+
+
+def _stacked(tensors: list[Tensor]) -> Tensor:
+    """``torch.stack``, but a view for one tensor (a lone large factor is not copied)."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
 
 
 def _drop(state: dict, keys: tuple[str, ...]) -> None:
