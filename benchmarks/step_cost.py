@@ -1,6 +1,7 @@
 """Step cost of FOP and K-FAC as ratios to SGD with momentum, measured side by side in one process.
 
-    python benchmarks/step_cost.py [--model cnn|mlp|both] [--cycles 4] [--repeats 3] [--profile]
+    python benchmarks/step_cost.py [--model cnn|mlp|both] [--cycles 4] [--repeats 3] [--profile] [--memory]
+                                   [--optimizers sgd,kfac,fop,fop-factored] [--clock wall|cpu]
 
 For each model (issue #13's CNN: two 3x3 convs and Linear(2048, 10) on 32x32x3 inputs, batch 256;
 the digits MLP: 64-256-256-10, batch 256) the optimizers run interleaved, ``repeats`` times, each
@@ -10,7 +11,8 @@ inverse every 10 steps). Reported per optimizer, median over repeats:
 * amortized: mean time per training step (forward + backward + step) over whole intervals;
 * ordinary: median time of a step that captures no curvature and computes no inverse;
 * curvature: mean time of the steps that capture statistics and eigendecompose;
-* peak: the process's peak RSS growth while the optimizer trains (CPU; a rough figure).
+* peak (``--memory``): a fresh process's peak RSS, and its growth while the optimizer trains
+  (CPU; a rough figure).
 
 Ratios are to SGD within the same repeat, so machine load shared by all optimizers cancels out.
 ``--profile`` adds the fop:: phase breakdown (ms per step, amortized) from torch.profiler.
@@ -46,10 +48,24 @@ OPTIMIZERS = {
     "sgd": lambda m: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9),
     "kfac": lambda m: KFAC(m, lr=0.01),
     "fop": lambda m: FOP(m, lr=0.01),
+    # variants, by --optimizers: factored damping (ASDL's and the paper's), a longer inverse interval
+    "kfac-factored": lambda m: KFAC(m, lr=0.01, damping_mode="factored"),
+    "fop-factored": lambda m: FOP(m, lr=0.01, damping_mode="factored"),
+    "fop-inv50": lambda m: FOP(m, lr=0.01, inverse_update_interval=50),
 }
+DEFAULT_OPTIMIZERS = ("sgd", "kfac", "fop")
+# steps of one whole cycle of each optimizer's updates (curvature and inverse): what "amortized" spans
+CYCLE = {"fop-inv50": 50}
+# wall: time.perf_counter; cpu: this process's CPU time, which other processes on a shared machine
+# inflate far less than wall time (the optimizers run single-threaded, so CPU time is step time)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def run(name: str, opt_name: str, cycles: int, interval: int = 10, batch: int = 256, profile: bool = False):
+def run(
+    name: str, opt_name: str, cycles: int, interval: int = 10, batch: int = 256, profile: bool = False,
+    clock: str = "wall",
+):  # fmt: skip
+    interval = CYCLE.get(opt_name, interval)
     build, shape = MODELS[name]
     torch.manual_seed(0)
     model = build()
@@ -58,14 +74,16 @@ def run(name: str, opt_name: str, cycles: int, interval: int = 10, batch: int = 
     data = torch.randn(4 * batch, *shape, generator=gen)
     labels = torch.randint(0, 10, (4 * batch,), generator=gen)
 
+    now = CLOCKS[clock]
+
     def step(k: int) -> float:
         i = (k % 4) * batch
         x, y = data[i : i + batch], labels[i : i + batch]
-        t = time.perf_counter()
+        t = now()
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
-        return time.perf_counter() - t
+        return now() - t
 
     for k in range(interval + 2):
         step(k)
@@ -89,18 +107,51 @@ def run(name: str, opt_name: str, cycles: int, interval: int = 10, batch: int = 
     return sum(times) / len(times), statistics.median(ordinary), sum(curvature) / len(curvature)
 
 
-def peak_rss_mb(name: str, opt_name: str) -> float:
-    """Peak RSS of a fresh process training a few intervals (CPU memory is per process)."""
+def peak_rss_mb(name: str, opt_name: str) -> tuple[float, float]:
+    """``(peak RSS, peak growth during training)`` in MB, of a fresh process training two intervals.
+
+    CPU memory is per process, so each optimizer gets its own. The growth (peak RSS minus the RSS
+    once torch, the model and the data are loaded, just before training) is the training's own
+    memory: activations, gradients, the optimizer's state; the peak itself is mostly torch's.
+    """
     import subprocess
     import sys
 
     code = (
-        "import resource,sys,torch;torch.set_num_threads(1);sys.path.insert(0,'benchmarks');import step_cost as s;"
-        f"s.run({name!r},{opt_name!r},2);"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024)"
+        "import sys,torch;torch.set_num_threads(1);sys.path.insert(0,'benchmarks');import step_cost as s;"
+        f"print(*s.measure_rss({name!r},{opt_name!r}))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(out.stdout.split()[-1])
+    peak, growth = out.stdout.split()[-2:]
+    return float(peak), float(growth)
+
+
+def measure_rss(name: str, opt_name: str) -> tuple[float, float]:
+    """In this process: RSS sampled every millisecond by a thread while ``run`` trains two intervals.
+
+    ``ru_maxrss`` would not do: importing torch peaks above what training adds for small models.
+    """
+    import resource
+    import threading
+
+    def rss() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+    base, peak, done = rss(), [0.0], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.001):
+            peak[0] = max(peak[0], rss())
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        run(name, opt_name, 2)
+    finally:
+        done.set()
+        sampler.join()
+    return peak[0], peak[0] - base
 
 
 def main() -> None:
@@ -111,14 +162,21 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--memory", action="store_true", help="peak RSS of a fresh process per optimizer")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: no oversubscription on a shared machine)")
+    parser.add_argument(
+        "--optimizers", default=",".join(DEFAULT_OPTIMIZERS), help=f"comma-separated, sgd first; from {', '.join(OPTIMIZERS)}"
+    )
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="cpu: process CPU time (shared machines)")
     args = parser.parse_args()
+    chosen = args.optimizers.split(",")
+    if chosen[0] != "sgd" or any(o not in OPTIMIZERS for o in chosen):
+        parser.error(f"--optimizers must start with sgd and name only {', '.join(OPTIMIZERS)}")
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock")
     for name in (["cnn", "mlp"] if args.model == "both" else [args.model]):
-        results: dict[str, list[tuple[float, float, float]]] = {o: [] for o in OPTIMIZERS}
+        results: dict[str, list[tuple[float, float, float]]] = {o: [] for o in chosen}
         for _ in range(args.repeats):
-            for opt_name in OPTIMIZERS:
-                results[opt_name].append(run(name, opt_name, args.cycles))
+            for opt_name in chosen:
+                results[opt_name].append(run(name, opt_name, args.cycles, clock=args.clock))
         print(f"\n{name}: median over {args.repeats} interleaved repeats of {args.cycles} intervals")
         print("| optimizer | amortized ms | x SGD | ordinary ms | x SGD | curvature-step ms |")
         print("| --- | --- | --- | --- | --- | --- |")
@@ -131,10 +189,14 @@ def main() -> None:
                 f"{statistics.median(ratios_o):.2f} | {med[2]:.1f} |"
             )
         if args.memory:
-            peaks = {o: peak_rss_mb(name, o) for o in OPTIMIZERS}
-            print("peak RSS MB: " + ", ".join(f"{o} {v:.0f} ({v / peaks['sgd']:.2f}x)" for o, v in peaks.items()))
+            peaks = {o: peak_rss_mb(name, o) for o in chosen}
+            sgd_peak, sgd_growth = peaks["sgd"]
+            print(
+                "peak RSS MB (growth while training): "
+                + ", ".join(f"{o} {p:.0f} ({p / sgd_peak:.2f}x), {g:.0f} ({g / sgd_growth:.2f}x)" for o, (p, g) in peaks.items())
+            )
         if args.profile:
-            for opt_name in ("kfac", "fop"):
+            for opt_name in chosen[1:]:
                 phases = run(name, opt_name, args.cycles, profile=True)
                 print(f"{opt_name} phases ms/step: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(phases.items())))
 

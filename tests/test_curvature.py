@@ -58,6 +58,8 @@ CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "conv-rect-kernel": (lambda: conv_model(kernel_size=(2, 3), stride=(1, 2)), (3, 7, 7)),
     "conv-same": (lambda: conv_model(kernel_size=4, padding="same"), (3, 7, 7)),
     "conv-reflect": (lambda: conv_model(kernel_size=3, padding=1, padding_mode="reflect"), (3, 7, 7)),
+    # one output position: G's moment takes the (rows, out) path instead of per-sample products
+    "conv-one-position": (lambda: conv_model(kernel_size=7), (3, 7, 7)),
 }
 
 
@@ -161,7 +163,9 @@ def patches_by_loops(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("case", ["linear", "linear-3d", "conv-3x3-pad1", "conv-stride2-nobias", "conv-dilation2"])
+@pytest.mark.parametrize(
+    "case", ["linear", "linear-3d", "conv-3x3-pad1", "conv-stride2-nobias", "conv-dilation2", "conv-one-position"]
+)
 def test_factors_equal_explicit_second_moments(case: str) -> None:
     model, x, y = make(case, 6)
     for module in model.modules():  # retain_grad below must see the layer's own output

@@ -344,6 +344,7 @@ def check_fop_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dense_a: 
     ``(optimizer, parameters before the step)``.
     """
     reference = copy.deepcopy(model)
+    mode = options.get("damping_mode", "exact")
     optimizer = FOP(model, lr=0.5, momentum=0.0, damping=0.05, kl_clip=None, **options, **FAST)
     names = [layer.name for layer in optimizer.layers]
     g1 = half_grads(reference, x[:4], y[:4], names)
@@ -354,7 +355,7 @@ def check_fop_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dense_a: 
     for layer in optimizer.layers:
         state = optimizer.state[layer.weight]
         a = (dense_a or {}).get(layer.name, state["A"])
-        expected = fop_direction(g1[layer.name], g2[layer.name], a, state["G"], 0.05)
+        expected = fop_direction(g1[layer.name], g2[layer.name], a, state["G"], 0.05, damping_mode=mode)
         torch.testing.assert_close(folded_param(layer), before[layer.name] - 0.5 * expected.direction, msg=layer.name)
     return optimizer, before
 
@@ -635,6 +636,16 @@ def test_embedding_fop_step_is_the_functional_direction_of_the_dense_factor(case
     assert set(optimizer.diagnostics()) == {"emb", "head"}
     if case == "padding":  # the padding row has no gradient, hence no direction
         torch.testing.assert_close(folded_param(optimizer.layers[0])[:, 2], before["emb"][:, 2], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", ["plain", "padding"])
+def test_embedding_fop_step_with_factored_damping_inverts_the_diagonal_factor(case: str) -> None:
+    """Factored damping keeps the diagonal A 1-D (its inverse too) and equals the dense factor's Cholesky route."""
+    model, x, y = make_tokens(case, 8)
+    a, _ = embedding_oracle(model, x, y)
+    optimizer, _ = check_fop_step(model, x, y, dense_a={"emb": a}, damping_mode="factored", **token_options(case))
+    state = optimizer.state[optimizer.layers[0].weight]
+    assert state["A_inv"].dim() == 1 and "A_vectors" not in state
 
 
 def test_embedding_with_a_large_vocabulary_keeps_a_diagonal_factor() -> None:

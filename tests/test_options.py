@@ -91,6 +91,68 @@ def test_fop_direction_with_factored_damping_matches_dense() -> None:
     torch.testing.assert_close(result.direction, eta * n_comb, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("projection", [True, False])
+@pytest.mark.parametrize("eta", ["mean", "sum"])
+def test_factored_cholesky_route_equals_the_eigenbasis_route(projection: bool, eta: str) -> None:
+    """Cholesky inverses give FOP's factored-damping direction of the eigenbasis route, batched over
+    layers of one shape, with a singular (rank-deficient) factor among them."""
+    gen = torch.Generator().manual_seed(3)
+    low_rank = torch.randn(7, 2, generator=gen, dtype=DTYPE)
+    a = torch.stack([spd(7, gen), low_rank @ low_rank.T])
+    g = torch.stack([spd(5, gen), spd(5, gen)])
+    g1, g2 = torch.randn(2, 5, 7, generator=gen, dtype=DTYPE), torch.randn(2, 5, 7, generator=gen, dtype=DTYPE)
+    damping = 0.02
+    via_eigen = Fn.fop_direction_eigen(
+        g1, g2, Fn.eigen_factor(a), Fn.eigen_factor(g), damping, 1e-12, projection, "factored", eta
+    )
+    via_cholesky = Fn.fop_direction_factored(g1, g2, Fn.factored_inverses(a, g, damping), 1e-12, projection, eta)
+    for name in ("direction", "beta", "eta", "projection"):
+        torch.testing.assert_close(getattr(via_cholesky, name), getattr(via_eigen, name), rtol=1e-9, atol=1e-12)
+    x = g1 - g2
+    torch.testing.assert_close(
+        Fn.damped_inverse_factored(x, Fn.factored_inverses(a, g, damping)),
+        Fn.damped_inverse_eigen(x, Fn.eigen_factor(a), Fn.eigen_factor(g), damping, "factored"),
+        rtol=1e-9, atol=1e-12,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("fails", [("float32",), ("float32", "float64")])
+def test_damped_factor_inverse_retries_in_float64_then_through_eigh(
+    monkeypatch: pytest.MonkeyPatch, fails: tuple[str, ...]
+) -> None:
+    """A failed float32 Cholesky is retried in float64; where that fails too, the eigendecomposition
+    (round-off eigenvalues clamped) gives the inverse. Either way the result is (A + shift·I)⁻¹."""
+    gen = torch.Generator().manual_seed(4)
+    a = spd(6, gen).to(torch.float32)
+    shift = torch.tensor(0.1)
+    real = torch.linalg.cholesky_ex
+    calls: list[torch.dtype] = []
+
+    def flaky(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(x.dtype)
+        chol, info = real(x)
+        return chol, torch.ones_like(info) if str(x.dtype).endswith(fails) else info
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", flaky)
+    inverse = Fn.damped_factor_inverse(a, shift)
+    assert calls == [torch.float32, torch.float64] and inverse.dtype == torch.float32
+    expected = torch.linalg.inv(a.double() + 0.1 * torch.eye(6, dtype=DTYPE)).float()
+    torch.testing.assert_close(inverse, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_damped_factor_inverse_keeps_the_previous_inverse_for_a_non_finite_factor() -> None:
+    gen = torch.Generator().manual_seed(5)
+    good, previous = spd(4, gen), spd(4, gen)
+    bad = good.clone()
+    bad[0, 1] = bad[1, 0] = float("nan")
+    shifts = torch.tensor([0.1, 0.1], dtype=DTYPE)
+    inverse = Fn.damped_factor_inverse(torch.stack([good, bad]), shifts, torch.stack([previous, previous]))
+    torch.testing.assert_close(inverse[0], torch.linalg.inv(good + 0.1 * torch.eye(4, dtype=DTYPE)))
+    torch.testing.assert_close(inverse[1], previous)
+    # no previous inverse: that of a zero factor, I / shift (a plain damped gradient step)
+    torch.testing.assert_close(Fn.damped_factor_inverse(bad, torch.tensor(0.1, dtype=DTYPE)), torch.eye(4, dtype=DTYPE) / 0.1)
+
+
 def test_eta_sum_convention_doubles_eta_and_the_direction() -> None:
     """The paper's g_tot = g1 + g2: η* = 2(1+r)/(1+3r) ∈ [1, 2], twice the mean convention."""
     gen = torch.Generator().manual_seed(2)
@@ -236,6 +298,55 @@ def test_kfac_step_with_factored_damping_equals_dense() -> None:
     g = delta.T @ delta / 10
     step = unvec(torch.linalg.solve(factored(a, g, damping), vec(grad)), 3, 6)
     torch.testing.assert_close(folded(model), before - lr * step, rtol=1e-9, atol=1e-12)
+
+
+def test_factored_fop_between_inverse_updates_uses_the_inverted_factors() -> None:
+    """Factors every step, inverses every third: each step uses the factors of the last inverse update
+    (as the eigenbasis route does), and a new damping applies at once, to those same factors."""
+    model = mlp()
+    lr, damping = 0.2, 0.05
+    optimizer = FOP(
+        model, lr=lr, momentum=0.0, damping=damping, damping_mode="factored", kl_clip=None, factor_decay=0.5,
+        curvature_update_interval=1, inverse_update_interval=3,
+    )  # fmt: skip
+    inverted: dict[str, torch.Tensor] = {}
+    for k in range(7):
+        if k == 4:
+            damping = 0.2
+            optimizer.param_groups[0]["damping"] = damping
+        x, y = data(seed=10 + k)
+        halves = []
+        for part in (slice(0, 4), slice(4, 8)):
+            ref = copy.deepcopy(model)
+            F.cross_entropy(ref(x[part]), y[part]).backward()
+            halves.append([torch.cat([m.weight.grad, m.bias.grad[:, None]], 1) for m in (ref[0], ref[2])])
+        before = [folded(m) for m in (model[0], model[2])]
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        for i, m in enumerate((model[0], model[2])):
+            state = optimizer.state[m.weight]
+            if k % 3 == 0:
+                inverted[f"A{i}"], inverted[f"G{i}"] = state["A"].clone(), state["G"].clone()
+            eig_a, eig_g = Fn.eigen_factor(inverted[f"A{i}"]), Fn.eigen_factor(inverted[f"G{i}"])
+            expected = Fn.fop_direction_eigen(halves[0][i], halves[1][i], eig_a, eig_g, damping, 1e-12, True, "factored")
+            torch.testing.assert_close(folded(m), before[i] - lr * expected.direction, rtol=1e-9, atol=1e-12)
+            assert ("A_at_inverse" in state) == (k % 3 != 0)
+
+
+def test_switching_the_damping_mode_replaces_the_curvature_state() -> None:
+    model = mlp()
+    optimizer = KFAC(model, lr=0.1, curvature_update_interval=1, inverse_update_interval=5)
+    x, y = data()
+    for mode, present, absent in (
+        ("exact", "A_values", "A_inv"), ("factored", "A_inv", "A_values"), ("exact", "A_values", "A_inv"),
+    ):  # fmt: skip
+        optimizer.param_groups[0]["damping_mode"] = mode
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        state = optimizer.state[model[0].weight]
+        assert present in state and absent not in state
 
 
 def test_fop_eta_sum_step_is_the_functional_direction() -> None:

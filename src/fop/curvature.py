@@ -36,8 +36,13 @@ __all__ = [
     "make_layer", "supports",
 ]  # fmt: skip
 
-# The curvature state the optimizer keeps per layer (in ``optimizer.state[layer.weight]``).
-FACTOR_KEYS = ("A", "G", "A_values", "A_vectors", "G_values", "G_vectors")
+# The curvature state the optimizer keeps per layer (in ``optimizer.state[layer.weight]``): the
+# running factors; with exact damping their eigendecompositions; with factored damping the damped
+# inverses and, while the running factors have moved on since those were formed, the factors they
+# were formed from (FOP's projection uses the same factors as the inverse, as with eigenbases).
+FACTOR_KEYS = (
+    "A", "G", "A_values", "A_vectors", "G_values", "G_vectors", "A_inv", "G_inv", "A_at_inverse", "G_at_inverse",
+)  # fmt: skip
 
 # Large convolutions unfold their patches in chunks of this many samples to bound memory.
 _UNFOLD_CHUNK = 256
@@ -210,8 +215,8 @@ class KroneckerLayer:
     def _capture_sampled(self, x: Tensor, grad_out: Tensor) -> None:
         """Monte-Carlo Fisher pass: only ``Σ δδᵀ`` of the sampled labels' summed loss."""
         pending = self._pending
-        rows = self._output_rows(grad_out.detach()).to(compute_dtype(self.weight.dtype))
-        pending.mc_gg_sum = _add(pending.mc_gg_sum, rows.T @ rows)
+        moment = self._output_second_moment(grad_out.detach(), compute_dtype(self.weight.dtype))
+        pending.mc_gg_sum = _add(pending.mc_gg_sum, moment)
         pending.mc_samples += x.shape[0] if x.dim() > self._unbatched_dims else 1
 
     def _capture_backward(self, x: Tensor, grad_out: Tensor, mode: CaptureMode) -> None:
@@ -227,7 +232,6 @@ class KroneckerLayer:
         n = x.shape[0] if x.dim() > self._unbatched_dims else 1
         dtype = compute_dtype(self.weight.dtype)
         grad_out = grad_out.detach()
-        rows = self._output_rows(grad_out)
         pending.batch_samples += n
         if self.verify:
             pending.hooked = _add(pending.hooked, self._folded_grad(x, grad_out).to(dtype))
@@ -237,20 +241,22 @@ class KroneckerLayer:
             # backward reaches (an unused output, a logged prediction) must leave no trace
             self._accumulate_input_factor(x)
         if mode.factors and mode.empirical:
-            wide = rows.to(dtype)
-            pending.gg_sum = _add(pending.gg_sum, wide.T @ wide)
+            pending.gg_sum = _add(pending.gg_sum, self._output_second_moment(grad_out, dtype))
             pending.samples += n
-        if self.bias is not None and self.bias.requires_grad:
-            pending.reference = _add(pending.reference, rows.sum(0).to(dtype))
-        elif self.is_reference and (mode.total or mode.halves):
+        bias_reference = self.bias is not None and self.bias.requires_grad
+        if not bias_reference and self.is_reference and (mode.total or mode.halves):
             pending.reference = _add(pending.reference, self._folded_grad(x, grad_out).to(dtype))
-        if not mode.halves:
-            return
-        if n < 2:
+        if mode.halves and n < 2:
             pending.single_sample = True
+        if not mode.halves or n < 2:
+            if bias_reference:
+                pending.reference = _add(pending.reference, self._output_sum(grad_out).to(dtype))
             return
         n1 = (n + 1) // 2
         c1 = self._folded_grad(x[:n1], grad_out[:n1]).to(dtype)
+        if bias_reference:
+            # Σδ of the whole batch = the first half's bias column (already summed) + the second half's
+            pending.reference = _add(pending.reference, c1[:, -1] + self._output_sum(grad_out[n1:]).to(dtype))
         pending.g1 = _add(pending.g1, c1 * (n / n1))
         pending.c1 = _add(pending.c1, c1)
         if pending.split is None:
@@ -326,13 +332,14 @@ class KroneckerLayer:
             else:
                 work.g2 = rest * (n / (n - n1))
             work.half_batch = p.batch_samples / 2
+        # in place: the sums are this cycle's own (reset below), and A can be large
         g_factor = None
         if p.gg_sum is not None:
-            g_factor = p.gg_sum * (p.samples * r * r)
+            g_factor = p.gg_sum.mul_(p.samples * r * r)
         elif p.mc_gg_sum is not None and p.mc_samples > 0:
-            g_factor = p.mc_gg_sum / p.mc_samples
+            g_factor = p.mc_gg_sum.div_(p.mc_samples)
         if p.a_sum is not None and p.a_rows > 0 and g_factor is not None:
-            work.a, work.g = p.a_sum / p.a_rows, g_factor
+            work.a, work.g = p.a_sum.div_(p.a_rows), g_factor
         self.reset()
         return work
 
@@ -377,6 +384,15 @@ class KroneckerLayer:
         """Per-row output gradients, ``(rows, out)``."""
         raise NotImplementedError
 
+    def _output_sum(self, grad_out: Tensor) -> Tensor:
+        """``Σ_rows δ`` (the bias gradient), ``(out,)``."""
+        return self._output_rows(grad_out).sum(0)
+
+    def _output_second_moment(self, grad_out: Tensor, dtype: torch.dtype) -> Tensor:
+        """``Σ_rows δ δᵀ`` in ``dtype``, ``(out, out)``."""
+        rows = self._output_rows(grad_out).to(dtype)
+        return rows.T @ rows
+
     def _folded_grad(self, x: Tensor, grad_out: Tensor) -> Tensor:
         """``[∂W | ∂b]`` contributed by these samples, ``(out, in_f)``."""
         raise NotImplementedError
@@ -405,9 +421,15 @@ def _tf32(x: Tensor) -> bool:
 
 def _fold_bias_moment(rows: Tensor, with_bias: bool) -> Tensor:
     """``Σ a aᵀ`` over rows, with a trailing all-ones column appended to ``a`` when biased."""
-    core = rows.T @ rows
     if not with_bias:
-        return core
+        return rows.T @ rows
+    if rows.shape[0] < 2 * (rows.shape[1] + 1):
+        # few rows, many columns (a wide Linear): one product of the augmented rows makes the folded
+        # matrix directly, where assembling it from blocks would copy the large moment twice
+        ones = rows.new_ones(rows.shape[0], 1)
+        augmented = torch.cat([rows, ones], dim=1)
+        return augmented.T @ augmented
+    core = rows.T @ rows
     col = rows.sum(0)
     count = rows.new_full((1,), float(rows.shape[0]))  # no host-to-device copy
     top = torch.cat([core, col[:, None]], dim=1)
@@ -481,6 +503,23 @@ class Conv2dLayer(KroneckerLayer):
         if grad_out.dim() == 3:
             grad_out = grad_out.unsqueeze(0)
         return grad_out.permute(0, 2, 3, 1).reshape(-1, grad_out.shape[1])
+
+    # The two reductions below work on the (N, C, positions) layout of the output gradient as it
+    # comes (a view): the (rows, C) layout of _output_rows is a permuted copy of the whole tensor,
+    # which cost more than the reductions themselves. Both serve Conv1d/3d too (_unbatched_dims).
+    def _output_sum(self, grad_out: Tensor) -> Tensor:
+        if grad_out.dim() == self._unbatched_dims:
+            grad_out = grad_out.unsqueeze(0)
+        return grad_out.sum((0, *range(2, grad_out.dim())))
+
+    def _output_second_moment(self, grad_out: Tensor, dtype: torch.dtype) -> Tensor:
+        if grad_out.dim() == self._unbatched_dims:
+            grad_out = grad_out.unsqueeze(0)
+        n, c = grad_out.shape[:2]
+        if n * c * c > grad_out.numel():  # the per-sample moments would outgrow the copy they avoid
+            return super()._output_second_moment(grad_out, dtype)
+        per_sample = grad_out.reshape(n, c, -1).to(dtype)
+        return (per_sample @ per_sample.transpose(1, 2)).sum(0)  # Σ_n Σ_positions δ δᵀ
 
     def _folded_grad(self, x: Tensor, grad_out: Tensor) -> Tensor:
         x = self._padded(x)

@@ -91,8 +91,12 @@ class KroneckerOptimizer(Optimizer):
             sampled from the model's predictive distribution; the loop calls
             :meth:`sample_fisher` on the output before ``backward()``, one extra backward pass on
             curvature steps).
-        damping_mode: ``"exact"`` (``M = A ⊗ G + λI``) or ``"factored"``
-            (``M = (A + π√λI) ⊗ (G + √λ/π I)``); see :func:`fop.functional.damped_fisher_eigenvalues`.
+        damping_mode: ``"exact"`` (``M = A ⊗ G + λI``, through the factors' eigendecompositions) or
+            ``"factored"`` (``M = (A + π√λI) ⊗ (G + √λ/π I)``, through the two damped inverses, formed
+            by Cholesky factorisations: several times cheaper than the eigendecompositions of large
+            factors, and an ordinary step needs no rotation back); see
+            :func:`fop.functional.damped_fisher_eigenvalues` and :func:`fop.functional.factored_inverses`.
+            Either way each step uses the factors as of the last inverse update, with the current ``λ``.
         eta: FOP's step-scale convention: ``"mean"`` (``g_tot = (g1+g2)/2``, η* ∈ [½, 1]) or
             ``"sum"`` (the paper's literal ``g_tot = g1 + g2``, η* ∈ [1, 2]). K-FAC ignores it.
         fallback: ``"sgd"`` or ``"adamw"``, the rule for parameters outside supported layers.
@@ -591,12 +595,24 @@ class KroneckerOptimizer(Optimizer):
         """Factor updates, eigendecompositions and FOP/K-FAC directions of the layers owned here."""
         curvature = [item for item in owned if not item.first_order]
         views = [LayerCurvature(self.state[item.layer.weight]) for item in curvature]
+        factored = group["damping_mode"] == "factored"
         with phase("factors"):
             for item, view in zip(curvature, views):
                 if item.a is not None and item.g is not None:
-                    view.update_factors(item.a, item.g, group["factor_decay"], ok)
-        with phase("eigh"):
-            LayerCurvature.decompose([v for v in views if v.has_factors and (inverse_step or not v.has_eigen)])
+                    # factored damping keeps the factors its inverses came from until the next inverse update
+                    keep = factored and not inverse_step and view.has_inverses
+                    view.update_factors(item.a, item.g, group["factor_decay"], ok, keep)
+        if factored:
+            with phase("cholesky"):
+                due = [v for v in views if v.has_factors and (inverse_step or not v.has_inverses)]
+                LayerCurvature.form_factored_inverses(due, group["damping"], fresh=True)
+                # λ is part of the inverses: a new λ (a schedule, a checkpoint without the inverses'
+                # λ) re-forms them from the same factors, as the eigenbasis route applies it at once
+                stale = [v for v in views if v.has_inverses and v.inverse_damping != group["damping"]]
+                LayerCurvature.form_factored_inverses(stale, group["damping"], fresh=False)
+        else:
+            with phase("eigh"):
+                LayerCurvature.decompose([v for v in views if v.has_factors and (inverse_step or not v.has_eigen)])
         with phase("direction"):
             for item in owned:
                 item.direction = item.grad  # the first-order rule; or no factors yet (first seen without capture)

@@ -1,7 +1,7 @@
 """Named phases of a FOP/K-FAC step, visible in ``torch.profiler`` traces.
 
-The optimizer marks its work with :func:`phase` (``fop::capture``, ``fop::factors``, ``fop::eigh``,
-``fop::direction``, ``fop::update``); ``fop-bench --profile`` adds ``fop::forward_backward`` and
+The optimizer marks its work with :func:`phase` (``fop::capture``, ``fop::factors``, ``fop::eigh``
+or, with factored damping, ``fop::cholesky``, ``fop::direction``, ``fop::update``); ``fop-bench --profile`` adds ``fop::forward_backward`` and
 ``fop::step`` and sums the profiler's time per phase. When no profiler is running a phase costs one
 flag check.
 """
@@ -15,7 +15,7 @@ import torch
 
 __all__ = ["PHASES", "phase"]
 
-PHASES = ("capture", "factors", "eigh", "direction", "update")
+PHASES = ("capture", "factors", "eigh", "cholesky", "direction", "update")
 _NULL = contextlib.nullcontext()
 
 

@@ -19,7 +19,6 @@ from torch import Tensor
 
 from . import functional as Fn
 from .curvature import FACTOR_KEYS
-from .first_order import masked_copy_
 
 if TYPE_CHECKING:  # pragma: no cover
     from .curvature import LayerWork
@@ -27,6 +26,10 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["FACTOR_KEYS", "LayerCurvature", "merge_curvature", "owned_curvature"]
 
 _EMPTY: dict[str, Any] = {}
+# Curvature state of one damping mode, dropped when the other mode takes over (see FACTOR_KEYS).
+_EIGEN_KEYS = ("A_values", "A_vectors", "G_values", "G_vectors")
+_AT_INVERSE_KEYS = ("A_at_inverse", "G_at_inverse")
+_FACTORED_KEYS = ("A_inv", "G_inv", "inverse_damping") + _AT_INVERSE_KEYS
 
 
 class LayerCurvature:
@@ -48,9 +51,22 @@ class LayerCurvature:
     def has_eigen(self) -> bool:
         return "A_values" in self.state
 
+    @property
+    def has_inverses(self) -> bool:
+        return "A_inv" in self.state
+
+    @property
+    def inverse_damping(self) -> float | None:
+        """The λ the factored inverses were formed with (None before the first)."""
+        return self.state.get("inverse_damping")
+
     # ----------------------------------------------------------------------------- the step
-    def update_factors(self, a_new: Tensor, g_new: Tensor, decay: float, ok: Tensor) -> None:
-        """``A ← ρA + (1−ρ)A_new`` (and ``G``) where the step is good; the first good statistics as they are."""
+    def update_factors(self, a_new: Tensor, g_new: Tensor, decay: float, ok: Tensor, keep: bool = False) -> None:
+        """``A ← ρA + (1−ρ)A_new`` (and ``G``) where the step is good; the first good statistics as they are.
+
+        ``keep``: the factors as they are now are still in use (factored damping between inverse
+        updates): they move to ``A_at_inverse``/``G_at_inverse`` first, unless already kept.
+        """
         state = self.state
         good = ok & torch.isfinite(a_new).all() & torch.isfinite(g_new).all()
         if "A" not in state:
@@ -59,8 +75,12 @@ class LayerCurvature:
             if bool(good):
                 state["A"], state["G"] = a_new.clone(), g_new.clone()
             return
-        masked_copy_(state["A"], torch.lerp(state["A"], a_new, 1 - decay), good)
-        masked_copy_(state["G"], torch.lerp(state["G"], g_new, 1 - decay), good)
+        if keep and "A_at_inverse" not in state:
+            state["A_at_inverse"], state["G_at_inverse"] = state["A"], state["G"]
+            state["A"], state["G"] = state["A"].clone(), state["G"].clone()
+        # lerp towards A itself on a skipped step (exactly A): one temporary, not two, for a large A
+        state["A"].lerp_(torch.where(good, a_new, state["A"]), 1 - decay)
+        state["G"].lerp_(torch.where(good, g_new, state["G"]), 1 - decay)
 
     @staticmethod
     def decompose(views: Sequence[LayerCurvature]) -> None:
@@ -69,6 +89,8 @@ class LayerCurvature:
         A diagonal input factor (``nn.Embedding``'s token frequencies, stored 1-D) needs no ``eigh``:
         its eigenvalues are its entries and its basis the standard one (no ``A_vectors``).
         """
+        for view in views:  # what factored damping kept, if the mode was switched
+            _drop(view.state, _FACTORED_KEYS)
         for key in ("A", "G"):
             buckets: dict[tuple, list[dict[str, Any]]] = {}
             for view in views:
@@ -86,32 +108,83 @@ class LayerCurvature:
                         torch.stack([s[f"{key}_values"] for s in states]),
                         torch.stack([s[f"{key}_vectors"] for s in states]),
                     )
-                eig = Fn.eigen_factor(torch.stack([s[key] for s in states]), previous)
+                eig = Fn.eigen_factor(_stacked([s[key] for s in states]), previous)
                 vectors = eig.vectors
                 assert vectors is not None  # a dense factor's basis
                 for i, state in enumerate(states):
                     state[f"{key}_values"], state[f"{key}_vectors"] = eig.values[i], vectors[i]
+
+    @staticmethod
+    def form_factored_inverses(views: Sequence[LayerCurvature], damping: float, fresh: bool) -> None:
+        """Factored damping's inverses ``(A + π√λI)⁻¹``, ``(G + √λ/π I)⁻¹`` by Cholesky, batched by shape.
+
+        ``fresh``: from the running factors (an inverse update); else from the factors the current
+        inverses came from, with a new ``λ`` (what the eigenbasis route does when λ changes).
+        """
+        states = [view.state for view in views]
+        if not states:
+            return
+        sources = []
+        for state in states:
+            _drop(state, _EIGEN_KEYS + (_AT_INVERSE_KEYS if fresh else ()))  # superseded, or from exact damping
+            a, g = state.get("A_at_inverse", state["A"]), state.get("G_at_inverse", state["G"])
+            sources.append((a, g, *Fn.factored_damping_shifts(a, g, damping)))
+        for slot, key in ((0, "A"), (1, "G")):
+            buckets: dict[tuple, list[int]] = {}
+            for i, (state, source) in enumerate(zip(states, sources)):
+                factor = source[slot]
+                if factor.dim() == 1:  # a diagonal A (Embedding), not stacked: (k, n) would read as a matrix
+                    state[f"{key}_inv"] = Fn.damped_factor_inverse(factor, source[2 + slot], state.get(f"{key}_inv"))
+                    continue
+                bucket = (tuple(factor.shape), factor.dtype, factor.device, f"{key}_inv" in state)
+                buckets.setdefault(bucket, []).append(i)
+            for (*_, has_previous), indices in buckets.items():
+                previous = _stacked([states[i][f"{key}_inv"] for i in indices]) if has_previous else None
+                inverse = Fn.damped_factor_inverse(
+                    _stacked([sources[i][slot] for i in indices]),
+                    torch.stack([sources[i][2 + slot] for i in indices]),
+                    previous,
+                )
+                for j, i in enumerate(indices):
+                    states[i][f"{key}_inv"] = inverse[j]
+        for state in states:
+            state["inverse_damping"] = damping
 
     def eigen(self) -> tuple[Fn.Eigen, Fn.Eigen]:
         """The eigendecompositions of ``A`` and ``G``."""
         state = self.state  # no A_vectors: a diagonal A (nn.Embedding), the standard basis
         return Fn.Eigen(state["A_values"], state.get("A_vectors")), Fn.Eigen(state["G_values"], state["G_vectors"])
 
+    def factored(self) -> Fn.Factored:
+        """The factors the current factored inverses were formed from, and those inverses."""
+        state = self.state
+        return Fn.Factored(
+            state.get("A_at_inverse", state["A"]), state.get("G_at_inverse", state["G"]), state["A_inv"], state["G_inv"]
+        )
+
     def direction(
         self, item: LayerWork, group: Mapping[str, Any], projection: bool, splits: bool
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The layer's direction for ``item`` under ``group``'s hyperparameters, and its diagnostics.
 
-        FOP (``splits`` and both halves present): :func:`fop.functional.fop_direction_eigen` with
-        ``β*``, ``η*``, ``s`` and the gradient-noise terms; otherwise K-FAC's damped inverse of the
-        averaged gradient, ``β* = 0``, ``η* = 1``.
+        FOP (``splits`` and both halves present): :func:`fop.functional.fop_direction_eigen` (or
+        ``fop_direction_factored`` under factored damping) with ``β*``, ``η*``, ``s`` and the
+        gradient-noise terms; otherwise K-FAC's damped inverse of the averaged gradient, ``β* = 0``,
+        ``η* = 1``.
         """
-        eig_a, eig_g = self.eigen()
         damping, damping_mode = group["damping"], group["damping_mode"]
+        factored = damping_mode == "factored"
         if splits and item.g1 is not None and item.g2 is not None:
-            result = Fn.fop_direction_eigen(
-                item.g1, item.g2, eig_a, eig_g, damping, group["projection_eps"], projection, damping_mode, group["eta"]
-            )
+            if factored:
+                result = Fn.fop_direction_factored(
+                    item.g1, item.g2, self.factored(), group["projection_eps"], projection, group["eta"]
+                )
+            else:
+                eig_a, eig_g = self.eigen()
+                result = Fn.fop_direction_eigen(
+                    item.g1, item.g2, eig_a, eig_g, damping, group["projection_eps"], projection, damping_mode,
+                    group["eta"],
+                )  # fmt: skip
             if result.avg_sq is not None and result.diff_sq is not None:  # free from the rotated halves
                 trace, grad_sq = Fn.noise_terms(result.avg_sq, result.diff_sq, item.half_batch)
             else:  # projection off: g1 − g2 was not formed
@@ -121,6 +194,9 @@ class LayerCurvature:
             return result.direction, last
         zero = torch.zeros((), dtype=item.grad.dtype, device=item.grad.device)
         last = {"beta": zero, "eta": torch.ones_like(zero), "projection": zero}
+        if factored:
+            return Fn.damped_inverse_factored(item.grad, self.factored()), last
+        eig_a, eig_g = self.eigen()
         return Fn.damped_inverse_eigen(item.grad, eig_a, eig_g, damping, damping_mode), last
 
     # ----------------------------------------------------------------------------- checkpoints
@@ -128,8 +204,10 @@ class LayerCurvature:
     def shapes(in_features: int, out_features: int, diagonal_input: bool = False) -> dict[str, tuple[int, ...]]:
         """The shape of every curvature tensor of a layer with folded shape ``(out, in)`` (``A`` 1-D if diagonal)."""
         n_in, n_out = in_features, out_features
-        return {"A": (n_in,) if diagonal_input else (n_in, n_in), "G": (n_out, n_out), "A_values": (n_in,),
-                "A_vectors": (n_in, n_in), "G_values": (n_out,), "G_vectors": (n_out, n_out)}  # fmt: skip
+        a_shape = (n_in,) if diagonal_input else (n_in, n_in)
+        return {"A": a_shape, "G": (n_out, n_out), "A_values": (n_in,), "A_vectors": (n_in, n_in),
+                "G_values": (n_out,), "G_vectors": (n_out, n_out), "A_inv": a_shape, "G_inv": (n_out, n_out),
+                "A_at_inverse": a_shape, "G_at_inverse": (n_out, n_out)}  # fmt: skip
 
     def tensors(self) -> dict[str, Tensor]:
         """CPU copies of the curvature tensors present (for a checkpoint)."""
@@ -172,3 +250,13 @@ def merge_curvature(
             idx = index[id(weights[i])]
             states[idx] = {**states.get(idx, {}), **tensors}
     return {**state_dict, "state": states}
+
+
+def _stacked(tensors: list[Tensor]) -> Tensor:
+    """``torch.stack``, but a view for one tensor (a lone large factor is not copied)."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+
+
+def _drop(state: dict[str, Any], keys: tuple[str, ...]) -> None:
+    for key in keys:
+        state.pop(key, None)
