@@ -245,7 +245,8 @@ def test_profile_reports_step_time_memory_and_phases(tmp_path, capsys):
         assert values[0] == 2 and values[1] > 0 and values[3] > 0  # interval, ms/step, peak MB
     sgd, kfac, fop_row = ([float(c) for c in cells[7:]] for cells in rows)
     assert sum(sgd[1:]) == 0  # no curvature phases for SGD
-    assert fop_row[1] > 0 and fop_row[3] > 0 and fop_row[4] > 0  # capture, eigh, direction
+    assert fop_row[1] > 0 and fop_row[3] > 0 and fop_row[5] > 0  # capture, eigh, direction
+    assert fop_row[4] == 0  # no Cholesky inverses under exact damping
     assert kfac[1] > 0 and kfac[3] > 0
 
 

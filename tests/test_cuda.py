@@ -8,7 +8,6 @@ on machines without a GPU; the synchronisation test needs CUDA's sync debug mode
 
 from __future__ import annotations
 
-import copy
 import os
 
 import pytest
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fop import FOP, KFAC
-from fop.functional import fop_direction
+from test_optimizer import check_fop_step_is_the_functional_direction, check_kfac_step_equals_dense
 
 DEVICE = torch.device(os.environ.get("FOP_TEST_DEVICE", "cuda"))
 pytestmark = [
@@ -59,43 +58,11 @@ def assert_same(a: list[torch.Tensor], b: list[torch.Tensor], **tol: float) -> N
 
 
 def test_kfac_step_equals_dense_damped_natural_gradient_on_device() -> None:
-    """One Linear layer in float64 on the device: Δθ = −lr·(A ⊗ G + λI)⁻¹ g with A, G by hand."""
-    torch.manual_seed(0)
-    model = nn.Linear(5, 3).to(F64).to(DEVICE)
-    x, y = torch.randn(10, 5, dtype=F64, device=DEVICE), torch.randint(0, 3, (10,), device=DEVICE)
-    before = torch.cat([model.weight, model.bias[:, None]], 1).detach().clone()
-    lr, damping = 0.3, 0.02
-    optimizer = KFAC(model, lr=lr, momentum=0.0, damping=damping, kl_clip=None, **FAST)
-    F.cross_entropy(model(x), y).backward()
-    grad = torch.cat([model.weight.grad, model.bias.grad[:, None]], 1).clone()
-    optimizer.step()
-    rows = torch.cat([x, torch.ones(10, 1, dtype=F64, device=DEVICE)], 1)
-    a = rows.T @ rows / 10
-    delta = torch.softmax(rows @ before.T, 1) - F.one_hot(y, 3).to(F64)
-    g = delta.T @ delta / 10
-    dense = torch.kron(a, g) + damping * torch.eye(18, dtype=F64, device=DEVICE)
-    step = torch.linalg.solve(dense, grad.T.reshape(-1)).reshape(6, 3).T
-    after = torch.cat([model.weight, model.bias[:, None]], 1).detach()
-    torch.testing.assert_close(after, before - lr * step, rtol=1e-9, atol=1e-12)
+    check_kfac_step_equals_dense(DEVICE)
 
 
 def test_fop_step_is_the_functional_direction_of_separate_halves_on_device() -> None:
-    torch.manual_seed(0)
-    model = nn.Linear(5, 3).to(F64).to(DEVICE)
-    x, y = torch.randn(8, 5, dtype=F64, device=DEVICE), torch.randint(0, 3, (8,), device=DEVICE)
-    before = torch.cat([model.weight, model.bias[:, None]], 1).detach().clone()
-    halves = []
-    for part in (slice(0, 4), slice(4, 8)):
-        ref = copy.deepcopy(model)
-        F.cross_entropy(ref(x[part]), y[part]).backward()
-        halves.append(torch.cat([ref.weight.grad, ref.bias.grad[:, None]], 1))
-    optimizer = FOP(model, lr=0.5, momentum=0.0, damping=0.05, kl_clip=None, **FAST)
-    F.cross_entropy(model(x), y).backward()
-    optimizer.step()
-    state = optimizer.state[model.weight]
-    expected = fop_direction(halves[0], halves[1], state["A"], state["G"], 0.05)
-    after = torch.cat([model.weight, model.bias[:, None]], 1).detach()
-    torch.testing.assert_close(after, before - 0.5 * expected.direction, rtol=1e-9, atol=1e-12)
+    check_fop_step_is_the_functional_direction(DEVICE)
 
 
 @pytest.mark.parametrize("cls", [FOP, KFAC])

@@ -55,25 +55,29 @@ def assert_same(a: list[torch.Tensor], b: list[torch.Tensor], **tol) -> None:
 
 
 # ------------------------------------------------------------------------------------ the step
-def test_kfac_step_equals_dense_damped_natural_gradient() -> None:
-    """One-layer model: Δθ = −lr·(A ⊗ G + λI)⁻¹ g with A, G formed by hand."""
+def check_kfac_step_equals_dense(device: torch.device) -> None:
+    """One-layer model: Δθ = −lr·(A ⊗ G + λI)⁻¹ g with A, G formed by hand (tests/test_cuda.py reuses it)."""
     torch.manual_seed(0)
-    model = nn.Linear(5, 3).to(DTYPE)
-    x, y = torch.randn(10, 5, dtype=DTYPE), torch.randint(0, 3, (10,))
+    model = nn.Linear(5, 3).to(DTYPE).to(device)
+    x, y = torch.randn(10, 5, dtype=DTYPE, device=device), torch.randint(0, 3, (10,), device=device)
     before = torch.cat([model.weight, model.bias[:, None]], 1).detach().clone()
     lr, damping = 0.3, 0.02
     optimizer = KFAC(model, lr=lr, momentum=0.0, damping=damping, kl_clip=None, **FAST)
     F.cross_entropy(model(x), y).backward()
     grad = torch.cat([model.weight.grad, model.bias.grad[:, None]], 1).clone()
     optimizer.step()
-    a_rows = torch.cat([x, torch.ones(10, 1, dtype=DTYPE)], 1)
-    a = a_rows.T @ a_rows / 10
-    delta = torch.softmax(before[:, :-1].matmul(x.T).T + before[:, -1], 1) - F.one_hot(y, 3).to(DTYPE)
+    rows = torch.cat([x, torch.ones(10, 1, dtype=DTYPE, device=device)], 1)
+    a = rows.T @ rows / 10
+    delta = torch.softmax(rows @ before.T, 1) - F.one_hot(y, 3).to(DTYPE)
     g = delta.T @ delta / 10  # per-sample gradients of the loss w.r.t. the logits
-    m = torch.kron(a, g) + damping * torch.eye(18, dtype=DTYPE)
+    m = torch.kron(a, g) + damping * torch.eye(18, dtype=DTYPE, device=device)
     step = torch.linalg.solve(m, grad.T.reshape(-1)).reshape(6, 3).T
     after = torch.cat([model.weight, model.bias[:, None]], 1).detach()
-    torch.testing.assert_close(after, before - lr * step)
+    torch.testing.assert_close(after, before - lr * step, rtol=1e-9, atol=1e-12)
+
+
+def test_kfac_step_equals_dense_damped_natural_gradient() -> None:
+    check_kfac_step_equals_dense(torch.device("cpu"))
 
 
 def test_fop_without_projection_equals_kfac() -> None:
@@ -99,13 +103,13 @@ def test_fop_differs_from_kfac_and_reports_diagnostics() -> None:
         assert torch.isfinite(values["beta"]) and torch.isfinite(values["projection"])
 
 
-def test_fop_step_is_the_functional_direction() -> None:
-    """The optimizer's update is −lr·fop_direction(g1, g2, A, G, λ) of the hook-captured halves."""
+def check_fop_step_is_the_functional_direction(device: torch.device) -> None:
+    """The optimizer's update is −lr·fop_direction(g1, g2, A, G, λ) of separately back-propagated halves."""
     from fop.functional import fop_direction
 
     torch.manual_seed(0)
-    model = nn.Linear(5, 3).to(DTYPE)
-    x, y = torch.randn(8, 5, dtype=DTYPE), torch.randint(0, 3, (8,))
+    model = nn.Linear(5, 3).to(DTYPE).to(device)
+    x, y = torch.randn(8, 5, dtype=DTYPE, device=device), torch.randint(0, 3, (8,), device=device)
     before = torch.cat([model.weight, model.bias[:, None]], 1).detach().clone()
     halves = []
     for part in (slice(0, 4), slice(4, 8)):
@@ -118,7 +122,11 @@ def test_fop_step_is_the_functional_direction() -> None:
     state = optimizer.state[model.weight]
     expected = fop_direction(halves[0], halves[1], state["A"], state["G"], 0.05)
     after = torch.cat([model.weight, model.bias[:, None]], 1).detach()
-    torch.testing.assert_close(after, before - 0.5 * expected.direction)
+    torch.testing.assert_close(after, before - 0.5 * expected.direction, rtol=1e-9, atol=1e-12)
+
+
+def test_fop_step_is_the_functional_direction() -> None:
+    check_fop_step_is_the_functional_direction(torch.device("cpu"))
 
 
 @pytest.mark.parametrize("cls", [FOP, KFAC])

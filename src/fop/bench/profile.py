@@ -8,7 +8,7 @@ For every optimizer and batch size of the command, side by side in one process o
 2. the peak device memory of that window (CUDA max allocated; process RSS on the CPU);
 3. the same steps again under ``torch.profiler``, summing the time inside the ``fop::`` phases
    (:mod:`fop.profiling`): forward+backward (without the hooks' capture), statistics capture,
-   factor update, eigendecompositions, direction (projection and preconditioning), parameter
+   factor update, eigendecompositions (exact damping) or Cholesky inverses (factored), direction (projection and preconditioning), parameter
    update. On CUDA the phase times are device (kernel) times, on the CPU host times.
 """
 
@@ -34,6 +34,7 @@ _COLUMNS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
     ("capture", ("fop::capture",), ()),
     ("factors", ("fop::factors",), ()),
     ("eigh", ("fop::eigh",), ()),
+    ("cholesky", ("fop::cholesky",), ()),
     ("direction", ("fop::direction",), ()),
     ("update", ("fop::update",), ()),
 )
