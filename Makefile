@@ -27,9 +27,10 @@ install-test: $(PY)
 	# independent K-FAC reference for tests/test_crosscheck.py; --no-deps keeps torchvision out
 	$(PIP) install -q --no-deps curvlinops-for-pytorch einconv linear_operator backpack-for-pytorch
 
-# lint and types first: either failing fails the build before the (minutes-long) tests run
+# lint, formatting and types first: either failing fails the build before the (minutes-long) tests run
 lint: install-test
 	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/ruff format --check src tests benchmarks examples
 	$(VENV)/bin/mypy src/fop
 
 test: lint

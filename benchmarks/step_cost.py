@@ -33,10 +33,15 @@ from fop import FOP, KFAC
 
 def cnn() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(2048, 10),
-    )  # fmt: skip
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(2048, 10),
+    )
 
 
 def mlp() -> nn.Module:
@@ -62,9 +67,14 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def run(
-    name: str, opt_name: str, cycles: int, interval: int = 10, batch: int = 256, profile: bool = False,
+    name: str,
+    opt_name: str,
+    cycles: int,
+    interval: int = 10,
+    batch: int = 256,
+    profile: bool = False,
     clock: str = "wall",
-):  # fmt: skip
+):
     interval = CYCLE.get(opt_name, interval)
     build, shape = MODELS[name]
     torch.manual_seed(0)
@@ -161,18 +171,24 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--memory", action="store_true", help="peak RSS of a fresh process per optimizer")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: no oversubscription on a shared machine)")
     parser.add_argument(
-        "--optimizers", default=",".join(DEFAULT_OPTIMIZERS), help=f"comma-separated, sgd first; from {', '.join(OPTIMIZERS)}"
+        "--threads", type=int, default=1, help="torch threads (1: no oversubscription on a shared machine)"
     )
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="cpu: process CPU time (shared machines)")
+    parser.add_argument(
+        "--optimizers",
+        default=",".join(DEFAULT_OPTIMIZERS),
+        help=f"comma-separated, sgd first; from {', '.join(OPTIMIZERS)}",
+    )
+    parser.add_argument(
+        "--clock", choices=sorted(CLOCKS), default="wall", help="cpu: process CPU time (shared machines)"
+    )
     args = parser.parse_args()
     chosen = args.optimizers.split(",")
     if chosen[0] != "sgd" or any(o not in OPTIMIZERS for o in chosen):
         parser.error(f"--optimizers must start with sgd and name only {', '.join(OPTIMIZERS)}")
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock")
-    for name in (["cnn", "mlp"] if args.model == "both" else [args.model]):
+    for name in ["cnn", "mlp"] if args.model == "both" else [args.model]:
         results: dict[str, list[tuple[float, float, float]]] = {o: [] for o in chosen}
         for _ in range(args.repeats):
             for opt_name in chosen:
@@ -193,7 +209,9 @@ def main() -> None:
             sgd_peak, sgd_growth = peaks["sgd"]
             print(
                 "peak RSS MB (growth while training): "
-                + ", ".join(f"{o} {p:.0f} ({p / sgd_peak:.2f}x), {g:.0f} ({g / sgd_growth:.2f}x)" for o, (p, g) in peaks.items())
+                + ", ".join(
+                    f"{o} {p:.0f} ({p / sgd_peak:.2f}x), {g:.0f} ({g / sgd_growth:.2f}x)" for o, (p, g) in peaks.items()
+                )
             )
         if args.profile:
             for opt_name in chosen[1:]:

@@ -58,20 +58,47 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=12)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+    config = GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=SEQ,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     model = GPT2LMHeadModel(config)
-    optimizer = FOP(model, lr=0.05, fallback="adamw", fallback_lr=1e-2, exclude=[model.transformer.wte, model.lm_head],
-                    curvature_update_interval=1, inverse_update_interval=1)  # fmt: skip
+    optimizer = FOP(
+        model,
+        lr=0.05,
+        fallback="adamw",
+        fallback_lr=1e-2,
+        exclude=[model.transformer.wte, model.lm_head],
+        curvature_update_interval=1,
+        inverse_update_interval=1,
+    )
     scheduler = LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 3))  # a short warm-up
     log = LossLog()
     with tempfile.TemporaryDirectory() as out:
         training = TrainingArguments(
-            output_dir=out, max_steps=args.steps, per_device_train_batch_size=16, logging_steps=1, report_to=[],
-            save_strategy="no", use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
-        )  # fmt: skip
-        trainer = Trainer(model=model, args=training, train_dataset=RepeatingTokens(), optimizers=(optimizer, scheduler),
-                          callbacks=[log])  # fmt: skip
+            output_dir=out,
+            max_steps=args.steps,
+            per_device_train_batch_size=16,
+            logging_steps=1,
+            report_to=[],
+            save_strategy="no",
+            use_cpu=True,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+        )
+        trainer = Trainer(
+            model=model,
+            args=training,
+            train_dataset=RepeatingTokens(),
+            optimizers=(optimizer, scheduler),
+            callbacks=[log],
+        )
         trainer.train()
     return {"losses": log.losses, "curvature_layers": sorted(optimizer.diagnostics())}
 

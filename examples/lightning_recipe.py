@@ -80,9 +80,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers).*")
         trainer = pl.Trainer(
-            max_steps=args.steps, accelerator="cpu", devices=args.devices, strategy=args.strategy, logger=False,
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        )  # fmt: skip
+            max_steps=args.steps,
+            accelerator="cpu",
+            devices=args.devices,
+            strategy=args.strategy,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
         trainer.fit(model, loader)
     optimizer = trainer.optimizers[0]
     checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)

@@ -106,7 +106,9 @@ def test_resnet18_bytes_per_step(world: int, splits: bool) -> None:
     assert plain["total"] == plain["reduce"] + plain["broadcast"] + plain["all_reduce"]
     assert plain["ddp_all_reduce"] == 123
     share = (world - 1) / world
-    assert plain["wire_estimate"] == int(2 * share * plain["all_reduce"] + share * (plain["reduce"] + plain["broadcast"]))
+    assert plain["wire_estimate"] == int(
+        2 * share * plain["all_reduce"] + share * (plain["reduce"] + plain["broadcast"])
+    )
 
 
 @pytest.mark.parametrize("world", [2, 4, 8])

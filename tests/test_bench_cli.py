@@ -255,10 +255,30 @@ def test_tuning_protocol_second_axis_edge_extension_and_paired_report(tmp_path, 
     the edge of a two-point grid is always extended once; the report pairs the seeds against K-FAC."""
     out = tmp_path / "tuned"
     argv = [
-        "--out", str(out), "--seeds", "0,1", "--lr-grid", "1,2", "--threads", "1", "--no-progress",
-        "--batch-sizes", "1437", "--max-epochs", "2", "--width", "16", "--target", "20",
-        "--optimizers", "sgd,kfac,fop:mc", "--damping-grid", "0.1,1", "--wd-grid", "0,1e-3",
-    ]  # fmt: skip
+        "--out",
+        str(out),
+        "--seeds",
+        "0,1",
+        "--lr-grid",
+        "1,2",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--batch-sizes",
+        "1437",
+        "--max-epochs",
+        "2",
+        "--width",
+        "16",
+        "--target",
+        "20",
+        "--optimizers",
+        "sgd,kfac,fop:mc",
+        "--damping-grid",
+        "0.1,1",
+        "--wd-grid",
+        "0,1e-3",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr()
     records = _records(out)
@@ -266,7 +286,9 @@ def test_tuning_protocol_second_axis_edge_extension_and_paired_report(tmp_path, 
     hp = [r["spec"]["hyperparameters"] for r in records]
     extended = [r for r in records if r["spec"]["lr_factor"] not in (1.0, 2.0)]
     damping_ext = [r for r, h in zip(records, hp) if r["spec"]["optimizer"] != "sgd" and h["damping"] not in (0.1, 1.0)]
-    decay_ext = [r for r, h in zip(records, hp) if r["spec"]["optimizer"] == "sgd" and h["weight_decay"] not in (0, 1e-3)]
+    decay_ext = [
+        r for r, h in zip(records, hp) if r["spec"]["optimizer"] == "sgd" and h["weight_decay"] not in (0, 1e-3)
+    ]
     # one more lr factor per cell, with every value of the second axis and every seed
     assert len(extended) == 3 * 2 * 2 and {r["spec"]["lr_factor"] for r in extended} <= {0.5, 4.0}
     # a two-point damping grid always has its best on an edge: one more damping at the chosen lr, every seed
@@ -277,7 +299,10 @@ def test_tuning_protocol_second_axis_edge_extension_and_paired_report(tmp_path, 
     assert "more runs beyond the edges of the grid" in printed.err
     dampings = {(r["spec"]["optimizer"], r["spec"]["hyperparameters"]["damping"]) for r in records}
     assert {("kfac", 0.1), ("kfac", 1.0), ("fop:mc", 0.1), ("fop:mc", 1.0)} <= dampings
-    assert {r["spec"]["hyperparameters"]["weight_decay"] for r in records if r["spec"]["optimizer"] == "sgd"} == {0, 1e-3}
+    assert {r["spec"]["hyperparameters"]["weight_decay"] for r in records if r["spec"]["optimizer"] == "sgd"} == {
+        0,
+        1e-3,
+    }
     mc = next(r for r in records if r["spec"]["optimizer"] == "fop:mc")
     assert dict(map(tuple, mc["spec"]["hyperparameters"]["options"])) == {"fisher": "mc"}
     assert {"clipped_fraction", "nu_median", "noise_scale"} <= set(mc["curve"][-1])
@@ -295,16 +320,35 @@ def test_unequal_tuning_budgets_are_refused(tmp_path, capsys):
 def test_nproc_scaling_run_on_two_gloo_processes(tmp_path, capsys):
     """``--nproc 2``: the task's model, the sweep's training step, one and two real (gloo) processes."""
     out = tmp_path / "scaling"
-    argv = _tiny(out, "--nproc", "2", "--optimizers", "fop,kfac:replicated", "--batch-sizes", "64", "--width", "16",
-                 "--subset", "200", "--curvature-interval", "2", "--profile-steps", "2", "--device", "cpu")  # fmt: skip
+    argv = _tiny(
+        out,
+        "--nproc",
+        "2",
+        "--optimizers",
+        "fop,kfac:replicated",
+        "--batch-sizes",
+        "64",
+        "--width",
+        "16",
+        "--subset",
+        "200",
+        "--curvature-interval",
+        "2",
+        "--profile-steps",
+        "2",
+        "--device",
+        "cpu",
+    )
     assert main(argv) == 0
     table = (out / "scaling.md").read_text()
     assert table.strip() in capsys.readouterr().out
     rows = [line.split("|")[1:-1] for line in table.splitlines() if " b=64 |" in line]
     assert [(cells[0].strip(), cells[1].strip(), cells[2].strip()) for cells in rows] == [
-        ("fop b=64", "1", "64"), ("kfac:replicated b=64", "1", "64"),
-        ("fop b=64", "2", "32"), ("kfac:replicated b=64", "2", "32"),
-    ]  # fmt: skip
+        ("fop b=64", "1", "64"),
+        ("kfac:replicated b=64", "1", "64"),
+        ("fop b=64", "2", "32"),
+        ("kfac:replicated b=64", "2", "32"),
+    ]
     results = json.loads((out / "scaling.json").read_text())
     one, two = results["1"]["runs"], results["2"]["runs"]
     assert results["2"]["threads"] == results["1"]["threads"] == 1

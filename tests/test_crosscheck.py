@@ -318,7 +318,9 @@ def test_fop_first_step_matches_reference_built_on_curvlinops(kind: str, kl_clip
     g1 = _flat_grad(model, params, x[:12], y[:12])
     g2 = _flat_grad(model, params, x[12:], y[12:])
     before = _flat_params(params)
-    optimizer = fop.FOP(model, lr=lr, momentum=0.0, damping=damping, kl_clip=kl_clip, projection_eps=eps, trust_region="step")
+    optimizer = fop.FOP(
+        model, lr=lr, momentum=0.0, damping=damping, kl_clip=kl_clip, projection_eps=eps, trust_region="step"
+    )
     _one_step(optimizer, model, [(x, y)])
     delta = _flat_params(params) - before
 

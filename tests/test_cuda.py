@@ -30,10 +30,14 @@ FAST = dict(curvature_update_interval=1, inverse_update_interval=1)
 def cnn(seed: int = 0, dtype: torch.dtype = F64) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-        nn.Conv2d(6, 8, 3, stride=2, padding=1, bias=False), nn.ReLU(),
-        nn.Flatten(), nn.Linear(8 * 4 * 4, 5),
-    ).to(dtype)  # fmt: skip
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Conv2d(6, 8, 3, stride=2, padding=1, bias=False),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 5),
+    ).to(dtype)
 
 
 def images(n: int, seed: int = 1, dtype: torch.dtype = F64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,7 +102,9 @@ def test_micro_batched_accumulation_equals_one_batch() -> None:
     x, y = images(32)
     chunks = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 32, 8)]
     # FOP splits each micro-batch in halves; the whole batch puts all first halves first
-    order = torch.cat([torch.arange(i, i + 4) for i in range(0, 32, 8)] + [torch.arange(i + 4, i + 8) for i in range(0, 32, 8)])
+    order = torch.cat(
+        [torch.arange(i, i + 4) for i in range(0, 32, 8)] + [torch.arange(i + 4, i + 8) for i in range(0, 32, 8)]
+    )
     whole, micro = cnn().to(DEVICE), cnn().to(DEVICE)
     whole.eval(), micro.eval()  # BatchNorm statistics of one batch differ from a micro-batch's
     o1, o2 = FOP(whole, lr=0.1, **FAST), FOP(micro, lr=0.1, **FAST)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -142,7 +142,9 @@ def test_sub_batch_gradients_with_unequal_micro_batches(case: str) -> None:
         (F.cross_entropy(model(x[chunk]), y[chunk]) / 2).backward()
     work = captured(optimizer)
     names = list(work)
-    parts = [reference_grad(reference, [(x[s], y[s])], names) for s in (slice(0, 3), slice(6, 8), slice(3, 6), slice(8, 9))]
+    parts = [
+        reference_grad(reference, [(x[s], y[s])], names) for s in (slice(0, 3), slice(6, 8), slice(3, 6), slice(8, 9))
+    ]
     for name in names:
         torch.testing.assert_close(work[name].g1, (parts[0][name] + parts[1][name]) / 2, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(work[name].g2, (parts[2][name] + parts[3][name]) / 2, rtol=1e-10, atol=1e-12)

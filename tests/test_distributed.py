@@ -31,9 +31,14 @@ from fop.distributed import DistributedCommunicator, LocalCommunicator, assign_o
 DTYPE = torch.float64
 GLOBAL_BATCH = 16
 HYPER = dict(
-    lr=0.1, momentum=0.9, weight_decay=1e-3, damping=1e-2, factor_decay=0.9,
-    curvature_update_interval=2, inverse_update_interval=2,
-)  # fmt: skip
+    lr=0.1,
+    momentum=0.9,
+    weight_decay=1e-3,
+    damping=1e-2,
+    factor_decay=0.9,
+    curvature_update_interval=2,
+    inverse_update_interval=2,
+)
 LAUNCH_TIMEOUT = 60  # seconds per process group
 TOL = dict(rtol=1e-9, atol=1e-11)
 
@@ -53,17 +58,21 @@ class Scaled(nn.Module):
 
 def mlp(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Linear(6, 8), nn.Tanh(), nn.LayerNorm(8), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4)
-    ).to(DTYPE)  # fmt: skip
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.LayerNorm(8), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4)).to(
+        DTYPE
+    )
 
 
 def cnn(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     net = nn.Sequential(
-        nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2), nn.ReLU(),
-        nn.Flatten(), nn.Linear(4 * 2 * 2, 3),
-    )  # fmt: skip
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, stride=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 2 * 2, 3),
+    )
     return Scaled(net).to(DTYPE)
 
 
@@ -71,7 +80,7 @@ def bn_net(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(
         nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)
-    ).to(DTYPE)  # fmt: skip
+    ).to(DTYPE)
 
 
 def norm_only(seed: int = 0) -> nn.Module:
@@ -115,9 +124,13 @@ def embedding_net(seed: int = 0) -> nn.Module:
 
 VOCAB = 13
 MODELS = {
-    "mlp": (mlp, (6,), 4), "cnn": (cnn, (2, 6, 6), 3), "bn": (bn_net, (2, 6, 6), 3), "norm": (norm_only, (6,), 6),
-    "attn": (attention_net, (4, 6), 3), "emb": (embedding_net, (5,), 3),
-}  # fmt: skip
+    "mlp": (mlp, (6,), 4),
+    "cnn": (cnn, (2, 6, 6), 3),
+    "bn": (bn_net, (2, 6, 6), 3),
+    "norm": (norm_only, (6,), 6),
+    "attn": (attention_net, (4, 6), 3),
+    "emb": (embedding_net, (5,), 3),
+}
 
 
 def global_batches(kind: str, steps: int, size: int = GLOBAL_BATCH, seed: int = 1) -> list:
@@ -324,10 +337,11 @@ def scenario_ddp(rank: int, world: int, out: dict) -> None:
         model, ddp, opt = hooked_ddp(kind, opt_name, bucket_cap_mb=1e-4)  # several buckets
         train(ddp, opt, [local_part(b, rank, world) for b in global_batches(kind, 4)])
         out[f"ddp_{opt_name}_{kind}"] = {
-            "params": params_of(model), "bytes": dict(opt.communicator.last_step_bytes),
+            "params": params_of(model),
+            "bytes": dict(opt.communicator.last_step_bytes),
             "predicted": ddp_bytes_per_step(opt, curvature_step=False),  # the 4th step has no capture
             "diagnostics": {k: {n: float(v) for n, v in d.items()} for k, d in opt.diagnostics().items()},
-        }  # fmt: skip
+        }
     # gradient accumulation under no_sync(): the hook runs once, on the last micro-batch
     model, ddp, opt = hooked_ddp("mlp")
     for x, y in [local_part(b, rank, world) for b in global_batches("mlp", 3)]:
@@ -368,7 +382,9 @@ def scenario_errors(rank: int, world: int, out: dict) -> None:
     out["err_ddp"] = _expect_error(lambda: FOP(nn.parallel.DistributedDataParallel(mlp())))
     emb = embedding_net()
     opt = make_optimizer("fop", emb)
-    out["err_embedding"] = _expect_error(lambda: train(emb, opt, [local_part(b, rank, world) for b in global_batches("emb", 1)]))
+    out["err_embedding"] = _expect_error(
+        lambda: train(emb, opt, [local_part(b, rank, world) for b in global_batches("emb", 1)])
+    )
 
     class Skipper(nn.Module):  # rank 1 does not use its second layer
         def __init__(self) -> None:
@@ -393,7 +409,9 @@ def scenario_errors(rank: int, world: int, out: dict) -> None:
     model[0].requires_grad_(False)
     opt = make_optimizer("fop", model)
     model[0].requires_grad_(True)
-    out["err_unfrozen"] = _expect_error(lambda: train(model, opt, [local_part(b, rank, world) for b in global_batches("mlp", 1)]))
+    out["err_unfrozen"] = _expect_error(
+        lambda: train(model, opt, [local_part(b, rank, world) for b in global_batches("mlp", 1)])
+    )
 
     # a process that stops taking part: the other one gets an error after the timeout
     model = mlp()
@@ -470,9 +488,17 @@ def launch(world: int, scenarios: str, directory: Path, load_from: Path | None =
     port = _free_port()
     procs = []
     for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                   LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))  # fmt: skip
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE=str(world),
+            LOCAL_RANK=str(rank),
+            LOCAL_WORLD_SIZE=str(world),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS="1",
+            GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
+        )
         cmd = [sys.executable, __file__, "--worker", scenarios, str(directory)]
         if load_from is not None:
             cmd.append(str(load_from))

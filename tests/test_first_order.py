@@ -53,7 +53,9 @@ def test_a_skipped_step_changes_no_parameter_and_no_state() -> None:
     params = _params()
     before = [p.clone() for p in params]
     bad = torch.zeros((), dtype=torch.bool)
-    buffers = sgd_update(params, _grads(0), [None, None], lr=0.1, momentum=0.9, weight_decay=0.0, nesterov=False, ok=bad)
+    buffers = sgd_update(
+        params, _grads(0), [None, None], lr=0.1, momentum=0.9, weight_decay=0.0, nesterov=False, ok=bad
+    )
     assert all(torch.equal(a, b) for a, b in zip(params, before))
     assert all(buf is not None and not buf.any() for buf in buffers)  # a zero buffer, as if never started
     states: list[dict] = [{}, {}]

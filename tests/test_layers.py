@@ -104,8 +104,14 @@ def conv_net(conv: nn.Module, shape: tuple[int, ...]) -> nn.Module:
 
 CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "conv1d": (lambda: conv_net(nn.Conv1d(3, 4, 3, padding=1), (3, 9)), (3, 9)),
-    "conv1d-stride-dilation-nobias": (lambda: conv_net(nn.Conv1d(3, 4, 3, stride=2, dilation=2, bias=False), (3, 9)), (3, 9)),
-    "conv1d-same-reflect": (lambda: conv_net(nn.Conv1d(3, 4, 4, padding="same", padding_mode="reflect"), (3, 9)), (3, 9)),
+    "conv1d-stride-dilation-nobias": (
+        lambda: conv_net(nn.Conv1d(3, 4, 3, stride=2, dilation=2, bias=False), (3, 9)),
+        (3, 9),
+    ),
+    "conv1d-same-reflect": (
+        lambda: conv_net(nn.Conv1d(3, 4, 4, padding="same", padding_mode="reflect"), (3, 9)),
+        (3, 9),
+    ),
     "conv3d": (lambda: conv_net(nn.Conv3d(2, 3, (2, 3, 2), stride=(1, 2, 1), padding=1), (2, 4, 5, 4)), (2, 4, 5, 4)),
     "conv3d-dilation-circular": (
         lambda: conv_net(nn.Conv3d(2, 3, 2, dilation=(1, 2, 1), padding=1, padding_mode="circular"), (2, 4, 5, 4)),
@@ -181,8 +187,10 @@ def textbook_attention(m: nn.MultiheadAttention, q_in, k_in, v_in, batch_first: 
         q, k, v = proj["in_proj"].chunk(3, -1)
     else:
         proj = {
-            "q_proj": q_in @ m.q_proj_weight.T, "k_proj": k_in @ m.k_proj_weight.T, "v_proj": v_in @ m.v_proj_weight.T,
-        }  # fmt: skip
+            "q_proj": q_in @ m.q_proj_weight.T,
+            "k_proj": k_in @ m.k_proj_weight.T,
+            "v_proj": v_in @ m.v_proj_weight.T,
+        }
         q, k, v = proj["q_proj"] + b[:e], proj["k_proj"] + b[e : 2 * e], proj["v_proj"] + b[2 * e :]
     for t in proj.values():
         t.retain_grad()
@@ -238,10 +246,12 @@ def factor_oracle(case: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor)
     for name, (a, delta) in found.items():
         owner, _, key = name.rpartition(".")
         bias = (
-            (modules[owner].in_proj_bias is not None) if key == "in_proj"
-            else False if key in ("q_proj", "k_proj", "v_proj")
+            (modules[owner].in_proj_bias is not None)
+            if key == "in_proj"
+            else False
+            if key in ("q_proj", "k_proj", "v_proj")
             else modules[name].bias is not None
-        )  # fmt: skip
+        )
         if bias:
             a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=DTYPE)], 1)
         result[name] = (a.T @ a / a.shape[0], (delta * n).T @ (delta * n) / n)
@@ -330,14 +340,18 @@ def test_kfac_step_equals_dense_damped_natural_gradient(case: str) -> None:
         torch.testing.assert_close(folded_param(layer), before[layer.name] - lr * step, msg=layer.name)
 
 
-@pytest.mark.parametrize("case", ["conv1d", "conv3d", "mha-seq-first", "mha-separate-qkv", "encoder-layer", "gpt2-conv1d"])
+@pytest.mark.parametrize(
+    "case", ["conv1d", "conv3d", "mha-seq-first", "mha-separate-qkv", "encoder-layer", "gpt2-conv1d"]
+)
 def test_fop_step_is_the_functional_direction(case: str) -> None:
     """The update is −lr·fop_direction(g1, g2, A, G, λ) of halves from separate passes."""
     model, x, y = make(case, 8)
     check_fop_step(model, x, y)
 
 
-def check_fop_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dense_a: dict | None = None, **options: object) -> tuple:
+def check_fop_step(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, dense_a: dict | None = None, **options: object
+) -> tuple:
     """One FOP step (lr 0.5, λ 0.05) equals −lr·fop_direction(g1, g2, A, G, λ), the halves from separate passes.
 
     ``dense_a``: a layer's input factor formed by hand, used instead of the optimizer's. Returns
@@ -379,9 +393,11 @@ MHA_CONFIGS = {
 
 
 CALLS = [
-    (config, call) for config in sorted(MHA_CONFIGS) for call in ("self", "masks", "causal", "cross", "unbatched")
+    (config, call)
+    for config in sorted(MHA_CONFIGS)
+    for call in ("self", "masks", "causal", "cross", "unbatched")
     if call == "cross" or "kdim" not in MHA_CONFIGS[config]  # kdim/vdim ≠ embed_dim: no self-attention
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("config", "call"), CALLS)
@@ -416,7 +432,10 @@ def test_converted_attention_equals_torch(config: str, need_weights: bool, call:
     if call == "masks":
         padding = torch.zeros(3, 5, dtype=torch.bool)
         padding[0, -2:] = True
-        extra.update(attn_mask=nn.Transformer.generate_square_subsequent_mask(5, dtype=DTYPE), key_padding_mask=padding.to(DTYPE) * -1e9)
+        extra.update(
+            attn_mask=nn.Transformer.generate_square_subsequent_mask(5, dtype=DTYPE),
+            key_padding_mask=padding.to(DTYPE) * -1e9,
+        )
     if call == "causal":
         extra.update(attn_mask=nn.Transformer.generate_square_subsequent_mask(5, dtype=DTYPE), is_causal=True)
     results = []
@@ -466,9 +485,12 @@ def test_packed_cross_attention_falls_back_loudly() -> None:
 def test_unsupported_weight_layers_are_named_in_one_warning() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Embedding(10, 4, scale_grad_by_freq=True), nn.Conv1d(4, 4, 3, groups=2), nn.ConvTranspose1d(4, 4, 2),
-        nn.Flatten(), nn.Linear(4, 3),
-    )  # fmt: skip
+        nn.Embedding(10, 4, scale_grad_by_freq=True),
+        nn.Conv1d(4, 4, 3, groups=2),
+        nn.ConvTranspose1d(4, 4, 2),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    )
     with pytest.warns(UserWarning) as record:
         optimizer = FOP(model)
     messages = [str(w.message) for w in record if "no Kronecker curvature" in str(w.message)]
@@ -528,7 +550,9 @@ def test_sequence_first_transformer_layer_equals_batch_first(fisher: str) -> Non
         works.append(captured(optimizer))
     for name in works[0]:
         for key in ("a", "g", "g1", "g2"):
-            torch.testing.assert_close(getattr(works[0][name], key), getattr(works[1][name], key), msg=f"{key} of {name}")
+            torch.testing.assert_close(
+                getattr(works[0][name], key), getattr(works[1][name], key), msg=f"{key} of {name}"
+            )
 
 
 # ------------------------------------------------------------------------ nn.Embedding
@@ -606,7 +630,10 @@ def test_embedding_factors_and_halves_equal_dense_references(case: str) -> None:
     torch.testing.assert_close(work.g1, halves[0]["emb"], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(work.g2, halves[1]["emb"], rtol=1e-10, atol=1e-12)
     if "padding_idx" in EMBEDDINGS[case]:
-        assert work.a[EMBEDDINGS[case]["padding_idx"]] == 0 and work.g1[:, EMBEDDINGS[case]["padding_idx"]].abs().max() == 0
+        assert (
+            work.a[EMBEDDINGS[case]["padding_idx"]] == 0
+            and work.g1[:, EMBEDDINGS[case]["padding_idx"]].abs().max() == 0
+        )
 
 
 @pytest.mark.parametrize("case", sorted(EMBEDDINGS))

@@ -361,8 +361,9 @@ def test_transformer_layer_with_batch_first_false_is_detected() -> None:
             warnings.simplefilter("ignore")  # out_proj is used through F.multi_head_attention_forward
             optimizer = FOP(model, lr=0.3, **EXACT)
             assert {layer.name: layer.batch_dim for layer in optimizer.layers if "linear" in layer.name} == {
-                "linear1": 0 if batch_first else 1, "linear2": 0 if batch_first else 1,
-            }  # fmt: skip
+                "linear1": 0 if batch_first else 1,
+                "linear2": 0 if batch_first else 1,
+            }
             out = model(x if batch_first else x.transpose(0, 1))
             out = out if batch_first else out.transpose(0, 1)
             (out**2).mean().backward()
@@ -384,7 +385,9 @@ def test_linear_layers_outside_a_sequence_first_transformer_are_named() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.head(self.encoder(x))
 
-    with pytest.warns(UserWarning, match=r"the Linear and Embedding layers outside them \(head\) are taken as batch first"):
+    with pytest.warns(
+        UserWarning, match=r"the Linear and Embedding layers outside them \(head\) are taken as batch first"
+    ):
         FOP(Tutorial())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # out_proj
@@ -480,7 +483,10 @@ def test_huge_finite_gradients_skip_the_step_and_say_why() -> None:
     F.cross_entropy(model(x.float()), y).backward()
     for p in model.parameters():
         p.grad.fill_(1e20)
-    with pytest.warns(UserWarning, match=r"FOP: 1 of the first 1 steps were skipped.*finite but so large that their norm overflows float32"):
+    with pytest.warns(
+        UserWarning,
+        match=r"FOP: 1 of the first 1 steps were skipped.*finite but so large that their norm overflows float32",
+    ):
         optimizer.step()
     assert int(optimizer.skipped_steps) == 1
     for p, q in zip(model.parameters(), before):
@@ -542,10 +548,18 @@ def test_bench_damaged_runs_file_skips_bad_records_naming_their_lines(tmp_path) 
     def record(**change: object) -> dict:
         spec = {"optimizer": "fop", "seed": 0}
         base = {
-            "key": _spec_key(spec), "spec": spec, "status": "ok", "epochs_to_target": 3, "seconds_to_target": 1.5,
-            "best_accuracy": 0.9, "final_accuracy": 0.8, "median_step_seconds": 0.01, "optimizer_share": 0.5,
-            "peak_memory_bytes": 1024, "curve": [{"seconds": 1.0, "accuracy": 0.5}],
-        }  # fmt: skip
+            "key": _spec_key(spec),
+            "spec": spec,
+            "status": "ok",
+            "epochs_to_target": 3,
+            "seconds_to_target": 1.5,
+            "best_accuracy": 0.9,
+            "final_accuracy": 0.8,
+            "median_step_seconds": 0.01,
+            "optimizer_share": 0.5,
+            "peak_memory_bytes": 1024,
+            "curve": [{"seconds": 1.0, "accuracy": 0.5}],
+        }
         base.update(change)
         return {k: v for k, v in base.items() if v is not ...}
 
@@ -578,7 +592,9 @@ def test_bench_subset_is_at_most_n_or_says_why() -> None:
     from fop.bench.data import load_digits
     from fop.bench.errors import BenchError
 
-    with pytest.raises(BenchError, match=r"--subset 5 is smaller than the number of classes \(10\).*--subset 10 or more"):
+    with pytest.raises(
+        BenchError, match=r"--subset 5 is smaller than the number of classes \(10\).*--subset 10 or more"
+    ):
         load_digits(subset=5)
     dataset = load_digits(subset=25)
     assert len(dataset.train_labels) <= 25 and len(dataset.test_labels) <= 25
@@ -587,7 +603,10 @@ def test_bench_subset_is_at_most_n_or_says_why() -> None:
 @pytest.mark.parametrize("value", ["inf", "nan", "0"])
 def test_bench_lr_grid_must_be_finite_and_positive(capsys, value: str) -> None:
     err = _bench_error(capsys, ["--lr-grid", value])
-    assert err == f"fop-bench: error: argument --lr-grid: {value!r} is not a comma-separated list of finite positive numbers"
+    assert (
+        err
+        == f"fop-bench: error: argument --lr-grid: {value!r} is not a comma-separated list of finite positive numbers"
+    )
 
 
 def test_bench_nproc_honours_the_task_optimizers_threads_and_output(tmp_path, capsys, monkeypatch) -> None:
@@ -604,8 +623,13 @@ def test_bench_nproc_honours_the_task_optimizers_threads_and_output(tmp_path, ca
 
     def launch(job, n):  # noqa: ANN001, ANN202 - stands in for torchrun
         jobs.append((job, n))
-        run = {"step_seconds": 0.5 / n, "optimizer_seconds": 0.1, "interval": 2, "local_batch": 64 // n,
-               "state_bytes_all": [2**20] * n}  # fmt: skip
+        run = {
+            "step_seconds": 0.5 / n,
+            "optimizer_seconds": 0.1,
+            "interval": 2,
+            "local_batch": 64 // n,
+            "state_bytes_all": [2**20] * n,
+        }
         if n > 1:
             sizes = {"total": 2048, "wire_estimate": 1024, "ddp_wire_estimate": 4096}
             run.update(bytes_curvature=sizes, bytes_plain=sizes)
@@ -615,8 +639,26 @@ def test_bench_nproc_honours_the_task_optimizers_threads_and_output(tmp_path, ca
     from fop.bench.cli import main
 
     out = tmp_path / "d"
-    argv = ["--nproc", "2", "--task", "digits-mlp", "--optimizers", "kfac", "--batch-sizes", "64", "--width", "16",
-            "--subset", "200", "--threads", "1", "--out", str(out), "--curvature-interval", "2"]  # fmt: skip
+    argv = [
+        "--nproc",
+        "2",
+        "--task",
+        "digits-mlp",
+        "--optimizers",
+        "kfac",
+        "--batch-sizes",
+        "64",
+        "--width",
+        "16",
+        "--subset",
+        "200",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+        "--curvature-interval",
+        "2",
+    ]
     assert main(argv) == 0
     assert [n for _, n in jobs] == [1, 2]
     job = jobs[0][0]

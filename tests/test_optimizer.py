@@ -25,9 +25,12 @@ def mlp(seed: int = 0, dtype: torch.dtype = DTYPE, bias: bool = True) -> nn.Modu
 def cnn(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
-        nn.Flatten(), nn.Linear(4 * 6 * 6, 5),
-    ).to(DTYPE)  # fmt: skip
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(inplace=True),
+        nn.Flatten(),
+        nn.Linear(4 * 6 * 6, 5),
+    ).to(DTYPE)
 
 
 def batches(n_batches: int, n: int = 8, shape: tuple = (6,), classes: int = 4, seed: int = 1) -> list:
@@ -193,7 +196,10 @@ def test_checkpoint_resume_continues_exactly(cls: type) -> None:
     data = batches(8)
     kw = dict(lr=0.1, weight_decay=1e-3, curvature_update_interval=3, inverse_update_interval=2)
     model = cnn()
-    conv_data = [(torch.randn(8, 3, 6, 6, dtype=DTYPE, generator=torch.Generator().manual_seed(i)), y) for i, (_, y) in enumerate(data)]
+    conv_data = [
+        (torch.randn(8, 3, 6, 6, dtype=DTYPE, generator=torch.Generator().manual_seed(i)), y)
+        for i, (_, y) in enumerate(data)
+    ]
     conv_data = [(x, y % 5) for x, y in conv_data]
     optimizer = cls(model, fallback="adamw", **kw)
     train(model, optimizer, conv_data[:4])
@@ -384,9 +390,7 @@ def test_grad_scaler_overflow_step_leaves_no_trace() -> None:
 
 
 def test_bf16_autocast_trains_with_float32_curvature() -> None:
-    model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(8 * 6 * 6, 5)
-    )  # fmt: skip
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(8 * 6 * 6, 5))
     optimizer = FOP(model, lr=0.05, **FAST)
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(32, 3, 6, 6, generator=gen), torch.randint(0, 5, (32,), generator=gen)
@@ -460,9 +464,12 @@ def test_no_warnings_in_a_normal_run() -> None:
 def test_grouped_convolutions_and_norms_use_the_fallback_group() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.GroupNorm(2, 4), nn.Conv2d(4, 6, 1), nn.Flatten(),
+        nn.Conv2d(4, 4, 3, padding=1, groups=4),
+        nn.GroupNorm(2, 4),
+        nn.Conv2d(4, 6, 1),
+        nn.Flatten(),
         nn.Linear(6 * 5 * 5, 3),
-    ).to(DTYPE)  # fmt: skip
+    ).to(DTYPE)
     with pytest.warns(UserWarning, match=r"0 \(Conv2d\): grouped convolution \(groups=4\)"):
         optimizer = FOP(model, fallback="adamw", **FAST)
     assert [layer.name for layer in optimizer.layers] == ["2", "4"]

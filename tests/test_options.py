@@ -112,8 +112,9 @@ def test_factored_cholesky_route_equals_the_eigenbasis_route(projection: bool, e
     torch.testing.assert_close(
         Fn.damped_inverse_factored(x, Fn.factored_inverses(a, g, damping)),
         Fn.damped_inverse_eigen(x, Fn.eigen_factor(a), Fn.eigen_factor(g), damping, "factored"),
-        rtol=1e-9, atol=1e-12,
-    )  # fmt: skip
+        rtol=1e-9,
+        atol=1e-12,
+    )
 
 
 @pytest.mark.parametrize("fails", [("float32",), ("float32", "float64")])
@@ -150,7 +151,9 @@ def test_damped_factor_inverse_keeps_the_previous_inverse_for_a_non_finite_facto
     torch.testing.assert_close(inverse[0], torch.linalg.inv(good + 0.1 * torch.eye(4, dtype=DTYPE)))
     torch.testing.assert_close(inverse[1], previous)
     # no previous inverse: that of a zero factor, I / shift (a plain damped gradient step)
-    torch.testing.assert_close(Fn.damped_factor_inverse(bad, torch.tensor(0.1, dtype=DTYPE)), torch.eye(4, dtype=DTYPE) / 0.1)
+    torch.testing.assert_close(
+        Fn.damped_factor_inverse(bad, torch.tensor(0.1, dtype=DTYPE)), torch.eye(4, dtype=DTYPE) / 0.1
+    )
 
 
 def test_eta_sum_convention_doubles_eta_and_the_direction() -> None:
@@ -306,9 +309,16 @@ def test_factored_fop_between_inverse_updates_uses_the_inverted_factors() -> Non
     model = mlp()
     lr, damping = 0.2, 0.05
     optimizer = FOP(
-        model, lr=lr, momentum=0.0, damping=damping, damping_mode="factored", kl_clip=None, factor_decay=0.5,
-        curvature_update_interval=1, inverse_update_interval=3,
-    )  # fmt: skip
+        model,
+        lr=lr,
+        momentum=0.0,
+        damping=damping,
+        damping_mode="factored",
+        kl_clip=None,
+        factor_decay=0.5,
+        curvature_update_interval=1,
+        inverse_update_interval=3,
+    )
     inverted: dict[str, torch.Tensor] = {}
     for k in range(7):
         if k == 4:
@@ -329,7 +339,9 @@ def test_factored_fop_between_inverse_updates_uses_the_inverted_factors() -> Non
             if k % 3 == 0:
                 inverted[f"A{i}"], inverted[f"G{i}"] = state["A"].clone(), state["G"].clone()
             eig_a, eig_g = Fn.eigen_factor(inverted[f"A{i}"]), Fn.eigen_factor(inverted[f"G{i}"])
-            expected = Fn.fop_direction_eigen(halves[0][i], halves[1][i], eig_a, eig_g, damping, 1e-12, True, "factored")
+            expected = Fn.fop_direction_eigen(
+                halves[0][i], halves[1][i], eig_a, eig_g, damping, 1e-12, True, "factored"
+            )
             torch.testing.assert_close(folded(m), before[i] - lr * expected.direction, rtol=1e-9, atol=1e-12)
             assert ("A_at_inverse" in state) == (k % 3 != 0)
 
@@ -339,8 +351,10 @@ def test_switching_the_damping_mode_replaces_the_curvature_state() -> None:
     optimizer = KFAC(model, lr=0.1, curvature_update_interval=1, inverse_update_interval=5)
     x, y = data()
     for mode, present, absent in (
-        ("exact", "A_values", "A_inv"), ("factored", "A_inv", "A_values"), ("exact", "A_values", "A_inv"),
-    ):  # fmt: skip
+        ("exact", "A_values", "A_inv"),
+        ("factored", "A_inv", "A_values"),
+        ("exact", "A_values", "A_inv"),
+    ):
         optimizer.param_groups[0]["damping_mode"] = mode
         optimizer.zero_grad()
         F.cross_entropy(model(x), y).backward()

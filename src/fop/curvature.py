@@ -20,8 +20,8 @@ refuse in-place modifications of their outputs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -32,17 +32,33 @@ from .functional import compute_dtype, safe_divide
 from .profiling import phase
 
 __all__ = [
-    "FACTOR_KEYS", "CaptureMode", "KroneckerLayer", "LinearLayer", "Conv2dLayer", "LayerWork", "loss_scale_ratio",
-    "make_layer", "supports",
-]  # fmt: skip
+    "FACTOR_KEYS",
+    "CaptureMode",
+    "KroneckerLayer",
+    "LinearLayer",
+    "Conv2dLayer",
+    "LayerWork",
+    "loss_scale_ratio",
+    "make_layer",
+    "supports",
+]
 
 # The curvature state the optimizer keeps per layer (in ``optimizer.state[layer.weight]``): the
 # running factors; with exact damping their eigendecompositions; with factored damping the damped
 # inverses and, while the running factors have moved on since those were formed, the factors they
 # were formed from (FOP's projection uses the same factors as the inverse, as with eigenbases).
 FACTOR_KEYS = (
-    "A", "G", "A_values", "A_vectors", "G_values", "G_vectors", "A_inv", "G_inv", "A_at_inverse", "G_at_inverse",
-)  # fmt: skip
+    "A",
+    "G",
+    "A_values",
+    "A_vectors",
+    "G_values",
+    "G_vectors",
+    "A_inv",
+    "G_inv",
+    "A_at_inverse",
+    "G_at_inverse",
+)
 
 # Large convolutions unfold their patches in chunks of this many samples to bound memory.
 _UNFOLD_CHUNK = 256
@@ -152,9 +168,13 @@ class KroneckerLayer:
     """
 
     def __init__(
-        self, name: str, module: nn.Module, mode: CaptureMode,
-        weight: nn.Parameter | None = None, bias: nn.Parameter | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        name: str,
+        module: nn.Module,
+        mode: CaptureMode,
+        weight: nn.Parameter | None = None,
+        bias: nn.Parameter | None = None,
+    ) -> None:
         self.name = name
         self.module = module
         self.mode = mode
@@ -526,9 +546,9 @@ class Conv2dLayer(KroneckerLayer):
         if grad_out.dim() == 3:
             grad_out = grad_out.unsqueeze(0)
         grad_out = grad_out.to(x.dtype)
-        w = conv2d_weight(
-            x, self.weight.shape, grad_out, self.stride, self.padding, self.dilation, 1
-        ).reshape(self.out_features, -1)
+        w = conv2d_weight(x, self.weight.shape, grad_out, self.stride, self.padding, self.dilation, 1).reshape(
+            self.out_features, -1
+        )
         if self.bias is None:
             return w
         return torch.cat([w, grad_out.sum((0, 2, 3))[:, None].to(w.dtype)], dim=1)
@@ -569,5 +589,3 @@ def make_layer(name: str, module: nn.Module, mode: CaptureMode) -> KroneckerLaye
         if isinstance(module, base):
             return cls(name, module, mode)
     raise TypeError(f"{type(module).__name__} has no Kronecker curvature; supported: Linear, Conv2d")
-
-

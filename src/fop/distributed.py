@@ -267,9 +267,12 @@ def _trainables(optimizer: Engine, model: nn.Module, sync_buffers: bool) -> _Tra
     layers = [layer for layer in optimizer.layers if any(p.requires_grad for p in layer.params())]
     kron_ids = {id(p) for layer in optimizer.layers for p in layer.params()}
     fallback = [
-        p for group in optimizer.param_groups if group["rule"] != "kronecker"
-        for p in group["params"] if id(p) not in kron_ids and p.requires_grad
-    ]  # fmt: skip
+        p
+        for group in optimizer.param_groups
+        if group["rule"] != "kronecker"
+        for p in group["params"]
+        if id(p) not in kron_ids and p.requires_grad
+    ]
     buffers, names = [], []
     if sync_buffers:
         for name, module in model.named_modules():
@@ -284,9 +287,12 @@ def _trainables(optimizer: Engine, model: nn.Module, sync_buffers: bool) -> _Tra
 
 
 def _work_assignment(
-    optimizer: Engine, found: _Trainables, world_size: int, replicated: bool,
+    optimizer: Engine,
+    found: _Trainables,
+    world_size: int,
+    replicated: bool,
     cost: Callable[[KroneckerLayer], float] | None,
-) -> WorkAssignment:  # fmt: skip
+) -> WorkAssignment:
     projection = bool(optimizer.projection)
     interval = mean_interval(optimizer.inverse_update_interval)
     costs = [float(cost(layer)) if cost else layer_cost(layer, projection, interval) for layer in found.layers]
@@ -295,11 +301,16 @@ def _work_assignment(
         for layer in found.layers
     ]
     return WorkAssignment(
-        layers=tuple(shapes), world_size=world_size, costs=tuple(costs), replicated=replicated,
-        splits=bool(optimizer.splits_batch), fallback_sizes=tuple(p.numel() for p in found.fallback),
-        buffer_sizes=tuple(b.numel() for b in found.buffers), itemsize=_itemsize(found.dtype),
+        layers=tuple(shapes),
+        world_size=world_size,
+        costs=tuple(costs),
+        replicated=replicated,
+        splits=bool(optimizer.splits_batch),
+        fallback_sizes=tuple(p.numel() for p in found.fallback),
+        buffer_sizes=tuple(b.numel() for b in found.buffers),
+        itemsize=_itemsize(found.dtype),
         gradient_bytes=sum(p.numel() * p.element_size() for p in found.params),
-    )  # fmt: skip
+    )
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -307,9 +318,12 @@ def _itemsize(dtype: torch.dtype) -> int:
 
 
 def plan(
-    optimizer: Engine, model: nn.Module, world_size: int, replicated: bool = False,
+    optimizer: Engine,
+    model: nn.Module,
+    world_size: int,
+    replicated: bool = False,
     cost: Callable[[KroneckerLayer], float] | None = None,
-) -> WorkAssignment:  # fmt: skip
+) -> WorkAssignment:
     """What a run on ``world_size`` processes would do, computed here without any process group.
 
     ``optimizer`` is an ordinary (local) FOP or KFAC of ``model``. The result
@@ -409,8 +423,6 @@ def _raise_uncaptured(layers: Sequence[KroneckerLayer]) -> None:
             f"distributed training cannot reduce it: exclude the module (exclude=[{name!r}]) so that its "
             "parameters use the fallback rule"
         )
-
-
 
 
 # ================================================================================ distributed
@@ -565,7 +577,13 @@ class DistributedCommunicator(Communicator):
             "mode": "replicated" if self.replicated else "specialists",
             "world_size": self.world_size,
             "layers": [
-                (layer.name, type(layer.module).__name__, layer.out_features, layer.in_features, str(layer.weight.dtype))
+                (
+                    layer.name,
+                    type(layer.module).__name__,
+                    layer.out_features,
+                    layer.in_features,
+                    str(layer.weight.dtype),
+                )
                 for layer in self.layers
             ],
             "param_groups": groups,
@@ -582,7 +600,9 @@ class DistributedCommunicator(Communicator):
         mine = _flatten(self._signature(optimizer, steps))
         everyone = self._link.all_gather_object(mine)
         problems = []
-        for key in sorted(set().union(*everyone), key=lambda k: (k not in mine, list(mine).index(k) if k in mine else 0)):
+        for key in sorted(
+            set().union(*everyone), key=lambda k: (k not in mine, list(mine).index(k) if k in mine else 0)
+        ):
             values = [sig.get(key, "<missing>") for sig in everyone]
             if any(v != values[0] for v in values[1:]):
                 per_rank = "; ".join(f"rank {r}: {_short(v)}" for r, v in enumerate(values))
@@ -624,7 +644,11 @@ class DistributedCommunicator(Communicator):
         items = {self._index[id(item.layer)]: item for item in work}
         # raised after the first collective, whose sequence and presence checks name the cause on
         # every process when the processes disagree (e.g. a second step() without a new backward)
-        uncaptured = [layer for i, layer in enumerate(self.layers) if i not in items and any(p.grad is not None for p in layer.params())]  # fmt: skip
+        uncaptured = [
+            layer
+            for i, layer in enumerate(self.layers)
+            if i not in items and any(p.grad is not None for p in layer.params())
+        ]
         curvature = context.curvature
         self._link.new_step()
         common = self._pack_common(items, ok, curvature)
@@ -632,7 +656,11 @@ class DistributedCommunicator(Communicator):
             ok = self._reduce_replicated(items, common, curvature, uncaptured)
         else:
             ok = self._reduce_to_owners(items, common, curvature, uncaptured)
-        fresh = [i for i, it in items.items() if curvature and it.a is not None and it.g is not None and i not in self._factored]
+        fresh = [
+            i
+            for i, it in items.items()
+            if curvature and it.a is not None and it.g is not None and i not in self._factored
+        ]
         # a skipped step (non-finite gradients) creates no factors on the owner, so a layer counts
         # as factored only after a good step (one host synchronisation, until every layer is)
         if fresh and bool(ok):
@@ -838,7 +866,9 @@ class DistributedCommunicator(Communicator):
                 lines.append(f"  {layer.name}: factor statistics on {counts[n_layers + i]} of {n} processes")
         for j, p in enumerate(self._fallback):
             if counts[2 * n_layers + j] not in (0, n):
-                lines.append(f"  fallback parameter #{j} {tuple(p.shape)}: gradients on {counts[2 * n_layers + j]} of {n} processes")
+                lines.append(
+                    f"  fallback parameter #{j} {tuple(p.shape)}: gradients on {counts[2 * n_layers + j]} of {n} processes"
+                )
         return (
             "the processes did not all produce gradients for the same parameters this step "
             "(every process must run the same layers forward and backward before each step(), "
@@ -884,7 +914,10 @@ class DistributedCommunicator(Communicator):
                 foff = grad_len + self._fac_off[i]
                 n_in, n_out = layer.in_features, layer.out_features
                 item.a = self._codec.unpack(bucket[foff : foff + tri(n_in)], n_in, item.a.dtype) / n
-                item.g = self._codec.unpack(bucket[foff + tri(n_in) : foff + tri(n_in) + tri(n_out)], n_out, item.g.dtype) / n
+                item.g = (
+                    self._codec.unpack(bucket[foff + tri(n_in) : foff + tri(n_in) + tri(n_out)], n_out, item.g.dtype)
+                    / n
+                )
             else:
                 item.a = item.g = None
 
@@ -940,7 +973,9 @@ class DistributedCommunicator(Communicator):
     def loaded(self, optimizer: Engine, steps: int) -> None:
         """After every process loaded the same (full) checkpoint: shard it and check agreement."""
         self._same_call("load_state_dict()")
-        self._factored = {i for i, layer in enumerate(self.layers) if LayerCurvature.of(optimizer.state, layer.weight).has_factors}
+        self._factored = {
+            i for i, layer in enumerate(self.layers) if LayerCurvature.of(optimizer.state, layer.weight).has_factors
+        }
         for i, layer in enumerate(self.layers):
             if not self._work.owns(self.rank, i):
                 LayerCurvature.of(optimizer.state, layer.weight).drop()

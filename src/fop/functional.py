@@ -171,7 +171,9 @@ def eigen_factor(factor: Tensor, previous: Eigen | None = None) -> Eigen:
             torch.eye(n, dtype=dtype, device=sym.device).expand_as(sym),
         )
     else:
+        assert previous.vectors is not None  # a dense factor's previous basis
         fallback = Eigen(previous.values.to(dtype), previous.vectors.to(dtype))
+    assert fallback.vectors is not None
     values = torch.where(finite[..., None], values, fallback.values)
     vectors = torch.where(finite[..., None, None], vectors, fallback.vectors)
     return Eigen(values, vectors)
@@ -237,9 +239,7 @@ def _fisher_eigenvalues(eig_a: Eigen, eig_g: Eigen) -> Tensor:
     return eig_g.values[..., :, None] * eig_a.values[..., None, :]
 
 
-def damped_fisher_eigenvalues(
-    eig_a: Eigen, eig_g: Eigen, damping: float | Tensor, mode: str = "exact"
-) -> Tensor:
+def damped_fisher_eigenvalues(eig_a: Eigen, eig_g: Eigen, damping: float | Tensor, mode: str = "exact") -> Tensor:
     """Eigenvalues of the damped Fisher ``M`` in the Kronecker eigenbasis, as an (out, in) matrix.
 
     ``"exact"``: ``M = A ⊗ G + λI``, eigenvalues ``g aᵀ + λ``.
@@ -312,6 +312,7 @@ def damped_factor_inverse(factor: Tensor, shift: Tensor, previous: Tensor | None
             if bool(failed.any()):
                 # eigenvalues a + shift of the damped factor; max(a, 0) + shift = max(a + shift, shift)
                 eig = eigen_factor(damped)
+                assert eig.vectors is not None  # a dense factor
                 values = torch.maximum(eig.values, shift[..., None])
                 clamped = eig.vectors @ (eig.vectors.transpose(-2, -1) / values[..., :, None])
                 inverse = torch.where(failed[..., None, None], clamped, inverse)
@@ -421,6 +422,7 @@ def fop_direction_eigen(
         avg = to_eigenbasis(0.5 * (g1 + g2), eig_a, eig_g)
         n_avg = avg / damped_fisher_eigenvalues(eig_a, eig_g, damping, damping_mode)
         return _kfac_result(from_eigenbasis(n_avg, eig_a, eig_g), inner(avg, n_avg))
+    assert eig_g.vectors is not None  # G is never diagonal
     vectors_g_t = eig_g.vectors.transpose(-2, -1)
     avg, diff = _sandwich_pair(vectors_g_t, 0.5 * (g1 + g2), g1 - g2, eig_a.vectors)
     inv_m = 1.0 / damped_fisher_eigenvalues(eig_a, eig_g, damping, damping_mode)
@@ -543,6 +545,13 @@ def fop_direction(
         factored = factored_inverses(a_factor, g_factor, damping)
         return fop_direction_factored(g1.to(dtype), g2.to(dtype), factored, eps, projection, eta_convention)
     return fop_direction_eigen(
-        g1.to(dtype), g2.to(dtype), _eigen(a_factor), eigen_factor(g_factor), damping, eps, projection,
-        damping_mode, eta_convention,
-    )  # fmt: skip
+        g1.to(dtype),
+        g2.to(dtype),
+        _eigen(a_factor),
+        eigen_factor(g_factor),
+        damping,
+        eps,
+        projection,
+        damping_mode,
+        eta_convention,
+    )

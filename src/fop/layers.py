@@ -30,9 +30,17 @@ from .nn import MultiheadAttention as CapturedAttention
 from .nn import register_projection_hook
 
 __all__ = [
-    "AttentionProjectionLayer", "ConvNdLayer", "EmbeddingLayer", "SequenceFirstEmbeddingLayer", "SequenceFirstLinearLayer", "TransposedLinearLayer", "linear_layouts",
-    "make_layers", "supports", "unsupported_reason",
-]  # fmt: skip
+    "AttentionProjectionLayer",
+    "ConvNdLayer",
+    "EmbeddingLayer",
+    "SequenceFirstEmbeddingLayer",
+    "SequenceFirstLinearLayer",
+    "TransposedLinearLayer",
+    "linear_layouts",
+    "make_layers",
+    "supports",
+    "unsupported_reason",
+]
 
 _WEIGHT_GRAD = {1: conv1d_weight, 2: conv2d_weight, 3: conv3d_weight}
 
@@ -269,9 +277,11 @@ def is_gpt2_conv1d(module: nn.Module) -> bool:
     nf = getattr(module, "nf", None)
     return (
         type(module).__name__ == "Conv1D"
-        and isinstance(weight, nn.Parameter) and weight.dim() == 2 and nf == weight.shape[1]
+        and isinstance(weight, nn.Parameter)
+        and weight.dim() == 2
+        and nf == weight.shape[1]
         and (bias is None or (isinstance(bias, nn.Parameter) and tuple(bias.shape) == (nf,)))
-    )  # fmt: skip
+    )
 
 
 def _is_attention(module: nn.Module) -> bool:
@@ -281,9 +291,11 @@ def _is_attention(module: nn.Module) -> bool:
 def _is_embedding(module: nn.Module) -> bool:
     """An ``nn.Embedding`` (or subclass keeping its forward) with a Kronecker-factored gradient."""
     return (
-        isinstance(module, nn.Embedding) and type(module).forward is nn.Embedding.forward
-        and not module.sparse and not module.scale_grad_by_freq
-    )  # fmt: skip
+        isinstance(module, nn.Embedding)
+        and type(module).forward is nn.Embedding.forward
+        and not module.sparse
+        and not module.scale_grad_by_freq
+    )
 
 
 def supports(module: nn.Module) -> bool:

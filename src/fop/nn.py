@@ -55,10 +55,18 @@ class MultiheadAttention(nn.MultiheadAttention):
         hooks = self.__dict__.get("_fop_projection_hooks", {})
         if not (any(hooks.values()) and self.training and torch.is_grad_enabled()) or query.is_nested:
             return super().forward(
-                query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
-                attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal,
-            )  # fmt: skip
-        return _attention(self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal)
+                query,
+                key,
+                value,
+                key_padding_mask=key_padding_mask,
+                need_weights=need_weights,
+                attn_mask=attn_mask,
+                average_attn_weights=average_attn_weights,
+                is_causal=is_causal,
+            )
+        return _attention(
+            self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
+        )
 
 
 def convert_attention(model: nn.Module) -> nn.Module:
@@ -98,9 +106,16 @@ def _project(module: nn.Module, key: str, x: Tensor, weight: Tensor, bias: Tenso
 
 
 def _attention(
-    m: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None,
-    need_weights: bool, attn_mask: Tensor | None, average_attn_weights: bool, is_causal: bool,
-) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+    m: nn.MultiheadAttention,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_padding_mask: Tensor | None,
+    need_weights: bool,
+    attn_mask: Tensor | None,
+    average_attn_weights: bool,
+    is_causal: bool,
+) -> tuple[Tensor, Tensor | None]:
     """``F.multi_head_attention_forward`` (torch 2.x, training path) on batch-first inputs."""
     is_batched = F._mha_shape_check(query, key, value, key_padding_mask, attn_mask, m.num_heads)
     self_attention = query is key and key is value
@@ -116,7 +131,9 @@ def _attention(
     if embed_dim != m.embed_dim:
         raise AssertionError(f"was expecting embedding dimension of {m.embed_dim}, but got {embed_dim}")
 
-    key_padding_mask, attn_mask, is_causal = _canonical_masks(query, key_padding_mask, attn_mask, need_weights, is_causal)
+    key_padding_mask, attn_mask, is_causal = _canonical_masks(
+        query, key_padding_mask, attn_mask, need_weights, is_causal
+    )
     q, k, v = _in_projections(m, query, key, value, self_attention)
     attn_mask = _checked_attn_mask(attn_mask, bsz * heads, tgt_len, k.shape[1])
     if m.bias_k is not None and m.bias_v is not None:
@@ -142,8 +159,12 @@ def _attention(
     src_len = k.shape[1]
     if key_padding_mask is not None:
         if key_padding_mask.shape != (bsz, src_len):
-            raise AssertionError(f"expecting key_padding_mask shape of {(bsz, src_len)}, but got {key_padding_mask.shape}")
-        key_padding_mask = key_padding_mask.view(bsz, 1, 1, src_len).expand(-1, heads, -1, -1).reshape(bsz * heads, 1, src_len)
+            raise AssertionError(
+                f"expecting key_padding_mask shape of {(bsz, src_len)}, but got {key_padding_mask.shape}"
+            )
+        key_padding_mask = (
+            key_padding_mask.view(bsz, 1, 1, src_len).expand(-1, heads, -1, -1).reshape(bsz * heads, 1, src_len)
+        )
         attn_mask = key_padding_mask if attn_mask is None else attn_mask + key_padding_mask
     dropout_p = m.dropout if m.training else 0.0
 
@@ -165,17 +186,24 @@ def _canonical_masks(
 ) -> tuple[Tensor | None, Tensor | None, bool]:
     """torch's mask canonicalisation: float masks of the query's dtype; a causal hint without other masks."""
     key_padding_mask = F._canonical_mask(
-        mask=key_padding_mask, mask_name="key_padding_mask", other_type=F._none_or_dtype(attn_mask),
-        other_name="attn_mask", target_type=query.dtype,
-    )  # fmt: skip
+        mask=key_padding_mask,
+        mask_name="key_padding_mask",
+        other_type=F._none_or_dtype(attn_mask),
+        other_name="attn_mask",
+        target_type=query.dtype,
+    )
     if is_causal and attn_mask is None:
         raise RuntimeError("Need attn_mask if specifying the is_causal hint.")
     if is_causal and key_padding_mask is None and not need_weights:
         return key_padding_mask, None, is_causal  # scaled_dot_product_attention builds the causal mask itself
     attn_mask = F._canonical_mask(
-        mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
-        target_type=query.dtype, check_other=False,
-    )  # fmt: skip
+        mask=attn_mask,
+        mask_name="attn_mask",
+        other_type=None,
+        other_name="",
+        target_type=query.dtype,
+        check_other=False,
+    )
     return key_padding_mask, attn_mask, is_causal and key_padding_mask is None
 
 
@@ -205,7 +233,9 @@ def _checked_attn_mask(attn_mask: Tensor | None, batch_heads: int, tgt_len: int,
         return None
     if attn_mask.dim() == 2:
         if attn_mask.shape != (tgt_len, src_len):
-            raise RuntimeError(f"The shape of the 2D attn_mask is {attn_mask.shape}, but should be {(tgt_len, src_len)}.")
+            raise RuntimeError(
+                f"The shape of the 2D attn_mask is {attn_mask.shape}, but should be {(tgt_len, src_len)}."
+            )
         return attn_mask.unsqueeze(0)
     if attn_mask.dim() == 3:
         if attn_mask.shape != (batch_heads, tgt_len, src_len):
@@ -217,9 +247,15 @@ def _checked_attn_mask(attn_mask: Tensor | None, batch_heads: int, tgt_len: int,
 
 
 def _attend_with_weights(
-    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout_p: float, is_causal: bool, bsz: int,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+    bsz: int,
     average_attn_weights: bool,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
+) -> tuple[Tensor, Tensor]:
     """Attention with explicit weights on ``(batch·heads, seq, head_dim)`` tensors: context and weights."""
     if is_causal and attn_mask is None:
         raise AssertionError("FIXME: is_causal not implemented for need_weights")
@@ -250,6 +286,10 @@ def _attend(
         else:
             attn_mask = attn_mask.view(bsz, heads, -1, src_len)
     return F.scaled_dot_product_attention(
-        q.view(bsz, heads, tgt_len, head_dim), k.view(bsz, heads, src_len, head_dim),
-        v.view(bsz, heads, src_len, head_dim), attn_mask, dropout_p, is_causal,
-    )  # fmt: skip
+        q.view(bsz, heads, tgt_len, head_dim),
+        k.view(bsz, heads, src_len, head_dim),
+        v.view(bsz, heads, src_len, head_dim),
+        attn_mask,
+        dropout_p,
+        is_causal,
+    )

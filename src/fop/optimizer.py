@@ -19,8 +19,10 @@ from __future__ import annotations
 import math
 import os
 import sys
+import types
 import warnings
-from typing import Any, Callable, Iterable, Sequence, Union, cast
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -29,16 +31,16 @@ from torch.optim import Optimizer
 
 from . import functional as Fn
 from .curvature import CaptureMode, KroneckerLayer, LayerWork
-from .layers import linear_layouts, make_layers, supports, unsupported_reason
 from .distributed import Communicator, StepContext, make_communicator
 from .first_order import adamw_update, sgd_update
 from .intervals import Interval, check_interval, interval_at
+from .layers import linear_layouts, make_layers, supports, unsupported_reason
 from .profiling import phase
 from .state import LayerCurvature
 
 __all__ = ["FOP", "KFAC", "KroneckerOptimizer", "PAPER_PRESET"]
 
-ExcludeSpec = Iterable[Union[nn.Module, str, type]]
+ExcludeSpec = Iterable[nn.Module | str | type]
 
 _FALLBACK_RULES = ("sgd", "adamw")
 _FISHER_TYPES = ("empirical", "mc")
@@ -55,9 +57,7 @@ PAPER_PRESET: dict[str, Any] = {
 }
 # How many per-step trust-region factors ν are kept for trust_region_stats().
 _NU_HISTORY = 100_000
-_SPARSE_MESSAGE = (
-    "{name} needs dense gradients: build nn.Embedding / nn.EmbeddingBag with sparse=False (the default)"
-)
+_SPARSE_MESSAGE = "{name} needs dense gradients: build nn.Embedding / nn.EmbeddingBag with sparse=False (the default)"
 
 
 class KroneckerOptimizer(Optimizer):
@@ -152,12 +152,25 @@ class KroneckerOptimizer(Optimizer):
     ) -> None:
         _check_model(model, type(self).__name__)
         _check_arguments(
-            lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov, damping=damping,
-            factor_decay=factor_decay, curvature_update_interval=curvature_update_interval,
-            inverse_update_interval=inverse_update_interval, projection_eps=projection_eps, kl_clip=kl_clip,
-            trust_region=trust_region, fisher=fisher, damping_mode=damping_mode, eta=eta, fallback=fallback,
-            fallback_lr=fallback_lr, fallback_betas=fallback_betas, fallback_eps=fallback_eps,
-        )  # fmt: skip
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            damping=damping,
+            factor_decay=factor_decay,
+            curvature_update_interval=curvature_update_interval,
+            inverse_update_interval=inverse_update_interval,
+            projection_eps=projection_eps,
+            kl_clip=kl_clip,
+            trust_region=trust_region,
+            fisher=fisher,
+            damping_mode=damping_mode,
+            eta=eta,
+            fallback=fallback,
+            fallback_lr=fallback_lr,
+            fallback_betas=fallback_betas,
+            fallback_eps=fallback_eps,
+        )
         self.curvature_update_interval = curvature_update_interval
         self.inverse_update_interval = inverse_update_interval
         self.fisher = fisher
@@ -183,12 +196,23 @@ class KroneckerOptimizer(Optimizer):
         # cycle betas[0] instead of 'momentum' as soon as the defaults hold 'betas'. The optimizer
         # behaves as SGD with momentum, so only AdamW groups carry their own betas and eps.
         defaults = dict(
-            lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov, damping=damping,
-            factor_decay=factor_decay, projection_eps=projection_eps, kl_clip=kl_clip,
-            trust_region=trust_region, damping_mode=damping_mode, eta=eta, rule=fallback,
-        )  # fmt: skip
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            damping=damping,
+            factor_decay=factor_decay,
+            projection_eps=projection_eps,
+            kl_clip=kl_clip,
+            trust_region=trust_region,
+            damping_mode=damping_mode,
+            eta=eta,
+            rule=fallback,
+        )
         self._adamw_defaults = {"betas": tuple(fallback_betas), "eps": fallback_eps}
-        super().__init__(_param_groups(model, self.layers, fallback, lr if fallback == "sgd" else 1e-3, fallback_lr), defaults)
+        super().__init__(
+            _param_groups(model, self.layers, fallback, lr if fallback == "sgd" else 1e-3, fallback_lr), defaults
+        )
         self._set_capture_mode()
         for layer in self.layers:
             layer.attach()
@@ -231,7 +255,9 @@ class KroneckerOptimizer(Optimizer):
         """Add a group of parameters; user-added groups follow the fallback rule (``rule`` key)."""
         rule = param_group.setdefault("rule", self.defaults["rule"])
         if rule == "kronecker" and any(group["rule"] == "kronecker" for group in self.param_groups):
-            raise ValueError("the 'kronecker' group is made by the constructor; added groups take rule 'sgd' or 'adamw'")
+            raise ValueError(
+                "the 'kronecker' group is made by the constructor; added groups take rule 'sgd' or 'adamw'"
+            )
         if rule not in _FALLBACK_RULES + ("kronecker",):
             raise ValueError(f"param group rule must be one of {_FALLBACK_RULES}, got {rule!r}")
         if rule == "adamw":
@@ -283,7 +309,9 @@ class KroneckerOptimizer(Optimizer):
                 f"got shape {tuple(output.shape)}"
             )
         if not output.requires_grad:
-            raise ValueError("sample_fisher() needs the output of a forward with gradients enabled (call it before backward)")
+            raise ValueError(
+                "sample_fisher() needs the output of a forward with gradients enabled (call it before backward)"
+            )
         logits = output.reshape(-1, output.shape[-1])
         logits = logits.to(Fn.compute_dtype(logits.dtype))  # bf16 logits: sample and differentiate in float32
         with torch.no_grad():
@@ -341,13 +369,16 @@ class KroneckerOptimizer(Optimizer):
             if p is None:
                 continue
             layer = layers.get(id(p))
-            expected = {"momentum_buffer": p.shape, "exp_avg": p.shape, "exp_avg_sq": p.shape}
+            shape = tuple(p.shape)
+            expected: dict[str, tuple[int, ...]] = {"momentum_buffer": shape, "exp_avg": shape, "exp_avg_sq": shape}
             if layer is not None:
                 expected.update(LayerCurvature.shapes(layer.in_features, layer.out_features, layer.diagonal_input))
             for key, value in entry.items():
                 want = expected.get(key)
                 if isinstance(value, Tensor) and want is not None and tuple(value.shape) != tuple(want):
-                    where = f"layer {layer.name}" if layer is not None else f"parameter {self._param_names.get(id(p), idx)}"
+                    where = (
+                        f"layer {layer.name}" if layer is not None else f"parameter {self._param_names.get(id(p), idx)}"
+                    )
                     problems.append(f"  {where}: {key} is {tuple(value.shape)} in the checkpoint, {tuple(want)} here")
         if problems:
             raise ValueError(
@@ -414,7 +445,7 @@ class KroneckerOptimizer(Optimizer):
 
     # ------------------------------------------------------------------------------ the step
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One optimization step (``closure`` is supported but not needed)."""
         loss = None
         if closure is not None:
@@ -465,8 +496,12 @@ class KroneckerOptimizer(Optimizer):
         if not grads:
             return torch.ones((), dtype=torch.bool, device=self._skipped.device)
         if any(g.is_sparse for g in grads):
-            names = [self._param_names.get(id(p), "?") for g in self.param_groups for p in g["params"]
-                     if p.grad is not None and p.grad.is_sparse]  # fmt: skip
+            names = [
+                self._param_names.get(id(p), "?")
+                for g in self.param_groups
+                for p in g["params"]
+                if p.grad is not None and p.grad.is_sparse
+            ]
             raise TypeError(f"{_SPARSE_MESSAGE.format(name=type(self).__name__)} (sparse gradients: {names})")
         norms = torch._foreach_norm(grads)
         # amax, not a sum: finite norms must not add up to an overflow (NaN propagates through amax)
@@ -512,7 +547,9 @@ class KroneckerOptimizer(Optimizer):
         process and on many alike.
         """
         self._verify_own_gradients([layer for layer in self.layers if layer.verify and layer.captured()])
-        captured, plain, loose = [], [], []
+        captured: list[KroneckerLayer] = []
+        plain: list[KroneckerLayer] = []
+        loose: list[tuple[Tensor, Tensor]] = []
         for layer in self.layers:
             if layer.weight.grad is None:  # frozen or unused this step
                 layer.reset()
@@ -542,9 +579,13 @@ class KroneckerOptimizer(Optimizer):
         return work, loose
 
     def _kronecker_step(
-        self, group: dict[str, Any], work: list[LayerWork], loose: list[tuple[Tensor, Tensor]], ok: Tensor,
+        self,
+        group: dict[str, Any],
+        work: list[LayerWork],
+        loose: list[tuple[Tensor, Tensor]],
+        ok: Tensor,
         inverse_step: bool,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """Curvature layers, after the reduction: owners compute, directions are shared, all apply."""
         self._owner_directions([item for item in work if self.communicator.owns(item.layer)], group, ok, inverse_step)
         self.communicator.share(work)
@@ -649,9 +690,15 @@ class KroneckerOptimizer(Optimizer):
     ) -> None:
         buffers = [self.state[p].get("momentum_buffer") for p in params]
         new_buffers = sgd_update(
-            params, directions, buffers, lr=group["lr"], momentum=group["momentum"],
-            weight_decay=group["weight_decay"], nesterov=group["nesterov"], ok=ok,
-        )  # fmt: skip
+            params,
+            directions,
+            buffers,
+            lr=group["lr"],
+            momentum=group["momentum"],
+            weight_decay=group["weight_decay"],
+            nesterov=group["nesterov"],
+            ok=ok,
+        )
         for p, buf in zip(params, new_buffers):
             if buf is not None:
                 self.state[p]["momentum_buffer"] = buf
@@ -663,9 +710,15 @@ class KroneckerOptimizer(Optimizer):
         else:
             with phase("update"):
                 adamw_update(
-                    params, grads, [self.state[p] for p in params], lr=group["lr"],
-                    betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"], ok=ok,
-                )  # fmt: skip
+                    params,
+                    grads,
+                    [self.state[p] for p in params],
+                    lr=group["lr"],
+                    betas=group["betas"],
+                    eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                    ok=ok,
+                )
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -710,7 +763,11 @@ def _clip_to_trust_region(work: Sequence[LayerWork], lr: float | Tensor, kl_clip
     approaches zero (Ba et al. 2017; the default of kfac-pytorch).
     """
     # item.dg: the owner's ⟨d, g⟩, identical on every process (distributed: g lives on the owner only)
-    inners = [Fn.inner(item.direction, item.grad) if item.dg is None else item.dg for item in work if item.direction is not None]
+    inners = [
+        Fn.inner(item.direction, item.grad) if item.dg is None else item.dg
+        for item in work
+        if item.direction is not None
+    ]
     total = torch.stack(inners).sum()
     estimate = (total * (lr * lr)).abs()
     nu = Fn.safe_divide(torch.full_like(estimate, kl_clip), estimate, estimate > kl_clip, 1.0).sqrt()
@@ -800,7 +857,8 @@ def _unique_params(model: nn.Module) -> list[nn.Parameter]:
 def _caller_level() -> int:
     """``stacklevel`` of the first frame outside fop and torch (step() is wrapped by torch twice)."""
     inside = (os.path.dirname(__file__), os.path.dirname(torch.__file__))
-    frame, level = sys._getframe(2), 2  # the caller of warnings.warn's caller
+    frame: types.FrameType | None = sys._getframe(2)  # the caller of warnings.warn's caller
+    level = 2
     while frame is not None and frame.f_code.co_filename.startswith(inside):
         frame, level = frame.f_back, level + 1
     return level
@@ -813,11 +871,26 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 def _check_arguments(
-    *, lr: float | Tensor, momentum: float, weight_decay: float, nesterov: bool, damping: float, factor_decay: float,
-    curvature_update_interval: Interval, inverse_update_interval: Interval, projection_eps: float,
-    kl_clip: float | None, trust_region: str, fisher: str, damping_mode: str, eta: str, fallback: str,
-    fallback_lr: float | None, fallback_betas: tuple[float, float], fallback_eps: float,
-) -> None:  # fmt: skip
+    *,
+    lr: float | Tensor,
+    momentum: float,
+    weight_decay: float,
+    nesterov: bool,
+    damping: float,
+    factor_decay: float,
+    curvature_update_interval: Interval,
+    inverse_update_interval: Interval,
+    projection_eps: float,
+    kl_clip: float | None,
+    trust_region: str,
+    fisher: str,
+    damping_mode: str,
+    eta: str,
+    fallback: str,
+    fallback_lr: float | None,
+    fallback_betas: tuple[float, float],
+    fallback_eps: float,
+) -> None:
     """The constructor's arguments, each checked with a message naming it."""
     _check_nonneg("lr", lr)
     if not 0.0 <= momentum < 1.0:
@@ -893,9 +966,12 @@ def _check_model(model: Any, name: str) -> None:
 
 
 def _param_groups(
-    model: nn.Module, layers: Sequence[KroneckerLayer], fallback: str, default_lr: float | Tensor,
+    model: nn.Module,
+    layers: Sequence[KroneckerLayer],
+    fallback: str,
+    default_lr: float | Tensor,
     fallback_lr: float | None,
-) -> list[dict[str, Any]]:  # fmt: skip
+) -> list[dict[str, Any]]:
     """The Kronecker group (the layers' parameters) and the fallback group (every other parameter)."""
     curvature_ids = {id(p) for layer in layers for p in layer.params()}
     rest = [p for p in _unique_params(model) if id(p) not in curvature_ids]
@@ -905,6 +981,7 @@ def _param_groups(
     if rest:
         groups.append({"params": rest, "rule": fallback, "lr": default_lr if fallback_lr is None else fallback_lr})
     return groups
+
 
 def _check_nonneg(name: str, value: float | Tensor) -> None:
     if isinstance(value, Tensor):
@@ -918,4 +995,3 @@ def _check_nonneg(name: str, value: float | Tensor) -> None:
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-

@@ -182,15 +182,27 @@ class LayerCurvature:
             else:
                 eig_a, eig_g = self.eigen()
                 result = Fn.fop_direction_eigen(
-                    item.g1, item.g2, eig_a, eig_g, damping, group["projection_eps"], projection, damping_mode,
+                    item.g1,
+                    item.g2,
+                    eig_a,
+                    eig_g,
+                    damping,
+                    group["projection_eps"],
+                    projection,
+                    damping_mode,
                     group["eta"],
-                )  # fmt: skip
+                )
             if result.avg_sq is not None and result.diff_sq is not None:  # free from the rotated halves
                 trace, grad_sq = Fn.noise_terms(result.avg_sq, result.diff_sq, item.half_batch)
             else:  # projection off: g1 − g2 was not formed
                 trace, grad_sq = Fn.gradient_noise_terms(item.g1, item.g2, item.half_batch)
-            last = {"beta": result.beta, "eta": result.eta, "projection": result.projection,
-                    "noise_trace": trace, "noise_grad_sq": grad_sq}  # fmt: skip
+            last = {
+                "beta": result.beta,
+                "eta": result.eta,
+                "projection": result.projection,
+                "noise_trace": trace,
+                "noise_grad_sq": grad_sq,
+            }
             return result.direction, last
         zero = torch.zeros((), dtype=item.grad.dtype, device=item.grad.device)
         last = {"beta": zero, "eta": torch.ones_like(zero), "projection": zero}
@@ -205,9 +217,18 @@ class LayerCurvature:
         """The shape of every curvature tensor of a layer with folded shape ``(out, in)`` (``A`` 1-D if diagonal)."""
         n_in, n_out = in_features, out_features
         a_shape = (n_in,) if diagonal_input else (n_in, n_in)
-        return {"A": a_shape, "G": (n_out, n_out), "A_values": (n_in,), "A_vectors": (n_in, n_in),
-                "G_values": (n_out,), "G_vectors": (n_out, n_out), "A_inv": a_shape, "G_inv": (n_out, n_out),
-                "A_at_inverse": a_shape, "G_at_inverse": (n_out, n_out)}  # fmt: skip
+        return {
+            "A": a_shape,
+            "G": (n_out, n_out),
+            "A_values": (n_in,),
+            "A_vectors": (n_in, n_in),
+            "G_values": (n_out,),
+            "G_vectors": (n_out, n_out),
+            "A_inv": a_shape,
+            "G_inv": (n_out, n_out),
+            "A_at_inverse": a_shape,
+            "G_at_inverse": (n_out, n_out),
+        }
 
     def tensors(self) -> dict[str, Tensor]:
         """CPU copies of the curvature tensors present (for a checkpoint)."""
@@ -236,9 +257,11 @@ def owned_curvature(state: Mapping[Tensor, dict], weights: Mapping[int, Tensor])
 
 
 def merge_curvature(
-    state_dict: dict[str, Any], param_groups: Sequence[dict], parts: Sequence[dict[int, dict[str, Tensor]]],
+    state_dict: dict[str, Any],
+    param_groups: Sequence[dict],
+    parts: Sequence[dict[int, dict[str, Tensor]]],
     weights: Sequence[Tensor],
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """``state_dict`` (of ``param_groups``) with the curvature ``parts`` of layer ``i`` (weight ``weights[i]``) added."""
     index: dict[int, int] = {}
     for packed, group in zip(state_dict["param_groups"], param_groups):

@@ -344,8 +344,9 @@ def _scaling(run: _Run, plan: Sequence[RunSpec]) -> int:
     for spec in plan:
         if spec.batch_size % nproc:
             raise BenchError(f"--nproc {nproc} does not divide batch size {spec.batch_size} (the global batch)")
-    job = ScalingJob(run.task.name, run.data, tuple(_first_per_cell(plan)), str(run.device),
-                     torch_threads(), run.args.profile_steps)  # fmt: skip
+    job = ScalingJob(
+        run.task.name, run.data, tuple(_first_per_cell(plan)), str(run.device), torch_threads(), run.args.profile_steps
+    )
     results = run_scaling(job, nproc)
     header = f"{run.task.name} distributed scaling, 1 and {nproc} processes, {job.threads} threads each: {run.header}"
     print(write_scaling(results, header, run.out))
@@ -501,8 +502,9 @@ def _load_and_plan(run: _Run) -> list[RunSpec]:
     data_path = args.data or (
         Path(os.environ[DATA_ENV]) if "path" in task.data_options and os.environ.get(DATA_ENV) else None
     )
-    run.data = DataOptions(path=data_path, subset=args.subset, imbalance=args.imbalance, cache_dir=args.cache_dir,
-                           download=args.download)  # fmt: skip
+    run.data = DataOptions(
+        path=data_path, subset=args.subset, imbalance=args.imbalance, cache_dir=args.cache_dir, download=args.download
+    )
     run.dataset = task.load_data(run.data)
     run.env = environment(run.device)
     config = _sweep_config(run)
@@ -584,8 +586,13 @@ def _sweep(run: _Run, plan: list[RunSpec]) -> int:
     from fop.bench.runner import ResultStore, run_sweep
 
     task, dataset, out, args = run.task, run.dataset, run.out, run.args
-    print(f"{PROG}: {task.name} on {run.env['hardware']}, torch {run.env['torch']}: {len(plan)} runs -> {out}", file=sys.stderr)
-    pipeline = BatchPipeline(dataset, run.device, crop_padding=task.crop_padding, channels_last=run.device.type == "cuda")
+    print(
+        f"{PROG}: {task.name} on {run.env['hardware']}, torch {run.env['torch']}: {len(plan)} runs -> {out}",
+        file=sys.stderr,
+    )
+    pipeline = BatchPipeline(
+        dataset, run.device, crop_padding=task.crop_padding, channels_last=run.device.type == "cuda"
+    )
     store = ResultStore(out / "runs.jsonl")
     progress = not args.no_progress and sys.stderr.isatty()
     context = {"environment": run.env, "command": run.command}
@@ -679,9 +686,12 @@ def _beyond(values: Sequence[float], chosen: float) -> float:
 
 
 def _edge_extension(
-    records: Sequence[dict[str, Any]], config: SweepConfig, task: Task, dataset: Any,
+    records: Sequence[dict[str, Any]],
+    config: SweepConfig,
+    task: Task,
+    dataset: Any,
     optimizers: dict[str, OptimizerSpec],
-) -> list[RunSpec]:  # fmt: skip
+) -> list[RunSpec]:
     """Runs one geometric grid step beyond every edge a cell's best configuration lies on.
 
     A learning-rate edge adds the new factor with every value of the second axis; a damping or

@@ -67,9 +67,13 @@ def profile_runs(
 
 
 def _profile_one(
-    spec: RunSpec, task: Task, dataset: ImageDataset, pipeline: BatchPipeline, optimizer_spec: OptimizerSpec,
+    spec: RunSpec,
+    task: Task,
+    dataset: ImageDataset,
+    pipeline: BatchPipeline,
+    optimizer_spec: OptimizerSpec,
     steps: int | None,
-) -> ProfileRow:  # fmt: skip
+) -> ProfileRow:
     device = pipeline.device
     model, optimizer = build_model_and_optimizer(spec, task, dataset, device, optimizer_spec)
     interval = spec.hyperparameters.curvature_interval

@@ -85,16 +85,18 @@ def summarize(records: Iterable[dict[str, Any]]) -> dict[tuple[int, str], Cell]:
     for record in records:
         spec = record["spec"]
         hp = spec["hyperparameters"]
-        groups[(spec["batch_size"], spec["optimizer"], spec["lr_factor"], hp.get("damping"), hp.get("weight_decay"))].append(
-            record
-        )
+        groups[
+            (spec["batch_size"], spec["optimizer"], spec["lr_factor"], hp.get("damping"), hp.get("weight_decay"))
+        ].append(record)
     tried: dict[tuple[int, str], list[tuple[float, Any, Any]]] = defaultdict(list)
     for batch_size, optimizer, factor, damping, decay in groups:
         tried[(batch_size, optimizer)].append((factor, damping, decay))
     best: dict[tuple[int, str], Cell] = {}
     for (batch_size, optimizer, factor, damping, decay), runs in groups.items():
         runs.sort(key=lambda run: run["spec"]["seed"])
-        cell = Cell(batch_size, optimizer, runs[0]["spec"]["hyperparameters"]["lr"], factor, tuple(runs), damping, decay)
+        cell = Cell(
+            batch_size, optimizer, runs[0]["spec"]["hyperparameters"]["lr"], factor, tuple(runs), damping, decay
+        )
         current = best.get((batch_size, optimizer))
         if current is None or cell.sort_key() < current.sort_key():
             best[(batch_size, optimizer)] = cell
@@ -117,9 +119,7 @@ def paired_differences(a: Cell, b: Cell, field: str) -> list[float]:
     return [
         run[field] - b_runs[run["spec"]["seed"]][field]
         for run in a.runs
-        if run["spec"]["seed"] in b_runs
-        and run[field] is not None
-        and b_runs[run["spec"]["seed"]][field] is not None
+        if run["spec"]["seed"] in b_runs and run[field] is not None and b_runs[run["spec"]["seed"]][field] is not None
     ]
 
 
@@ -341,8 +341,9 @@ def _curve_median(runs: Iterable[dict[str, Any]], field: str) -> float | None:
     return statistics.median(values) if values else None
 
 
-def format_sensitivity(records: Sequence[dict[str, Any]], batch_sizes: Sequence[int], optimizers: Sequence[str],
-                       metric: str) -> str:  # fmt: skip
+def format_sensitivity(
+    records: Sequence[dict[str, Any]], batch_sizes: Sequence[int], optimizers: Sequence[str], metric: str
+) -> str:
     """Final metric at every learning-rate factor (median over seeds, best second-axis value per
     factor), with the share of K-FAC/FOP steps on which the trust region bound: a flat row with a
     share near 100% is a learning rate that does nothing."""
@@ -390,7 +391,9 @@ def format_noise_scale(records: Sequence[dict[str, Any]], batch_sizes: Sequence[
 
     rows = []
     for batch_size in batch_sizes:
-        runs = [r for r in records if r["spec"]["batch_size"] == batch_size and any("noise_scale" in p for p in r["curve"])]
+        runs = [
+            r for r in records if r["spec"]["batch_size"] == batch_size and any("noise_scale" in p for p in r["curve"])
+        ]
         if not runs:
             continue
         first = median(r["curve"][0].get("noise_scale") for r in runs)
@@ -398,7 +401,9 @@ def format_noise_scale(records: Sequence[dict[str, Any]], batch_sizes: Sequence[
         overall = median(p.get("noise_scale") for r in runs for p in r["curve"])
         ratio = None if overall is None or overall == 0 else batch_size / overall
         rows.append([str(batch_size), text(first), text(last), text(overall), text(ratio, ".2g")])
-    return _markdown_table(["batch", "B_noise, epoch 1", "B_noise, last epoch", "B_noise, median", "batch / B_noise"], rows)
+    return _markdown_table(
+        ["batch", "B_noise, epoch 1", "B_noise, last epoch", "B_noise, median", "batch / B_noise"], rows
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -481,9 +486,14 @@ def format_report(
 
 
 def _main_sections(
-    records: Sequence[dict[str, Any]], cells: dict, batch_sizes: Sequence[int], optimizers: Sequence[str],
-    baseline: str | None, metric: str, target: float,
-) -> list[str]:  # fmt: skip
+    records: Sequence[dict[str, Any]],
+    cells: dict,
+    batch_sizes: Sequence[int],
+    optimizers: Sequence[str],
+    baseline: str | None,
+    metric: str,
+    target: float,
+) -> list[str]:
     """Table 1, the final metric, the fastest batch size, the details and the learning-rate sensitivity."""
     seeds = sorted({record["spec"]["seed"] for record in records})
     grid = sorted({record["spec"]["lr_factor"] for record in records})
@@ -522,7 +532,7 @@ def _main_sections(
         "",
         f"Final {_metric_name(metric)} at each learning-rate factor (median over seeds, at the factor's best "
         "damping or weight decay); for K-FAC/FOP, in brackets, the median share of steps on which the "
-        "`kl_clip` trust region bound (with `trust_region=\"step\"` such steps do not depend on the learning rate).",
+        '`kl_clip` trust region bound (with `trust_region="step"` such steps do not depend on the learning rate).',
         "",
         format_sensitivity(records, batch_sizes, optimizers, metric),
         "",
@@ -530,9 +540,13 @@ def _main_sections(
 
 
 def _optional_sections(
-    records: Sequence[dict[str, Any]], cells: dict, batch_sizes: Sequence[int], optimizers: Sequence[str],
-    metric: str, reference: str | None,
-) -> list[str]:  # fmt: skip
+    records: Sequence[dict[str, Any]],
+    cells: dict,
+    batch_sizes: Sequence[int],
+    optimizers: Sequence[str],
+    metric: str,
+    reference: str | None,
+) -> list[str]:
     """The noise scale (FOP runs), the grid-edge note and the paired comparison, where they apply."""
     lines: list[str] = []
     seeds = {record["spec"]["seed"] for record in records}

@@ -39,9 +39,15 @@ from fop.bench.optimizers import (
 from fop.bench.tasks import Task
 
 __all__ = [
-    "ResultStore", "RunSpec", "SweepConfig", "forward_backward", "plan_runs", "resolve_micro_batch", "run_sweep",
+    "ResultStore",
+    "RunSpec",
+    "SweepConfig",
+    "forward_backward",
+    "plan_runs",
+    "resolve_micro_batch",
+    "run_sweep",
     "train_run",
-]  # fmt: skip
+]
 
 
 @dataclass(frozen=True)
@@ -389,7 +395,8 @@ def train_run(
                 reached = point
             bar.update(1)
             bar.set_postfix_str(
-                f"acc={accuracy:.4f} train={timing.train_seconds:.1f}s" + (f" target@{reached['epoch']}" if reached else "")
+                f"acc={accuracy:.4f} train={timing.train_seconds:.1f}s"
+                + (f" target@{reached['epoch']}" if reached else "")
             )
             if not math.isfinite(loss):
                 status = "diverged"
@@ -594,10 +601,16 @@ class ResultStore:
 # What the reports read from a record, with the types train_run writes.
 _NUMBER = (int, float)
 _RECORD_FIELDS: dict[str, tuple[type, ...]] = {
-    "status": (str,), "epochs_to_target": (int, type(None)), "seconds_to_target": (*_NUMBER, type(None)),
-    "best_accuracy": _NUMBER, "final_accuracy": _NUMBER, "median_step_seconds": _NUMBER,
-    "optimizer_share": _NUMBER, "peak_memory_bytes": (*_NUMBER, type(None)), "curve": (list,),
-}  # fmt: skip
+    "status": (str,),
+    "epochs_to_target": (int, type(None)),
+    "seconds_to_target": (*_NUMBER, type(None)),
+    "best_accuracy": _NUMBER,
+    "final_accuracy": _NUMBER,
+    "median_step_seconds": _NUMBER,
+    "optimizer_share": _NUMBER,
+    "peak_memory_bytes": (*_NUMBER, type(None)),
+    "curve": (list,),
+}
 
 
 def _keyed(record: Any) -> str | None:

@@ -60,8 +60,17 @@ def _launch(job: ScalingJob, n: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         config, result = Path(tmp) / "job.pkl", Path(tmp) / "result.json"
         config.write_bytes(pickle.dumps(job))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-               "-m", "fop.bench.scaling", str(config), str(result)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={n}",
+            "-m",
+            "fop.bench.scaling",
+            str(config),
+            str(result),
+        ]
         env = dict(os.environ, OMP_NUM_THREADS=str(job.threads))
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0 or not result.exists():
@@ -92,7 +101,10 @@ def _worker(job: ScalingJob, out: Path) -> None:
     task = get_task(job.task)
     dataset = task.load_data(job.data)
     pipeline = BatchPipeline(dataset, device, crop_padding=task.crop_padding, channels_last=device.type == "cuda")
-    runs = {spec.label.rsplit(" lr=", 1)[0]: _measure(spec, task, dataset, pipeline, job.steps, world, rank) for spec in job.specs}
+    runs = {
+        spec.label.rsplit(" lr=", 1)[0]: _measure(spec, task, dataset, pipeline, job.steps, world, rank)
+        for spec in job.specs
+    }
     if rank == 0:
         results = {"world": world, "threads": job.threads, "device": str(device), "runs": runs}
         out.write_text(json.dumps(results))
@@ -100,7 +112,9 @@ def _worker(job: ScalingJob, out: Path) -> None:
         dist.destroy_process_group()
 
 
-def _measure(spec: Any, task: Any, dataset: Any, pipeline: Any, steps: int | None, world: int, rank: int) -> dict[str, Any]:
+def _measure(
+    spec: Any, task: Any, dataset: Any, pipeline: Any, steps: int | None, world: int, rank: int
+) -> dict[str, Any]:
     """One optimizer at one global batch size: the timed window on this process group."""
     import torch
     import torch.distributed as dist
@@ -110,8 +124,12 @@ def _measure(spec: Any, task: Any, dataset: Any, pipeline: Any, steps: int | Non
     from fop.bench.runner import build_model_and_optimizer, forward_backward
     from fop.distributed import DistributedCommunicator, state_bytes
 
-    local = dataclasses.replace(spec, batch_size=spec.batch_size // world, micro_batch=min(spec.micro_batch, spec.batch_size // world))
-    model, optimizer = build_model_and_optimizer(spec, task, dataset, pipeline.device, resolve_optimizer(spec.optimizer))
+    local = dataclasses.replace(
+        spec, batch_size=spec.batch_size // world, micro_batch=min(spec.micro_batch, spec.batch_size // world)
+    )
+    model, optimizer = build_model_and_optimizer(
+        spec, task, dataset, pipeline.device, resolve_optimizer(spec.optimizer)
+    )
     generator = torch.Generator(device=pipeline.device).manual_seed(1000 * spec.seed + rank)
     warmup, window = window_steps(spec.hyperparameters.curvature_interval, steps)
 
@@ -135,16 +153,22 @@ def _measure(spec: Any, task: Any, dataset: Any, pipeline: Any, steps: int | Non
             step_seconds += time.perf_counter() - start
             optimizer_seconds += time.perf_counter() - middle
     run: dict[str, Any] = {
-        "step_seconds": step_seconds / window, "optimizer_seconds": optimizer_seconds / window,
-        "interval": spec.hyperparameters.curvature_interval, "local_batch": local.batch_size,
+        "step_seconds": step_seconds / window,
+        "optimizer_seconds": optimizer_seconds / window,
+        "interval": spec.hyperparameters.curvature_interval,
+        "local_batch": local.batch_size,
         "state_bytes_all": [state_bytes(optimizer)],
-    }  # fmt: skip
+    }
     comm = getattr(optimizer, "communicator", None)
     if isinstance(comm, DistributedCommunicator):
         run["state_bytes_all"] = [None] * world
         dist.all_gather_object(run["state_bytes_all"], state_bytes(optimizer))
-        run.update(bytes_curvature=comm.bytes_per_step(True), bytes_plain=comm.bytes_per_step(False),
-                   assignment=comm.assignment, loads=comm.loads)  # fmt: skip
+        run.update(
+            bytes_curvature=comm.bytes_per_step(True),
+            bytes_plain=comm.bytes_per_step(False),
+            assignment=comm.assignment,
+            loads=comm.loads,
+        )
         sync()
         comm.close()  # the optimizer's own process group
     return run

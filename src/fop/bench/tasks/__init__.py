@@ -17,9 +17,15 @@ from fop.bench.data import ImageDataset
 from fop.bench.errors import BenchError
 
 __all__ = [
-    "CIFAR10_DEFAULTS", "CurvatureDefaults", "DataOptions", "Task", "cifar10_task", "get_task", "register",
+    "CIFAR10_DEFAULTS",
+    "CurvatureDefaults",
+    "DataOptions",
+    "Task",
+    "cifar10_task",
+    "get_task",
+    "register",
     "task_names",
-]  # fmt: skip
+]
 
 
 @dataclass(frozen=True)
@@ -179,9 +185,15 @@ def cifar10_task(
 
     settings = {**CIFAR10_DEFAULTS, **fields}
     return register(
-        Task(name=name, summary=summary, load_data=load_data or load, build_model=build_model,
-             default_target=default_target, **settings)  # type: ignore[arg-type]
-    )  # fmt: skip
+        Task(
+            name=name,
+            summary=summary,
+            load_data=load_data or load,
+            build_model=build_model,
+            default_target=default_target,
+            **settings,  # type: ignore[arg-type]
+        )
+    )
 
 
 # Registration order is the order of `--list`; the first task is the default.
