@@ -55,6 +55,29 @@ PAPER_PRESET: dict[str, Any] = {
     "kl_clip": None,
     "eta": "sum",
 }
+# The constructor arguments _check_arguments validates, and those every param group carries.
+_GROUP_DEFAULTS = (
+    "lr",
+    "momentum",
+    "weight_decay",
+    "nesterov",
+    "damping",
+    "factor_decay",
+    "projection_eps",
+    "kl_clip",
+    "trust_region",
+    "damping_mode",
+    "eta",
+)
+_CHECKED_ARGUMENTS = _GROUP_DEFAULTS + (
+    "curvature_update_interval",
+    "inverse_update_interval",
+    "fisher",
+    "fallback",
+    "fallback_lr",
+    "fallback_betas",
+    "fallback_eps",
+)
 # How many per-step trust-region factors ν are kept for trust_region_stats().
 _NU_HISTORY = 100_000
 _SPARSE_MESSAGE = "{name} needs dense gradients: build nn.Embedding / nn.EmbeddingBag with sparse=False (the default)"
@@ -151,26 +174,8 @@ class KroneckerOptimizer(Optimizer):
         replicated: bool = False,
     ) -> None:
         _check_model(model, type(self).__name__)
-        _check_arguments(
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            nesterov=nesterov,
-            damping=damping,
-            factor_decay=factor_decay,
-            curvature_update_interval=curvature_update_interval,
-            inverse_update_interval=inverse_update_interval,
-            projection_eps=projection_eps,
-            kl_clip=kl_clip,
-            trust_region=trust_region,
-            fisher=fisher,
-            damping_mode=damping_mode,
-            eta=eta,
-            fallback=fallback,
-            fallback_lr=fallback_lr,
-            fallback_betas=fallback_betas,
-            fallback_eps=fallback_eps,
-        )
+        arguments = {name: value for name, value in locals().items() if name in _CHECKED_ARGUMENTS}
+        _check_arguments(**arguments)
         self.curvature_update_interval = curvature_update_interval
         self.inverse_update_interval = inverse_update_interval
         self.fisher = fisher
@@ -195,20 +200,7 @@ class KroneckerOptimizer(Optimizer):
         # No 'betas' in the defaults: torch's momentum-cycling schedulers (OneCycleLR, CyclicLR)
         # cycle betas[0] instead of 'momentum' as soon as the defaults hold 'betas'. The optimizer
         # behaves as SGD with momentum, so only AdamW groups carry their own betas and eps.
-        defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            nesterov=nesterov,
-            damping=damping,
-            factor_decay=factor_decay,
-            projection_eps=projection_eps,
-            kl_clip=kl_clip,
-            trust_region=trust_region,
-            damping_mode=damping_mode,
-            eta=eta,
-            rule=fallback,
-        )
+        defaults = {name: arguments[name] for name in _GROUP_DEFAULTS} | {"rule": fallback}
         self._adamw_defaults = {"betas": tuple(fallback_betas), "eps": fallback_eps}
         super().__init__(
             _param_groups(model, self.layers, fallback, lr if fallback == "sgd" else 1e-3, fallback_lr), defaults
