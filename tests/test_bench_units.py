@@ -310,6 +310,29 @@ def test_variants_set_constructor_options():
         resolve_optimizer("sgd:mc")
 
 
+def test_halfbn_variant_gives_the_model_per_half_batch_norm():
+    """``fop:halfbn``: same optimizer options, BatchNorm statistics per half (tests/test_distributed.py
+    proves that equal to two processes)."""
+    from fop.bench.models import PartwiseBatchNorm, resnet18, split_batch_norm
+    from fop.bench.optimizers import resolve_optimizer
+
+    spec = resolve_optimizer("fop:halfbn:mc")
+    assert spec.batch_norm_parts == 2 and spec.options == {"fisher": "mc"}
+    assert resolve_optimizer("fop:mc").batch_norm_parts == 1
+    model = split_batch_norm(resnet18(10, width=4), spec.batch_norm_parts)
+    wrapped = [m for m in model.modules() if isinstance(m, PartwiseBatchNorm)]
+    assert wrapped and not any(
+        isinstance(m, torch.nn.BatchNorm2d) and not any(w.norm is m for w in wrapped) for m in model.modules()
+    )
+    model.train()
+    x = torch.randn(6, 3, 8, 8)
+    moved = x.clone()
+    moved[3:] += 1.0
+    before, after = model(x), model(moved)
+    assert torch.allclose(before[:3], after[:3], atol=1e-5)  # a half's output depends on that half only
+    assert not torch.allclose(before[3:], after[3:], atol=1e-3)
+
+
 def test_no_weight_decay_is_a_boundary_not_a_grid_edge():
     records = [_tuned("sgd", f, 0.1, 0, final=0.9 - 0.1 * (f != 1.0)) for f in (0.5, 1.0, 2.0)]
     for record in records:

@@ -628,6 +628,24 @@ def test_batchnorm_parameters_and_buffers_agree(request, world) -> None:
 
 
 @pytest.mark.parametrize("world", [2, 4])
+def test_batchnorm_per_process_equals_one_process_with_partwise_statistics(request, world) -> None:
+    """The paper's halves-by-processes with BatchNorm = one process normalising each part on its own.
+
+    fop-bench's ``halfbn`` variant (fop.bench.models.split_batch_norm) rests on this: with the parity
+    split, process parts in rank order 0, 2, ..., 1, 3, ... are the batch's consecutive parts.
+    """
+    from fop.bench.models import split_batch_norm
+
+    results = request.getfixturevalue(f"world{world}")
+    results = results[0] if world == 2 else results
+    model = split_batch_norm(bn_net(), parts=world)
+    train(model, make_optimizer("fop", model), global_batches("bn", 3))
+    assert_params(results[0]["fop_bn"]["params"], params_of(model))
+    expected_buffers = [b.detach().clone() for b in model.buffers()]
+    assert_params(results[0]["fop_bn"]["buffers"], expected_buffers)
+
+
+@pytest.mark.parametrize("world", [2, 4])
 def test_every_layer_has_one_owner_and_owners_balance_cost(request, world) -> None:
     results = request.getfixturevalue(f"world{world}")
     results = results[0] if world == 2 else results

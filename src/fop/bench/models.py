@@ -187,3 +187,55 @@ class VisionTransformer(nn.Module):
         tokens = self.patch_embed(patches.reshape(batch, (height // p) * (width // p), channels * p * p))
         tokens = torch.cat([self.cls_token.expand(batch, -1, -1), tokens], dim=1) + self.pos_embed
         return self.head(self.norm(self.blocks(tokens))[:, 0])
+
+
+class PartwiseBatchNorm(nn.Module):
+    """A ``BatchNorm1d/2d`` whose training-mode statistics come from each of ``parts`` consecutive
+    parts of the batch separately, as if every part ran on its own process.
+
+    FOP's halves formed by two processes (``torchrun --nproc-per-node 2``, the paper's setup) each
+    normalise their half with that half's statistics; one process normalising the whole batch
+    couples the halves' gradients through the shared mean and variance. With ``parts=2`` (parts of
+    ``ceil(n/2)`` and ``floor(n/2)`` samples, FOP's split) a single process computes exactly what
+    the two processes compute. The running statistics take the mean of the parts' updates, which is
+    what averaging the processes' running statistics gives (the update is linear in the statistics).
+    Evaluation mode is the wrapped module's own. Parameters and buffers are the wrapped module's.
+    """
+
+    def __init__(self, norm: nn.modules.batchnorm._BatchNorm, parts: int = 2) -> None:
+        super().__init__()
+        if parts < 1:
+            raise ValueError(f"parts must be >= 1, got {parts}")
+        self.norm, self.parts = norm, parts
+
+    def forward(self, x: Tensor) -> Tensor:
+        norm = self.norm
+        if not norm.training or self.parts == 1 or x.shape[0] < self.parts:
+            return norm(x)
+        size = -(-x.shape[0] // self.parts)  # ceil: FOP's first half is the larger
+        outputs, means, variances = [], [], []
+        dims = [0, *range(2, x.dim())]
+        for part in x.split(size):
+            outputs.append(F.batch_norm(part, None, None, norm.weight, norm.bias, True, 0.0, norm.eps))
+            with torch.no_grad():
+                count = part.numel() // part.shape[1]
+                means.append(part.mean(dims))
+                variances.append(part.var(dims, unbiased=True) if count > 1 else torch.zeros_like(means[-1]))
+        if norm.track_running_stats and norm.running_mean is not None and norm.running_var is not None:
+            with torch.no_grad():
+                assert norm.num_batches_tracked is not None
+                norm.num_batches_tracked.add_(1)
+                momentum = norm.momentum if norm.momentum is not None else 1.0 / float(norm.num_batches_tracked)
+                norm.running_mean.lerp_(torch.stack(means).mean(0).to(norm.running_mean), momentum)
+                norm.running_var.lerp_(torch.stack(variances).mean(0).to(norm.running_var), momentum)
+        return torch.cat(outputs)
+
+
+def split_batch_norm(model: nn.Module, parts: int = 2) -> nn.Module:
+    """``model`` with every ``BatchNorm1d/2d/3d`` wrapped in :class:`PartwiseBatchNorm` (in place)."""
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, nn.SyncBatchNorm):
+            setattr(model, name, PartwiseBatchNorm(child, parts))
+        else:
+            split_batch_norm(child, parts)
+    return model

@@ -80,6 +80,8 @@ class OptimizerSpec:
     uses_curvature: bool = False
     base: str = ""  # the name its base learning rate is looked up under (a variant's base optimizer)
     options: dict[str, Any] = field(default_factory=dict)
+    # > 1: the model's BatchNorm statistics per part of the batch (fop.bench.models.split_batch_norm)
+    batch_norm_parts: int = 1
 
     @property
     def lr_name(self) -> str:
@@ -240,12 +242,21 @@ VARIANT_TOKENS: dict[str, dict[str, Any]] = {
 }
 
 
+# Variant tokens that change the model instead of the optimizer: ``halfbn`` normalises each half of
+# the batch with its own BatchNorm statistics, what FOP's halves formed by two processes compute.
+MODEL_TOKENS: dict[str, int] = {"halfbn": 2}
+
+
 def _variant(key: str) -> OptimizerSpec:
     base, *tokens = key.split(":")
     if base not in CURVATURE_OPTIMIZERS:
         raise BenchError(f"variants ({key!r}) exist for kfac and fop only")
     options: dict[str, Any] = {}
+    parts = 1
     for token in tokens:
+        if token in MODEL_TOKENS:
+            parts = MODEL_TOKENS[token]
+            continue
         if token.startswith("kl") and token not in VARIANT_TOKENS:  # kl0.1: kl_clip=0.1
             try:
                 kappa = float(token[2:])
@@ -256,10 +267,13 @@ def _variant(key: str) -> OptimizerSpec:
             options["kl_clip"] = kappa
             continue
         if token not in VARIANT_TOKENS:
-            raise BenchError(f"unknown variant {token!r} in {key!r} (choose from {', '.join(VARIANT_TOKENS)})")
+            known = ", ".join([*VARIANT_TOKENS, *MODEL_TOKENS])
+            raise BenchError(f"unknown variant {token!r} in {key!r} (choose from {known})")
         options.update(VARIANT_TOKENS[token])
     spec = resolve_optimizer(base)
-    return OptimizerSpec(key, spec.build, spec.scaling, spec.default_lr, True, base=base, options=options)
+    return OptimizerSpec(
+        key, spec.build, spec.scaling, spec.default_lr, True, base=base, options=options, batch_norm_parts=parts
+    )
 
 
 def resolve_optimizer(name: str) -> OptimizerSpec:

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from fop.bench.data import BatchPipeline, ImageDataset
 from fop.bench.errors import BenchError
+from fop.bench.models import split_batch_norm
 from fop.bench.optimizers import (
     Hyperparameters,
     OptimizerSpec,
@@ -468,6 +469,8 @@ def build_model_and_optimizer(
     """The run's model (seeded, on ``device``, channels_last on CUDA, in training mode) and optimizer."""
     torch.manual_seed(spec.seed)
     model = task.build_model(dataset, spec.width).to(device)
+    if optimizer_spec.batch_norm_parts > 1:
+        split_batch_norm(model, optimizer_spec.batch_norm_parts)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     model.train()
