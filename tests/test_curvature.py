@@ -197,8 +197,8 @@ def test_factors_equal_explicit_second_moments(case: str) -> None:
     if module.bias is not None:
         rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=DTYPE)], 1)
     per_sample = deltas * n  # δ of a mean loss: n·∂L/∂out
-    torch.testing.assert_close(work.a, rows.T @ rows / rows.shape[0])
-    torch.testing.assert_close(work.g, per_sample.T @ per_sample / n)
+    torch.testing.assert_close(work.a_factor, rows.T @ rows / rows.shape[0])
+    torch.testing.assert_close(work.g_factor, per_sample.T @ per_sample / n)
 
 
 def test_forwards_without_backward_leave_statistics_alone() -> None:
@@ -233,8 +233,8 @@ def test_zero_grad_drops_pending_statistics() -> None:
     fresh = KFAC(model2)
     F.cross_entropy(model2(x), y).backward()
     for a, b in zip(captured(optimizer).values(), captured(fresh).values()):
-        torch.testing.assert_close(a.a, b.a)
-        torch.testing.assert_close(a.g, b.g)
+        torch.testing.assert_close(a.a_factor, b.a_factor)
+        torch.testing.assert_close(a.g_factor, b.g_factor)
 
 
 def test_in_place_activation_after_layer_keeps_output_gradient() -> None:
@@ -248,4 +248,4 @@ def test_in_place_activation_after_layer_keeps_output_gradient() -> None:
     F.cross_entropy(reference(x), y).backward()
     for a, b in zip(captured(optimizer).values(), captured(ref_opt).values()):
         torch.testing.assert_close(a.g1, b.g1)
-        torch.testing.assert_close(a.g, b.g)
+        torch.testing.assert_close(a.g_factor, b.g_factor)

@@ -316,8 +316,8 @@ def test_factors_equal_explicit_second_moments(case: str) -> None:
     work = captured(optimizer)
     assert set(oracle) == set(work)
     for name, (a, g) in oracle.items():
-        torch.testing.assert_close(work[name].a, a, msg=f"A of {name}")
-        torch.testing.assert_close(work[name].g, g, msg=f"G of {name}")
+        torch.testing.assert_close(work[name].a_factor, a, msg=f"A of {name}")
+        torch.testing.assert_close(work[name].g_factor, g, msg=f"G of {name}")
 
 
 @pytest.mark.parametrize("case", FACTOR_CASES)
@@ -549,7 +549,7 @@ def test_sequence_first_transformer_layer_equals_batch_first(fisher: str) -> Non
         F.cross_entropy(output, y).backward()
         works.append(captured(optimizer))
     for name in works[0]:
-        for key in ("a", "g", "g1", "g2"):
+        for key in ("a_factor", "g_factor", "g1", "g2"):
             torch.testing.assert_close(
                 getattr(works[0][name], key), getattr(works[1][name], key), msg=f"{key} of {name}"
             )
@@ -623,15 +623,15 @@ def test_embedding_factors_and_halves_equal_dense_references(case: str) -> None:
     optimizer = FOP(model, **token_options(case))
     F.cross_entropy(model(x), y).backward()
     work = captured(optimizer)["emb"]
-    assert work.a.shape == (VOCAB,)  # kept as its diagonal
-    torch.testing.assert_close(torch.diag(work.a), a)
-    torch.testing.assert_close(work.g, g)
+    assert work.a_factor.shape == (VOCAB,)  # kept as its diagonal
+    torch.testing.assert_close(torch.diag(work.a_factor), a)
+    torch.testing.assert_close(work.g_factor, g)
     halves = [half_grads(reference, x[:4], y[:4], ["emb"]), half_grads(reference, x[4:], y[4:], ["emb"])]
     torch.testing.assert_close(work.g1, halves[0]["emb"], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(work.g2, halves[1]["emb"], rtol=1e-10, atol=1e-12)
     if "padding_idx" in EMBEDDINGS[case]:
         assert (
-            work.a[EMBEDDINGS[case]["padding_idx"]] == 0
+            work.a_factor[EMBEDDINGS[case]["padding_idx"]] == 0
             and work.g1[:, EMBEDDINGS[case]["padding_idx"]].abs().max() == 0
         )
 

@@ -80,14 +80,14 @@ class LayerWork:
     """One layer's inputs to a step, in the units of ``p.grad`` (compute dtype, folded).
 
     ``grad`` is the averaged gradient, ``g1``/``g2`` the sub-batch gradients (None for K-FAC or
-    when a batch could not be split), ``a = Σ a aᵀ / rows`` and ``g = samples · Σ δ δᵀ`` this
+    when a batch could not be split), ``a_factor = Σ a aᵀ / rows`` and ``g_factor = samples · Σ δ δᵀ`` this
     step's factor estimates (δ: per-row output gradients, i.e. ``1/n`` times the per-sample
     gradients of a mean loss; None when the step captured no curvature). ``direction`` is filled
     in by the layer's owner.
 
     Phases: from :meth:`from_capture` to the communicator's ``reduce`` the fields are this
-    process's own; after it, ``grad``, ``g1``, ``g2``, ``a``, ``g`` are the reduced values on the
-    layer's owner (``a``, ``g``, ``g1``, ``g2`` None elsewhere); after ``share``, ``direction``
+    process's own; after it, ``grad``, ``g1``, ``g2``, ``a_factor``, ``g_factor`` are the reduced values on
+    the layer's owner (``a_factor``, ``g_factor``, ``g1``, ``g2`` None elsewhere); after ``share``, ``direction``
     and ``dg`` hold the owner's result on every process.
     """
 
@@ -95,8 +95,8 @@ class LayerWork:
     grad: Tensor
     g1: Tensor | None = None
     g2: Tensor | None = None
-    a: Tensor | None = None
-    g: Tensor | None = None
+    a_factor: Tensor | None = None
+    g_factor: Tensor | None = None
     direction: Tensor | None = None
     dg: Tensor | None = None  # ⟨direction, grad⟩ from the layer's owner (distributed; else None)
     samples: int = 0  # samples of this process's batch that reached the layer's backward
@@ -359,7 +359,7 @@ class KroneckerLayer:
         elif p.mc_gg_sum is not None and p.mc_samples > 0:
             g_factor = p.mc_gg_sum.div_(p.mc_samples)
         if p.a_sum is not None and p.a_rows > 0 and g_factor is not None:
-            work.a, work.g = p.a_sum.div_(p.a_rows), g_factor
+            work.a_factor, work.g_factor = p.a_sum.div_(p.a_rows), g_factor
         self.reset()
         return work
 

@@ -115,7 +115,9 @@ class DDPCommunicator(LocalCommunicator):
                 item.grad = 0.5 * (item.g1 + item.g2)
                 item.half_batch = item.samples * self.world_size / 2  # the halves: even and odd ranks' batches
             self._halves = {}  # consumed: a step without a hooked backward must not reuse them
-        factored = [(item, a, g) for item in work if (a := item.a) is not None and (g := item.g) is not None]
+        factored = [
+            (item, a, g) for item in work if (a := item.a_factor) is not None and (g := item.g_factor) is not None
+        ]
         if factored:
             # a diagonal input factor (nn.Embedding) travels as its diagonal, a dense one as its upper triangle
             sizes = [(_factor_size(a), tri(g.shape[0])) for _, a, g in factored]
@@ -135,8 +137,10 @@ class DDPCommunicator(LocalCommunicator):
                 reduced = flat[offset : offset + na]
                 if a.dim() == 2:
                     reduced = self._tri.unpack(reduced, a.shape[0], a.dtype)
-                item.a = reduced / self.world_size
-                item.g = self._tri.unpack(flat[offset + na : offset + na + ng], g.shape[0], g.dtype) / self.world_size
+                item.a_factor = reduced / self.world_size
+                item.g_factor = (
+                    self._tri.unpack(flat[offset + na : offset + na + ng], g.shape[0], g.dtype) / self.world_size
+                )
                 offset += na + ng
         return ok
 

@@ -659,7 +659,7 @@ class DistributedCommunicator(Communicator):
         fresh = [
             i
             for i, it in items.items()
-            if curvature and it.a is not None and it.g is not None and i not in self._factored
+            if curvature and it.a_factor is not None and it.g_factor is not None and i not in self._factored
         ]
         # a skipped step (non-finite gradients) creates no factors on the owner, so a layer counts
         # as factored only after a good step (one host synchronisation, until every layer is)
@@ -667,7 +667,7 @@ class DistributedCommunicator(Communicator):
             self._factored.update(fresh)
         for i, item in items.items():
             if not self._work.owns(self.rank, i):
-                item.a = item.g = item.g1 = item.g2 = None  # computed by the owner only
+                item.a_factor = item.g_factor = item.g1 = item.g2 = None  # computed by the owner only
         self._warn_if_identical(items)
         return ok
 
@@ -771,7 +771,9 @@ class DistributedCommunicator(Communicator):
     # ----------------------------------------------------------------------------- packing
     def _pattern(self, items: dict[int, LayerWork], curvature: bool) -> tuple:
         grads = tuple(sorted(items))
-        factors = tuple(sorted(i for i, it in items.items() if curvature and it.a is not None and it.g is not None))
+        factors = tuple(
+            sorted(i for i, it in items.items() if curvature and it.a_factor is not None and it.g_factor is not None)
+        )
         fallback = tuple(j for j, p in enumerate(self._fallback) if p.grad is not None)
         return grads, factors, fallback
 
@@ -885,11 +887,11 @@ class DistributedCommunicator(Communicator):
                 continue
             off = self._grad_off[i] + slot * self._numel[i]
             bucket[off : off + self._numel[i]].copy_(item.grad.reshape(-1))
-            if curvature and item.a is not None and item.g is not None:
+            if curvature and item.a_factor is not None and item.g_factor is not None:
                 foff = grad_len + self._fac_off[i]
                 n_in, n_out = self.layers[i].in_features, self.layers[i].out_features
-                self._codec.pack(item.a, bucket[foff : foff + tri(n_in)])
-                self._codec.pack(item.g, bucket[foff + tri(n_in) : foff + tri(n_in) + tri(n_out)])
+                self._codec.pack(item.a_factor, bucket[foff : foff + tri(n_in)])
+                self._codec.pack(item.g_factor, bucket[foff + tri(n_in) : foff + tri(n_in) + tri(n_out)])
 
     def _unpack_bucket(self, bucket: Tensor, r: int, items: dict[int, LayerWork], curvature: bool) -> None:
         members = self._members[r]
@@ -910,16 +912,18 @@ class DistributedCommunicator(Communicator):
                 item.half_batch = item.samples * n / 2  # the halves: even and odd ranks' local batches
             else:
                 item.grad = (bucket[off : off + numel].view(shape) / n).to(dtype)
-            if curvature and item.a is not None and item.g is not None:
+            if curvature and item.a_factor is not None and item.g_factor is not None:
                 foff = grad_len + self._fac_off[i]
                 n_in, n_out = layer.in_features, layer.out_features
-                item.a = self._codec.unpack(bucket[foff : foff + tri(n_in)], n_in, item.a.dtype) / n
-                item.g = (
-                    self._codec.unpack(bucket[foff + tri(n_in) : foff + tri(n_in) + tri(n_out)], n_out, item.g.dtype)
+                item.a_factor = self._codec.unpack(bucket[foff : foff + tri(n_in)], n_in, item.a_factor.dtype) / n
+                item.g_factor = (
+                    self._codec.unpack(
+                        bucket[foff + tri(n_in) : foff + tri(n_in) + tri(n_out)], n_out, item.g_factor.dtype
+                    )
                     / n
                 )
             else:
-                item.a = item.g = None
+                item.a_factor = item.g_factor = None
 
     def _warn_if_identical(self, items: dict[int, LayerWork]) -> None:
         """Once: warn when the two groups' gradients are bitwise equal (DDP-averaged gradients?)."""

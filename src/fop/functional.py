@@ -79,13 +79,13 @@ class Eigen(NamedTuple):
 class Factored(NamedTuple):
     """What factored damping needs of a layer: the factors and their damped inverses.
 
-    ``a_inv = (A + π√λ I)⁻¹`` and ``g_inv = (G + √λ/π I)⁻¹`` (:func:`factored_inverses`); ``a`` and
-    ``g`` are the factors they were formed from, for FOP's projection, which uses the undamped
-    ``F·X = G X A``. A diagonal ``A`` (``nn.Embedding``) keeps ``a`` and ``a_inv`` 1-D.
+    ``a_inv = (A + π√λ I)⁻¹`` and ``g_inv = (G + √λ/π I)⁻¹`` (:func:`factored_inverses`); ``a_factor``
+    and ``g_factor`` are the factors they were formed from, for FOP's projection, which uses the
+    undamped ``F·X = G X A``. A diagonal ``A`` (``nn.Embedding``) keeps ``a_factor`` and ``a_inv`` 1-D.
     """
 
-    a: Tensor
-    g: Tensor
+    a_factor: Tensor
+    g_factor: Tensor
     a_inv: Tensor
     g_inv: Tensor
 
@@ -454,7 +454,7 @@ def fop_direction_factored(
         return _kfac_result(n_avg, inner(avg, n_avg))
     diff = g1 - g2
     n_avg, n_diff = _sandwich_pair(factored.g_inv, avg, diff, factored.a_inv)
-    f_avg = fisher_mv(avg, factored.a, factored.g)
+    f_avg = fisher_mv(avg, factored.a_factor, factored.g_factor)
     direction, beta, eta, s = _combine(avg, diff, f_avg, n_avg, n_diff, eps, eta_convention)
     return FOPDirection(direction, beta, eta, s, inner(avg, avg), inner(diff, diff))
 

@@ -631,10 +631,10 @@ class KroneckerOptimizer(Optimizer):
         factored = group["damping_mode"] == "factored"
         with phase("factors"):
             for item, view in zip(curvature, views):
-                if item.a is not None and item.g is not None:
+                if item.a_factor is not None and item.g_factor is not None:
                     # factored damping keeps the factors its inverses came from until the next inverse update
                     keep = factored and not inverse_step and view.has_inverses
-                    view.update_factors(item.a, item.g, group["factor_decay"], ok, keep)
+                    view.update_factors(item.a_factor, item.g_factor, group["factor_decay"], ok, keep)
         if factored:
             with phase("cholesky"):
                 due = [v for v in views if v.has_factors and (inverse_step or not v.has_inverses)]
