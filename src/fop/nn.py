@@ -136,36 +136,17 @@ def _attention(
     )
     q, k, v = _in_projections(m, query, key, value, self_attention)
     attn_mask = _checked_attn_mask(attn_mask, bsz * heads, tgt_len, k.shape[1])
+    masks = (attn_mask, key_padding_mask)
     if m.bias_k is not None and m.bias_v is not None:
-        k = torch.cat([k, m.bias_k.repeat(bsz, 1, 1)], dim=1)
-        v = torch.cat([v, m.bias_v.repeat(bsz, 1, 1)], dim=1)
-        if attn_mask is not None:
-            attn_mask = F.pad(attn_mask, (0, 1))
-        if key_padding_mask is not None:
-            key_padding_mask = F.pad(key_padding_mask, (0, 1))
-
+        k, v, masks = _one_more_key(k, v, m.bias_k.repeat(bsz, 1, 1), m.bias_v.repeat(bsz, 1, 1), masks)
     # (batch·heads, seq, head_dim), batch-major as in torch
-    q = q.reshape(bsz, tgt_len, heads, head_dim).transpose(1, 2).reshape(bsz * heads, tgt_len, head_dim)
-    k = k.reshape(bsz, -1, heads, head_dim).transpose(1, 2).reshape(bsz * heads, -1, head_dim)
-    v = v.reshape(bsz, -1, heads, head_dim).transpose(1, 2).reshape(bsz * heads, -1, head_dim)
+    q, k, v = (
+        t.reshape(bsz, -1, heads, head_dim).transpose(1, 2).reshape(bsz * heads, -1, head_dim) for t in (q, k, v)
+    )
     if m.add_zero_attn:
         zeros = torch.zeros((bsz * heads, 1, head_dim), dtype=k.dtype, device=k.device)
-        k = torch.cat([k, zeros], dim=1)
-        v = torch.cat([v, zeros.to(v.dtype)], dim=1)
-        if attn_mask is not None:
-            attn_mask = F.pad(attn_mask, (0, 1))
-        if key_padding_mask is not None:
-            key_padding_mask = F.pad(key_padding_mask, (0, 1))
-    src_len = k.shape[1]
-    if key_padding_mask is not None:
-        if key_padding_mask.shape != (bsz, src_len):
-            raise AssertionError(
-                f"expecting key_padding_mask shape of {(bsz, src_len)}, but got {key_padding_mask.shape}"
-            )
-        key_padding_mask = (
-            key_padding_mask.view(bsz, 1, 1, src_len).expand(-1, heads, -1, -1).reshape(bsz * heads, 1, src_len)
-        )
-        attn_mask = key_padding_mask if attn_mask is None else attn_mask + key_padding_mask
+        k, v, masks = _one_more_key(k, v, zeros, zeros.to(v.dtype), masks)
+    attn_mask = _with_padding_mask(*masks, bsz, heads, k.shape[1])
     dropout_p = m.dropout if m.training else 0.0
 
     weights: Tensor | None = None
@@ -179,6 +160,26 @@ def _attention(
     if not m.batch_first:
         out = out.transpose(0, 1)
     return out, weights
+
+
+def _one_more_key(
+    k: Tensor, v: Tensor, extra_k: Tensor, extra_v: Tensor, masks: tuple[Tensor | None, Tensor | None]
+) -> tuple[Tensor, Tensor, tuple[Tensor | None, Tensor | None]]:
+    """Keys and values with one more position (``bias_k``/``bias_v`` or ``add_zero_attn``), masks padded."""
+    padded = tuple(None if mask is None else F.pad(mask, (0, 1)) for mask in masks)
+    return torch.cat([k, extra_k], dim=1), torch.cat([v, extra_v], dim=1), (padded[0], padded[1])
+
+
+def _with_padding_mask(
+    attn_mask: Tensor | None, key_padding_mask: Tensor | None, bsz: int, heads: int, src_len: int
+) -> Tensor | None:
+    """The attention mask with the key padding mask added, per (batch·head) as torch does."""
+    if key_padding_mask is None:
+        return attn_mask
+    if key_padding_mask.shape != (bsz, src_len):
+        raise AssertionError(f"expecting key_padding_mask shape of {(bsz, src_len)}, but got {key_padding_mask.shape}")
+    per_head = key_padding_mask.view(bsz, 1, 1, src_len).expand(-1, heads, -1, -1).reshape(bsz * heads, 1, src_len)
+    return per_head if attn_mask is None else attn_mask + per_head
 
 
 def _canonical_masks(
