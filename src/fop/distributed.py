@@ -940,7 +940,6 @@ class DistributedCommunicator(Communicator):
             )
 
     # ----------------------------------------------------------------------------- checkpoints
-    # ----------------------------------------------------------------------------- checkpoints
     def gather_state(self, optimizer: Engine, state_dict: dict[str, Any]) -> dict[str, Any]:
         """Rank 0's ``state_dict()`` gets every layer's curvature; a collective (all processes call it).
 
