@@ -105,8 +105,7 @@ class LayerCurvature:
                 previous = None
                 if has_previous:
                     previous = Fn.Eigen(
-                        torch.stack([s[f"{key}_values"] for s in states]),
-                        torch.stack([s[f"{key}_vectors"] for s in states]),
+                        _stacked([s[f"{key}_values"] for s in states]), _stacked([s[f"{key}_vectors"] for s in states])
                     )
                 eig = Fn.eigen_factor(_stacked([s[key] for s in states]), previous)
                 vectors = eig.vectors
@@ -242,8 +241,7 @@ class LayerCurvature:
 
     def drop(self) -> None:
         """Forget the curvature (another process owns the layer)."""
-        for key in FACTOR_KEYS:
-            self.state.pop(key, None)
+        _drop(self.state, FACTOR_KEYS)
 
 
 def owned_curvature(state: Mapping[Tensor, dict], weights: Mapping[int, Tensor]) -> dict[int, dict[str, Tensor]]:

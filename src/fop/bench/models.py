@@ -212,22 +212,26 @@ class PartwiseBatchNorm(nn.Module):
         norm = self.norm
         if not norm.training or self.parts == 1 or x.shape[0] < self.parts:
             return norm(x)
-        size = -(-x.shape[0] // self.parts)  # ceil: FOP's first half is the larger
+        running_mean, running_var = norm.running_mean, norm.running_var
+        tracked = norm.track_running_stats and running_mean is not None and running_var is not None
+        momentum = 0.0
+        if tracked:  # the module's own rule for the update factor (torch's _BatchNorm.forward)
+            assert norm.num_batches_tracked is not None
+            norm.num_batches_tracked.add_(1)
+            momentum = norm.momentum if norm.momentum is not None else 1.0 / float(norm.num_batches_tracked)
+        # each part updates its own copy of the running statistics, as each process would; then their mean
         outputs, means, variances = [], [], []
-        dims = [0, *range(2, x.dim())]
-        for part in x.split(size):
-            outputs.append(F.batch_norm(part, None, None, norm.weight, norm.bias, True, 0.0, norm.eps))
+        for part in x.split(-(-x.shape[0] // self.parts)):  # ceil: FOP's first half is the larger
+            mean = running_mean.clone() if running_mean is not None and tracked else None
+            var = running_var.clone() if running_var is not None and tracked else None
+            outputs.append(F.batch_norm(part, mean, var, norm.weight, norm.bias, True, momentum, norm.eps))
+            if mean is not None and var is not None:
+                means.append(mean)
+                variances.append(var)
+        if running_mean is not None and running_var is not None and means:
             with torch.no_grad():
-                count = part.numel() // part.shape[1]
-                means.append(part.mean(dims))
-                variances.append(part.var(dims, unbiased=True) if count > 1 else torch.zeros_like(means[-1]))
-        if norm.track_running_stats and norm.running_mean is not None and norm.running_var is not None:
-            with torch.no_grad():
-                assert norm.num_batches_tracked is not None
-                norm.num_batches_tracked.add_(1)
-                momentum = norm.momentum if norm.momentum is not None else 1.0 / float(norm.num_batches_tracked)
-                norm.running_mean.lerp_(torch.stack(means).mean(0).to(norm.running_mean), momentum)
-                norm.running_var.lerp_(torch.stack(variances).mean(0).to(norm.running_var), momentum)
+                running_mean.copy_(torch.stack(means).mean(0))
+                running_var.copy_(torch.stack(variances).mean(0))
         return torch.cat(outputs)
 
 
