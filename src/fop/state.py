@@ -89,28 +89,25 @@ class LayerCurvature:
         A diagonal input factor (``nn.Embedding``'s token frequencies, stored 1-D) needs no ``eigh``:
         its eigenvalues are its entries and its basis the standard one (no ``A_vectors``).
         """
-        for view in views:  # what factored damping kept, if the mode was switched
-            _drop(view.state, _FACTORED_KEYS)
+        states = [view.state for view in views]
+        for state in states:  # what factored damping kept, if the mode was switched
+            _drop(state, _FACTORED_KEYS)
         for key in ("A", "G"):
-            buckets: dict[tuple, list[dict[str, Any]]] = {}
-            for view in views:
-                state, factor = view.state, view.state[key]
-                if factor.dim() == 1:
+            for state in states:
+                if state[key].dim() == 1:
                     previous = Fn.Eigen(state[f"{key}_values"], None) if f"{key}_values" in state else None
-                    state[f"{key}_values"] = Fn.eigen_diagonal(factor, previous).values
-                    continue
-                bucket = (tuple(factor.shape), factor.dtype, factor.device, f"{key}_values" in view.state)
-                buckets.setdefault(bucket, []).append(view.state)
-            for (*_, has_previous), states in buckets.items():
+                    state[f"{key}_values"] = Fn.eigen_diagonal(state[key], previous).values
+            for indices, has_previous in _batches([s[key] for s in states], [f"{key}_values" in s for s in states]):
+                group = [states[i] for i in indices]
                 previous = None
                 if has_previous:
                     previous = Fn.Eigen(
-                        _stacked([s[f"{key}_values"] for s in states]), _stacked([s[f"{key}_vectors"] for s in states])
+                        _stacked([s[f"{key}_values"] for s in group]), _stacked([s[f"{key}_vectors"] for s in group])
                     )
-                eig = Fn.eigen_factor(_stacked([s[key] for s in states]), previous)
+                eig = Fn.eigen_factor(_stacked([s[key] for s in group]), previous)
                 vectors = eig.vectors
                 assert vectors is not None  # a dense factor's basis
-                for i, state in enumerate(states):
+                for i, state in enumerate(group):
                     state[f"{key}_values"], state[f"{key}_vectors"] = eig.values[i], vectors[i]
 
     @staticmethod
@@ -129,18 +126,16 @@ class LayerCurvature:
             a, g = state.get("A_at_inverse", state["A"]), state.get("G_at_inverse", state["G"])
             sources.append((a, g, *Fn.factored_damping_shifts(a, g, damping)))
         for slot, key in ((0, "A"), (1, "G")):
-            buckets: dict[tuple, list[int]] = {}
-            for i, (state, source) in enumerate(zip(states, sources)):
-                factor = source[slot]
-                if factor.dim() == 1:  # a diagonal A (Embedding), not stacked: (k, n) would read as a matrix
-                    state[f"{key}_inv"] = Fn.damped_factor_inverse(factor, source[2 + slot], state.get(f"{key}_inv"))
-                    continue
-                bucket = (tuple(factor.shape), factor.dtype, factor.device, f"{key}_inv" in state)
-                buckets.setdefault(bucket, []).append(i)
-            for (*_, has_previous), indices in buckets.items():
+            for state, source in zip(states, sources):
+                if source[slot].dim() == 1:  # a diagonal A (Embedding), not stacked: (k, n) would read as a matrix
+                    state[f"{key}_inv"] = Fn.damped_factor_inverse(
+                        source[slot], source[2 + slot], state.get(f"{key}_inv")
+                    )
+            factors = [source[slot] for source in sources]
+            for indices, has_previous in _batches(factors, [f"{key}_inv" in s for s in states]):
                 previous = _stacked([states[i][f"{key}_inv"] for i in indices]) if has_previous else None
                 inverse = Fn.damped_factor_inverse(
-                    _stacked([sources[i][slot] for i in indices]),
+                    _stacked([factors[i] for i in indices]),
                     torch.stack([sources[i][2 + slot] for i in indices]),
                     previous,
                 )
@@ -271,6 +266,16 @@ def merge_curvature(
             idx = index[id(weights[i])]
             states[idx] = {**states.get(idx, {}), **tensors}
     return {**state_dict, "state": states}
+
+
+def _batches(factors: Sequence[Tensor], has_previous: Sequence[bool]) -> list[tuple[list[int], bool]]:
+    """Indices of the dense factors one batched call takes together (same shape, dtype and device, and
+    all with or all without a previous result to fall back on), and whether they have one."""
+    buckets: dict[tuple, list[int]] = {}
+    for i, (factor, previous) in enumerate(zip(factors, has_previous)):
+        if factor.dim() == 2:
+            buckets.setdefault((tuple(factor.shape), factor.dtype, factor.device, previous), []).append(i)
+    return [(indices, bool(key[-1])) for key, indices in buckets.items()]
 
 
 def _stacked(tensors: list[Tensor]) -> Tensor:
