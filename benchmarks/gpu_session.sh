@@ -8,7 +8,8 @@
 # DATA defaults to .data/cifar10_jpeg.npz (an ignored folder of the checkout, carried to the GPU
 # machine). Run from the repository root; fop is imported from src/ (nothing is installed).
 # On a machine without CUDA it runs the same stages on the CPU at toy size (a dry run of the script).
-# STAGES (default "1 2 3") picks stages; EPOCHS fixes the study's epoch budget instead of deriving it.
+# STAGES (default "1 2 3") picks stages; EPOCHS fixes the study's epoch budget instead of deriving it;
+# STUDY_LRS ("1"), STUDY_OPTIMIZERS ("fop,kfac,sgd,adamw"), BASELINES (none) and TARGET shape stage 3.
 set -u
 OUT=${1:?usage: gpu_session.sh OUT SECONDS [DATA]}
 TOTAL=${2:?usage: gpu_session.sh OUT SECONDS [DATA]}
@@ -75,9 +76,21 @@ print(max(0, min(epochs, 40)))
 EOF
 )
 log "study: $EPOCHS epochs per run"
+# STUDY_LRS: one command per learning-rate factor, K-FAC and FOP side by side in each (so a time-out
+# loses a whole pair, not half of one); BASELINES run first, at the task's learning rate.
+TARGET_ARGS=()
+[ -z "${TARGET:-}" ] || TARGET_ARGS=(--target "$TARGET")
 if [[ $STAGES == *" 3 "* ]] && [ "${EPOCHS:-0}" -ge 3 ]; then
-    stage stage3-study $(($(left) - 25)) "${BENCH[@]}" "${SIZE[@]}" --device "$DEVICE" --batch-sizes "$B_MAIN" \
-        --optimizers fop,kfac,sgd,adamw --lr-grid 1 --extend-edges 0 --max-epochs "$EPOCHS" --out "$WORK/study"
+    if [ -n "${BASELINES:-}" ]; then
+        stage stage3-baselines $(($(left) - 25)) "${BENCH[@]}" "${SIZE[@]}" --device "$DEVICE" \
+            --batch-sizes "$B_MAIN" --optimizers "$BASELINES" --lr-grid 1 --extend-edges 0 \
+            --max-epochs "$EPOCHS" "${TARGET_ARGS[@]}" --out "$WORK/study"
+    fi
+    for lr in ${STUDY_LRS:-1}; do
+        stage "stage3-study-lr$lr" $(($(left) - 25)) "${BENCH[@]}" "${SIZE[@]}" --device "$DEVICE" \
+            --batch-sizes "$B_MAIN" --optimizers "${STUDY_OPTIMIZERS:-fop,kfac,sgd,adamw}" --lr-grid "$lr" \
+            --extend-edges 0 --max-epochs "$EPOCHS" "${TARGET_ARGS[@]}" --out "$WORK/study"
+    done
 fi
 
 log "done; packing"
