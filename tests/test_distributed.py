@@ -349,6 +349,7 @@ def hooked_ddp(
 
 def scenario_ddp(rank: int, world: int, out: dict) -> None:
     """DistributedDataParallel with FOP's communication hook, as a DDP user trains."""
+    from fop import dual_gradient_hook
     from fop.ddp import bytes_per_step as ddp_bytes_per_step
 
     for opt_name, kind in (("fop", "mlp"), ("fop", "cnn"), ("kfac", "mlp"), ("fop", "emb")):
@@ -387,6 +388,21 @@ def scenario_ddp(rank: int, world: int, out: dict) -> None:
         warnings.simplefilter("always")
         train(ddp, opt, [local_part(b, rank, world) for b in global_batches("mlp", 2)])
     out["ddp_without_hook_warnings"] = [str(w.message) for w in caught]
+    # built before init_process_group, the hook registered afterwards (a trainer that wraps the model
+    # late): the hook's first bucket replaces the local communicator in the middle of the first
+    # backward, the layers whose hooks ran before that recorded in-batch halves the step must not use
+    model = mlp()
+    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=1e-4)  # several buckets
+    opt = make_optimizer("fop", model, distributed=LocalCommunicator(auto=True))
+    ddp.register_comm_hook(opt, dual_gradient_hook)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(ddp, opt, [local_part(b, rank, world) for b in global_batches("mlp", 4)])
+    out["ddp_hook_after_local"] = {
+        "params": params_of(model),
+        "communicator": type(opt.communicator).__name__,
+        "warnings": [str(w.message) for w in caught],
+    }
 
 
 def scenario_errors(rank: int, world: int, out: dict) -> None:
@@ -911,6 +927,16 @@ def test_optimizer_built_before_the_process_group_warns_under_ddp(request) -> No
     for res in results:
         messages = [m for m in res["ddp_without_hook_warnings"] if "before init_process_group" in m]
         assert len(messages) == 1 and "dual_gradient_hook" in messages[0]
+
+
+def test_ddp_comm_hook_registered_after_a_local_optimizer(request) -> None:
+    """FOP built before init_process_group, the hook registered later: one process on the global batch."""
+    results = request.getfixturevalue("world2")[0]
+    expected = reference("fop", "mlp")
+    for res in results:
+        assert res["ddp_hook_after_local"]["communicator"] == "DDPCommunicator"
+        assert not [m for m in res["ddp_hook_after_local"]["warnings"] if "before init_process_group" in m]
+        assert_params(res["ddp_hook_after_local"]["params"], expected)
 
 
 def test_ddp_comm_hook_with_no_sync_accumulation(request) -> None:
