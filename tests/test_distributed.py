@@ -172,6 +172,22 @@ def train(model: nn.Module, optimizer: Any, batches: list, micro: int = 1) -> No
         optimizer.step()
 
 
+SCALED_KWARGS: dict[str, Any] = {"kl_clip": None}
+LOSS_SCALE, MAX_NORM = 1024.0, 0.05
+
+
+def train_scaled_and_clipped(model: nn.Module, forward: nn.Module, optimizer: Any, batches: list) -> None:
+    """As a ``GradScaler`` + ``clip_grad_norm_`` loop: scaled loss, ``p.grad`` unscaled, then clipped."""
+    for x, y in batches:
+        optimizer.zero_grad()
+        (F.cross_entropy(forward(x), y) * LOSS_SCALE).backward()
+        for p in model.parameters():
+            p.grad /= LOSS_SCALE
+        norm = nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
+        assert norm > MAX_NORM  # the clipping scales the gradients
+        optimizer.step()
+
+
 def params_of(model: nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
@@ -318,19 +334,22 @@ def scenario_odd(rank: int, world: int, out: dict) -> None:
         out[f"odd_{opt_name}"] = {"params": params_of(model), "assignment": dict(opt.communicator.assignment)}
 
 
-def hooked_ddp(kind: str, opt_name: str = "fop", **ddp_kwargs: Any) -> tuple[nn.Module, nn.Module, Any]:
+def hooked_ddp(
+    kind: str, opt_name: str = "fop", optimizer_kwargs: dict | None = None, **ddp_kwargs: Any
+) -> tuple[nn.Module, nn.Module, Any]:
     """(model, DDP wrapper, optimizer on the module with dual_gradient_hook registered)."""
     from fop import dual_gradient_hook
 
     model = MODELS[kind][0]()
     ddp = nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
-    opt = make_optimizer(opt_name, ddp.module)
+    opt = make_optimizer(opt_name, ddp.module, **(optimizer_kwargs or {}))
     ddp.register_comm_hook(opt, dual_gradient_hook)
     return model, ddp, opt
 
 
 def scenario_ddp(rank: int, world: int, out: dict) -> None:
     """DistributedDataParallel with FOP's communication hook, as a DDP user trains."""
+    from fop import dual_gradient_hook
     from fop.ddp import bytes_per_step as ddp_bytes_per_step
 
     for opt_name, kind in (("fop", "mlp"), ("fop", "cnn"), ("kfac", "mlp"), ("fop", "emb")):
@@ -356,14 +375,10 @@ def scenario_ddp(rank: int, world: int, out: dict) -> None:
     model, ddp, opt = hooked_ddp("attn")
     train(ddp, opt, [local_part(b, rank, world) for b in global_batches("attn", 3)])
     out["ddp_fop_attn"] = {"params": params_of(model), "layers": [layer.name for layer in opt.layers]}
-    # loss scaling: the hooks see the scaled loss, p.grad the unscaled one
-    model, ddp, opt = hooked_ddp("mlp")
-    for x, y in [local_part(b, rank, world) for b in global_batches("mlp", 3)]:
-        opt.zero_grad()
-        (F.cross_entropy(ddp(x), y) * 1024.0).backward()
-        for p in model.parameters():
-            p.grad /= 1024.0
-        opt.step()
+    # loss scaling and clipping: the hooks (and DDP's buckets) see the scaled loss, p.grad the
+    # unscaled, clipped one; no trust region, which would hide a wrongly scaled direction
+    model, ddp, opt = hooked_ddp("mlp", optimizer_kwargs=SCALED_KWARGS)
+    train_scaled_and_clipped(model, ddp, opt, [local_part(b, rank, world) for b in global_batches("mlp", 3)])
     out["ddp_fop_scaled"] = {"params": params_of(model)}
     # built "before init_process_group" (as the auto mode would then pick it), no hook: one loud warning
     model = mlp()
@@ -373,6 +388,21 @@ def scenario_ddp(rank: int, world: int, out: dict) -> None:
         warnings.simplefilter("always")
         train(ddp, opt, [local_part(b, rank, world) for b in global_batches("mlp", 2)])
     out["ddp_without_hook_warnings"] = [str(w.message) for w in caught]
+    # built before init_process_group, the hook registered afterwards (a trainer that wraps the model
+    # late): the hook's first bucket replaces the local communicator in the middle of the first
+    # backward, the layers whose hooks ran before that recorded in-batch halves the step must not use
+    model = mlp()
+    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=1e-4)  # several buckets
+    opt = make_optimizer("fop", model, distributed=LocalCommunicator(auto=True))
+    ddp.register_comm_hook(opt, dual_gradient_hook)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(ddp, opt, [local_part(b, rank, world) for b in global_batches("mlp", 4)])
+    out["ddp_hook_after_local"] = {
+        "params": params_of(model),
+        "communicator": type(opt.communicator).__name__,
+        "warnings": [str(w.message) for w in caught],
+    }
 
 
 def scenario_errors(rank: int, world: int, out: dict) -> None:
@@ -876,11 +906,13 @@ def test_ddp_comm_hook_equals_single_process_on_global_batch(request, world, cas
     assert measured["all_reduce"] == predicted["all_reduce"] > 0  # the loss-scale references
 
 
-def test_ddp_comm_hook_with_loss_scaling(request) -> None:
+def test_ddp_comm_hook_with_loss_scaling_and_clipping(request) -> None:
+    """The halves from DDP's buckets are of the scaled, unclipped loss: scaled to p.grad's units at the step."""
     results = request.getfixturevalue("world2")[0]
-    expected = reference("fop", "mlp", steps=3)
+    model = mlp()
+    train_scaled_and_clipped(model, model, make_optimizer("fop", model, **SCALED_KWARGS), global_batches("mlp", 3))
     for res in results:
-        assert_params(res["ddp_fop_scaled"]["params"], expected)
+        assert_params(res["ddp_fop_scaled"]["params"], params_of(model))
 
 
 def test_ddp_comm_hook_trains_attention_like_one_process(request) -> None:
@@ -895,6 +927,16 @@ def test_optimizer_built_before_the_process_group_warns_under_ddp(request) -> No
     for res in results:
         messages = [m for m in res["ddp_without_hook_warnings"] if "before init_process_group" in m]
         assert len(messages) == 1 and "dual_gradient_hook" in messages[0]
+
+
+def test_ddp_comm_hook_registered_after_a_local_optimizer(request) -> None:
+    """FOP built before init_process_group, the hook registered later: one process on the global batch."""
+    results = request.getfixturevalue("world2")[0]
+    expected = reference("fop", "mlp")
+    for res in results:
+        assert res["ddp_hook_after_local"]["communicator"] == "DDPCommunicator"
+        assert not [m for m in res["ddp_hook_after_local"]["warnings"] if "before init_process_group" in m]
+        assert_params(res["ddp_hook_after_local"]["params"], expected)
 
 
 def test_ddp_comm_hook_with_no_sync_accumulation(request) -> None:

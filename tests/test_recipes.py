@@ -1,8 +1,10 @@
 """The recipes under ``examples/`` run as a user runs them, a few steps each, and train with curvature.
 
 Lightning in one process and with ``strategy="ddp"`` (two gloo processes started by Lightning
-itself), and the Hugging Face ``Trainer`` on a tiny GPT-2: each must give Kronecker curvature to
-its attention, convolution and embedding layers (their diagnostics exist) and lower the loss.
+itself), and the Hugging Face ``Trainer`` on a tiny GPT-2 in one process and under ``torchrun``
+(two gloo processes): each must give Kronecker curvature to its attention, convolution and
+embedding layers (their diagnostics exist) and lower the loss; the two-process Trainer must also
+train exactly as one process does.
 The packages come from the ``recipes`` extra (``make install-test`` installs it).
 """
 
@@ -15,14 +17,24 @@ import sys
 from pathlib import Path
 from statistics import mean
 
+import torch
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def run_example(name: str, *args: str, timeout: float = 420) -> dict:
-    """Run ``examples/<name>`` in a fresh interpreter; its last stdout line is a JSON report."""
+def run_example(name: str, *args: str, processes: int = 0, timeout: float = 420) -> dict:
+    """Run ``examples/<name>`` in a fresh interpreter; its last stdout line is a JSON report.
+
+    ``processes``: start that many under torchrun (``python -m torch.distributed.run``, gloo on the CPU).
+    """
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"] if processes else []
     proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / name), *args], env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, *launcher, str(EXAMPLES / name), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     assert proc.returncode == 0, f"{name} {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -53,11 +65,46 @@ def test_lightning_ddp_strategy_with_the_dual_gradient_hook() -> None:
     assert_loss_falls(report["losses"], 0.6)
 
 
-def test_hugging_face_trainer_on_a_tiny_gpt2() -> None:
-    report = run_example("hf_trainer_recipe.py", "--steps", "12")
+def assert_gpt2_curvature(report: dict) -> None:
     layers = set(report["curvature_layers"])
     for block in (0, 1):
         assert {f"transformer.h.{block}.attn.c_attn", f"transformer.h.{block}.mlp.c_fc"} <= layers
     assert "transformer.wpe" in layers  # the position embedding: diagonal input factor
+
+
+def test_hugging_face_trainer_on_a_tiny_gpt2() -> None:
+    report = run_example("hf_trainer_recipe.py", "--steps", "12")
+    assert report["communicator"] == "LocalCommunicator"
+    assert_gpt2_curvature(report)
     assert len(report["losses"]) == 12
     assert_loss_falls(report["losses"], 0.9)
+
+
+def test_hugging_face_trainer_under_torchrun_trains_as_one_process() -> None:
+    """Two gloo processes: the Trainer's own DDP wrapper gets dual_gradient_hook, the halves are the ranks.
+
+    The global batch (16 sequences, in order) is rank 0's 8 then rank 1's 8, so the even / odd
+    halves are one process's in-batch halves: in float64 both runs must end with the same
+    parameters, through the Trainer's clipping and the AdamW fallback of the tied embedding. A
+    gradient reduced twice, or halves taken locally, would not (nor would DDP without the hook:
+    each process's optimizer would step on its own halves).
+    """
+    one = run_example("hf_trainer_recipe.py", "--dtype", "float64")
+    two = run_example("hf_trainer_recipe.py", "--dtype", "float64", processes=2)
+    assert one["world_size"] == 1 and two["world_size"] == 2
+    # the process group existed when FOP(model) was built: fop's own communicator, replaced by the hook's
+    assert two["communicator_at_construction"] == "DistributedCommunicator"
+    assert two["communicator"] == "DDPCommunicator"
+    # the last step's traffic: DDP's buckets once, in two slots, plus the factors (nothing else reduced)
+    predicted = two["predicted_bytes"]
+    assert two["hook_bytes"] == {
+        "hook_all_reduce": 2 * predicted["ddp_all_reduce"],
+        "all_reduce": predicted["all_reduce"],
+    }
+    assert two["checksums"][0] == two["checksums"][1]  # DDP keeps the processes identical
+    torch.testing.assert_close(two["checksums"][0], one["checksums"][0], rtol=1e-10, atol=1e-12)
+    # the Trainer accumulates the logged loss in float32
+    torch.testing.assert_close(two["losses"], one["losses"], rtol=1e-6, atol=0)
+    assert_gpt2_curvature(two)
+    assert len(two["losses"]) == 12
+    assert_loss_falls(two["losses"], 0.9)
