@@ -9,7 +9,8 @@
 # machine). Run from the repository root; fop is imported from src/ (nothing is installed).
 # On a machine without CUDA it runs the same stages on the CPU at toy size (a dry run of the script).
 # STAGES (default "1 2 3") picks stages; EPOCHS fixes the study's epoch budget instead of deriving it;
-# STUDY_LRS ("1"), STUDY_OPTIMIZERS ("fop,kfac,sgd,adamw"), BASELINES (none) and TARGET shape stage 3.
+# STUDY_LRS ("1"), STUDY_OPTIMIZERS ("fop,kfac,sgd,adamw"), STUDY_CELLS, BASELINES (none) and TARGET
+# shape stage 3; stage 4 (not in the default) profiles PROFILE_OPTIMIZERS after the study.
 set -u
 OUT=${1:?usage: gpu_session.sh OUT SECONDS [DATA]}
 TOTAL=${2:?usage: gpu_session.sh OUT SECONDS [DATA]}
@@ -86,11 +87,25 @@ if [[ $STAGES == *" 3 "* ]] && [ "${EPOCHS:-0}" -ge 3 ]; then
             --batch-sizes "$B_MAIN" --optimizers "$BASELINES" --lr-grid 1 --extend-edges 0 \
             --max-epochs "$EPOCHS" "${TARGET_ARGS[@]}" --out "$WORK/study"
     fi
-    for lr in ${STUDY_LRS:-1}; do
-        stage "stage3-study-lr$lr" $(($(left) - 25)) "${BENCH[@]}" "${SIZE[@]}" --device "$DEVICE" \
-            --batch-sizes "$B_MAIN" --optimizers "${STUDY_OPTIMIZERS:-fop,kfac,sgd,adamw}" --lr-grid "$lr" \
+    # STUDY_CELLS ("LR:OPTIMIZERS LR:OPTIMIZERS ...", e.g. "0.1:kfac:fs512,fop:fs512") replaces STUDY_LRS
+    cells=${STUDY_CELLS:-}
+    if [ -z "$cells" ]; then
+        for lr in ${STUDY_LRS:-1}; do cells="$cells $lr:${STUDY_OPTIMIZERS:-fop,kfac,sgd,adamw}"; done
+    fi
+    for cell in $cells; do
+        lr=${cell%%:*}
+        stage "stage3-study-lr$lr-${cell#*:}" $(($(left) - 25)) "${BENCH[@]}" "${SIZE[@]}" --device "$DEVICE" \
+            --batch-sizes "$B_MAIN" --optimizers "${cell#*:}" --lr-grid "$lr" \
             --extend-edges 0 --max-epochs "$EPOCHS" "${TARGET_ARGS[@]}" --out "$WORK/study"
     done
+fi
+
+# 4. a profile of chosen optimizers after the study (PROFILE_OPTIMIZERS, at the main batch size and
+#    PROFILE_INTERVAL, default 5: the batch-size rule's interval at 4096), for the phase columns
+if [[ $STAGES == *" 4 "* ]] && [ -n "${PROFILE_OPTIMIZERS:-}" ]; then
+    stage stage4-profile $(($(left) - 20)) "${BENCH[@]}" "${SIZE[@]}" --device "$DEVICE" --profile \
+        --profile-steps "${PROFILE_STEPS:-10}" --batch-sizes "$B_MAIN" --curvature-interval "${PROFILE_INTERVAL:-5}" \
+        --optimizers "$PROFILE_OPTIMIZERS" --out "$WORK/profile-4"
 fi
 
 log "done; packing"
