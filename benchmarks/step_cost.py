@@ -53,10 +53,16 @@ OPTIMIZERS = {
     "sgd": lambda m: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9),
     "kfac": lambda m: KFAC(m, lr=0.01),
     "fop": lambda m: FOP(m, lr=0.01),
-    # variants, by --optimizers: factored damping (ASDL's and the paper's), a longer inverse interval
+    # variants, by --optimizers: factored damping (ASDL's and the paper's), a longer inverse interval,
+    # factors from a sample of the batch
     "kfac-factored": lambda m: KFAC(m, lr=0.01, damping_mode="factored"),
     "fop-factored": lambda m: FOP(m, lr=0.01, damping_mode="factored"),
     "fop-inv50": lambda m: FOP(m, lr=0.01, inverse_update_interval=50),
+    # factors from 64 of the batch's 256 samples (factor_samples), with exact or factored damping
+    "kfac-fs64": lambda m: KFAC(m, lr=0.01, factor_samples=64),
+    "fop-fs64": lambda m: FOP(m, lr=0.01, factor_samples=64),
+    "kfac-factored-fs64": lambda m: KFAC(m, lr=0.01, damping_mode="factored", factor_samples=64),
+    "fop-factored-fs64": lambda m: FOP(m, lr=0.01, damping_mode="factored", factor_samples=64),
 }
 DEFAULT_OPTIMIZERS = ("sgd", "kfac", "fop")
 # steps of one whole cycle of each optimizer's updates (curvature and inverse): what "amortized" spans

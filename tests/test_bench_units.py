@@ -348,3 +348,14 @@ def test_kl_variant_token_sets_the_trust_region_size():
     assert resolve_optimizer("kfac:dirclip:kl0.1").options == {"trust_region": "direction", "kl_clip": 0.1}
     with pytest.raises(BenchError, match="kl takes a positive number"):
         resolve_optimizer("fop:klx")
+
+
+def test_fs_variant_token_sets_the_factor_samples():
+    assert resolve_optimizer("fop:fs512").options == {"factor_samples": 512}
+    assert resolve_optimizer("kfac:factored:fs64").options == {"damping_mode": "factored", "factor_samples": 64}
+    for bad in ("fs0", "fs", "fs2.5", "fs-4", "fsx"):
+        with pytest.raises(BenchError, match="fs takes a whole number"):
+            resolve_optimizer(f"fop:{bad}")
+    spec = resolve_optimizer("kfac:fs2")
+    hp = Hyperparameters(lr=0.1, weight_decay=0.0, options=tuple(spec.options.items()))
+    assert spec.build(_tiny_model(), hp).param_groups[0]["factor_samples"] == 2

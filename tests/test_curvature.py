@@ -249,3 +249,137 @@ def test_in_place_activation_after_layer_keeps_output_gradient() -> None:
     for a, b in zip(captured(optimizer).values(), captured(ref_opt).values()):
         torch.testing.assert_close(a.g1, b.g1)
         torch.testing.assert_close(a.g_factor, b.g_factor)
+
+
+# ------------------------------------------------------------------------------ factor_samples
+# (n, m, S): the evenly strided samples S = {⌊i·n/m⌋ : i < m}, written out
+STRIDED = [(8, 4, [0, 2, 4, 6]), (7, 3, [0, 2, 4]), (9, 2, [0, 4])]
+
+
+def dense_factors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A = Σ a aᵀ / rows`` and ``G = (1/n) Σ_i δ_i δ_iᵀ`` (δ_i: sample i's own output gradients, summed
+    over its rows) of layer ``name`` on the batch ``x`` alone, by hand: patches by explicit indexing,
+    per-sample output gradients from the summed loss (each sample's gradient is its own)."""
+    ref = copy.deepcopy(model)
+    for module in ref.modules():
+        if isinstance(module, nn.ReLU):
+            module.inplace = False
+    module = dict(ref.named_modules())[name]
+    kept: dict[str, torch.Tensor] = {}
+
+    def keep(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        kept["in"] = args[0].detach()
+        out.retain_grad()
+        kept["out"] = out
+
+    module.register_forward_hook(keep)
+    F.cross_entropy(ref(x), y, reduction="sum").backward()
+    if isinstance(module, nn.Conv2d):
+        rows = patches_by_loops(kept["in"], module)
+        per_sample = kept["out"].grad.flatten(2)  # (n, out, positions)
+        g = sum(d @ d.T for d in per_sample)
+    else:
+        rows = kept["in"].reshape(-1, kept["in"].shape[-1])
+        per_sample = kept["out"].grad.reshape(x.shape[0], -1, kept["out"].shape[-1])  # (n, positions, out)
+        g = sum(d.T @ d for d in per_sample)
+    if module.bias is not None:
+        rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=DTYPE)], 1)
+    return rows.T @ rows / rows.shape[0], g / x.shape[0]
+
+
+@pytest.mark.parametrize("case", ["linear", "linear-3d", "conv-3x3-pad1", "conv-stride2-nobias", "conv-dilation2"])
+@pytest.mark.parametrize(("n", "m", "samples"), STRIDED)
+def test_sampled_factors_are_the_dense_factors_of_the_strided_samples(
+    case: str, n: int, m: int, samples: list[int]
+) -> None:
+    """factor_samples=m: A and G of every layer are those of the m samples S alone, computed by hand;
+    the halves and the gradient stay those of the whole batch (bitwise as without sampling)."""
+    model, x, y = make(case, n)
+    exact_model = copy.deepcopy(model)
+    optimizer = FOP(model, factor_samples=m)
+    F.cross_entropy(model(x), y).backward()
+    work = captured(optimizer)
+    exact_optimizer = FOP(exact_model)
+    F.cross_entropy(exact_model(x), y).backward()
+    exact = captured(exact_optimizer)
+    for name, item in work.items():
+        a, g = dense_factors(model, x[samples], y[samples], name)
+        torch.testing.assert_close(item.a_factor, a, rtol=1e-10, atol=1e-12, msg=f"A of {name}")
+        torch.testing.assert_close(item.g_factor, g, rtol=1e-10, atol=1e-12, msg=f"G of {name}")
+        assert not torch.allclose(item.g_factor, exact[name].g_factor)  # a subset, not the batch
+        for key in ("grad", "g1", "g2"):
+            torch.testing.assert_close(getattr(item, key), getattr(exact[name], key), rtol=0, atol=0)
+
+
+def test_dense_factors_oracle_is_the_full_batch_factor() -> None:
+    """The oracle above, on the whole batch, is the optimizer's exact factor (the same normalisation)."""
+    for case in ("linear-3d", "conv-3x3-pad1"):
+        model, x, y = make(case, 6)
+        trained = copy.deepcopy(model)
+        optimizer = FOP(trained)
+        F.cross_entropy(trained(x), y).backward()
+        for name, item in captured(optimizer).items():
+            a, g = dense_factors(model, x, y, name)
+            torch.testing.assert_close(item.a_factor, a, rtol=1e-10, atol=1e-12, msg=f"A of {name}")
+            torch.testing.assert_close(item.g_factor, g, rtol=1e-10, atol=1e-12, msg=f"G of {name}")
+
+
+@pytest.mark.parametrize("case", ["linear", "linear-3d", "conv-3x3-pad1"])
+@pytest.mark.parametrize("cls", [FOP, KFAC])
+def test_factor_samples_of_the_whole_batch_or_more_is_exact(case: str, cls: type) -> None:
+    """factor_samples >= n takes every sample: the statistics equal the default's bit for bit."""
+    model, x, y = make(case, 6)
+    works = []
+    for factor_samples in (None, 6, 50):
+        copy_ = copy.deepcopy(model)
+        optimizer = cls(copy_, factor_samples=factor_samples)
+        F.cross_entropy(copy_(x), y).backward()
+        works.append(captured(optimizer))
+    for work in works[1:]:
+        for name, item in work.items():
+            for key in ("a_factor", "g_factor", "grad", "g1", "g2"):
+                value, exact = getattr(item, key), getattr(works[0][name], key)
+                assert (value is None) == (exact is None), key
+                if value is not None:
+                    torch.testing.assert_close(value, exact, rtol=0, atol=0, msg=f"{key} of {name}")
+
+
+@pytest.mark.parametrize("case", ["linear", "linear-3d", "conv-stride2-nobias"])
+def test_sampled_factors_with_accumulation_subsample_each_micro_batch(case: str) -> None:
+    """Micro-batches of 4 (loss/2 each), factor_samples=2: samples {0, 2} and {4, 6}, each micro-batch's
+    sums scaled by 4/2, i.e. the factors of one batch of 8 with factor_samples=4 (the same samples)."""
+    model, x, y = make(case, 8)
+    whole = copy.deepcopy(model)
+    optimizer = FOP(model, factor_samples=2)
+    for chunk in (slice(0, 4), slice(4, 8)):
+        (F.cross_entropy(model(x[chunk]), y[chunk]) / 2).backward()
+    work = captured(optimizer)
+    whole_optimizer = FOP(whole, factor_samples=4)
+    F.cross_entropy(whole(x), y).backward()
+    for name, item in captured(whole_optimizer).items():
+        torch.testing.assert_close(work[name].a_factor, item.a_factor, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(work[name].g_factor, item.g_factor, rtol=1e-10, atol=1e-12)
+        a, g = dense_factors(model, x[[0, 2, 4, 6]], y[[0, 2, 4, 6]], name)
+        torch.testing.assert_close(item.g_factor, g, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(item.a_factor, a, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["linear-3d", "conv-3x3-pad1"])
+def test_sampled_monte_carlo_fisher_uses_the_same_samples(case: str) -> None:
+    """fisher="mc", factor_samples=3 of 7: G is (1/3) Σ_{i∈S} δ_i δ_iᵀ of the sampled labels' loss
+    on the samples S = {0, 2, 4}, A the input factor of the same samples."""
+    model, x, y = make(case, 7)
+    samples = [0, 2, 4]
+    reference = copy.deepcopy(model)
+    optimizer = FOP(model, fisher="mc", factor_samples=3)
+    output = model(x)
+    optimizer.sample_fisher(output, generator=torch.Generator().manual_seed(5))
+    F.cross_entropy(output, y).backward()
+    work = captured(optimizer)
+    with torch.no_grad():  # the labels sample_fisher drew: the same generator on the same probabilities
+        probs = torch.softmax(reference(x), -1)
+    drawn = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(5)).squeeze(-1)
+    for name, item in work.items():
+        a, g = dense_factors(reference, x[samples], drawn[samples], name)
+        torch.testing.assert_close(item.a_factor, a, rtol=1e-10, atol=1e-12, msg=f"A of {name}")
+        torch.testing.assert_close(item.g_factor, g, rtol=1e-10, atol=1e-12, msg=f"G of {name}")

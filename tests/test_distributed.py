@@ -239,6 +239,7 @@ def scenario_equivalence(rank: int, world: int, out: dict) -> None:
             out[f"{opt_name}_{kind}"] = _run(rank, world, opt_name, kind)
     out["fop_mlp_replicated"] = _run(rank, world, "fop", "mlp", replicated=True)
     out["kfac_cnn_replicated"] = _run(rank, world, "kfac", "cnn", replicated=True)
+    out["fop_cnn_sampled"] = _run(rank, world, "fop", "cnn", factor_samples=2)  # of 8 (world 2) or 4 local samples
     # gradient accumulation: two micro-batches per step
     model = mlp()
     opt = make_optimizer("fop", model)
@@ -608,6 +609,19 @@ def test_replicated_mode_equals_single_process(request, world) -> None:
         assert_params(results[0][key]["params"], reference(opt_name, kind))
         assert set(results[0][key]["assignment"].values()) == {0}  # every process computes every layer
         assert results[0][key]["bytes_curvature"]["calls"] == 1
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sampled_factors_per_process_equal_single_process(request, world) -> None:
+    """factor_samples=2 of each process's local batch (stride 4 of 8, or 2 of 4), factors averaged over
+    the processes: one process on the global batch of 16 with factor_samples=2·world (the same samples)."""
+    results = request.getfixturevalue(f"world{world}")
+    results = results[0] if world == 2 else results
+    assert_ranks_agree(results, "fop_cnn_sampled")
+    model = cnn()
+    train(model, make_optimizer("fop", model, factor_samples=2 * world), global_batches("cnn", 4))
+    assert_params(results[0]["fop_cnn_sampled"]["params"], params_of(model))
+    assert not torch.allclose(params_of(model)[0], reference("fop", "cnn")[0])  # the sampling acted
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -308,10 +308,14 @@ FACTOR_CASES = [c for c in sorted(CASES) if c != "encoder-layer"]
 
 
 @pytest.mark.parametrize("case", FACTOR_CASES)
-def test_factors_equal_explicit_second_moments(case: str) -> None:
-    model, x, y = make(case, 5)
-    oracle = factor_oracle(case, model, x, y)
-    optimizer = FOP(model)
+@pytest.mark.parametrize(("n", "factor_samples", "samples"), [(5, None, slice(None)), (7, 3, [0, 2, 4])])
+def test_factors_equal_explicit_second_moments(
+    case: str, n: int, factor_samples: int | None, samples: slice | list[int]
+) -> None:
+    """With factor_samples=3 of 7, the factors formed by hand from the samples S = {⌊i·7/3⌋} alone."""
+    model, x, y = make(case, n)
+    oracle = factor_oracle(case, model, x[samples], y[samples])
+    optimizer = FOP(model, factor_samples=factor_samples)
     F.cross_entropy(model(x), y).backward()
     work = captured(optimizer)
     assert set(oracle) == set(work)
@@ -728,3 +732,54 @@ def test_embedding_checkpoint_resumes_exactly() -> None:
     train(resumed, optimizer2, 2)
     for a, b in zip(resumed.parameters(), model.parameters()):
         assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------ factor_samples
+SAMPLES = [0, 2, 4]  # factor_samples=3 of a batch of 7: S = {⌊i·7/3⌋ : i < 3}
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+def test_sampled_factors_of_a_sequence_first_transformer_layer(fisher: str) -> None:
+    """nn.TransformerEncoderLayer sequence-first (its Linear inputs have the batch on dim 1) samples the
+    same batch entries as batch-first, and the empirical factors are the exact factors of the batch S."""
+    seq_first, x, y = make("encoder-layer", 7)
+    batch_first = copy.deepcopy(seq_first)
+    batch_first.layer.self_attn.batch_first = True
+    batch_first.forward = lambda x: batch_first.head(batch_first.layer(x).mean(1))  # type: ignore[method-assign]
+    subset = copy.deepcopy(seq_first)
+    runs = [(seq_first, x, y, 3), (batch_first, x, y, 3)]
+    if fisher == "empirical":
+        runs.append((subset, x[SAMPLES], y[SAMPLES], None))
+    works = []
+    for model, inputs, labels, factor_samples in runs:
+        optimizer = FOP(model, fisher=fisher, factor_samples=factor_samples, **FAST)
+        output = model(inputs)
+        if fisher == "mc":
+            optimizer.sample_fisher(output, generator=torch.Generator().manual_seed(3))
+        F.cross_entropy(output, labels).backward()
+        works.append(captured(optimizer))
+    for work in works[1:]:
+        for name in works[0]:
+            for key in ("a_factor", "g_factor"):
+                torch.testing.assert_close(
+                    getattr(works[0][name], key), getattr(work[name], key), msg=f"{key} of {name}"
+                )
+
+
+@pytest.mark.parametrize("case", sorted(EMBEDDINGS))
+def test_sampled_embedding_factors_are_those_of_the_strided_samples(case: str) -> None:
+    """The diagonal A = diag(counts in S)/positions(S) and G of the samples S, by hand; halves exact."""
+    model, x, y = make_tokens(case, 7)
+    a, g = embedding_oracle(model, x[SAMPLES], y[SAMPLES])
+    exact_model = copy.deepcopy(model)
+    optimizer = FOP(model, factor_samples=3, **token_options(case))
+    F.cross_entropy(model(x), y).backward()
+    work = captured(optimizer)["emb"]
+    exact_optimizer = FOP(exact_model, **token_options(case))
+    F.cross_entropy(exact_model(x), y).backward()
+    exact = captured(exact_optimizer)["emb"]
+    assert work.a_factor.shape == (VOCAB,)
+    torch.testing.assert_close(torch.diag(work.a_factor), a)
+    torch.testing.assert_close(work.g_factor, g)
+    torch.testing.assert_close(work.g1, exact.g1, rtol=0, atol=0)
+    torch.testing.assert_close(work.g2, exact.g2, rtol=0, atol=0)

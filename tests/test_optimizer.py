@@ -218,6 +218,46 @@ def test_checkpoint_resume_continues_exactly(cls: type) -> None:
     assert_same(params(resumed), uninterrupted, rtol=0, atol=0)
 
 
+def conv_batches(steps: int, n: int = 8) -> list:
+    return [
+        (torch.randn(n, 3, 6, 6, dtype=DTYPE, generator=torch.Generator().manual_seed(i)), y % 5)
+        for i, (_, y) in enumerate(batches(steps, n=n))
+    ]
+
+
+@pytest.mark.parametrize("cls", [FOP, KFAC])
+def test_factor_samples_round_trips_through_the_checkpoint(cls: type) -> None:
+    """factor_samples is a param-group option: a checkpoint brings it into an optimizer built without it,
+    and a checkpoint from before the option keeps the constructor's value."""
+    data = conv_batches(6)
+    kw = dict(lr=0.1, curvature_update_interval=1, inverse_update_interval=2)
+    model = cnn()
+    optimizer = cls(model, factor_samples=3, **kw)
+    train(model, optimizer, data[:3])
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, buffer)
+    train(model, optimizer, data[3:])
+    unsampled = cnn()
+    train(unsampled, cls(unsampled, **kw), data)
+    assert not torch.allclose(params(model)[0], params(unsampled)[0])  # the option changes the run
+
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    resumed = cnn(seed=5)
+    resumed.load_state_dict(checkpoint["model"])
+    optimizer2 = cls(resumed, **kw)
+    optimizer2.load_state_dict(checkpoint["optim"])
+    assert optimizer2.param_groups[0]["factor_samples"] == 3
+    train(resumed, optimizer2, data[3:])
+    assert_same(params(resumed), params(model), rtol=0, atol=0)
+
+    for group in checkpoint["optim"]["param_groups"]:
+        del group["factor_samples"]
+    optimizer3 = cls(cnn(), factor_samples=7, **kw)
+    optimizer3.load_state_dict(checkpoint["optim"])
+    assert [group["factor_samples"] for group in optimizer3.param_groups] == [7, 7]
+
+
 def test_load_rejects_foreign_checkpoint() -> None:
     model = mlp()
     sgd_state = torch.optim.SGD(model.parameters(), lr=0.1).state_dict()
@@ -353,13 +393,22 @@ def test_non_finite_gradient_changes_nothing_and_is_counted() -> None:
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
-def test_grad_scaler_with_constant_scale_matches_unscaled(bias: bool) -> None:
-    """The loss scale is read off the bias gradients, or a reference layer's when there are none."""
-    data = batches(4)
-    m1, m2 = mlp(bias=bias), mlp(bias=bias)
-    train(m1, FOP(m1, **FAST), data)
-    optimizer = FOP(m2, **FAST)
+SCALER_CASES = {
+    "bias": (lambda: mlp(bias=True), lambda: batches(4), {}),
+    "no-bias": (lambda: mlp(bias=False), lambda: batches(4), {}),
+    "sampled-factors": (cnn, lambda: conv_batches(4), {"factor_samples": 3}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SCALER_CASES))
+def test_grad_scaler_with_constant_scale_matches_unscaled(case: str) -> None:
+    """The loss scale is read off the bias gradients, or a reference layer's when there are none; it
+    rescales sampled factors (factor_samples=3 of 8) as it rescales full ones."""
+    build, make_data, options = SCALER_CASES[case]
+    data = make_data()
+    m1, m2 = build(), build()
+    train(m1, FOP(m1, **options, **FAST), data)
+    optimizer = FOP(m2, **options, **FAST)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=10**6)
     for x, y in data:
         optimizer.zero_grad()
@@ -437,6 +486,11 @@ INVALID = [
     ("fallback_lr", -1.0, "fallback_lr"),
     ("fallback_betas", (0.9, 1.0), "fallback_betas"),
     ("fallback_eps", 0.0, "fallback_eps"),
+    ("factor_samples", 0, "factor_samples"),
+    ("factor_samples", -4, "factor_samples"),
+    ("factor_samples", 2.5, "factor_samples"),
+    ("factor_samples", True, "factor_samples"),
+    ("factor_samples", "64", "factor_samples"),
 ]
 
 

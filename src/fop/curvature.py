@@ -7,7 +7,9 @@ ordinary forward/backward pass its hooks record, for the pending optimizer step:
   samples) and a second half, and the weight/bias gradient of each half is formed from the saved
   layer input and the output gradient (``g1``, ``g2``: mean-loss gradients of the halves);
 * on curvature steps, the factor statistics ``Σ a aᵀ`` (layer inputs, bias folded in as a
-  trailing column of ones; Conv2d: unfolded patches) and ``Σ δ δᵀ`` (output gradients).
+  trailing column of ones; Conv2d: unfolded patches) and ``Σ δ δᵀ`` (output gradients), from every
+  sample of the forward batch or, with ``factor_samples``, from an evenly strided subset of them
+  (:func:`factor_subset`).
 
 Statistics are *pending* until :meth:`KroneckerLayer.collect` hands them to the optimizer, so a
 skipped step (``GradScaler`` found inf, ``zero_grad()`` without ``step()``) leaves no trace.
@@ -38,6 +40,7 @@ __all__ = [
     "LinearLayer",
     "Conv2dLayer",
     "LayerWork",
+    "factor_subset",
     "loss_scale_ratio",
     "make_layer",
     "supports",
@@ -73,6 +76,31 @@ class CaptureMode:
     total: bool = False  # record the reference gradient of bias-free models (for the loss-scale ratio)
     empirical: bool = True  # G from the loss's own output gradients (False: Monte-Carlo Fisher)
     sampling: bool = False  # live flag: the backward in progress is the Monte-Carlo Fisher pass
+    factor_samples: int | None = None  # factors from at most this many samples per forward (None: all)
+
+
+def factor_subset(n: int, factor_samples: int | None, device: torch.device) -> slice | Tensor | None:
+    """The samples of an ``n``-sample forward batch that the factor statistics are taken from.
+
+    ``None`` (every sample) when ``factor_samples`` is ``None`` or ``>= n``; else the ``m =
+    factor_samples`` indices ``S = {⌊i·n/m⌋ : i = 0, …, m−1}``: evenly strided over the batch and
+    deterministic (a ``slice`` with step ``n/m`` when ``m`` divides ``n``, a view; else an index tensor
+    made on ``device``). The input and output statistics of a forward use the same ``S``, and each of
+    their sums over ``S`` is scaled by ``n/m``,
+
+        Σ_batch a aᵀ ≈ (n/m) Σ_{i∈S} Σ_{rows of i} a aᵀ,     Σ_batch δ δᵀ ≈ (n/m) Σ_{i∈S} Σ_{rows of i} δ δᵀ,
+
+    an unbiased estimate of the sum over the whole batch whenever the batch's order is random (a
+    shuffled loader), while the row and sample counts stay those of the whole batch. With one forward
+    that makes ``A = Σ_{i∈S} Σ_rows a aᵀ / rows(S)`` and ``G = (1/m) Σ_{i∈S} δ̃_i δ̃_iᵀ`` (``δ̃_i``: sample
+    ``i``'s own output gradients, summed over its rows as for the full batch): the exact factors of the
+    batch ``S`` alone.
+    """
+    if factor_samples is None or factor_samples >= n:
+        return None
+    if n % factor_samples == 0:
+        return slice(0, n, n // factor_samples)
+    return torch.arange(factor_samples, device=device) * n // factor_samples
 
 
 @dataclass
@@ -228,16 +256,19 @@ class KroneckerLayer:
     def _backward_hook(self, x: Tensor, grad_out: Tensor, mode: CaptureMode) -> None:
         with phase("capture"):
             if self.mode.sampling:  # read live: the Monte-Carlo pass runs after this forward
-                self._capture_sampled(x, grad_out)
+                self._capture_sampled(x, grad_out, mode)
             else:
                 self._capture_backward(x, grad_out, mode)
 
-    def _capture_sampled(self, x: Tensor, grad_out: Tensor) -> None:
-        """Monte-Carlo Fisher pass: only ``Σ δδᵀ`` of the sampled labels' summed loss."""
+    def _capture_sampled(self, x: Tensor, grad_out: Tensor, mode: CaptureMode) -> None:
+        """Monte-Carlo Fisher pass: only ``Σ δδᵀ`` of the sampled labels' summed loss (same samples as ``A``)."""
         pending = self._pending
-        moment = self._output_second_moment(grad_out.detach(), compute_dtype(self.weight.dtype))
+        batched = x.dim() > self._unbatched_dims
+        n = x.shape[0] if batched else 1
+        subset = factor_subset(n, mode.factor_samples, x.device) if batched else None
+        moment = self._sampled_output_moment(grad_out.detach(), subset, compute_dtype(self.weight.dtype))
         pending.mc_gg_sum = _add(pending.mc_gg_sum, moment)
-        pending.mc_samples += x.shape[0] if x.dim() > self._unbatched_dims else 1
+        pending.mc_samples += n
 
     def _capture_backward(self, x: Tensor, grad_out: Tensor, mode: CaptureMode) -> None:
         """Record this forward's share: first-half gradient, reference gradient, factor statistics.
@@ -259,10 +290,11 @@ class KroneckerLayer:
         if mode.factors:
             # the input statistics are taken here, not in the forward hook: a forward that no
             # backward reaches (an unused output, a logged prediction) must leave no trace
-            self._accumulate_input_factor(x)
-        if mode.factors and mode.empirical:
-            pending.gg_sum = _add(pending.gg_sum, self._output_second_moment(grad_out, dtype))
-            pending.samples += n
+            subset = factor_subset(n, mode.factor_samples, x.device)
+            self._accumulate_input_factor(x, subset)
+            if mode.empirical:
+                pending.gg_sum = _add(pending.gg_sum, self._sampled_output_moment(grad_out, subset, dtype))
+                pending.samples += n
         bias_reference = self.bias is not None and self.bias.requires_grad
         if not bias_reference and self.is_reference and (mode.total or mode.halves):
             pending.reference = _add(pending.reference, self._folded_grad(x, grad_out).to(dtype))
@@ -286,10 +318,27 @@ class KroneckerLayer:
             pending.g2_other = _add(pending.g2_other, c2 * (n / (n - n1)))
             pending.c2_other = _add(pending.c2_other, c2)
 
-    def _accumulate_input_factor(self, x: Tensor) -> None:
-        a_sum, rows = self._input_second_moment(x)
+    def _accumulate_input_factor(self, x: Tensor, subset: slice | Tensor | None = None) -> None:
+        """Add ``Σ a aᵀ`` of the forward (or ``(n/m) Σ_S a aᵀ``, see :func:`factor_subset`) and its rows."""
+        if subset is None:
+            a_sum, rows = self._input_second_moment(x)
+        else:
+            n = x.shape[0]
+            x = x[subset]
+            m = x.shape[0]
+            a_sum, rows = self._input_second_moment(x)
+            a_sum.mul_(n / m)
+            rows = rows * n // m  # every sample has the same rows: rows(S) = m·rows per sample
         self._pending.a_sum = _add(self._pending.a_sum, a_sum)
         self._pending.a_rows += rows
+
+    def _sampled_output_moment(self, grad_out: Tensor, subset: slice | Tensor | None, dtype: torch.dtype) -> Tensor:
+        """``Σ δδᵀ`` of the forward, or ``(n/m) Σ_S δδᵀ`` over the samples ``subset`` (:func:`factor_subset`)."""
+        if subset is None:
+            return self._output_second_moment(grad_out, dtype)
+        n = grad_out.shape[0]
+        grad_out = grad_out[subset]
+        return self._output_second_moment(grad_out, dtype).mul_(n / grad_out.shape[0])
 
     # ----------------------------------------------------------------------------- readout
     def captured(self) -> bool:

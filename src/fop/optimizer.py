@@ -68,6 +68,7 @@ _GROUP_DEFAULTS = (
     "trust_region",
     "damping_mode",
     "eta",
+    "factor_samples",
 )
 _CHECKED_ARGUMENTS = _GROUP_DEFAULTS + (
     "curvature_update_interval",
@@ -120,6 +121,15 @@ class KroneckerOptimizer(Optimizer):
             factors, and an ordinary step needs no rotation back); see
             :func:`fop.functional.damped_fisher_eigenvalues` and :func:`fop.functional.factored_inverses`.
             Either way each step uses the factors as of the last inverse update, with the current ``λ``.
+        factor_samples: on curvature steps, the factors ``A`` and ``G`` of every layer come from at most
+            this many samples of each forward batch (micro-batch) instead of all ``n``: the evenly strided
+            ``S = {⌊i·n/m⌋ : i < m}``, the same samples for ``A`` and ``G``, with the sums over ``S`` scaled by
+            ``n/m`` so that each factor estimates the full-batch one without bias (with one forward,
+            ``A = Σ_{S} a aᵀ / rows(S)`` and ``G = (1/m) Σ_{i∈S} δ_i δ_iᵀ``: the factors of those ``m``
+            samples; see :func:`fop.curvature.factor_subset`). The sub-batch gradients ``g1``, ``g2`` and
+            ``p.grad`` stay exact. It cuts the cost of the factors, which grows with the rows (a
+            convolution's input factor has one row per sample and output position). ``None`` (default):
+            every sample. Kept in the param groups (and so in ``state_dict()``); read at every step.
         eta: FOP's step-scale convention: ``"mean"`` (``g_tot = (g1+g2)/2``, η* ∈ [½, 1]) or
             ``"sum"`` (the paper's literal ``g_tot = g1 + g2``, η* ∈ [1, 2]). K-FAC ignores it.
         fallback: ``"sgd"`` or ``"adamw"``, the rule for parameters outside supported layers.
@@ -164,6 +174,7 @@ class KroneckerOptimizer(Optimizer):
         fisher: str = "empirical",
         damping_mode: str = "exact",
         eta: str = "mean",
+        factor_samples: int | None = None,
         fallback: str = "sgd",
         fallback_lr: float | None = None,
         fallback_betas: tuple[float, float] = (0.9, 0.999),
@@ -337,6 +348,9 @@ class KroneckerOptimizer(Optimizer):
             )
         self._check_shapes(state_dict)
         super().load_state_dict(state_dict)
+        for group in self.param_groups:  # a checkpoint from before an option existed: the constructor's value
+            for key in _GROUP_DEFAULTS:
+                group.setdefault(key, self.defaults[key])
         for layer in self.layers:
             LayerCurvature.of(self.state, layer.weight).to_dtype(Fn.compute_dtype(layer.weight.dtype))
         self._steps = int(extra["steps"])
@@ -529,6 +543,8 @@ class KroneckerOptimizer(Optimizer):
         )  # a frozen layer never gets factors: it must not force a capture at every step
         self._mode.factors = due or missing
         self._mode.total = self._mode.factors and not self._mode.halves
+        kronecker = next((group for group in self.param_groups if group["rule"] == "kronecker"), None)
+        self._mode.factor_samples = None if kronecker is None else kronecker.get("factor_samples")
 
     def _gather_work(self) -> tuple[list[LayerWork], list[tuple[Tensor, Tensor]]]:
         """This step's :class:`LayerWork`, and the trained biases of frozen weights with their gradients.
@@ -878,6 +894,7 @@ def _check_arguments(
     fisher: str,
     damping_mode: str,
     eta: str,
+    factor_samples: int | None,
     fallback: str,
     fallback_lr: float | None,
     fallback_betas: tuple[float, float],
@@ -904,6 +921,10 @@ def _check_arguments(
     _check_choice("fisher", fisher, _FISHER_TYPES)
     _check_choice("damping_mode", damping_mode, Fn.DAMPING_MODES)
     _check_choice("eta", eta, Fn.ETA_CONVENTIONS)
+    if factor_samples is not None and not (
+        isinstance(factor_samples, int) and not isinstance(factor_samples, bool) and factor_samples >= 1
+    ):
+        raise ValueError(f"factor_samples must be an int >= 1 or None (every sample), got {factor_samples!r}")
     if fallback not in _FALLBACK_RULES:
         raise ValueError(f"fallback must be one of {_FALLBACK_RULES}, got {fallback!r}")
     if fallback_lr is not None:

@@ -226,7 +226,8 @@ def _pytorch_optimizer_class(name: str) -> type | None:
 _SGD_LIKE_TAGS = ("sgd", "lars")
 
 
-# K-FAC/FOP variants, ``fop:mc:sum``: each token sets constructor arguments (docs/benchmark.md).
+# K-FAC/FOP variants, ``fop:mc:sum``: each token sets constructor arguments (docs/benchmark.md); besides
+# these, ``klX`` sets ``kl_clip=X`` and ``fsN`` sets ``factor_samples=N`` (see _variant).
 VARIANT_TOKENS: dict[str, dict[str, Any]] = {
     "mc": {"fisher": "mc"},
     "sum": {"eta": "sum"},
@@ -265,6 +266,11 @@ def _variant(key: str) -> OptimizerSpec:
             if not 0 < kappa < math.inf:
                 raise BenchError(f"variant {token!r} in {key!r}: kl takes a positive number, e.g. kl0.1")
             options["kl_clip"] = kappa
+            continue
+        if token.startswith("fs") and token not in VARIANT_TOKENS:  # fs512: factor_samples=512
+            if not (token[2:].isdigit() and int(token[2:]) > 0):
+                raise BenchError(f"variant {token!r} in {key!r}: fs takes a whole number of samples > 0, e.g. fs512")
+            options["factor_samples"] = int(token[2:])
             continue
         if token not in VARIANT_TOKENS:
             known = ", ".join([*VARIANT_TOKENS, *MODEL_TOKENS])
