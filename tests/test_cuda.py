@@ -167,3 +167,41 @@ def test_ordinary_step_does_not_synchronise_with_the_host(cls: type) -> None:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_input_factor_of_half_precision_rows_equals_the_float32_product(half: torch.dtype, bias: bool) -> None:
+    """Autocast hands the hooks bf16/fp16 inputs; their factor (a half-precision GEMM accumulated in
+    float32 on CUDA) equals the float32 product of the up-cast rows up to summation order."""
+    from fop.curvature import _fold_bias_moment
+
+    gen = torch.Generator().manual_seed(3)
+    for n_rows, n_cols in [(5000, 70), (40, 300)]:  # the block-assembled and the augmented-rows paths
+        rows = torch.randn(n_rows, n_cols, generator=gen).to(DEVICE, half)
+        got = _fold_bias_moment(rows, bias, torch.float32)
+        assert got.dtype == torch.float32
+        up = rows.double()
+        if bias:
+            up = torch.cat([up, up.new_ones(n_rows, 1)], dim=1)
+        exact = up.T @ up  # float64: the products of half values are exact, so is this sum here
+        torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5 * n_rows**0.5)
+
+
+def test_conv_input_factor_under_autocast_equals_float32_capture() -> None:
+    """The whole capture path: a Conv2d under bf16 autocast gets the factor of its bf16 input."""
+    if DEVICE.type != "cuda":
+        pytest.skip("bf16 autocast of convolutions is a CUDA path")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1)).to(DEVICE)
+    x = torch.randn(64, 3, 16, 16, device=DEVICE)
+    optimizer = KFAC(model, **FAST)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        hidden = model[1](model[0](x))
+        out = model[2](hidden)
+    out.float().square().mean().backward()
+    optimizer.step()
+    a_factor = optimizer.state[model[2].weight]["A"].double()
+    patches = F.unfold(hidden.detach().double(), 3, padding=1).transpose(1, 2).reshape(-1, 144)
+    patches = torch.cat([patches, patches.new_ones(patches.shape[0], 1)], dim=1)
+    torch.testing.assert_close(a_factor, patches.T @ patches / patches.shape[0], rtol=1e-4, atol=1e-6)

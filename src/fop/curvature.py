@@ -488,30 +488,53 @@ def _tf32(x: Tensor) -> bool:
     return x.is_cuda and (torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32)
 
 
-def _fold_bias_moment(rows: Tensor, with_bias: bool) -> Tensor:
-    """``Σ a aᵀ`` over rows, with a trailing all-ones column appended to ``a`` when biased."""
+def _fold_bias_moment(rows: Tensor, with_bias: bool, dtype: torch.dtype) -> Tensor:
+    """``Σ a aᵀ`` over rows, in ``dtype``, with a trailing all-ones column appended to ``a`` when biased."""
     if not with_bias:
-        return rows.T @ rows
+        return _gram(rows, dtype)
     if rows.shape[0] < 2 * (rows.shape[1] + 1):
         # few rows, many columns (a wide Linear): one product of the augmented rows makes the folded
         # matrix directly, where assembling it from blocks would copy the large moment twice
         ones = rows.new_ones(rows.shape[0], 1)
         augmented = torch.cat([rows, ones], dim=1)
-        return augmented.T @ augmented
-    core = rows.T @ rows
-    col = rows.sum(0)
-    count = rows.new_full((1,), float(rows.shape[0]))  # no host-to-device copy
+        return _gram(augmented, dtype)
+    core = _gram(rows, dtype)
+    col = rows.sum(0, dtype=dtype)
+    count = col.new_full((1,), float(rows.shape[0]))  # no host-to-device copy
     top = torch.cat([core, col[:, None]], dim=1)
     bottom = torch.cat([col, count])[None, :]
     return torch.cat([top, bottom], dim=0)
+
+
+_half_gram_on_device = True  # torch.mm(..., out_dtype=float32) on half inputs; off after its first failure
+
+
+def _gram(rows: Tensor, dtype: torch.dtype) -> Tensor:
+    """``rowsᵀ rows`` in ``dtype``.
+
+    Rows captured under autocast are bf16/fp16. On CUDA their product is formed on the half-precision
+    inputs with float32 accumulation and output (``torch.mm(..., out_dtype=torch.float32)``): a product
+    of two bf16 (fp16) values is exact in float32, so the result equals the float32 product of the
+    up-cast rows up to summation order, at the speed of a half-precision GEMM instead of a float32 one
+    (TF32 is off by default) — the largest cost of a convolution's input factor. Elsewhere, and where
+    this torch has no ``out_dtype``, the rows are cast to ``dtype`` first.
+    """
+    global _half_gram_on_device
+    if _half_gram_on_device and rows.is_cuda and rows.dtype in _HALF_DTYPES and dtype == torch.float32:
+        try:
+            return torch.mm(rows.T, rows, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _half_gram_on_device = False
+    rows = rows.to(dtype)
+    return rows.T @ rows
 
 
 class LinearLayer(KroneckerLayer):
     """``nn.Linear`` on inputs ``(batch, *, in)``: every leading position is a row of the factors."""
 
     def _input_second_moment(self, x: Tensor) -> tuple[Tensor, int]:
-        rows = x.reshape(-1, x.shape[-1]).to(compute_dtype(self.weight.dtype))
-        return _fold_bias_moment(rows, self.bias is not None), rows.shape[0]
+        rows = x.reshape(-1, x.shape[-1])
+        return _fold_bias_moment(rows, self.bias is not None, compute_dtype(self.weight.dtype)), rows.shape[0]
 
     def _output_rows(self, grad_out: Tensor) -> Tensor:
         return grad_out.reshape(-1, grad_out.shape[-1])
@@ -562,8 +585,8 @@ class Conv2dLayer(KroneckerLayer):
         count = 0
         for chunk in x.split(_UNFOLD_CHUNK):
             patches = F.unfold(chunk, self.kernel_size, self.dilation, self.padding, self.stride)
-            rows = patches.transpose(1, 2).reshape(-1, patches.shape[1]).to(dtype)
-            total = _add(total, _fold_bias_moment(rows, self.bias is not None))
+            rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+            total = _add(total, _fold_bias_moment(rows, self.bias is not None, dtype))
             count += rows.shape[0]
         assert total is not None
         return total, count

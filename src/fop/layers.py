@@ -84,8 +84,8 @@ class ConvNdLayer(Conv2dLayer):
         total: Tensor | None = None
         count = 0
         for chunk in x.split(curvature._UNFOLD_CHUNK):
-            rows = self._patch_rows(chunk).to(dtype)
-            total = _add(total, _fold_bias_moment(rows, self.bias is not None))
+            rows = self._patch_rows(chunk)
+            total = _add(total, _fold_bias_moment(rows, self.bias is not None, dtype))
             count += rows.shape[0]
         assert total is not None
         return total, count
