@@ -234,20 +234,22 @@ def test_corrupt_data_file_exits_2(tmp_path, capsys):
 
 def test_profile_reports_step_time_memory_and_phases(tmp_path, capsys):
     out = tmp_path / "profile"
-    argv = _tiny(out, "--batch-sizes", "256", "--width", "16", "--optimizers", "sgd,kfac,fop", "--profile")
+    argv = _tiny(out, "--batch-sizes", "256", "--width", "16", "--optimizers", "sgd,kfac,fop,fop:exact", "--profile")
     assert main([*argv, "--profile-steps", "4", "--curvature-interval", "2"]) == 0
     table = (out / "profile.md").read_text()
     assert table.strip() in capsys.readouterr().out
     rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| 256 |")]
-    assert [cells[1].strip() for cells in rows] == ["sgd", "kfac", "fop"]
+    assert [cells[1].strip() for cells in rows] == ["sgd", "kfac", "fop", "fop:exact"]
     for cells in rows:
         values = [float(cell) for cell in cells[2:]]
         assert values[0] == 2 and values[1] > 0 and values[3] > 0  # interval, ms/step, peak MB
-    sgd, kfac, fop_row = ([float(c) for c in cells[7:]] for cells in rows)
+    sgd, kfac, fop_row, exact = ([float(c) for c in cells[7:]] for cells in rows)
     assert sum(sgd[1:]) == 0  # no curvature phases for SGD
-    assert fop_row[1] > 0 and fop_row[3] > 0 and fop_row[5] > 0  # capture, eigh, direction
-    assert fop_row[4] == 0  # no Cholesky inverses under exact damping
-    assert kfac[1] > 0 and kfac[3] > 0
+    # columns after fwd+bwd: capture, factors, eigh, cholesky, direction, update
+    assert fop_row[1] > 0 and fop_row[4] > 0 and fop_row[5] > 0  # capture, Cholesky (factored: the default)
+    assert fop_row[3] == 0  # no eigendecompositions under factored damping
+    assert exact[3] > 0 and exact[4] == 0  # exact damping: eigendecompositions, no Cholesky
+    assert kfac[1] > 0 and kfac[4] > 0
 
 
 def test_tuning_protocol_second_axis_edge_extension_and_paired_report(tmp_path, capsys):

@@ -291,7 +291,9 @@ def test_kfac_first_step_matches_curvlinops_inverse(kind: str, kl_clip: float | 
     if kl_clip is not None:
         assert nu < 0.5  # the clip is active for these settings
     before = _flat_params(params)
-    optimizer = fop.KFAC(model, lr=lr, momentum=0.0, damping=damping, kl_clip=kl_clip, trust_region="step")
+    optimizer = fop.KFAC(
+        model, lr=lr, momentum=0.0, damping=damping, kl_clip=kl_clip, trust_region="step", damping_mode="exact"
+    )
     _one_step(optimizer, model, [(x, y)])
     _close(_flat_params(params) - before, -lr * nu * direction, f"{kind}: K-FAC update")
 
@@ -319,7 +321,14 @@ def test_fop_first_step_matches_reference_built_on_curvlinops(kind: str, kl_clip
     g2 = _flat_grad(model, params, x[12:], y[12:])
     before = _flat_params(params)
     optimizer = fop.FOP(
-        model, lr=lr, momentum=0.0, damping=damping, kl_clip=kl_clip, projection_eps=eps, trust_region="step"
+        model,
+        lr=lr,
+        momentum=0.0,
+        damping=damping,
+        kl_clip=kl_clip,
+        projection_eps=eps,
+        trust_region="step",
+        damping_mode="exact",
     )
     _one_step(optimizer, model, [(x, y)])
     delta = _flat_params(params) - before

@@ -24,7 +24,9 @@ pytestmark = [
     pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 F64 = torch.float64
-FAST = dict(curvature_update_interval=1, inverse_update_interval=1)
+# the dense oracles of this file are those of exact damping (M = A ⊗ G + λI); factored damping, the
+# default, has its own in tests/test_options.py
+FAST = dict(curvature_update_interval=1, inverse_update_interval=1, damping_mode="exact")
 
 
 def cnn(seed: int = 0, dtype: torch.dtype = F64) -> nn.Module:

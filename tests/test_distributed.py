@@ -769,7 +769,11 @@ def test_checkpoint_from_rank0_holds_full_state_and_resumes_anywhere(world2, wor
     expected = single.state_dict()
     for idx, state in expected["state"].items():
         for key, value in state.items():
-            torch.testing.assert_close(checkpoint["optimizer"]["state"][idx][key].to(value.device), value, **TOL)
+            saved = checkpoint["optimizer"]["state"][idx][key]
+            if isinstance(value, torch.Tensor):
+                torch.testing.assert_close(saved.to(value.device), value, **TOL)
+            else:  # the λ of the factored inverses (the default damping mode)
+                assert saved == value, key
     train(model, single, data[3:])
     continuous = params_of(model)
     # resumed on 2 processes (the same run), on 4 processes, and on one process

@@ -25,7 +25,9 @@ from fop.nn import MultiheadAttention, convert_attention
 from test_curvature import captured
 
 DTYPE = torch.float64
-FAST = dict(curvature_update_interval=1, inverse_update_interval=1)
+# the dense oracles of this file are those of exact damping (M = A ⊗ G + λI); factored damping, the
+# default, has its own in tests/test_options.py
+FAST = dict(curvature_update_interval=1, inverse_update_interval=1, damping_mode="exact")
 
 
 # ===================================================================================== models
@@ -363,7 +365,7 @@ def check_fop_step(
     """
     reference = copy.deepcopy(model)
     mode = options.get("damping_mode", "exact")
-    optimizer = FOP(model, lr=0.5, momentum=0.0, damping=0.05, kl_clip=None, **options, **FAST)
+    optimizer = FOP(model, lr=0.5, momentum=0.0, damping=0.05, kl_clip=None, **{**FAST, **options})
     names = [layer.name for layer in optimizer.layers]
     g1 = half_grads(reference, x[:4], y[:4], names)
     g2 = half_grads(reference, x[4:], y[4:], names)

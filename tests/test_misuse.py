@@ -22,7 +22,14 @@ from fop.curvature import KroneckerLayer
 from fop.functional import fop_direction
 
 DTYPE = torch.float64
-EXACT = dict(momentum=0.0, kl_clip=None, damping=0.05, curvature_update_interval=1, inverse_update_interval=1)
+EXACT = dict(
+    momentum=0.0,
+    kl_clip=None,
+    damping=0.05,
+    curvature_update_interval=1,
+    inverse_update_interval=1,
+    damping_mode="exact",
+)
 
 
 def linear(seed: int = 0, n_in: int = 6, n_out: int = 4) -> nn.Linear:

@@ -14,7 +14,9 @@ from torch import nn
 from fop import FOP, KFAC
 
 DTYPE = torch.float64
-FAST = dict(curvature_update_interval=1, inverse_update_interval=1)
+# the dense oracles of this file are those of exact damping (M = A ⊗ G + λI); factored damping, the
+# default, has its own in tests/test_options.py
+FAST = dict(curvature_update_interval=1, inverse_update_interval=1, damping_mode="exact")
 
 
 def mlp(seed: int = 0, dtype: torch.dtype = DTYPE, bias: bool = True) -> nn.Module:

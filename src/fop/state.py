@@ -224,9 +224,16 @@ class LayerCurvature:
             "G_at_inverse": (n_out, n_out),
         }
 
-    def tensors(self) -> dict[str, Tensor]:
-        """CPU copies of the curvature tensors present (for a checkpoint)."""
-        return {k: self.state[k].detach().cpu() for k in FACTOR_KEYS if k in self.state}
+    def tensors(self) -> dict[str, Any]:
+        """CPU copies of the curvature tensors present, and the λ of the factored inverses (for a checkpoint).
+
+        ``inverse_damping`` travels with the inverses: without it a resumed run would take them for
+        stale and re-form them from the newer factors, which the uninterrupted run does not.
+        """
+        out: dict[str, Any] = {k: self.state[k].detach().cpu() for k in FACTOR_KEYS if k in self.state}
+        if "inverse_damping" in self.state:
+            out["inverse_damping"] = self.state["inverse_damping"]
+        return out
 
     def to_dtype(self, dtype: torch.dtype) -> None:
         """Cast the loaded curvature tensors to the layer's compute dtype."""
@@ -236,11 +243,11 @@ class LayerCurvature:
 
     def drop(self) -> None:
         """Forget the curvature (another process owns the layer)."""
-        _drop(self.state, FACTOR_KEYS)
+        _drop(self.state, (*FACTOR_KEYS, "inverse_damping"))
 
 
-def owned_curvature(state: Mapping[Tensor, dict], weights: Mapping[int, Tensor]) -> dict[int, dict[str, Tensor]]:
-    """CPU copies of the curvature of the layers ``{index: weight}`` that have any."""
+def owned_curvature(state: Mapping[Tensor, dict], weights: Mapping[int, Tensor]) -> dict[int, dict[str, Any]]:
+    """CPU copies of the curvature of the layers ``{index: weight}`` that have any (see :meth:`LayerCurvature.tensors`)."""
     out = {}
     for i, weight in weights.items():
         tensors = LayerCurvature.of(state, weight).tensors()
@@ -252,7 +259,7 @@ def owned_curvature(state: Mapping[Tensor, dict], weights: Mapping[int, Tensor])
 def merge_curvature(
     state_dict: dict[str, Any],
     param_groups: Sequence[dict],
-    parts: Sequence[dict[int, dict[str, Tensor]]],
+    parts: Sequence[dict[int, dict[str, Any]]],
     weights: Sequence[Tensor],
 ) -> dict[str, Any]:
     """``state_dict`` (of ``param_groups``) with the curvature ``parts`` of layer ``i`` (weight ``weights[i]``) added."""

@@ -231,7 +231,8 @@ _SGD_LIKE_TAGS = ("sgd", "lars")
 VARIANT_TOKENS: dict[str, dict[str, Any]] = {
     "mc": {"fisher": "mc"},
     "sum": {"eta": "sum"},
-    "factored": {"damping_mode": "factored"},
+    "factored": {"damping_mode": "factored"},  # the default since 0.3
+    "exact": {"damping_mode": "exact"},  # the default before 0.3
     "replace": {"factor_decay": 0.0},
     "noclip": {"kl_clip": None},
     # κ = 1 on the direction: the step lr·ν·d has Fisher norm at most lr (lr is the trust radius)
