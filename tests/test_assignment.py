@@ -187,3 +187,14 @@ def test_world_size_and_costs_are_checked() -> None:
         WorkAssignment(layers=tuple(SHAPES), world_size=0)
     with pytest.raises(ValueError, match="costs"):
         WorkAssignment(layers=tuple(SHAPES), world_size=2, costs=(1.0,))
+
+
+def test_layer_cost_counts_the_inverses_of_the_damping_mode() -> None:
+    """Factored damping: n³ per damped inverse, 2 (K-FAC) or 6 (FOP) products; exact: 9n³ per eigh, 4 / 6."""
+    layer = LayerShape("fc", 10, 4, 4)  # in_features 10, out_features 4
+    cubes, products = 10**3 + 4**3, 4 * 10 * (10 + 4)
+    assert layer_cost(layer, False, 1, "factored") == cubes + 2 * products
+    assert layer_cost(layer, True, 5, "factored") == cubes / 5 + 6 * products
+    assert layer_cost(layer, False, 1, "exact") == 9 * cubes + 4 * products
+    assert layer_cost(layer, True, 2, "exact") == 9 * cubes / 2 + 6 * products
+    assert layer_cost(layer) == layer_cost(layer, True, 1, "factored")  # the optimizer's default mode

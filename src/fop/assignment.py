@@ -45,17 +45,26 @@ def tri(n: int) -> int:
     return n * (n + 1) // 2
 
 
-def layer_cost(layer: _Shaped, projection: bool = True, inverse_interval: float = 1) -> float:
+def layer_cost(
+    layer: _Shaped, projection: bool = True, inverse_interval: float = 1, damping_mode: str = "factored"
+) -> float:
     """Relative per-step cost of a layer's curvature work, the quantity owners are balanced on.
 
-    ``9 (n_in³ + n_out³) / T_inv`` for the two symmetric eigendecompositions (about ``9 n³`` flops
-    each, once every ``T_inv`` steps on average: see :func:`fop.intervals.mean_interval`) plus
-    ``c · n_out n_in (n_in + n_out)`` for the rotations into and out of the eigenbasis (``c = 6``
-    for FOP: ``g_avg``, ``g_diff`` in and ``n_comb`` out; ``c = 4`` for K-FAC).
+    Factored damping (the default): ``(n_in³ + n_out³) / T_inv`` for the two damped inverses (a
+    Cholesky factorisation and its inverse, about ``n³`` flops per factor, once every ``T_inv`` steps
+    on average: see :func:`fop.intervals.mean_interval`) plus ``c · n_out n_in (n_in + n_out)`` for the
+    products with them (``G_inv X A_inv``: ``c = 2`` for K-FAC; ``c = 6`` for FOP, which applies them to
+    ``g_avg`` and ``g_diff`` and forms ``F g_avg``). Exact damping: ``9 (n_in³ + n_out³) / T_inv`` for
+    the two symmetric eigendecompositions (about ``9 n³`` flops each) plus the rotations into and out of
+    the eigenbasis (``c = 6`` for FOP: ``g_avg``, ``g_diff`` in and ``n_comb`` out; ``c = 4`` for K-FAC).
     """
     n_in, n_out = layer.in_features, layer.out_features
-    rotations = 6.0 if projection else 4.0
-    return 9.0 * (n_in**3 + n_out**3) / max(1.0, inverse_interval) + rotations * n_out * n_in * (n_in + n_out)
+    if damping_mode == "factored":
+        decomposition, products = 1.0, (6.0 if projection else 2.0)
+    else:
+        decomposition, products = 9.0, (6.0 if projection else 4.0)
+    cubes = decomposition * (n_in**3 + n_out**3) / max(1.0, inverse_interval)
+    return cubes + products * n_out * n_in * (n_in + n_out)
 
 
 def assign_owners(costs: Sequence[float], world_size: int) -> list[int]:

@@ -31,7 +31,7 @@ optimizer is built inside an initialised process group of two or more processes:
   The averaged gradient is ``(g1 + g2) / 2`` (K-FAC: the plain mean over the processes, one slot).
 * **Layer specialists** (default). Each Kronecker layer has one owner process, assigned greedily
   (longest processing time first) to balance :func:`layer_cost` (the cubed factor sizes of the
-  eigendecompositions plus the direction's matmuls). Per step, every process SUM-reduces to each
+  inverses or eigendecompositions plus the direction's matmuls). Per step, every process SUM-reduces to each
   owner one flat bucket with the owner's layers' slots and, on curvature steps, the upper triangles
   of the local factor statistics; the reductions are launched together as non-blocking
   collectives and an owner waits only for its own bucket. The owner alone keeps the layer's running
@@ -295,7 +295,8 @@ def _work_assignment(
 ) -> WorkAssignment:
     projection = bool(optimizer.projection)
     interval = mean_interval(optimizer.inverse_update_interval)
-    costs = [float(cost(layer)) if cost else layer_cost(layer, projection, interval) for layer in found.layers]
+    mode = next((g["damping_mode"] for g in optimizer.param_groups if "damping_mode" in g), "exact")
+    costs = [float(cost(layer)) if cost else layer_cost(layer, projection, interval, mode) for layer in found.layers]
     shapes = [
         LayerShape(layer.name, layer.in_features, layer.out_features, _itemsize(compute_dtype(layer.weight.dtype)))
         for layer in found.layers
