@@ -249,6 +249,25 @@ VARIANT_TOKENS: dict[str, dict[str, Any]] = {
 MODEL_TOKENS: dict[str, int] = {"halfbn": 2}
 
 
+def _positive_float(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if 0 < value < math.inf else None
+
+
+def _positive_int(text: str) -> int | None:
+    return int(text) if text.isdigit() and int(text) > 0 else None
+
+
+# Variant tokens that carry a number after a two-letter prefix: the argument, its parser, what it takes.
+_NUMBER_TOKENS: dict[str, tuple[str, Callable[[str], Any], str]] = {
+    "kl": ("kl_clip", _positive_float, "a positive number, e.g. kl0.1"),
+    "fs": ("factor_samples", _positive_int, "a whole number of samples > 0, e.g. fs512"),
+}
+
+
 def _variant(key: str) -> OptimizerSpec:
     base, *tokens = key.split(":")
     if base not in CURVATURE_OPTIMIZERS:
@@ -259,19 +278,13 @@ def _variant(key: str) -> OptimizerSpec:
         if token in MODEL_TOKENS:
             parts = MODEL_TOKENS[token]
             continue
-        if token.startswith("kl") and token not in VARIANT_TOKENS:  # kl0.1: kl_clip=0.1
-            try:
-                kappa = float(token[2:])
-            except ValueError:
-                kappa = -1.0
-            if not 0 < kappa < math.inf:
-                raise BenchError(f"variant {token!r} in {key!r}: kl takes a positive number, e.g. kl0.1")
-            options["kl_clip"] = kappa
-            continue
-        if token.startswith("fs") and token not in VARIANT_TOKENS:  # fs512: factor_samples=512
-            if not (token[2:].isdigit() and int(token[2:]) > 0):
-                raise BenchError(f"variant {token!r} in {key!r}: fs takes a whole number of samples > 0, e.g. fs512")
-            options["factor_samples"] = int(token[2:])
+        number = _NUMBER_TOKENS.get(token[:2]) if token not in VARIANT_TOKENS else None
+        if number is not None:  # kl0.1: kl_clip=0.1; fs512: factor_samples=512
+            argument, parse, wanted = number
+            value = parse(token[2:])
+            if value is None:
+                raise BenchError(f"variant {token!r} in {key!r}: {token[:2]} takes {wanted}")
+            options[argument] = value
             continue
         if token not in VARIANT_TOKENS:
             known = ", ".join([*VARIANT_TOKENS, *MODEL_TOKENS])
