@@ -130,13 +130,16 @@ class LayerWork:
     samples: int = 0  # samples of this process's batch that reached the layer's backward
     half_batch: float = 0.0  # samples behind each of g1, g2 (for the gradient-noise scale)
     first_order: bool = False  # plain gradient, no halves or factors: the layer takes the first-order rule
+    # r of loss_scale_ratio: p.grad's units over the back-propagated loss's, for halves formed later
+    # from the latter (DDP's buckets), as collect() forms them here
+    loss_scale: Tensor | None = None
 
     @classmethod
     def from_capture(cls, layer: KroneckerLayer, ratio: Tensor | None) -> LayerWork:
         """Collect the layer's statistics, rescaled by the loss-scale ratio (:func:`loss_scale_ratio`)."""
         grad = layer.folded_param_grad()
         assert grad is not None
-        return layer.collect(cls(layer, grad), ratio)
+        return layer.collect(cls(layer, grad, loss_scale=ratio), ratio)
 
 
 def loss_scale_ratio(layers: list[KroneckerLayer]) -> Tensor | None:

@@ -62,7 +62,6 @@ class DDPCommunicator(LocalCommunicator):
         self._tri = TriangleCodec()
         self.last_step_bytes: dict[str, int] = {"hook_all_reduce": 0, "all_reduce": 0}  # of the last step()
         self._hook_bytes = 0  # since the last step()
-        self._ratio: Tensor | None = None  # the step's loss-scale ratio (loss_scale_ratio)
         if self.world_size < 2:
             raise ValueError("dual_gradient_hook needs a process group of two or more processes")
 
@@ -95,7 +94,8 @@ class DDPCommunicator(LocalCommunicator):
 
         ``p.grad`` is already DDP's mean over processes, so the ratio compares it with the mean of
         the processes' hook-side references (the same ``r`` on every process). The halves DDP's
-        buckets carried are of the back-propagated loss too: :meth:`reduce` scales them by ``r``.
+        buckets carried are of the back-propagated loss too: :meth:`reduce` scales them by ``r``
+        (``LayerWork.loss_scale``).
         """
         self.last_step_bytes = {"hook_all_reduce": self._hook_bytes, "all_reduce": 0}  # a step begins here
         self._hook_bytes = 0
@@ -108,18 +108,16 @@ class DDPCommunicator(LocalCommunicator):
             for ref in references:
                 ref.copy_(flat[offset : offset + ref.numel()].view_as(ref))
                 offset += ref.numel()
-        self._ratio = loss_scale_ratio(list(layers))
-        return self._ratio
+        return loss_scale_ratio(list(layers))
 
     def reduce(self, work: Sequence[LayerWork], ok: Tensor, context: StepContext) -> Tensor:
         if self.splits:
-            ratio, self._ratio = self._ratio, None
             for item in work:
                 # the bucket held the back-propagated loss's gradient; p.grad may since have been
                 # unscaled (GradScaler) or clipped: the halves follow p.grad's units, as G does
                 item.g1, item.g2 = (self._folded(item.layer, k, item.grad) for k in (0, 1))
-                if ratio is not None:
-                    item.g1, item.g2 = ratio * item.g1, ratio * item.g2
+                if item.loss_scale is not None:
+                    item.g1, item.g2 = item.loss_scale * item.g1, item.loss_scale * item.g2
                 item.grad = 0.5 * (item.g1 + item.g2)
                 item.half_batch = item.samples * self.world_size / 2  # the halves: even and odd ranks' batches
             self._halves = {}  # consumed: a step without a hooked backward must not reuse them

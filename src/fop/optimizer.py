@@ -584,7 +584,7 @@ class KroneckerOptimizer(Optimizer):
         for layer in plain:
             grad = layer.folded_param_grad()
             assert grad is not None
-            work.append(LayerWork(layer, grad, first_order=True))
+            work.append(LayerWork(layer, grad, first_order=True, loss_scale=ratio))
         return work, loose
 
     def _kronecker_step(
