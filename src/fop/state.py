@@ -30,6 +30,9 @@ _EMPTY: dict[str, Any] = {}
 _EIGEN_KEYS = ("A_values", "A_vectors", "G_values", "G_vectors")
 _AT_INVERSE_KEYS = ("A_at_inverse", "G_at_inverse")
 _FACTORED_KEYS = ("A_inv", "G_inv", "inverse_damping") + _AT_INVERSE_KEYS
+# Everything of a layer's curvature in its state entry: the tensors of FACTOR_KEYS and the λ the factored
+# inverses were formed with (a float). A checkpoint carries all of it; a non-owner drops all of it.
+_LAYER_KEYS = (*FACTOR_KEYS, "inverse_damping")
 
 
 class LayerCurvature:
@@ -230,10 +233,10 @@ class LayerCurvature:
         ``inverse_damping`` travels with the inverses: without it a resumed run would take them for
         stale and re-form them from the newer factors, which the uninterrupted run does not.
         """
-        out: dict[str, Any] = {k: self.state[k].detach().cpu() for k in FACTOR_KEYS if k in self.state}
-        if "inverse_damping" in self.state:
-            out["inverse_damping"] = self.state["inverse_damping"]
-        return out
+        state = self.state
+        return {
+            k: state[k].detach().cpu() if isinstance(state[k], Tensor) else state[k] for k in _LAYER_KEYS if k in state
+        }
 
     def to_dtype(self, dtype: torch.dtype) -> None:
         """Cast the loaded curvature tensors to the layer's compute dtype."""
@@ -243,7 +246,7 @@ class LayerCurvature:
 
     def drop(self) -> None:
         """Forget the curvature (another process owns the layer)."""
-        _drop(self.state, (*FACTOR_KEYS, "inverse_damping"))
+        _drop(self.state, _LAYER_KEYS)
 
 
 def owned_curvature(state: Mapping[Tensor, dict], weights: Mapping[int, Tensor]) -> dict[int, dict[str, Any]]:
