@@ -1,7 +1,7 @@
 """Step cost of FOP and K-FAC as ratios to SGD with momentum, measured side by side in one process.
 
     python benchmarks/step_cost.py [--model cnn|mlp|both] [--cycles 4] [--repeats 3] [--profile] [--memory]
-                                   [--optimizers sgd,kfac,fop,fop-factored] [--clock wall|cpu]
+                                   [--optimizers sgd,kfac,fop,fop-exact] [--clock wall|cpu]
 
 For each model (issue #13's CNN: two 3x3 convs and Linear(2048, 10) on 32x32x3 inputs, batch 256;
 the digits MLP: 64-256-256-10, batch 256) the optimizers run interleaved, ``repeats`` times, each
@@ -11,8 +11,10 @@ inverse every 10 steps). Reported per optimizer, median over repeats:
 * amortized: mean time per training step (forward + backward + step) over whole intervals;
 * ordinary: median time of a step that captures no curvature and computes no inverse;
 * curvature: mean time of the steps that capture statistics and eigendecompose;
-* peak (``--memory``): a fresh process's peak RSS, and its growth while the optimizer trains
-  (CPU; a rough figure).
+* peak (``--memory``): the peak of the tensor memory allocated while the model is built and trains
+  two intervals (parameters, gradients, activations, the optimizer's state and temporaries; the
+  input data excluded), from the profiler's allocation events: CPU's counterpart of CUDA's
+  ``max_memory_allocated``.
 
 Ratios are to SGD within the same repeat, so machine load shared by all optimizers cancels out.
 ``--profile`` adds the fop:: phase breakdown (ms per step, amortized) from torch.profiler.
@@ -53,16 +55,13 @@ OPTIMIZERS = {
     "sgd": lambda m: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9),
     "kfac": lambda m: KFAC(m, lr=0.01),
     "fop": lambda m: FOP(m, lr=0.01),
-    # variants, by --optimizers: factored damping (ASDL's and the paper's), a longer inverse interval,
-    # factors from a sample of the batch
-    "kfac-factored": lambda m: KFAC(m, lr=0.01, damping_mode="factored"),
-    "fop-factored": lambda m: FOP(m, lr=0.01, damping_mode="factored"),
+    # variants, by --optimizers: exact damping (the default before 0.3), a longer inverse interval,
+    # factors from 64 of the batch's 256 samples (factor_samples)
+    "kfac-exact": lambda m: KFAC(m, lr=0.01, damping_mode="exact"),
+    "fop-exact": lambda m: FOP(m, lr=0.01, damping_mode="exact"),
     "fop-inv50": lambda m: FOP(m, lr=0.01, inverse_update_interval=50),
-    # factors from 64 of the batch's 256 samples (factor_samples), with exact or factored damping
     "kfac-fs64": lambda m: KFAC(m, lr=0.01, factor_samples=64),
     "fop-fs64": lambda m: FOP(m, lr=0.01, factor_samples=64),
-    "kfac-factored-fs64": lambda m: KFAC(m, lr=0.01, damping_mode="factored", factor_samples=64),
-    "fop-factored-fs64": lambda m: FOP(m, lr=0.01, damping_mode="factored", factor_samples=64),
 }
 DEFAULT_OPTIMIZERS = ("sgd", "kfac", "fop")
 # steps of one whole cycle of each optimizer's updates (curvature and inverse): what "amortized" spans
@@ -70,6 +69,13 @@ CYCLE = {"fop-inv50": 50}
 # wall: time.perf_counter; cpu: this process's CPU time, which other processes on a shared machine
 # inflate far less than wall time (the optimizers run single-threaded, so CPU time is step time)
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def make_data(name: str, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Four batches of random inputs and uniform labels over 10 classes, cycled through by :func:`run`."""
+    gen = torch.Generator().manual_seed(1)
+    data = torch.randn(4 * batch, *MODELS[name][1], generator=gen)
+    return data, torch.randint(0, 10, (4 * batch,), generator=gen)
 
 
 def run(
@@ -80,15 +86,13 @@ def run(
     batch: int = 256,
     profile: bool = False,
     clock: str = "wall",
+    inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
 ):
     interval = CYCLE.get(opt_name, interval)
-    build, shape = MODELS[name]
+    data, labels = make_data(name, batch) if inputs is None else inputs
     torch.manual_seed(0)
-    model = build()
+    model = MODELS[name][0]()
     opt = OPTIMIZERS[opt_name](model)
-    gen = torch.Generator().manual_seed(1)
-    data = torch.randn(4 * batch, *shape, generator=gen)
-    labels = torch.randint(0, 10, (4 * batch,), generator=gen)
 
     now = CLOCKS[clock]
 
@@ -123,51 +127,24 @@ def run(
     return sum(times) / len(times), statistics.median(ordinary), sum(curvature) / len(curvature)
 
 
-def peak_rss_mb(name: str, opt_name: str) -> tuple[float, float]:
-    """``(peak RSS, peak growth during training)`` in MB, of a fresh process training two intervals.
+def peak_tensor_mb(name: str, opt_name: str) -> float:
+    """Peak MB of tensors allocated while ``opt_name`` builds ``name`` and trains it two intervals.
 
-    CPU memory is per process, so each optimizer gets its own. The growth (peak RSS minus the RSS
-    once torch, the model and the data are loaded, just before training) is the training's own
-    memory: activations, gradients, the optimizer's state; the peak itself is mostly torch's.
+    From the profiler's allocation events (``profile_memory``): their running sum from the start of
+    the window is the memory held by the model, its gradients and activations, the optimizer's
+    state and every temporary, exactly (unlike RSS, which keeps what the allocator does not return
+    and is dominated by torch's own footprint). The input data is allocated before the window.
     """
-    import subprocess
-    import sys
-
-    code = (
-        "import sys,torch;torch.set_num_threads(1);sys.path.insert(0,'benchmarks');import step_cost as s;"
-        f"print(*s.measure_rss({name!r},{opt_name!r}))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    peak, growth = out.stdout.split()[-2:]
-    return float(peak), float(growth)
-
-
-def measure_rss(name: str, opt_name: str) -> tuple[float, float]:
-    """In this process: RSS sampled every millisecond by a thread while ``run`` trains two intervals.
-
-    ``ru_maxrss`` would not do: importing torch peaks above what training adds for small models.
-    """
-    import resource
-    import threading
-
-    def rss() -> float:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-    base, peak, done = rss(), [0.0], threading.Event()
-
-    def sample() -> None:
-        while not done.wait(0.001):
-            peak[0] = max(peak[0], rss())
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
-        run(name, opt_name, 2)
-    finally:
-        done.set()
-        sampler.join()
-    return peak[0], peak[0] - base
+    inputs = make_data(name)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        run(name, opt_name, 2, inputs=inputs)
+    assert prof.profiler is not None
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    held = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        held += event.nbytes()
+        peak = max(peak, held)
+    return peak / 2**20
 
 
 def main() -> None:
@@ -176,7 +153,7 @@ def main() -> None:
     parser.add_argument("--cycles", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", action="store_true")
-    parser.add_argument("--memory", action="store_true", help="peak RSS of a fresh process per optimizer")
+    parser.add_argument("--memory", action="store_true", help="peak tensor memory per optimizer (profiler)")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1: no oversubscription on a shared machine)"
     )
@@ -211,14 +188,8 @@ def main() -> None:
                 f"{statistics.median(ratios_o):.2f} | {med[2]:.1f} |"
             )
         if args.memory:
-            peaks = {o: peak_rss_mb(name, o) for o in chosen}
-            sgd_peak, sgd_growth = peaks["sgd"]
-            print(
-                "peak RSS MB (growth while training): "
-                + ", ".join(
-                    f"{o} {p:.0f} ({p / sgd_peak:.2f}x), {g:.0f} ({g / sgd_growth:.2f}x)" for o, (p, g) in peaks.items()
-                )
-            )
+            peaks = {o: peak_tensor_mb(name, o) for o in chosen}
+            print("peak tensor MB: " + ", ".join(f"{o} {p:.1f} ({p / peaks['sgd']:.2f}x)" for o, p in peaks.items()))
         if args.profile:
             for opt_name in chosen[1:]:
                 phases = run(name, opt_name, args.cycles, profile=True)

@@ -201,6 +201,22 @@ def test_factors_equal_explicit_second_moments(case: str) -> None:
     torch.testing.assert_close(work.g_factor, per_sample.T @ per_sample / n)
 
 
+@pytest.mark.parametrize("kernel, stride, padding", [(3, 1, 1), (1, 1, 0), (3, 2, 0), (5, 1, 2)])
+def test_conv_patches_are_unfolded_in_chunks_no_larger_than_the_input(kernel: int, stride: int, padding: int) -> None:
+    conv = nn.Conv2d(4, 8, kernel, stride=stride, padding=padding)
+    layer = FOP(nn.Sequential(conv, nn.Flatten())).layers[0]
+    x = torch.randn(40, 4, 12, 12)
+    chunks = layer.unfold_chunks(x)
+    assert torch.equal(torch.cat(chunks), x)
+    for chunk in chunks:
+        patches = F.unfold(chunk, kernel, padding=padding, stride=stride)
+        assert patches.numel() <= x.numel() or chunk.shape[0] == 1
+    # split exactly when the whole batch's patches outgrow the input (not for a 1x1 kernel)
+    whole = F.unfold(x, kernel, padding=padding, stride=stride).numel()
+    assert (len(chunks) > 1) == (whole > x.numel())
+    assert kernel == 1 or len(chunks) > 1
+
+
 def test_forwards_without_backward_leave_statistics_alone() -> None:
     """no_grad forwards and forwards that no backward reaches record nothing, in either mode."""
     model, x, y = make("linear", 6)

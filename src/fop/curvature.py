@@ -22,6 +22,7 @@ refuse in-place modifications of their outputs.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -62,9 +63,6 @@ FACTOR_KEYS = (
     "A_at_inverse",
     "G_at_inverse",
 )
-
-# Large convolutions unfold their patches in chunks of this many samples to bound memory.
-_UNFOLD_CHUNK = 256
 
 
 @dataclass
@@ -586,13 +584,29 @@ class Conv2dLayer(KroneckerLayer):
         dtype = compute_dtype(self.weight.dtype)
         total: Tensor | None = None
         count = 0
-        for chunk in x.split(_UNFOLD_CHUNK):
+        for chunk in self.unfold_chunks(x):
             patches = F.unfold(chunk, self.kernel_size, self.dilation, self.padding, self.stride)
             rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
             total = _add(total, _fold_bias_moment(rows, self.bias is not None, dtype))
             count += rows.shape[0]
         assert total is not None
         return total, count
+
+    def unfold_chunks(self, x: Tensor) -> tuple[Tensor, ...]:
+        """The padded input split along samples so that no chunk's patches outgrow the input itself.
+
+        A convolution's patches hold ``Π k`` times its input (nine times for 3x3), and the Gram
+        product takes a transposed copy of them: unfolded all at once they held several times the
+        activations the layer keeps for backward (the peak of a whole training step). Chunks whose
+        patches hold at most as many elements as ``x`` bound these temporaries by twice the input;
+        each chunk still makes one large product (its rows are samples × positions).
+        """
+        positions = math.prod(
+            (size + 2 * p - d * (k - 1) - 1) // s + 1
+            for size, k, s, d, p in zip(x.shape[2:], self.kernel_size, self.stride, self.dilation, self.padding)
+        )
+        per_sample = positions * x.shape[1] * math.prod(self.kernel_size)
+        return x.split(max(1, x.numel() // max(1, per_sample)))
 
     def _output_rows(self, grad_out: Tensor) -> Tensor:
         if grad_out.dim() == 3:

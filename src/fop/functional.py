@@ -305,17 +305,27 @@ def damped_factor_inverse(factor: Tensor, shift: Tensor, previous: Tensor | None
         chol, info = torch.linalg.cholesky_ex(damped)
         inverse = torch.cholesky_inverse(chol)
         del chol
-        if bool((info != 0).any()):  # one host synchronisation per inverse update, as eigh's own check
-            chol, info = torch.linalg.cholesky_ex(damped.to(torch.float64))
-            inverse = torch.where((info == 0)[..., None, None], torch.cholesky_inverse(chol).to(dtype), inverse)
-            failed = info != 0
-            if bool(failed.any()):
-                # eigenvalues a + shift of the damped factor; max(a, 0) + shift = max(a + shift, shift)
-                eig = eigen_factor(damped)
-                assert eig.vectors is not None  # a dense factor
-                values = torch.maximum(eig.values, shift[..., None])
-                clamped = eig.vectors @ (eig.vectors.transpose(-2, -1) / values[..., :, None])
-                inverse = torch.where(failed[..., None, None], clamped, inverse)
+        healthy = (info == 0) & torch.isfinite(damped).all(dim=(-2, -1)) & torch.isfinite(inverse).all(dim=(-2, -1))
+        if bool(healthy.all()):  # one host synchronisation per inverse update, as eigh's own check
+            # the usual case returns here, without the repair's temporaries (each the factor's size)
+            return inverse
+        return _repaired_inverse(damped, shift, inverse, info, previous)
+
+
+def _repaired_inverse(damped: Tensor, shift: Tensor, inverse: Tensor, info: Tensor, previous: Tensor | None) -> Tensor:
+    """:func:`damped_factor_inverse` where a float32 factorisation failed or something is not finite."""
+    dtype = damped.dtype
+    if bool((info != 0).any()):
+        chol, info = torch.linalg.cholesky_ex(damped.to(torch.float64))
+        inverse = torch.where((info == 0)[..., None, None], torch.cholesky_inverse(chol).to(dtype), inverse)
+        failed = info != 0
+        if bool(failed.any()):
+            # eigenvalues a + shift of the damped factor; max(a, 0) + shift = max(a + shift, shift)
+            eig = eigen_factor(damped)
+            assert eig.vectors is not None  # a dense factor
+            values = torch.maximum(eig.values, shift[..., None])
+            clamped = eig.vectors @ (eig.vectors.transpose(-2, -1) / values[..., :, None])
+            inverse = torch.where(failed[..., None, None], clamped, inverse)
     finite = torch.isfinite(damped).all(dim=(-2, -1)) & torch.isfinite(inverse).all(dim=(-2, -1))
     if previous is None:
         eye = torch.eye(damped.shape[-1], dtype=dtype, device=damped.device)

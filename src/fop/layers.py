@@ -83,7 +83,7 @@ class ConvNdLayer(Conv2dLayer):
         dtype = compute_dtype(self.weight.dtype)
         total: Tensor | None = None
         count = 0
-        for chunk in x.split(curvature._UNFOLD_CHUNK):
+        for chunk in self.unfold_chunks(x):
             rows = self._patch_rows(chunk)
             total = _add(total, _fold_bias_moment(rows, self.bias is not None, dtype))
             count += rows.shape[0]
