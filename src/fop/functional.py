@@ -221,17 +221,31 @@ def _times_input_side(x: Tensor, right: Tensor | None) -> Tensor:
     return x * right if right.dim() == 1 else x @ right
 
 
-def _sandwich_pair(left: Tensor, x: Tensor, y: Tensor, right: Tensor | None) -> tuple[Tensor, Tensor]:
-    """``(L X R, L Y R)`` with one product per outer matrix: ``[X; Y] R``, then ``L [X R | Y R]``.
+def _avg_diff(g1: Tensor, g2: Tensor) -> Tensor:
+    """``g_avg`` and ``g1 − g2`` interleaved row by row, shape ``(..., out, 2, in)``, in one buffer.
 
-    Each of ``L``, ``R`` is read once for both gradients. Where a factor is large and the gradient
-    has few rows (a classifier head: ``R`` 2049x2049 against ``X`` 10x2049) the products are bound
-    by reading the factor-sized matrix, and two separate products cost twice.
+    The layout makes both sides of :func:`_sandwich_pair` a single product without a copy: viewed
+    as ``(2·out, in)`` the pair is the rows of one product with ``R``; viewed as ``(out, 2·in)``
+    its columns are those of one product with ``L``.
     """
-    rows, cols = x.shape[-2], x.shape[-1]
-    right_done = _times_input_side(torch.cat([x, y], dim=-2), right)
-    both = left @ torch.cat([right_done[..., :rows, :], right_done[..., rows:, :]], dim=-1)
-    return both[..., :cols], both[..., cols:]
+    pair = g1.new_empty((*g1.shape[:-1], 2, g1.shape[-1]))
+    torch.add(g1, g2, out=pair[..., 0, :]).mul_(0.5)
+    torch.sub(g1, g2, out=pair[..., 1, :])
+    return pair
+
+
+def _sandwich_pair(left: Tensor, pair: Tensor, right: Tensor | None) -> Tensor:
+    """``L P R`` for both matrices of an interleaved ``pair`` (:func:`_avg_diff`), in the same layout.
+
+    Two products in all, each outer matrix read once: a classifier head's 2049x2049 ``R`` against
+    10-row gradients is read once, not twice, and neither side needs the pair concatenated (each
+    concatenation cost about as much as a product of a 256x257 layer).
+    """
+    rows, cols = pair.shape[-3], pair.shape[-1]
+    batch = pair.shape[:-3]
+    right_done = _times_input_side(pair.reshape(*batch, 2 * rows, cols), right)
+    both = left @ right_done.reshape(*batch, rows, 2 * cols)
+    return both.reshape(pair.shape)
 
 
 def _fisher_eigenvalues(eig_a: Eigen, eig_g: Eigen) -> Tensor:
@@ -433,8 +447,7 @@ def fop_direction_eigen(
         n_avg = avg / damped_fisher_eigenvalues(eig_a, eig_g, damping, damping_mode)
         return _kfac_result(from_eigenbasis(n_avg, eig_a, eig_g), inner(avg, n_avg))
     assert eig_g.vectors is not None  # G is never diagonal
-    vectors_g_t = eig_g.vectors.transpose(-2, -1)
-    avg, diff = _sandwich_pair(vectors_g_t, 0.5 * (g1 + g2), g1 - g2, eig_a.vectors)
+    avg, diff = _sandwich_pair(eig_g.vectors.transpose(-2, -1), _avg_diff(g1, g2), eig_a.vectors).unbind(-2)
     inv_m = 1.0 / damped_fisher_eigenvalues(eig_a, eig_g, damping, damping_mode)
     f_avg = _fisher_eigenvalues(eig_a, eig_g) * avg  # F·g_avg
     scaled, beta, eta, s = _combine(avg, diff, f_avg, avg * inv_m, diff * inv_m, eps, eta_convention)
@@ -458,12 +471,13 @@ def fop_direction_factored(
     ``n_perp = M⁻¹g_diff − s·n_avg`` by linearity; the direction needs no rotation back.
     """
     _check_eta_convention(eta_convention)
-    avg = 0.5 * (g1 + g2)
     if not projection:
+        avg = 0.5 * (g1 + g2)
         n_avg = damped_inverse_factored(avg, factored)
         return _kfac_result(n_avg, inner(avg, n_avg))
-    diff = g1 - g2
-    n_avg, n_diff = _sandwich_pair(factored.g_inv, avg, diff, factored.a_inv)
+    pair = _avg_diff(g1, g2)
+    avg, diff = pair.unbind(-2)
+    n_avg, n_diff = _sandwich_pair(factored.g_inv, pair, factored.a_inv).unbind(-2)
     f_avg = fisher_mv(avg, factored.a_factor, factored.g_factor)
     direction, beta, eta, s = _combine(avg, diff, f_avg, n_avg, n_diff, eps, eta_convention)
     return FOPDirection(direction, beta, eta, s, inner(avg, avg), inner(diff, diff))
