@@ -156,6 +156,27 @@ def test_damped_factor_inverse_keeps_the_previous_inverse_for_a_non_finite_facto
     )
 
 
+def test_damped_factor_inverse_makes_the_previous_inverse_only_when_it_needs_it() -> None:
+    gen = torch.Generator().manual_seed(6)
+    good, previous = spd(4, gen), spd(4, gen)
+    bad = good.clone()
+    bad[2, 2] = float("inf")
+    calls: list[int] = []
+
+    def make() -> torch.Tensor:
+        calls.append(1)
+        return torch.stack([previous, previous])
+
+    shifts = torch.tensor([0.1, 0.1], dtype=DTYPE)
+    healthy = Fn.damped_factor_inverse(torch.stack([good, good]), shifts, make)
+    assert calls == []
+    torch.testing.assert_close(healthy[1], torch.linalg.inv(good + 0.1 * torch.eye(4, dtype=DTYPE)))
+    repaired = Fn.damped_factor_inverse(torch.stack([good, bad]), shifts, make)
+    assert calls == [1]
+    torch.testing.assert_close(repaired[0], healthy[0])
+    torch.testing.assert_close(repaired[1], previous)
+
+
 def test_eta_sum_convention_doubles_eta_and_the_direction() -> None:
     """The paper's g_tot = g1 + g2: η* = 2(1+r)/(1+3r) ∈ [1, 2], twice the mean convention."""
     gen = torch.Generator().manual_seed(2)

@@ -27,6 +27,7 @@ them synchronises with the host: guards are expressed with ``torch.where``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -294,7 +295,9 @@ def factored_damping_shifts(a_factor: Tensor, g_factor: Tensor, damping: float |
     return _factored_shifts(mean_a, mean_g, damping)
 
 
-def damped_factor_inverse(factor: Tensor, shift: Tensor, previous: Tensor | None = None) -> Tensor:
+def damped_factor_inverse(
+    factor: Tensor, shift: Tensor, previous: Tensor | Callable[[], Tensor] | None = None
+) -> Tensor:
     """``(F + shift·I)⁻¹`` of a symmetric PSD factor (batched), through a Cholesky factorisation.
 
     A 1-D ``factor`` is the diagonal of a diagonal factor (``nn.Embedding``), its inverse 1-D too.
@@ -305,12 +308,14 @@ def damped_factor_inverse(factor: Tensor, shift: Tensor, previous: Tensor | None
     retried in float64, and where that fails too, the inverse comes from the eigendecomposition
     with round-off eigenvalues clamped to zero (what the eigenbasis route of
     :func:`damped_fisher_eigenvalues` inverts). Non-finite results never escape: ``previous`` is
-    kept there (or ``I / shift``, the inverse for a zero factor, when there is none).
+    kept there (or ``I / shift``, the inverse for a zero factor, when there is none). ``previous``
+    may be a function that makes it, called only then (stacking a batch's previous inverses is a
+    copy of them all, needed only when something failed).
     """
     dtype = compute_dtype(factor.dtype)
     if factor.dim() == 1:  # a diagonal factor (no batch dimensions), entries clamped as eigen_diagonal does
         inverse = 1.0 / (factor.to(dtype).clamp_min(0.0) + shift)
-        fallback = torch.ones_like(inverse) / shift if previous is None else previous.to(dtype)
+        fallback = torch.ones_like(inverse) / shift if previous is None else _made(previous).to(dtype)
         return torch.where(torch.isfinite(inverse).all(), inverse, fallback)
     damped = _symmetrized(factor.to(dtype))
     shift = torch.as_tensor(shift, dtype=dtype, device=damped.device).expand(damped.shape[:-2])
@@ -326,7 +331,13 @@ def damped_factor_inverse(factor: Tensor, shift: Tensor, previous: Tensor | None
         return _repaired_inverse(damped, shift, inverse, info, previous)
 
 
-def _repaired_inverse(damped: Tensor, shift: Tensor, inverse: Tensor, info: Tensor, previous: Tensor | None) -> Tensor:
+def _made(tensor: Tensor | Callable[[], Tensor]) -> Tensor:
+    return tensor if isinstance(tensor, Tensor) else tensor()
+
+
+def _repaired_inverse(
+    damped: Tensor, shift: Tensor, inverse: Tensor, info: Tensor, previous: Tensor | Callable[[], Tensor] | None
+) -> Tensor:
     """:func:`damped_factor_inverse` where a float32 factorisation failed or something is not finite."""
     dtype = damped.dtype
     if bool((info != 0).any()):
@@ -345,7 +356,7 @@ def _repaired_inverse(damped: Tensor, shift: Tensor, inverse: Tensor, info: Tens
         eye = torch.eye(damped.shape[-1], dtype=dtype, device=damped.device)
         fallback = eye / shift[..., None, None]
     else:
-        fallback = previous.to(dtype)
+        fallback = _made(previous).to(dtype)
     return torch.where(finite[..., None, None], inverse, fallback)
 
 

@@ -652,6 +652,9 @@ class KroneckerOptimizer(Optimizer):
                     # factored damping keeps the factors its inverses came from until the next inverse update
                     keep = factored and not inverse_step and view.has_inverses
                     view.update_factors(item.a_factor, item.g_factor, group["factor_decay"], ok, keep)
+                    # folded into the running factors: released before the inverses make their temporaries
+                    # (the batch's sums are the size of the factors; a step's memory peak otherwise)
+                    item.a_factor = item.g_factor = None
         if factored:
             with phase("cholesky"):
                 due = [v for v in views if v.has_factors and (inverse_step or not v.has_inverses)]

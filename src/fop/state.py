@@ -11,6 +11,7 @@ checkpoint and :func:`merge_curvature` puts every process's share into rank 0's 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -136,11 +137,11 @@ class LayerCurvature:
                     )
             factors = [source[slot] for source in sources]
             for indices, has_previous in _batches(factors, [f"{key}_inv" in s for s in states]):
-                previous = _stacked([states[i][f"{key}_inv"] for i in indices]) if has_previous else None
+                olds = [states[i][f"{key}_inv"] for i in indices] if has_previous else []
                 inverse = Fn.damped_factor_inverse(
                     _stacked([factors[i] for i in indices]),
                     torch.stack([sources[i][2 + slot] for i in indices]),
-                    previous,
+                    functools.partial(_stacked, olds) if has_previous else None,
                 )
                 for j, i in enumerate(indices):
                     states[i][f"{key}_inv"] = inverse[j]
