@@ -7,6 +7,8 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 # A CPU build of torch; users with a GPU install their own torch (fop needs torch>=2.3).
 TORCH_SPEC ?= torch==2.13.0
+# the torchvision release built against that torch (examples/torchvision_recipe.py and its test)
+TORCHVISION_VERSION ?= 0.28.0
 
 .PHONY: venv demo test install-test lint
 
@@ -24,8 +26,11 @@ demo: $(PY)
 install-test: $(PY)
 	# the torch spec in the same command keeps the recipes' trainers from replacing the CPU torch
 	$(PIP) install -q -e ".[test,recipes]" "$(TORCH_SPEC)"
-	# independent K-FAC reference for tests/test_crosscheck.py; --no-deps keeps torchvision out
+	# independent K-FAC reference for tests/test_crosscheck.py; --no-deps keeps torchvision's CUDA torch out
 	$(PIP) install -q --no-deps curvlinops-for-pytorch einconv linear_operator backpack-for-pytorch
+	# examples/torchvision_recipe.py: the torchvision of torch 2.13 is a CUDA build whose import fails on
+	# a CPU torch (README); kept out of site-packages, where Lightning would import it, in its own folder
+	$(PIP) install -q --no-deps --upgrade --target $(VENV)/torchvision "torchvision==$(TORCHVISION_VERSION)"
 
 # lint, formatting and types first: either failing fails the build before the (minutes-long) tests run
 lint: install-test

@@ -1,15 +1,17 @@
 """The recipes under ``examples/`` run as a user runs them, a few steps each, and train with curvature.
 
 Lightning in one process and with ``strategy="ddp"`` (two gloo processes started by Lightning
-itself), and the Hugging Face ``Trainer`` on a tiny GPT-2 in one process and under ``torchrun``
-(two gloo processes): each must give Kronecker curvature to its attention, convolution and
-embedding layers (their diagnostics exist) and lower the loss; the two-process Trainer must also
-train exactly as one process does.
-The packages come from the ``recipes`` extra (``make install-test`` installs it).
+itself), the Hugging Face ``Trainer`` on a tiny GPT-2 in one process and under ``torchrun``
+(two gloo processes), and torchvision's own ``resnet18`` and ``VisionTransformer`` in a plain loop:
+each must give Kronecker curvature to its attention, convolution and embedding layers (their
+diagnostics exist) and lower the loss; the two-process Trainer must also train exactly as one
+process does.
+The packages come from the ``recipes`` extra and the Makefile (``make install-test`` installs them).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -22,12 +24,15 @@ import torch
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def run_example(name: str, *args: str, processes: int = 0, timeout: float = 420) -> dict:
+def run_example(name: str, *args: str, processes: int = 0, timeout: float = 420, path: Path | None = None) -> dict:
     """Run ``examples/<name>`` in a fresh interpreter; its last stdout line is a JSON report.
 
     ``processes``: start that many under torchrun (``python -m torch.distributed.run``, gloo on the CPU).
+    ``path``: a folder put first on the interpreter's ``PYTHONPATH``.
     """
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
+    if path is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(path), env.get("PYTHONPATH")]))
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"] if processes else []
     proc = subprocess.run(
         [sys.executable, *launcher, str(EXAMPLES / name), *args],
@@ -108,3 +113,33 @@ def test_hugging_face_trainer_under_torchrun_trains_as_one_process() -> None:
     assert_gpt2_curvature(two)
     assert len(two["losses"]) == 12
     assert_loss_falls(two["losses"], 0.9)
+
+
+def torchvision_folder() -> Path | None:
+    """Where torchvision is: None if this interpreter imports it, else the folder ``make install-test`` fills.
+
+    Its only build for torch 2.13 is a CUDA one that breaks other packages' imports of it on a CPU
+    torch, so the Makefile installs it into ``<venv>/torchvision``, on the path of this recipe only.
+    """
+    if importlib.util.find_spec("torchvision") is not None:
+        return None
+    folder = Path(sys.prefix) / "torchvision"
+    assert (folder / "torchvision").is_dir(), f"no torchvision: run `make install-test` (it installs into {folder})"
+    return folder
+
+
+def test_torchvision_resnet18_and_vision_transformer() -> None:
+    report = run_example("torchvision_recipe.py", "--steps", "6", path=torchvision_folder())
+    resnet, vit = report["resnet18"], report["vit"]
+    convs = {f"layer{i}.{b}.conv{c}" for i in range(1, 5) for b in (0, 1) for c in (1, 2)}
+    shortcuts = {f"layer{i}.0.downsample.0" for i in (2, 3, 4)}
+    assert set(resnet["curvature_layers"]) == {"conv1", "fc"} | convs | shortcuts  # BatchNorm: first-order
+    blocks = {
+        f"encoder.layers.encoder_layer_{i}.{name}"
+        for i in (0, 1)
+        for name in ("self_attention.in_proj", "self_attention.out_proj", "mlp.0", "mlp.3")
+    }
+    assert set(vit["curvature_layers"]) == {"conv_proj", "heads.head"} | blocks
+    assert resnet["warnings"] == [] and vit["warnings"] == []
+    assert_loss_falls(resnet["losses"], 0.6)
+    assert_loss_falls(vit["losses"], 0.9)
