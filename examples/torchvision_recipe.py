@@ -26,6 +26,8 @@ from torch import nn
 
 from fop import FOP
 
+_DECLARATIONS: list[torch.library.Library] = []
+
 
 def import_torchvision() -> ModuleType:
     """``import torchvision``, also where its C extension cannot load.
@@ -45,7 +47,7 @@ def import_torchvision() -> ModuleType:
         library = torch.library.Library("torchvision", "FRAGMENT")
         for op in ("nms", "qnms"):
             library.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        import_torchvision.library = library  # type: ignore[attr-defined]  # keeps the declarations alive
+        _DECLARATIONS.append(library)  # a Library's definitions last as long as the object
         import torchvision
     return torchvision
 
