@@ -2,11 +2,12 @@
 
     python benchmarks/step_bounds.py [--batch 256]
 
-Counts multiply-adds (MACs) of the dense products every exact implementation has to do, per layer
-with folded weight ``(m, n)`` (``n`` includes the bias column; a convolution's ``n`` is
-``C_in·k·k + 1`` and it has ``P`` output positions per sample), at batch ``B``:
+Counts multiply-adds (MACs) of the dense products every exact implementation has to do, per fop
+layer with folded weight ``(m, n)`` (``n`` includes the bias column; a convolution's ``n`` is
+``C_in·k·k + 1`` and it has ``P`` output positions per sample), at batch ``B``; the direction's
+products come from the owners' cost model, :func:`fop.assignment.layer_cost`:
 
-* SGD (forward + backward): ``B·P·m·(n−1)`` for the forward, as much for the weight gradient and
+* SGD (forward + backward): ``B·P·m·(n−1)`` (the weight's own size) for the forward, as much for the weight gradient and
   for the input gradient (not for the first layer, whose input needs none);
 * K-FAC's direction under factored damping, ``G_inv X A_inv``: one "unit" ``m²n + mn²``;
 * FOP's direction: ``M⁻¹`` of ``g_avg`` and ``g1 − g2`` and ``F g_avg = G g_avg A``: three units
@@ -25,28 +26,30 @@ backward pass to the step (``n² + m²`` more).
 from __future__ import annotations
 
 import argparse
+import math
 
 import torch
 from step_cost import MODELS
 from torch import nn
 
+from fop import KFAC
+from fop.assignment import layer_cost
+from fop.curvature import KroneckerLayer
 
-def layer_shapes(name: str, batch: int) -> list[tuple[str, int, int, int]]:
-    """``(layer, m, n, positions)`` of every Linear/Conv2d of the model, from one forward pass."""
+
+def curvature_layers(name: str) -> list[tuple[KroneckerLayer, int]]:
+    """fop's Kronecker layers of the model (folded ``(m, n)`` shapes) and each one's output positions."""
     model = MODELS[name][0]()
-    shapes: list[tuple[str, int, int, int]] = []
+    layers = KFAC(model).layers
+    positions: dict[int, int] = {}
 
     def record(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        positions = out[0, 0].numel() if isinstance(module, nn.Conv2d) else 1
-        weight = module.weight
-        assert isinstance(weight, torch.Tensor)
-        shapes.append((type(module).__name__, weight.shape[0], weight[0].numel() + 1, positions))
+        positions[id(module)] = out[0, 0].numel() if out.dim() > 2 else 1
 
-    for module in model.modules():
-        if isinstance(module, nn.Linear | nn.Conv2d):
-            module.register_forward_hook(record)
+    for layer in layers:
+        layer.module.register_forward_hook(record)
     model(torch.zeros(2, *MODELS[name][1]))
-    return shapes
+    return [(layer, positions[id(layer.module)]) for layer in layers]
 
 
 def main() -> None:
@@ -55,20 +58,23 @@ def main() -> None:
     args = parser.parse_args()
     b = args.batch
     for name in MODELS:
-        shapes = layer_shapes(name, b)
-        sgd = unit = half = state = 0
-        for i, (_, m, n, p) in enumerate(shapes):
-            forward = b * p * m * (n - 1)
+        sgd = half = state = 0
+        kfac_products = fop_products = 0.0
+        for i, (layer, p) in enumerate(curvature_layers(name)):
+            m, n = layer.out_features, layer.in_features
+            forward = b * p * m * layer.weight[0].numel()
             sgd += forward * (2 if i == 0 else 3)
-            unit += m * m * n + m * n * n
             half += forward // 2
             state += n * n + m * m
-        kfac = (sgd + unit) / sgd
-        fop = (sgd + 3 * unit + half) / sgd
+            # the owners' cost model, without the inverses (inverse_interval=inf), in flops: 2 per multiply-add
+            kfac_products += layer_cost(layer, projection=False, inverse_interval=math.inf) / 2
+            fop_products += layer_cost(layer, projection=True, inverse_interval=math.inf) / 2
+        kfac = (sgd + kfac_products) / sgd
+        fop = (sgd + fop_products + half) / sgd
         mib = 4 / 2**20
         print(
-            f"{name}, batch {b}: SGD {sgd / 1e6:.1f} M MACs; one unit (m²n + mn² over layers) {unit / 1e6:.1f} M; "
-            f"ordinary step at least K-FAC {kfac:.2f}x, FOP {fop:.2f}x SGD; "
+            f"{name}, batch {b}: SGD {sgd / 1e6:.1f} M MACs; one unit (m²n + mn² over layers) "
+            f"{kfac_products / 1e6:.1f} M; ordinary step at least K-FAC {kfac:.2f}x, FOP {fop:.2f}x SGD; "
             f"state (A, G and inverses) {2 * state * mib:.1f} MiB, + {state * mib:.1f} MiB held on curvature steps"
         )
 
