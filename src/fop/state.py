@@ -137,11 +137,10 @@ class LayerCurvature:
                     )
             factors = [source[slot] for source in sources]
             for indices, has_previous in _batches(factors, [f"{key}_inv" in s for s in states]):
-                olds = [states[i][f"{key}_inv"] for i in indices] if has_previous else []
+                # stacked only if a repair needs them (a copy of all the batch's inverses)
+                olds = functools.partial(_stacked, [states[i][f"{key}_inv"] for i in indices]) if has_previous else None
                 inverse = Fn.damped_factor_inverse(
-                    _stacked([factors[i] for i in indices]),
-                    torch.stack([sources[i][2 + slot] for i in indices]),
-                    functools.partial(_stacked, olds) if has_previous else None,
+                    _stacked([factors[i] for i in indices]), torch.stack([sources[i][2 + slot] for i in indices]), olds
                 )
                 for j, i in enumerate(indices):
                     states[i][f"{key}_inv"] = inverse[j]
