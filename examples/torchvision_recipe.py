@@ -65,18 +65,18 @@ def build(name: str) -> nn.Module:
 def train(name: str, steps: int, lr: float) -> dict[str, Any]:
     torch.manual_seed(0)
     model = build(name)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        optimizer = FOP(model, lr=lr)
     gen = torch.Generator().manual_seed(1)
     images, labels = torch.randn(32, 3, 32, 32, generator=gen), torch.randint(0, 10, (32,), generator=gen)
     losses = []
-    for _ in range(steps):
-        optimizer.zero_grad()
-        loss = F.cross_entropy(model(images), labels)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
+    with warnings.catch_warnings(record=True) as caught:  # fop warns once per layer it cannot serve
+        warnings.simplefilter("always")
+        optimizer = FOP(model, lr=lr)
+        for _ in range(steps):
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(images), labels)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
     return {
         "losses": losses,
         "curvature_layers": sorted(optimizer.diagnostics()),
