@@ -56,12 +56,14 @@ OPTIMIZERS = {
     "kfac": lambda m: KFAC(m, lr=0.01),
     "fop": lambda m: FOP(m, lr=0.01),
     # variants, by --optimizers: exact damping (the default before 0.3), a longer inverse interval,
-    # factors from 64 of the batch's 256 samples (factor_samples)
+    # factors from 64 of the batch's 256 samples (factor_samples), K-FAC-reduce (weight_sharing)
     "kfac-exact": lambda m: KFAC(m, lr=0.01, damping_mode="exact"),
     "fop-exact": lambda m: FOP(m, lr=0.01, damping_mode="exact"),
     "fop-inv50": lambda m: FOP(m, lr=0.01, inverse_update_interval=50),
     "kfac-fs64": lambda m: KFAC(m, lr=0.01, factor_samples=64),
     "fop-fs64": lambda m: FOP(m, lr=0.01, factor_samples=64),
+    "kfac-reduce": lambda m: KFAC(m, lr=0.01, weight_sharing="reduce"),
+    "fop-reduce": lambda m: FOP(m, lr=0.01, weight_sharing="reduce"),
 }
 DEFAULT_OPTIMIZERS = ("sgd", "kfac", "fop")
 # steps of one whole cycle of each optimizer's updates (curvature and inverse): what "amortized" spans

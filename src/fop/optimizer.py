@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import functional as Fn
-from .curvature import CaptureMode, KroneckerLayer, LayerWork
+from .curvature import WEIGHT_SHARING, CaptureMode, KroneckerLayer, LayerWork
 from .distributed import Communicator, StepContext, make_communicator
 from .first_order import adamw_update, sgd_update
 from .intervals import Interval, check_interval, interval_at
@@ -69,6 +69,7 @@ _GROUP_DEFAULTS = (
     "damping_mode",
     "eta",
     "factor_samples",
+    "weight_sharing",
 )
 _CHECKED_ARGUMENTS = _GROUP_DEFAULTS + (
     "curvature_update_interval",
@@ -131,6 +132,19 @@ class KroneckerOptimizer(Optimizer):
             ``p.grad`` stay exact. It cuts the cost of the factors, which grows with the rows (a
             convolution's input factor has one row per sample and output position). ``None`` (default):
             every sample. Kept in the param groups (and so in ``state_dict()``); read at every step.
+        weight_sharing: the rows of the factors of a layer whose weight is applied at ``P`` positions of
+            each of the ``N`` samples (convolution output positions; the positions of a Linear's input of
+            3+ dims, of attention projections and of GPT-2's ``Conv1D``), with input rows ``a_{n,p}``
+            (bias folded in) and output gradients ``δ_{n,p}`` (of the mean loss): ``"expand"`` (default)
+            makes every (sample, position) a row, ``A = (1/(NP)) Σ_{n,p} a aᵀ``, ``G = N Σ_{n,p} δ δᵀ``;
+            ``"reduce"`` (K-FAC-reduce, Eschenhagen et al., NeurIPS 2023; curvlinops' ``kfac_approx``)
+            makes each sample one row, its mean input ``ā_n = (1/P) Σ_p a_{n,p}`` and its summed output
+            gradient ``δ̂_n = Σ_p δ_{n,p}``: ``A = (1/N) Σ_n ā_n ā_nᵀ``, ``G = N Σ_n δ̂_n δ̂_nᵀ`` (the same
+            units: A a mean over rows, G a per-sample sum averaged over samples). The factor products then
+            have ``N`` rows instead of ``N·P`` (no unfolded convolution patches); the halves ``g1``, ``g2``
+            and ``p.grad`` are unchanged. ``nn.Embedding`` keeps expand (its diagonal ``A``); layers
+            without positions have the same factors either way. See :data:`fop.curvature.WEIGHT_SHARING`.
+            Kept in the param groups (and so in ``state_dict()``); read at every step.
         eta: FOP's step-scale convention: ``"mean"`` (``g_tot = (g1+g2)/2``, η* ∈ [½, 1]) or
             ``"sum"`` (the paper's literal ``g_tot = g1 + g2``, η* ∈ [1, 2]). K-FAC ignores it.
         fallback: ``"sgd"`` or ``"adamw"``, the rule for parameters outside supported layers.
@@ -176,6 +190,7 @@ class KroneckerOptimizer(Optimizer):
         damping_mode: str = "factored",
         eta: str = "mean",
         factor_samples: int | None = None,
+        weight_sharing: str = "expand",
         fallback: str = "sgd",
         fallback_lr: float | None = None,
         fallback_betas: tuple[float, float] = (0.9, 0.999),
@@ -546,6 +561,7 @@ class KroneckerOptimizer(Optimizer):
         self._mode.total = self._mode.factors and not self._mode.halves
         kronecker = next((group for group in self.param_groups if group["rule"] == "kronecker"), None)
         self._mode.factor_samples = None if kronecker is None else kronecker.get("factor_samples")
+        self._mode.weight_sharing = "expand" if kronecker is None else kronecker.get("weight_sharing", "expand")
 
     def _gather_work(self) -> tuple[list[LayerWork], list[tuple[Tensor, Tensor]]]:
         """This step's :class:`LayerWork`, and the trained biases of frozen weights with their gradients.
@@ -899,6 +915,7 @@ def _check_arguments(
     damping_mode: str,
     eta: str,
     factor_samples: int | None,
+    weight_sharing: str,
     fallback: str,
     fallback_lr: float | None,
     fallback_betas: tuple[float, float],
@@ -929,6 +946,7 @@ def _check_arguments(
         isinstance(factor_samples, int) and not isinstance(factor_samples, bool) and factor_samples >= 1
     ):
         raise ValueError(f"factor_samples must be an int >= 1 or None (every sample), got {factor_samples!r}")
+    _check_choice("weight_sharing", weight_sharing, WEIGHT_SHARING)
     if fallback not in _FALLBACK_RULES:
         raise ValueError(f"fallback must be one of {_FALLBACK_RULES}, got {fallback!r}")
     if fallback_lr is not None:
