@@ -23,8 +23,10 @@ refuse in-place modifications of their outputs.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +77,14 @@ class CaptureMode:
     empirical: bool = True  # G from the loss's own output gradients (False: Monte-Carlo Fisher)
     sampling: bool = False  # live flag: the backward in progress is the Monte-Carlo Fisher pass
     factor_samples: int | None = None  # factors from at most this many samples per forward (None: all)
+    # the capture-time values of the optimizer's param group, read at each forward (a weak reference to
+    # a method returning {"factor_samples": ...}), so an edit of param_groups applies to the next forward
+    settings: weakref.WeakMethod | None = None
+
+    def for_forward(self) -> CaptureMode:
+        """This forward's settings: the flags as they are now, the param group's values as they are now."""
+        read = self.settings() if self.settings is not None else None
+        return replace(self, **read()) if read is not None else replace(self)
 
 
 def factor_subset(n: int, factor_samples: int | None, device: torch.device) -> slice | Tensor | None:
@@ -183,6 +193,16 @@ class _Pending:
     single_sample: bool = False
     hooked: Tensor | None = None  # Σ C over forwards, while the layer is verified (see foreign_share)
     frozen_bias: Tensor | None = None  # Σ δ of a layer whose bias is frozen: the column p.grad lacks
+
+    def in_dtype(self, dtype: torch.dtype) -> _Pending:
+        """The statistics in ``dtype``: captured before the model was cast (``model.double()`` before ``step()``)."""
+        changes: dict[str, Any] = {
+            f.name: value.to(dtype)
+            for f in fields(self)
+            if isinstance(value := getattr(self, f.name), Tensor) and value.dtype != dtype
+        }
+        return replace(self, **changes) if changes else self
+
     low_precision: bool = False
 
 
@@ -252,12 +272,14 @@ class KroneckerLayer:
             # what is pending belongs to a cycle that will never be stepped
             self.reset()
         x = args[0].detach()
-        mode = replace(self.mode)  # this forward's settings, whatever step() changes before backward
+        mode = self.mode.for_forward()  # this forward's settings, whatever step() changes before backward
         output.register_hook(lambda grad_out: self._backward_hook(x, grad_out, mode))
 
     def _backward_hook(self, x: Tensor, grad_out: Tensor, mode: CaptureMode) -> None:
         x = as_computed(x, grad_out)
-        with phase("capture"):
+        # a backward() called inside the autocast region runs the hooks under it: their products would
+        # round to 16 bits; the factors and halves are formed in the compute dtype either way
+        with phase("capture"), torch.autocast(x.device.type, enabled=False):
             if self.mode.sampling:  # read live: the Monte-Carlo pass runs after this forward
                 self._capture_sampled(x, grad_out, mode)
             else:
@@ -395,8 +417,8 @@ class KroneckerLayer:
         (empirical Fisher), or ``G = Σδδᵀ / samples`` over the Monte-Carlo pass, whose summed loss
         makes δ the per-sample output gradients (no loss scale involved).
         """
-        p = self._pending
         grad = work.grad
+        p = self._pending.in_dtype(grad.dtype)
         work.samples = p.batch_samples
         r = ratio if ratio is not None else torch.ones((), dtype=grad.dtype, device=grad.device)
         if p.frozen_bias is not None and self.bias is not None and self.bias.grad is None:

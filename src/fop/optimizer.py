@@ -21,6 +21,7 @@ import os
 import sys
 import types
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
 
@@ -202,6 +203,7 @@ class KroneckerOptimizer(Optimizer):
         super().__init__(
             _param_groups(model, self.layers, fallback, lr if fallback == "sgd" else 1e-3, fallback_lr), defaults
         )
+        self._mode.settings = weakref.WeakMethod(self._capture_settings)
         self._set_capture_mode()
         for layer in self.layers:
             layer.attach()
@@ -559,8 +561,16 @@ class KroneckerOptimizer(Optimizer):
         )  # a frozen layer never gets factors: it must not force a capture at every step
         self._mode.factors = due or missing
         self._mode.total = self._mode.factors and not self._mode.halves
-        kronecker = next((group for group in self.param_groups if group["rule"] == "kronecker"), None)
-        self._mode.factor_samples = None if kronecker is None else kronecker.get("factor_samples")
+
+    def _capture_settings(self) -> dict[str, Any]:
+        """The Kronecker group's capture-time values, for the forward now starting (see ``CaptureMode``)."""
+        for index, group in enumerate(self.param_groups):
+            if group["rule"] == "kronecker":
+                factor_samples = group.get("factor_samples")
+                if factor_samples is not None and not (type(factor_samples) is int and factor_samples >= 1):
+                    check_param_group(index, group)  # raises, naming the group and the value
+                return {"factor_samples": factor_samples}
+        return {}
 
     def _gather_work(self) -> tuple[list[LayerWork], list[tuple[Tensor, Tensor]]]:
         """This step's :class:`LayerWork`, and the trained biases of frozen weights with their gradients.
