@@ -507,3 +507,30 @@ def test_expand_is_the_default_and_reduce_without_positions_is_expand(case: str,
         assert torch.equal(default, expand)
     identical = all(torch.equal(a, b) for a, b in zip(runs[None], runs["reduce"], strict=True))
     assert identical == (case == "linear")
+
+
+def test_weight_sharing_edit_of_the_param_group_applies_from_the_next_forward() -> None:
+    """``group["weight_sharing"] = "reduce"`` after construction: from the next forward on, the factors are
+    those of an optimizer built with it; a forward taken before the edit keeps the mode it started with."""
+    model, x, y = make("conv-3x3-pad1", 8)
+    works = {}
+    for mode in ("expand", "reduce"):
+        net = copy.deepcopy(model)
+        optimizer = FOP(net, weight_sharing=mode)
+        F.cross_entropy(net(x), y).backward()
+        works[mode] = captured(optimizer)
+    edited = copy.deepcopy(model)
+    optimizer = FOP(edited)
+    output = edited(x)
+    for group in optimizer.param_groups:
+        group["weight_sharing"] = "reduce"
+    F.cross_entropy(output, y).backward()  # this forward started with expand
+    works["forward before the edit"] = captured(optimizer)
+    optimizer.zero_grad()
+    F.cross_entropy(edited(x), y).backward()
+    works["forward after the edit"] = captured(optimizer)
+    for name in works["expand"]:
+        for key in ("a_factor", "g_factor"):
+            before, after = works["forward before the edit"][name], works["forward after the edit"][name]
+            assert torch.equal(getattr(before, key), getattr(works["expand"][name], key)), f"{key} of {name}"
+            assert torch.equal(getattr(after, key), getattr(works["reduce"][name], key)), f"{key} of {name}"

@@ -25,8 +25,10 @@ refuse in-place modifications of their outputs.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -98,6 +100,15 @@ class CaptureMode:
     sampling: bool = False  # live flag: the backward in progress is the Monte-Carlo Fisher pass
     factor_samples: int | None = None  # factors from at most this many samples per forward (None: all)
     weight_sharing: str = "expand"  # rows of the factors of layers with shared positions (WEIGHT_SHARING)
+    # the capture-time values of the optimizer's param group, read at each forward (a weak reference to
+    # a method returning {"factor_samples": ..., "weight_sharing": ...}), so an edit of param_groups
+    # applies to the next forward
+    settings: weakref.WeakMethod | None = None
+
+    def for_forward(self) -> CaptureMode:
+        """This forward's settings: the flags as they are now, the param group's values as they are now."""
+        read = self.settings() if self.settings is not None else None
+        return replace(self, **read()) if read is not None else replace(self)
 
 
 def factor_subset(n: int, factor_samples: int | None, device: torch.device) -> slice | Tensor | None:
@@ -207,6 +218,17 @@ class _Pending:
     backward_calls: int = 0
     single_sample: bool = False
     hooked: Tensor | None = None  # Σ C over forwards, while the layer is verified (see foreign_share)
+    frozen_bias: Tensor | None = None  # Σ δ of a layer whose bias is frozen: the column p.grad lacks
+
+    def in_dtype(self, dtype: torch.dtype) -> _Pending:
+        """The statistics in ``dtype``: captured before the model was cast (``model.double()`` before ``step()``)."""
+        changes: dict[str, Any] = {
+            f.name: value.to(dtype)
+            for f in fields(self)
+            if isinstance(value := getattr(self, f.name), Tensor) and value.dtype != dtype
+        }
+        return replace(self, **changes) if changes else self
+
     low_precision: bool = False
 
 
@@ -276,11 +298,14 @@ class KroneckerLayer:
             # what is pending belongs to a cycle that will never be stepped
             self.reset()
         x = args[0].detach()
-        mode = replace(self.mode)  # this forward's settings, whatever step() changes before backward
+        mode = self.mode.for_forward()  # this forward's settings, whatever step() changes before backward
         output.register_hook(lambda grad_out: self._backward_hook(x, grad_out, mode))
 
     def _backward_hook(self, x: Tensor, grad_out: Tensor, mode: CaptureMode) -> None:
-        with phase("capture"):
+        x = as_computed(x, grad_out)
+        # a backward() called inside the autocast region runs the hooks under it: their products would
+        # round to 16 bits; the factors and halves are formed in the compute dtype either way
+        with phase("capture"), torch.autocast(x.device.type, enabled=False):
             if self.mode.sampling:  # read live: the Monte-Carlo pass runs after this forward
                 self._capture_sampled(x, grad_out, mode)
             else:
@@ -325,6 +350,8 @@ class KroneckerLayer:
                 pending.gg_sum = _add(pending.gg_sum, self._sampled_output_moment(grad_out, subset, dtype, reduce))
                 pending.samples += n
         bias_reference = self.bias is not None and self.bias.requires_grad
+        if self.bias is not None and not self.bias.requires_grad:
+            pending.frozen_bias = _add(pending.frozen_bias, self._output_sum(grad_out).to(dtype))
         if not bias_reference and self.is_reference and (mode.total or mode.halves):
             pending.reference = _add(pending.reference, self._folded_grad(x, grad_out).to(dtype))
         if mode.halves and n < 2:
@@ -411,6 +438,8 @@ class KroneckerLayer:
         if hooked is None or grad is None:
             return None
         grad = grad.to(hooked.dtype)
+        if self.bias is not None and self.bias.grad is None:  # a frozen bias: p.grad has no column to compare
+            grad, hooked = grad[:, :-1], hooked[:, :-1]
         hh = (hooked * hooked).sum()
         r = safe_divide((grad * hooked).sum(), hh, hh > 0, 0.0)
         norm = grad.norm()
@@ -441,10 +470,15 @@ class KroneckerLayer:
         (empirical Fisher), or ``G = Σδδᵀ / samples`` over the Monte-Carlo pass, whose summed loss
         makes δ the per-sample output gradients (no loss scale involved).
         """
-        p = self._pending
         grad = work.grad
+        p = self._pending.in_dtype(grad.dtype)
         work.samples = p.batch_samples
         r = ratio if ratio is not None else torch.ones((), dtype=grad.dtype, device=grad.device)
+        if p.frozen_bias is not None and self.bias is not None and self.bias.grad is None:
+            # a frozen bias keeps its value, but the layer's folded direction is formed from the whole
+            # gradient [∂W | ∂b] the hooks saw: W moves exactly as it would beside a trained bias
+            grad = torch.cat([grad[:, :-1], (r * p.frozen_bias)[:, None]], dim=1)
+            work.grad = grad
         if p.g1 is not None and p.c1 is not None and p.split is not None and not p.single_sample:
             n, n1 = p.split
             rest = grad - r * p.c1
@@ -546,6 +580,20 @@ class _InertLayer:
 
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def as_computed(x: Tensor, grad_out: Tensor) -> Tensor:
+    """The layer's input in the dtype its forward computed in: the dtype of its output gradient.
+
+    Under autocast a layer casts its input before the product (a model's first ``Linear`` receives
+    float32 data and computes in bf16/fp16, so its output and output gradient are 16-bit while the
+    captured input is not). The factors and sub-batch gradients are then those of the input the layer
+    actually used, and every product of the capture sees one dtype. Integer inputs (embedding indices)
+    are returned as they are.
+    """
+    if x.dtype == grad_out.dtype or not (x.is_floating_point() and grad_out.is_floating_point()):
+        return x
+    return x.to(grad_out.dtype)
 
 
 def _tf32(x: Tensor) -> bool:
