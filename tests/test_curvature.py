@@ -534,3 +534,22 @@ def test_weight_sharing_edit_of_the_param_group_applies_from_the_next_forward() 
             before, after = works["forward before the edit"][name], works["forward after the edit"][name]
             assert torch.equal(getattr(before, key), getattr(works["expand"][name], key)), f"{key} of {name}"
             assert torch.equal(getattr(after, key), getattr(works["reduce"][name], key)), f"{key} of {name}"
+
+
+@pytest.mark.parametrize("case", ["conv-3x3-pad1", "linear-3d"])
+def test_reduce_under_cpu_bf16_autocast_takes_the_rounded_input_in_float32(case: str) -> None:
+    """bf16 autocast, weight_sharing="reduce": A is the float64 reduce factor of the bf16-rounded input
+    (the per-sample means accumulated in float32), G that of the float64 model to bf16's precision."""
+    model, x, y = make(case, 6)
+    trained = copy.deepcopy(model).float()
+    optimizer = FOP(trained, weight_sharing="reduce")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.cross_entropy(trained(x.float()), y)
+    loss.backward()
+    work = captured(optimizer)
+    name = optimizer.layers[0].name
+    rounded = x.to(torch.bfloat16).to(DTYPE)
+    a, g = dense_factors(model, rounded, y, name, "reduce")
+    assert work[name].a_factor.dtype == torch.float32
+    torch.testing.assert_close(work[name].a_factor.to(DTYPE), a, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(work[name].g_factor.to(DTYPE), g, rtol=5e-2, atol=5e-2 * float(g.abs().max()))
