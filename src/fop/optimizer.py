@@ -181,6 +181,8 @@ class KroneckerOptimizer(Optimizer):
             halves=self.splits_batch, factors=True, total=not self.splits_batch, empirical=fisher == "empirical"
         )
         self._sampled = False  # sample_fisher() ran in this cycle
+        self._due = True  # the next cycle is on the curvature interval (see _set_capture_mode)
+        self._factorless: list[KroneckerLayer] = []  # layers without running factors yet
         self._nu_history: list[Tensor] = []  # the trust region's ν per step (device tensors)
         self._noise_total: Tensor | None = None  # Σ over steps and layers of (tr Σ, |G|²) estimates
         sequence_first, undetermined = linear_layouts(model, batch_first)
@@ -268,7 +270,7 @@ class KroneckerOptimizer(Optimizer):
     @property
     def curvature_step(self) -> bool:
         """Whether the forward/backward cycle now in progress captures factor statistics."""
-        return bool(self._mode.factors)
+        return self._captures_factors()
 
     def sample_fisher(self, output: Tensor, generator: torch.Generator | None = None) -> None:
         """Monte-Carlo Fisher (``fisher="mc"``): call on the model's output, before ``backward()``.
@@ -292,7 +294,7 @@ class KroneckerOptimizer(Optimizer):
                 f"sample_fisher() is for fisher='mc'; this optimizer uses fisher={self.fisher!r} "
                 "(its G factor comes from the training loss itself: no call needed)"
             )
-        if not self._mode.factors or not self.layers:
+        if not self.layers or not self._captures_factors():
             return
         if output.dim() < 1 or output.shape[-1] < 2:
             raise ValueError(
@@ -475,7 +477,7 @@ class KroneckerOptimizer(Optimizer):
         for index, group in enumerate(self.param_groups):
             check_param_group(index, group)
         self._follow_parameters()
-        if self.fisher == "mc" and self._mode.factors and not self._sampled:
+        if self.fisher == "mc" and self._captures_factors() and not self._sampled:
             if any(layer.captured() for layer in self.layers):
                 raise RuntimeError(
                     f"{type(self).__name__}(fisher='mc') on a curvature step without a Monte-Carlo sample: "
@@ -510,7 +512,7 @@ class KroneckerOptimizer(Optimizer):
         """What the communicator is told about this step."""
         params = tuple(p for group in self.param_groups for p in group["params"] if p.grad is not None)
         device = self._skipped.device
-        return StepContext(self._steps, self._zero_grads, bool(self._mode.factors), device, self.splits_batch, params)
+        return StepContext(self._steps, self._zero_grads, self._captures_factors(), device, self.splits_batch, params)
 
     def _grads(self) -> list[Tensor]:
         return [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
@@ -554,23 +556,31 @@ class KroneckerOptimizer(Optimizer):
         )
 
     def _set_capture_mode(self) -> None:
+        """After a step or a load: whether the next cycle is on the curvature interval, which layers lack factors."""
         k = self._steps
-        due = k % interval_at(self.curvature_update_interval, k) == 0
-        missing = any(
-            layer.weight.requires_grad and not self.communicator.has_factors(self.state, layer) for layer in self.layers
-        )  # a frozen layer never gets factors: it must not force a capture at every step
-        self._mode.factors = due or missing
-        self._mode.total = self._mode.factors and not self._mode.halves
+        self._due = k % interval_at(self.curvature_update_interval, k) == 0
+        self._factorless = [layer for layer in self.layers if not self.communicator.has_factors(self.state, layer)]
+
+    def _captures_factors(self) -> bool:
+        """Whether a forward now records factor statistics: on the interval, or while a trainable layer has none.
+
+        Read at each forward, not fixed at the last step: a layer unfrozen since then (or a checkpoint
+        loaded) counts at once. A frozen layer never gets factors: it must not force a capture at every step.
+        """
+        return self._due or any(layer.weight.requires_grad for layer in self._factorless)
 
     def _capture_settings(self) -> dict[str, Any]:
-        """The Kronecker group's capture-time values, for the forward now starting (see ``CaptureMode``)."""
+        """This forward's capture settings (see ``CaptureMode.for_forward``): the curvature flags, and the
+        Kronecker group's ``factor_samples`` as the group holds it now."""
+        factors = self._captures_factors()
+        settings: dict[str, Any] = {"factors": factors, "total": factors and not self._mode.halves}
         for index, group in enumerate(self.param_groups):
             if group["rule"] == "kronecker":
                 factor_samples = group.get("factor_samples")
                 if factor_samples is not None and not (type(factor_samples) is int and factor_samples >= 1):
                     check_param_group(index, group)  # raises, naming the group and the value
-                return {"factor_samples": factor_samples}
-        return {}
+                settings["factor_samples"] = factor_samples
+        return settings
 
     def _gather_work(self) -> tuple[list[LayerWork], list[tuple[Tensor, Tensor]]]:
         """This step's :class:`LayerWork`, and the trained biases of frozen weights with their gradients.
