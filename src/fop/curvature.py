@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, cast
 
 import torch
@@ -136,6 +136,8 @@ class LayerWork:
     g_factor: Tensor | None = None
     direction: Tensor | None = None
     dg: Tensor | None = None  # ⟨direction, grad⟩ from the layer's owner (distributed; else None)
+    # the step's β*, η*, s and (FOP) noise terms tr Σ, |G|², from the owner's direction
+    diagnostics: dict[str, Tensor] = field(default_factory=dict)
     samples: int = 0  # samples of this process's batch that reached the layer's backward
     half_batch: float = 0.0  # samples behind each of g1, g2 (for the gradient-noise scale)
     first_order: bool = False  # plain gradient, no halves or factors: the layer takes the first-order rule
@@ -234,7 +236,6 @@ class KroneckerLayer:
         self.bias: nn.Parameter | None = module.bias if weight is None else bias  # type: ignore[assignment]
         self.out_features = self.weight.shape[0]
         self.in_features = self.weight[0].numel() + (1 if self.bias is not None else 0)
-        self.last: dict[str, Tensor] = {}  # diagnostics of the last step
         self.is_reference = False  # records its full gradient for the loss-scale ratio (no biases)
         self.batch_dim = 0  # the inputs' batch dimension (1: fop.layers.SequenceFirstLinearLayer)
         self.verify = True  # until the first step: check that p.grad is all the hooks' own gradient

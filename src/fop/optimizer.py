@@ -211,6 +211,7 @@ class KroneckerOptimizer(Optimizer):
         self._factorless: list[KroneckerLayer] = []  # layers without running factors yet
         self._nu_history: list[Tensor] = []  # the trust region's ν per step (device tensors)
         self._noise_total: Tensor | None = None  # Σ over steps and layers of (tr Σ, |G|²) estimates
+        self._diagnostics: dict[str, dict[str, Tensor]] = {}  # per layer: β*, η*, s, noise terms of its last step
         sequence_first, undetermined = linear_layouts(model, batch_first)
         self.layers, tied = _discover_layers(model, exclude, self._mode, sequence_first)
         _warn_discovery(self.layers, undetermined, tied, fallback, type(self).__name__)
@@ -449,7 +450,7 @@ class KroneckerOptimizer(Optimizer):
         ``noise_grad_sq`` (|G|²), from its two halves (:func:`fop.functional.gradient_noise_terms`).
         Values are device tensors (reading them synchronises); K-FAC reports β* = 0, η* = 1.
         """
-        return {layer.name: dict(layer.last) for layer in self.layers if layer.last}
+        return {name: dict(values) for name, values in self._diagnostics.items()}
 
     def gradient_noise_scale(self, reset: bool = False) -> float | None:
         """The model's simple gradient-noise scale ``B_noise = tr Σ / |G|²`` (McCandlish et al. 2018).
@@ -660,6 +661,7 @@ class KroneckerOptimizer(Optimizer):
         self._owner_directions([item for item in work if self.communicator.owns(item.layer)], group, ok, inverse_step)
         self.communicator.share(work)
         curvature = [item for item in work if not item.first_order]
+        self._diagnostics.update((item.layer.name, item.diagnostics) for item in curvature if item.diagnostics)
         self._record_noise(curvature, ok)
         if group["kl_clip"] is not None and curvature:
             lr = group["lr"] if group["trust_region"] == "step" else 1.0
@@ -732,7 +734,7 @@ class KroneckerOptimizer(Optimizer):
                 item.direction = item.grad  # the first-order rule; or no factors yet (first seen without capture)
             for item, view in zip(curvature, views):
                 if view.has_factors:
-                    item.direction, item.layer.last = view.direction(item, group, self.projection, self.splits_batch)
+                    item.direction, item.diagnostics = view.direction(item, group, self.projection, self.splits_batch)
                     if self.splits_batch and (item.g1 is None or item.g2 is None):
                         self._warn_once(
                             f"single:{item.layer.name}",
@@ -743,9 +745,9 @@ class KroneckerOptimizer(Optimizer):
     def _record_noise(self, work: Sequence[LayerWork], ok: Tensor) -> None:
         """Sum this step's gradient-noise terms over the layers (shared by their owners when distributed)."""
         noise = [
-            torch.stack([item.layer.last["noise_trace"], item.layer.last["noise_grad_sq"]])
+            torch.stack([item.diagnostics["noise_trace"], item.diagnostics["noise_grad_sq"]])
             for item in work
-            if "noise_trace" in item.layer.last
+            if "noise_trace" in item.diagnostics
         ]
         if noise:
             # a skipped step (non-finite gradients) must not enter the noise estimate
