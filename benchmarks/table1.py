@@ -501,12 +501,15 @@ class Runner:
         started = time.monotonic()
         with open(folder / "fop-bench.log", "wb") as log:
             self.child = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+            rc: int | None = None
             try:
-                rc = self.child.wait(timeout=max(1.0, self.left() - 5))
-            except subprocess.TimeoutExpired:
-                rc = None
+                while rc is None and not self.interrupted and self.left() > 5:
+                    try:
+                        rc = self.child.wait(timeout=1.0)
+                    except subprocess.TimeoutExpired:
+                        pass
             finally:
-                if self.child.poll() is None:
+                if self.child.poll() is None:  # the time limit, a signal, or an error here
                     self.stop_child()
                     rc = None
                 self.child = None
@@ -589,6 +592,8 @@ class Runner:
                 cell = fitting[0]
                 attempted.add(cell["id"])
                 reason = self.preflight(cell["optimizer"])
+                if self.interrupted:
+                    break
                 if reason:
                     self.log(f"{cell['id']}: skipped: fop-bench cannot run optimizer {cell['optimizer']!r} ({reason})")
                     continue
@@ -597,10 +602,7 @@ class Runner:
                     status, record = self.run_cell(cell, micro)
                     self.log(f"{cell['id']}: {status}")
                     if record is not None:
-                        with open(self.runs, "a", encoding="utf-8") as handle:
-                            handle.write(json.dumps(record, sort_keys=True) + "\n")
-                            handle.flush()
-                            os.fsync(handle.fileno())
+                        _append(self.runs, record)
                         self.log(f"{cell['id']}: recorded: {_outcome(record)}")
                         break
                     if self.interrupted or status.startswith("stopped") or attempt == 2:
@@ -624,12 +626,25 @@ class Runner:
         return 130 if self.interrupted else 0
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        self.log(f"signal {signum}: stopping the running cell (it is not recorded)")
+        # only a flag: the main loop stops the running cell within a second and says so (no waiting or
+        # printing inside a handler)
         self.interrupted = True
-        self.stop_child()
 
     def write_readme(self) -> None:
         (self.out / "README.md").write_text(readme(self.plan, self.done(), self.pending(self.done())), encoding="utf-8")
+
+
+def _append(path: Path, record: dict[str, Any]) -> None:
+    """One record as one line, on a fresh line even after a line cut off by a kill, synced to disk."""
+    with open(path, "a+", encoding="utf-8") as handle:
+        handle.seek(0, os.SEEK_END)
+        if handle.tell() > 0:
+            handle.seek(handle.tell() - 1)
+            if handle.read(1) != "\n":
+                handle.write("\n")
+        handle.write(json.dumps(record, sort_keys=True) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def _preflight(optimizer: str) -> str | None:

@@ -117,8 +117,13 @@ def _run(tmp_path: Path, plan: Path, seconds: float = 120, mode: str = "ok", **e
 
 
 def _records(out: Path) -> list[dict]:
-    path = out / "runs.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    records = []
+    for line in (out / "runs.jsonl").read_text().splitlines() if (out / "runs.jsonl").exists() else []:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut off by a kill
+    return records
 
 
 def test_committed_plan_is_what_the_generator_writes():
@@ -203,9 +208,11 @@ def test_killed_cell_is_not_recorded_and_runs_again(tmp_path):
     assert _records(tmp_path / "out") == []  # the partial cell left nothing
     assert "| 4096 | 5 | not run |" in (tmp_path / "out" / "README.md").read_text()
 
+    with open(tmp_path / "out" / "runs.jsonl", "a") as runs:
+        runs.write('{"cell": "b4096-sgd-lr0.1-s0", "spec"')  # a record cut off by a kill while appending
     result = _run(tmp_path, plan)
     assert result.returncode == 0, result.stdout + result.stderr
-    [record] = _records(tmp_path / "out")
+    [record] = _records(tmp_path / "out")  # on its own line after the cut-off one
     assert record["cell"] == "b4096-sgd-lr0.1-s0" and record["hardware"] == "1 x Fake GPU"
     result = _run(tmp_path, plan)
     assert "start" not in result.stdout and len(_records(tmp_path / "out")) == 1
