@@ -53,6 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 PLAN = REPO / "results" / "gpu" / "table1" / "plan.json"
 PAPER_DOC = REPO.parent / "shared" / "docs" / "fop-algorithm.md"
 MEASUREMENTS = REPO / "results" / "gpu" / "h200-2026-11-26-b"
+sys.path.insert(0, str(REPO / "src"))  # fop from this checkout (nothing installed on the GPU machine)
 
 # ---------------------------------------------------------------------------------------------
 # The design (issue #19 B). Everything numeric about costs comes from committed files, not from here.
@@ -635,16 +636,10 @@ class Runner:
 
 
 def _append(path: Path, record: dict[str, Any]) -> None:
-    """One record as one line, on a fresh line even after a line cut off by a kill, synced to disk."""
-    with open(path, "a+", encoding="utf-8") as handle:
-        handle.seek(0, os.SEEK_END)
-        if handle.tell() > 0:
-            handle.seek(handle.tell() - 1)
-            if handle.read(1) != "\n":
-                handle.write("\n")
-        handle.write(json.dumps(record, sort_keys=True) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    """fop-bench's own append: one line, on a fresh line even after one cut off by a kill, synced to disk."""
+    from fop.bench.runner import ResultStore
+
+    ResultStore(path).append(record)
 
 
 def _preflight(optimizer: str) -> str | None:
@@ -652,7 +647,6 @@ def _preflight(optimizer: str) -> str | None:
         import torch
         from torch import nn
 
-        sys.path.insert(0, str(REPO / "src"))
         from fop.bench.optimizers import Hyperparameters, resolve_optimizer
 
         spec = resolve_optimizer(optimizer)
