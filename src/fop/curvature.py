@@ -1,6 +1,7 @@
 """Per-layer curvature capture: Kronecker factors and sub-batch gradients from module hooks.
 
-One :class:`KroneckerLayer` wraps one supported module (``nn.Linear`` or ``nn.Conv2d``). During an
+One :class:`KroneckerLayer` wraps one supported module (``nn.Linear`` and ``nn.Conv2d`` here; convolutions
+of other dimensions, attention projections, GPT-2's ``Conv1D`` and embeddings in :mod:`fop.layers`). During an
 ordinary forward/backward pass its hooks record, for the pending optimizer step:
 
 * the two sub-batch gradients: each forward batch is split into a first half (``ceil(n/2)``
