@@ -651,8 +651,11 @@ def _preflight(optimizer: str) -> str | None:
 
         spec = resolve_optimizer(optimizer)
         torch.manual_seed(0)
+        # a stem, a hidden convolution and matrix, a head: every kind of parameter ResNet-18 has
         model = nn.Sequential(
-            nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10)
+            *(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()),
+            *(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten()),
+            *(nn.Linear(4 * 8 * 8, 8), nn.ReLU(), nn.Linear(8, 10)),
         )
         spec.build(model, Hyperparameters(lr=1e-3, weight_decay=0.0))
     except Exception as exc:  # whatever fop-bench would fail with, as one line
