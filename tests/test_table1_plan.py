@@ -38,7 +38,7 @@ def _module():
 table1 = _module()
 
 # What the stand-in interpreter does, by $FAKE_MODE: ok (writes one record), hang (a partial line, then
-# sleeps until killed), oom (fails like a CUDA out-of-memory error unless --micro-batch is given).
+# sleeps until killed), oom (fails like a CUDA out-of-memory error when the micro-batch is the batch).
 FAKE = """#!{python}
 import json, os, sys, time
 args = sys.argv[3:]
@@ -55,7 +55,7 @@ if mode == "hang":
     print("training", flush=True)
     time.sleep(120)
     sys.exit(0)
-if mode == "oom" and value("--micro-batch") is None:
+if mode == "oom" and value("--micro-batch") == value("--batch-sizes"):
     print("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB", flush=True)
     sys.exit(1)
 batch = int(value("--batch-sizes"))
@@ -171,6 +171,7 @@ def test_gpu_session_stage5_dry_run_and_resume(tmp_path):
     first = json.loads(PLAN.read_text())["cells"][0]
     [record] = _records(out / "table1")
     assert record["cell"] == "toy-" + first["id"] and record["spec"]["optimizer"] == first["optimizer"]
+    assert record["spec"]["batch_size"] == record["spec"]["micro_batch"] == 64 and record["spec"]["max_epochs"] == 1
     assert record["library_version"] and record["git_commit"] and record["hardware"].startswith("CPU")
     assert record["exact_command"].startswith("PYTHONPATH=src python3 -m fop.bench ")
     assert record["curve"] and record["key"] and record["command"].startswith("fop-bench ")
@@ -232,6 +233,7 @@ def test_unknown_optimizer_skipped_cells_that_fit_and_oom_rerun(tmp_path):
     assert "CUDA out of memory" in result.stdout and "rerun (micro-batch 8192)" in result.stdout
     [record] = _records(tmp_path / "out")
     assert record["cell"] == "b16384-sgd-lr0.1-s0" and record["spec"]["micro_batch"] == 8192
+    assert "--micro-batch 16384" in (tmp_path / "fake.log").read_text()  # the plan's, given explicitly
     readme = (tmp_path / "out" / "README.md").read_text()
     assert "b8192-kfac-lr0.1-s0" in readme.split("## Pending cells")[1]
 
