@@ -116,9 +116,9 @@ fi
 if [[ $STAGES == *" 5 "* ]]; then
     TOY_ARGS=()
     [ "$DEVICE" = cuda ] || TOY_ARGS=(--toy "${TABLE1_TOY:-2}")
-    stage stage5-table1 $(($(left) - 15)) "$PYTHON" benchmarks/table1.py run \
+    stage stage5-table1 $(($(left) - 10)) "$PYTHON" benchmarks/table1.py run \
         --plan "${TABLE1_PLAN:-results/gpu/table1/plan.json}" --data "$DATA" --device "$DEVICE" \
-        --seconds $(($(left) - 20)) --out "$OUT/table1" --work "$WORK/table1" "${TOY_ARGS[@]}"
+        --seconds $(($(left) - 25)) --out "$OUT/table1" --work "$WORK/table1" "${TOY_ARGS[@]}"
     tail -n 3 "$WORK/stage5-table1.log" | tee -a "$WORK/session.log"
 fi
 
