@@ -27,7 +27,7 @@ import math
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -397,6 +397,14 @@ class KroneckerLayer:
         """The :meth:`foreign_share` that round-off can produce (16-bit autocast and TF32 round more)."""
         return 3e-2 if self._pending.low_precision else 1e-3
 
+    def hook_reference(self) -> Tensor | None:
+        """The loss-scale reference the hooks recorded this cycle (see :func:`loss_scale_ratio`), or None."""
+        return self._pending.reference
+
+    def set_hook_reference(self, reference: Tensor) -> None:
+        """Replace the recorded reference (DDP: by its mean over the processes, as ``p.grad`` is)."""
+        self._pending.reference = reference
+
     def reference_pair(self) -> tuple[Tensor, Tensor] | None:
         """``(p.grad, C)`` of this layer's loss-scale reference, if it recorded one."""
         reference = self._pending.reference
@@ -455,7 +463,7 @@ class KroneckerLayer:
         if self.weight.grad is None:
             return None
         dtype = compute_dtype(self.weight.dtype)
-        w = self._as_matrix(self.weight.grad).to(dtype)
+        w = self.as_matrix(self.weight.grad).to(dtype)
         if self.bias is None:
             return w
         b = self.bias.grad
@@ -465,14 +473,16 @@ class KroneckerLayer:
     def unfold_direction(self, direction: Tensor) -> list[Tensor]:
         """Split a folded ``(out, in_f)`` direction into per-parameter tensors (weight, bias)."""
         if self.bias is None:
-            return [self._from_matrix(direction)]
-        return [self._from_matrix(direction[:, :-1]), direction[:, -1].contiguous()]
+            return [self.from_matrix(direction)]
+        return [self.from_matrix(direction[:, :-1]), direction[:, -1].contiguous()]
 
-    def _as_matrix(self, weight_like: Tensor) -> Tensor:
-        """A weight-shaped tensor as the ``(out, in)`` matrix of the folded layout."""
+    def as_matrix(self, weight_like: Tensor) -> Tensor:
+        """A weight-shaped tensor (the weight, its gradient or a direction) as the ``(out, in)`` matrix of the
+        folded layout."""
         return weight_like.reshape(self.out_features, -1)
 
-    def _from_matrix(self, matrix: Tensor) -> Tensor:
+    def from_matrix(self, matrix: Tensor) -> Tensor:
+        """The inverse of :meth:`as_matrix`: an ``(out, in)`` matrix in the weight's shape."""
         return matrix.reshape(self.weight.shape)
 
     # ----------------------------------------------------------------------------- per type
@@ -701,7 +711,8 @@ def _explicit_padding(module: nn.Conv2d) -> list[int]:
             total = d * (k - 1)
             pad += [total // 2, total - total // 2]
         return pad
-    return list(module._reversed_padding_repeated_twice)
+    padding = cast(tuple[int, ...], module.padding)  # a tuple once the string forms are handled above
+    return [p for size in reversed(padding) for p in (size, size)]
 
 
 def supports(module: nn.Module) -> bool:
