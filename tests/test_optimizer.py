@@ -108,9 +108,9 @@ def test_fop_differs_from_kfac_and_reports_diagnostics() -> None:
     assert max(float((a - b).abs().max()) for a, b in zip(params(m1), params(m2))) > 1e-6
     diag = fop_opt.diagnostics()
     assert set(diag) == {"0", "2"}
-    for values in diag.values():
+    for values in diag.values():  # their values: test_fop_step_is_the_functional_direction
         assert 0.5 <= float(values["eta"]) <= 1.0
-        assert torch.isfinite(values["beta"]) and torch.isfinite(values["projection"])
+        assert float(values["beta"]) != 0.0 and float(values["projection"]) != 0.0
 
 
 def check_fop_step_is_the_functional_direction(device: torch.device) -> None:
@@ -133,6 +133,9 @@ def check_fop_step_is_the_functional_direction(device: torch.device) -> None:
     expected = fop_direction(halves[0], halves[1], state["A"], state["G"], 0.05)
     after = torch.cat([model.weight, model.bias[:, None]], 1).detach()
     torch.testing.assert_close(after, before - 0.5 * expected.direction, rtol=1e-9, atol=1e-12)
+    (diagnostics,) = optimizer.diagnostics().values()  # β*, η*, s as reported: those of the functional step
+    for key in ("beta", "eta", "projection"):
+        torch.testing.assert_close(diagnostics[key], getattr(expected, key), rtol=1e-9, atol=1e-12)
 
 
 def test_fop_step_is_the_functional_direction() -> None:
