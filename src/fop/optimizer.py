@@ -617,26 +617,22 @@ class KroneckerOptimizer(Optimizer):
         backward) brings its plain gradient and takes the first-order rule (``first_order``), on one
         process and on many alike.
         """
-        self._verify_own_gradients([layer for layer in self.layers if layer.verify and layer.captured()])
+        trained = [layer for layer in self.layers if layer.weight.grad is not None and layer.weight.requires_grad]
+        trained_ids = {id(layer) for layer in trained}
+        self._verify_own_gradients([layer for layer in trained if layer.verify and layer.captured()])
         captured: list[KroneckerLayer] = []
         plain: list[KroneckerLayer] = []
         loose: list[tuple[Tensor, Tensor]] = []
         for layer in self.layers:
-            if layer.weight.grad is None:  # frozen or unused this step
+            if id(layer) not in trained_ids:  # frozen (a stale p.grad of a frozen weight included) or unused this step
                 layer.reset()
-                if layer.bias is not None and layer.bias.grad is not None:  # a trained bias of a frozen weight
-                    loose.append((layer.bias, layer.bias.grad))
+                bias = layer.bias
+                if bias is not None and bias.requires_grad and bias.grad is not None:  # a trained bias, frozen weight
+                    loose.append((bias, bias.grad))
                 continue
             if id(layer) in self._foreign or not layer.captured():
                 if id(layer) not in self._foreign:
-                    self._warn_once(
-                        layer.name,
-                        getattr(layer, "uncaptured_reason", None)
-                        or f"{layer.name}: its parameters got gradients without passing through the module's "
-                        "forward since the last step() (the weight is used outside the module, e.g. "
-                        "F.linear(x, module.weight), or step() was called again without a new backward); "
-                        "they get the first-order rule this step",
-                    )
+                    self._warn_uncaptured(layer)
                 layer.reset()
                 plain.append(layer)
                 continue
@@ -648,6 +644,17 @@ class KroneckerOptimizer(Optimizer):
             assert grad is not None
             work.append(LayerWork(layer, grad, first_order=True, loss_scale=ratio))
         return work, loose
+
+    def _warn_uncaptured(self, layer: KroneckerLayer) -> None:
+        """A layer with gradients and no statistics: every cause the optimizer cannot tell apart, named."""
+        self._warn_once(
+            layer.name,
+            getattr(layer, "uncaptured_reason", None)
+            or f"{layer.name}: its parameters have gradients that no backward through the module's forward made "
+            "since the last zero_grad() or step(): either no backward reached it (step() called again, or the "
+            "gradients zeroed by zero_grad(set_to_none=False) and not recomputed), or its weight is used outside "
+            "the module (e.g. F.linear(x, module.weight)); they get the first-order rule this step",
+        )
 
     def _kronecker_step(
         self,
