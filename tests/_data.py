@@ -39,6 +39,24 @@ def missing_reason() -> str | None:
     )
 
 
+def in_ci() -> bool:
+    """``CI`` set to true (as GitHub Actions and most CI services do)."""
+    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def require_pack() -> Path:
+    """The pack's path; without it the calling test fails in CI (a missing pack must not pass as a
+    skip there) and is skipped elsewhere."""
+    import pytest
+
+    reason = missing_reason()
+    if reason is not None:
+        if in_ci():
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
+    return cifar10_path()
+
+
 def _balanced_indices(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
     """``count`` indices, ``count/10`` per class, drawn with a fixed seed, in shuffled order."""
     rng = np.random.default_rng(seed)

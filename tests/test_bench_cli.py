@@ -1,8 +1,8 @@
 """End-to-end tests of ``fop-bench`` through its real entry point, at tiny sizes on the CPU.
 
 The CIFAR tasks read a subset of the JPEG pack at ``../shared/data/cifar10_jpeg.npz`` relative to
-the repository root, or the file named by ``$FOP_CIFAR10`` (see ``tests/_data.py``); they are
-skipped without it.
+the repository root, or the file named by ``$FOP_CIFAR10`` (see ``tests/_data.py``); without it
+they fail in CI (``CI`` set to true) and are skipped elsewhere.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from _data import ENV_VAR, cifar10_path, missing_reason
+from _data import ENV_VAR, require_pack
 from fop.bench.cli import main
 from fop.bench.data import load_cifar10, long_tail_counts
 
@@ -27,10 +27,7 @@ CELL = re.compile(r"^(—|[\d.]+ / [\d.]+ s( \(×[\d.]+\))?)$")
 
 
 def _jpeg_pack() -> Path:
-    reason = missing_reason()
-    if reason:
-        pytest.skip(reason)
-    return cifar10_path()
+    return require_pack()  # fails in CI without the pack, skips elsewhere
 
 
 def _tiny(out: Path, *extra: str) -> list[str]:
