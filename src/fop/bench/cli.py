@@ -117,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--optimizers",
         metavar="LIST",
         type=_list_of(str, "names"),
-        help="comma-separated: sgd, adamw, kfac, fop, any torch.optim class, pytorch-optimizer names "
-        "(default: sgd,adamw,kfac,fop)",
+        help="comma-separated: sgd, adamw, kfac, fop; the baselines muon, soap, lamb, lars, sfadamw "
+        "(pip install 'fop[baselines]'); any torch.optim class, pytorch-optimizer names (default: sgd,adamw,kfac,fop)",
     )
     what.add_argument(
         "--batch-sizes",
