@@ -254,6 +254,20 @@ def test_muon_gets_convolutions_as_matrices_and_the_pair_steps_both(tmp_path):
     assert set(optimizer.state_dict()) == {"optimizers"}
 
 
+def test_muon_keeps_a_channels_last_kernel_channels_last():
+    _require("muon")
+    torch.manual_seed(0)
+    model = resnet18(num_classes=10, width=4).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    model.eval()
+    before = model(x)
+    build_muon(model, lr=0.01, weight_decay=0.0)
+    conv = model.stages[1][0].conv2
+    assert conv.parametrizations.weight.original.ndim == 2
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(model(x), before)
+
+
 def test_muon_builds_through_the_factory_on_the_digits_task():
     _require("muon")
     dataset = load_digits()

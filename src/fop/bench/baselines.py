@@ -93,12 +93,15 @@ def muon_split(model: nn.Module) -> tuple[list[str], list[str]]:
 class _AsMatrix(nn.Module):
     """Parametrization storing a convolution's weight as the 2-D matrix ``out × (in · kernel)``."""
 
-    def __init__(self, shape: torch.Size) -> None:
+    def __init__(self, weight: Tensor) -> None:
         super().__init__()
-        self.shape = tuple(shape)
+        self.shape = tuple(weight.shape)
+        # a channels_last kernel (fop-bench's CUDA runs) stays channels_last for the convolution
+        self.channels_last = weight.ndim == 4 and weight.is_contiguous(memory_format=torch.channels_last)
 
     def forward(self, matrix: Tensor) -> Tensor:
-        return matrix.view(self.shape)
+        kernel = matrix.view(self.shape)
+        return kernel.contiguous(memory_format=torch.channels_last) if self.channels_last else kernel
 
     def right_inverse(self, weight: Tensor) -> Tensor:
         return weight.reshape(weight.shape[0], -1)
@@ -107,7 +110,8 @@ class _AsMatrix(nn.Module):
 def _muon_matrices(model: nn.Module, names: list[str]) -> list[nn.Parameter]:
     """The parameters named ``names`` as 2-D matrices: a convolution's weight is re-registered as a
     parametrization whose stored tensor is its ``out × (in · kernel)`` matrix (torch's Muon takes
-    2-D parameters only), which the forward views back as the kernel (no copy)."""
+    2-D parameters only), which the forward views back as the kernel (a copy only to keep a
+    channels_last kernel channels_last)."""
     modules = dict(model.named_modules())
     matrices = []
     for name in names:
@@ -115,7 +119,7 @@ def _muon_matrices(model: nn.Module, names: list[str]) -> list[nn.Parameter]:
         module = modules[owner]
         weight = getattr(module, attribute)
         if weight.ndim != 2:
-            parametrize.register_parametrization(module, attribute, _AsMatrix(weight.shape))
+            parametrize.register_parametrization(module, attribute, _AsMatrix(weight))
             weight = module.parametrizations[attribute].original
         matrices.append(weight)
     return matrices
