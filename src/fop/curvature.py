@@ -182,6 +182,7 @@ class _Pending:
     backward_calls: int = 0
     single_sample: bool = False
     hooked: Tensor | None = None  # Σ C over forwards, while the layer is verified (see foreign_share)
+    frozen_bias: Tensor | None = None  # Σ δ of a layer whose bias is frozen: the column p.grad lacks
     low_precision: bool = False
 
 
@@ -255,6 +256,7 @@ class KroneckerLayer:
         output.register_hook(lambda grad_out: self._backward_hook(x, grad_out, mode))
 
     def _backward_hook(self, x: Tensor, grad_out: Tensor, mode: CaptureMode) -> None:
+        x = as_computed(x, grad_out)
         with phase("capture"):
             if self.mode.sampling:  # read live: the Monte-Carlo pass runs after this forward
                 self._capture_sampled(x, grad_out, mode)
@@ -297,6 +299,8 @@ class KroneckerLayer:
                 pending.gg_sum = _add(pending.gg_sum, self._sampled_output_moment(grad_out, subset, dtype))
                 pending.samples += n
         bias_reference = self.bias is not None and self.bias.requires_grad
+        if self.bias is not None and not self.bias.requires_grad:
+            pending.frozen_bias = _add(pending.frozen_bias, self._output_sum(grad_out).to(dtype))
         if not bias_reference and self.is_reference and (mode.total or mode.halves):
             pending.reference = _add(pending.reference, self._folded_grad(x, grad_out).to(dtype))
         if mode.halves and n < 2:
@@ -359,6 +363,8 @@ class KroneckerLayer:
         if hooked is None or grad is None:
             return None
         grad = grad.to(hooked.dtype)
+        if self.bias is not None and self.bias.grad is None:  # a frozen bias: p.grad has no column to compare
+            grad, hooked = grad[:, :-1], hooked[:, :-1]
         hh = (hooked * hooked).sum()
         r = safe_divide((grad * hooked).sum(), hh, hh > 0, 0.0)
         norm = grad.norm()
@@ -393,6 +399,11 @@ class KroneckerLayer:
         grad = work.grad
         work.samples = p.batch_samples
         r = ratio if ratio is not None else torch.ones((), dtype=grad.dtype, device=grad.device)
+        if p.frozen_bias is not None and self.bias is not None and self.bias.grad is None:
+            # a frozen bias keeps its value, but the layer's folded direction is formed from the whole
+            # gradient [∂W | ∂b] the hooks saw: W moves exactly as it would beside a trained bias
+            grad = torch.cat([grad[:, :-1], (r * p.frozen_bias)[:, None]], dim=1)
+            work.grad = grad
         if p.g1 is not None and p.c1 is not None and p.split is not None and not p.single_sample:
             n, n1 = p.split
             rest = grad - r * p.c1
@@ -482,6 +493,20 @@ class _InertLayer:
 
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def as_computed(x: Tensor, grad_out: Tensor) -> Tensor:
+    """The layer's input in the dtype its forward computed in: the dtype of its output gradient.
+
+    Under autocast a layer casts its input before the product (a model's first ``Linear`` receives
+    float32 data and computes in bf16/fp16, so its output and output gradient are 16-bit while the
+    captured input is not). The factors and sub-batch gradients are then those of the input the layer
+    actually used, and every product of the capture sees one dtype. Integer inputs (embedding indices)
+    are returned as they are.
+    """
+    if x.dtype == grad_out.dtype or not (x.is_floating_point() and grad_out.is_floating_point()):
+        return x
+    return x.to(grad_out.dtype)
 
 
 def _tf32(x: Tensor) -> bool:

@@ -30,10 +30,11 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import functional as Fn
+from .arguments import FALLBACK_RULES, GROUP_KEYS, check_constructor_arguments, check_param_group
 from .curvature import CaptureMode, KroneckerLayer, LayerWork
 from .distributed import Communicator, StepContext, make_communicator
 from .first_order import adamw_update, sgd_update
-from .intervals import Interval, check_interval, interval_at
+from .intervals import Interval, interval_at
 from .layers import linear_layouts, make_layers, supports, unsupported_reason
 from .profiling import phase
 from .state import LayerCurvature
@@ -41,10 +42,6 @@ from .state import LayerCurvature
 __all__ = ["FOP", "KFAC", "KroneckerOptimizer", "PAPER_PRESET"]
 
 ExcludeSpec = Iterable[nn.Module | str | type]
-
-_FALLBACK_RULES = ("sgd", "adamw")
-_FISHER_TYPES = ("empirical", "mc")
-_TRUST_REGIONS = ("step", "direction")
 
 # The closest reading of the paper's setup (its K-FAC and FOP "rely on ASDL", whose defaults these
 # are, and it names neither a trust region nor a factor average): FOP(model, lr=..., **PAPER_PRESET).
@@ -55,22 +52,8 @@ PAPER_PRESET: dict[str, Any] = {
     "kl_clip": None,
     "eta": "sum",
 }
-# The constructor arguments _check_arguments validates, and those every param group carries.
-_GROUP_DEFAULTS = (
-    "lr",
-    "momentum",
-    "weight_decay",
-    "nesterov",
-    "damping",
-    "factor_decay",
-    "projection_eps",
-    "kl_clip",
-    "trust_region",
-    "damping_mode",
-    "eta",
-    "factor_samples",
-)
-_CHECKED_ARGUMENTS = _GROUP_DEFAULTS + (
+# The constructor's arguments that check_constructor_arguments validates (GROUP_KEYS: also in every param group).
+_CHECKED_ARGUMENTS = GROUP_KEYS + (
     "curvature_update_interval",
     "inverse_update_interval",
     "fisher",
@@ -79,6 +62,8 @@ _CHECKED_ARGUMENTS = _GROUP_DEFAULTS + (
     "fallback_betas",
     "fallback_eps",
 )
+# Per-parameter state kept in the parameter's own dtype and device (see _follow_parameters).
+_PARAMETER_SHAPED = ("momentum_buffer", "exp_avg", "exp_avg_sq")
 # How many per-step trust-region factors ν are kept for trust_region_stats().
 _NU_HISTORY = 100_000
 _SPARSE_MESSAGE = "{name} needs dense gradients: build nn.Embedding / nn.EmbeddingBag with sparse=False (the default)"
@@ -187,7 +172,7 @@ class KroneckerOptimizer(Optimizer):
     ) -> None:
         _check_model(model, type(self).__name__)
         arguments = {name: value for name, value in locals().items() if name in _CHECKED_ARGUMENTS}
-        _check_arguments(**arguments)
+        check_constructor_arguments(**arguments)
         self.curvature_update_interval = curvature_update_interval
         self.inverse_update_interval = inverse_update_interval
         self.fisher = fisher
@@ -212,7 +197,7 @@ class KroneckerOptimizer(Optimizer):
         # No 'betas' in the defaults: torch's momentum-cycling schedulers (OneCycleLR, CyclicLR)
         # cycle betas[0] instead of 'momentum' as soon as the defaults hold 'betas'. The optimizer
         # behaves as SGD with momentum, so only AdamW groups carry their own betas and eps.
-        defaults = {name: arguments[name] for name in _GROUP_DEFAULTS} | {"rule": fallback}
+        defaults = {name: arguments[name] for name in GROUP_KEYS} | {"rule": fallback}
         self._adamw_defaults = {"betas": tuple(fallback_betas), "eps": fallback_eps}
         super().__init__(
             _param_groups(model, self.layers, fallback, lr if fallback == "sgd" else 1e-3, fallback_lr), defaults
@@ -262,8 +247,8 @@ class KroneckerOptimizer(Optimizer):
             raise ValueError(
                 "the 'kronecker' group is made by the constructor; added groups take rule 'sgd' or 'adamw'"
             )
-        if rule not in _FALLBACK_RULES + ("kronecker",):
-            raise ValueError(f"param group rule must be one of {_FALLBACK_RULES}, got {rule!r}")
+        if rule not in FALLBACK_RULES + ("kronecker",):
+            raise ValueError(f"param group rule must be one of {FALLBACK_RULES}, got {rule!r}")
         if rule == "adamw":
             for key, value in self._adamw_defaults.items():
                 param_group.setdefault(key, value)
@@ -350,16 +335,43 @@ class KroneckerOptimizer(Optimizer):
         self._check_shapes(state_dict)
         super().load_state_dict(state_dict)
         for group in self.param_groups:  # a checkpoint from before an option existed: the constructor's value
-            for key in _GROUP_DEFAULTS:
+            for key in GROUP_KEYS:
                 group.setdefault(key, self.defaults[key])
-        for layer in self.layers:
-            LayerCurvature.of(self.state, layer.weight).to_dtype(Fn.compute_dtype(layer.weight.dtype))
+        self._follow_parameters()
         self._steps = int(extra["steps"])
         self._skipped = extra["skipped_steps"].to(self._skipped.device).clone()
-        for layer in self.layers:
-            layer.reset()
+        # what the hooks captured since the last step stays: a checkpoint loaded between backward()
+        # and step() is followed by a normal step on that backward's statistics, as in torch.optim
         self.communicator.loaded(self, self._steps)  # distributed: shards the curvature, checks agreement
         self._set_capture_mode()
+
+    def _follow_parameters(self) -> None:
+        """State tensors in the dtype and on the device of their parameters, as they are now.
+
+        ``model.double()``, ``model.to(device)`` or ``model.half()`` after the optimizer was built (or
+        a checkpoint saved elsewhere): the curvature moves to the layer's compute dtype and device,
+        momentum and AdamW buffers to their parameter's, as ``Optimizer.load_state_dict`` casts them.
+        """
+        for layer in self.layers:
+            LayerCurvature.of(self.state, layer.weight).follow(layer.weight)
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state:
+                    continue
+                for key, value in state.items():
+                    if not isinstance(value, Tensor):
+                        continue
+                    if key in _PARAMETER_SHAPED and (value.dtype != p.dtype or value.device != p.device):
+                        state[key] = value.to(device=p.device, dtype=p.dtype)
+                    elif key == "step" and value.device != p.device:  # AdamW's count: float32 everywhere
+                        state[key] = value.to(p.device)
+        device = _device_of_layers(self.layers, self._skipped.device)
+        if self._skipped.device != device:
+            self._skipped = self._skipped.to(device)
+            self._nu_history = [nu.to(device) for nu in self._nu_history]
+            if self._noise_total is not None:
+                self._noise_total = self._noise_total.to(device)
 
     def _check_shapes(self, state_dict: dict[str, Any]) -> None:
         """Every state tensor of the checkpoint fits its parameter here (else a matmul fails much later)."""
@@ -458,6 +470,9 @@ class KroneckerOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for index, group in enumerate(self.param_groups):
+            check_param_group(index, group)
+        self._follow_parameters()
         if self.fisher == "mc" and self._mode.factors and not self._sampled:
             if any(layer.captured() for layer in self.layers):
                 raise RuntimeError(
@@ -876,67 +891,14 @@ def _caller_level() -> int:
     return level
 
 
+def _device_of_layers(layers: Sequence[KroneckerLayer], default: torch.device) -> torch.device:
+    return layers[0].weight.device if layers else default
+
+
 def _device_of(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
-
-
-def _check_arguments(
-    *,
-    lr: float | Tensor,
-    momentum: float,
-    weight_decay: float,
-    nesterov: bool,
-    damping: float,
-    factor_decay: float,
-    curvature_update_interval: Interval,
-    inverse_update_interval: Interval,
-    projection_eps: float,
-    kl_clip: float | None,
-    trust_region: str,
-    fisher: str,
-    damping_mode: str,
-    eta: str,
-    factor_samples: int | None,
-    fallback: str,
-    fallback_lr: float | None,
-    fallback_betas: tuple[float, float],
-    fallback_eps: float,
-) -> None:
-    """The constructor's arguments, each checked with a message naming it."""
-    _check_nonneg("lr", lr)
-    if not 0.0 <= momentum < 1.0:
-        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-    _check_nonneg("weight_decay", weight_decay)
-    if nesterov and momentum <= 0:
-        raise ValueError("nesterov=True requires momentum > 0")
-    if not (isinstance(damping, (int, float)) and 0 < damping < math.inf):
-        raise ValueError(f"damping must be a finite float > 0, got {damping!r}")
-    if not 0.0 <= factor_decay < 1.0:
-        raise ValueError(f"factor_decay must be in [0, 1), got {factor_decay}")
-    check_interval("curvature_update_interval", curvature_update_interval)
-    check_interval("inverse_update_interval", inverse_update_interval)
-    if not projection_eps >= 0:
-        raise ValueError(f"projection_eps must be >= 0, got {projection_eps}")
-    if kl_clip is not None and not kl_clip > 0:
-        raise ValueError(f"kl_clip must be > 0 or None (no clipping), got {kl_clip}")
-    _check_choice("trust_region", trust_region, _TRUST_REGIONS)
-    _check_choice("fisher", fisher, _FISHER_TYPES)
-    _check_choice("damping_mode", damping_mode, Fn.DAMPING_MODES)
-    _check_choice("eta", eta, Fn.ETA_CONVENTIONS)
-    if factor_samples is not None and not (
-        isinstance(factor_samples, int) and not isinstance(factor_samples, bool) and factor_samples >= 1
-    ):
-        raise ValueError(f"factor_samples must be an int >= 1 or None (every sample), got {factor_samples!r}")
-    if fallback not in _FALLBACK_RULES:
-        raise ValueError(f"fallback must be one of {_FALLBACK_RULES}, got {fallback!r}")
-    if fallback_lr is not None:
-        _check_nonneg("fallback_lr", fallback_lr)
-    if not (len(fallback_betas) == 2 and all(0.0 <= b < 1.0 for b in fallback_betas)):
-        raise ValueError(f"fallback_betas must be two floats in [0, 1), got {fallback_betas}")
-    if not fallback_eps > 0:
-        raise ValueError(f"fallback_eps must be > 0, got {fallback_eps}")
 
 
 def _warn_discovery(
@@ -998,17 +960,3 @@ def _param_groups(
     if rest:
         groups.append({"params": rest, "rule": fallback, "lr": default_lr if fallback_lr is None else fallback_lr})
     return groups
-
-
-def _check_nonneg(name: str, value: float | Tensor) -> None:
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} as a Tensor must have one element")
-        value = float(value)
-    if not (isinstance(value, (int, float)) and 0 <= value < math.inf):
-        raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
-
-
-def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
