@@ -84,14 +84,18 @@ def test_profile_and_tuning_budget_include_the_baselines(tmp_path, capsys):
     rows = [line.split("|")[2].strip() for line in (out / "profile.md").read_text().splitlines() if "| 256 |" in line]
     assert rows == ["sgd", *names]
     capsys.readouterr()
-    # the same lr x weight-decay grid as AdamW: 2 x 2 trials each, the K-FAC/FOP damping grid as long
+    # the same lr x weight-decay grid as AdamW: 2 x 2 configurations each, the K-FAC/FOP damping grid as long
     out = tmp_path / "tuned"
     argv = ["--optimizers", ",".join(["adamw", *names, "kfac"]), "--batch-sizes", "256", "--max-epochs", "1"]
     argv += ["--lr-grid", "0.5,1", "--wd-grid", "0,1e-3", "--damping-grid", "0.1,1", "--extend-edges", "0"]
-    assert main([*argv, "--seeds", "0", "--threads", "1", "--no-progress", "--out", str(out)]) == 0
+    argv += ["--compare-to", f"kfac,{names[0]}"]
+    assert main([*argv, "--seeds", "0,1", "--threads", "1", "--no-progress", "--out", str(out)]) == 0
     records = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
     trials = {name: sum(r["spec"]["optimizer"] == name for r in records) for name in ["adamw", *names, "kfac"]}
-    assert set(trials.values()) == {4}, trials
+    assert set(trials.values()) == {8}, trials  # 2 x 2 configurations x 2 seeds
+    report = (out / "results.md").read_text()  # one paired table per reference of --compare-to
+    assert "## Paired comparison against kfac" in report and f"## Paired comparison against {names[0]}" in report
+    assert f"| 256 | {names[0]} − kfac | 2 |" in report and f"| 256 | fop − {names[0]} |" not in report
     decays = {r["spec"]["hyperparameters"]["weight_decay"] for r in records if r["spec"]["optimizer"] == names[0]}
     assert decays == {0.0, 1e-3}
 

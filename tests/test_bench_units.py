@@ -295,7 +295,7 @@ def test_paired_comparison_is_per_seed_with_a_bootstrap_interval():
     low, high = bootstrap_median_interval([1.0, 2.0, 3.0, 4.0, 5.0])
     assert 1.0 <= low <= 3.0 <= high <= 5.0
     table = format_paired_table(cells, [256], ["kfac", "fop"], "kfac", "accuracy")
-    assert "| 256 | fop − kfac | 5 | +2.00 [+2.00, +2.00] | 5/5 | -2 (5 seeds) |" in table
+    assert "| 256 | fop − kfac | 5 | +2.00 [+2.00, +2.00] | 5/5 | -2 [-2, -1] (5 seeds) |" in table
 
 
 def test_variants_set_constructor_options():

@@ -240,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     tuning.add_argument(
         "--compare-to",
         metavar="NAME",
-        help="reference of the paired per-seed comparison in the report (default: kfac if run, else the baseline)",
+        help="reference(s) of the paired per-seed comparison in the report, e.g. kfac,fop: one table each "
+        "(default: kfac if run, else the baseline)",
     )
 
     machine = parser.add_argument_group("machine and output")
@@ -485,7 +486,7 @@ def _prepare(args: argparse.Namespace, argv: Sequence[str]) -> _Run:
     baseline = (args.baseline or ("sgd" if "sgd" in optimizers else optimizer_names[0])).lower()
     if baseline not in optimizers:
         raise BenchError(f"--baseline {baseline} is not among the optimizers run ({', '.join(optimizers)})")
-    _comparison_reference(args, optimizers, baseline)  # fail before training
+    _comparison_references(args, optimizers, baseline)  # fail before training
     device = _resolve_device(args.device)
     out = args.out or Path("bench-runs") / task.name
     _check_output_folder(out)
@@ -634,7 +635,7 @@ def _write_report(run: _Run, config: SweepConfig, plan: Sequence[RunSpec], recor
         command=run.command,
         dataset=run.dataset.summary(),
         plot_file=_PLOT_FILE,
-        reference=_comparison_reference(run.args, run.optimizers, run.baseline),
+        references=_comparison_references(run.args, run.optimizers, run.baseline),
     )
     (run.out / "results.md").write_text(report, encoding="utf-8")
 
@@ -656,10 +657,12 @@ def _print_summary(run: _Run, config: SweepConfig, records: list[dict[str, Any]]
         f"\nfinal {'Top-1 error' if task.metric == 'error' else 'test accuracy'} % (best in run), median over seeds:\n"
     )
     print(format_final_table(cells, config.batch_sizes, config.optimizers, task.metric))
-    reference = _comparison_reference(run.args, run.optimizers, run.baseline)
-    if seeds >= 2 and len(config.optimizers) > 1:
-        print(f"\npaired per-seed comparison against {reference} (final accuracy points, median [95% bootstrap CI]):\n")
-        print(format_paired_table(cells, config.batch_sizes, config.optimizers, reference, task.metric))
+    for reference in _comparison_references(run.args, run.optimizers, run.baseline):
+        if seeds >= 2 and len(config.optimizers) > 1:
+            print(
+                f"\npaired per-seed comparison against {reference} (final accuracy points, median [95% bootstrap CI]):\n"
+            )
+            print(format_paired_table(cells, config.batch_sizes, config.optimizers, reference, task.metric))
     print(f"\nfull report: {out / 'results.md'}; plot: {out / _PLOT_FILE}; runs: {out / 'runs.jsonl'}")
 
 
@@ -725,11 +728,15 @@ def _edge_extension(
     return extra
 
 
-def _comparison_reference(args: argparse.Namespace, optimizers: dict[str, OptimizerSpec], baseline: str) -> str:
-    reference = (args.compare_to or ("kfac" if "kfac" in optimizers else baseline)).lower()
-    if reference not in optimizers:
-        raise BenchError(f"--compare-to {reference} is not among the optimizers run ({', '.join(optimizers)})")
-    return reference
+def _comparison_references(
+    args: argparse.Namespace, optimizers: dict[str, OptimizerSpec], baseline: str
+) -> tuple[str, ...]:
+    given = args.compare_to or ("kfac" if "kfac" in optimizers else baseline)
+    references = tuple(dict.fromkeys(name.strip().lower() for name in given.split(",") if name.strip()))
+    for reference in references:
+        if reference not in optimizers:
+            raise BenchError(f"--compare-to {reference} is not among the optimizers run ({', '.join(optimizers)})")
+    return references
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -145,7 +145,8 @@ def format_paired_table(
 ) -> str:
     """Each optimizer against ``reference`` at every batch size, seed by seed, both at their best
     configuration: median difference of the final test metric with a 95% bootstrap interval,
-    how many seeds favour it, and the median difference in epochs to target where both reached it."""
+    how many seeds favour it, and the median difference in epochs to target where both reached it,
+    with its bootstrap interval."""
     sign = -1.0 if metric == "error" else 1.0  # report differences in the metric's own direction
     rows = []
     for batch_size in batch_sizes:
@@ -162,6 +163,7 @@ def format_paired_table(
             low, high = bootstrap_median_interval(diffs)
             better = sum(d > 0 for d in diffs) if metric != "error" else sum(d < 0 for d in diffs)
             epochs = paired_differences(cell, ref, "epochs_to_target")
+            epoch_interval = "[{:+g}, {:+g}] ".format(*bootstrap_median_interval(epochs)) if epochs else ""
             rows.append(
                 [
                     str(batch_size),
@@ -169,7 +171,7 @@ def format_paired_table(
                     str(len(diffs)),
                     f"{statistics.median(diffs):+.2f} [{low:+.2f}, {high:+.2f}]",
                     f"{better}/{len(diffs)}",
-                    f"{statistics.median(epochs):+g} ({len(epochs)} seeds)" if epochs else MISS,
+                    f"{statistics.median(epochs):+g} {epoch_interval}({len(epochs)} seeds)" if epochs else MISS,
                 ]
             )
     header = [
@@ -178,7 +180,7 @@ def format_paired_table(
         "seeds",
         f"final {'error' if metric == 'error' else 'acc'} points, median [95% CI]",
         "seeds better",
-        "epochs to target, median",
+        "epochs to target, median [95% CI] (seeds where both reached it)",
     ]
     return _markdown_table(header, rows)
 
@@ -459,7 +461,7 @@ def format_report(
     command: str,
     dataset: dict[str, Any],
     plot_file: str | None = None,
-    reference: str | None = None,
+    references: Sequence[str] = (),
 ) -> str:
     """The Markdown report of a sweep: header, Table 1, final metric, fastest batch, details."""
     cells = summarize(records)
@@ -478,7 +480,7 @@ def format_report(
         *(f"- {item}" for item in protocol),
         "",
         *_main_sections(records, cells, batch_sizes, optimizers, baseline, metric, target),
-        *_optional_sections(records, cells, batch_sizes, optimizers, metric, reference),
+        *_optional_sections(records, cells, batch_sizes, optimizers, metric, references),
     ]
     if plot_file:
         lines += [f"![{_metric_name(metric)} against training time]({plot_file})", ""]
@@ -545,7 +547,7 @@ def _optional_sections(
     batch_sizes: Sequence[int],
     optimizers: Sequence[str],
     metric: str,
-    reference: str | None,
+    references: Sequence[str],
 ) -> list[str]:
     """The noise scale (FOP runs), the grid-edge note and the paired comparison, where they apply."""
     lines: list[str] = []
@@ -569,7 +571,9 @@ def _optional_sections(
             + " chose a value on the edge of the grid tried: a wider grid may do better.",
             "",
         ]
-    if reference and len(seeds) >= 2 and any(optimizer != reference for optimizer in optimizers):
+    for reference in references:
+        if len(seeds) < 2 or all(optimizer == reference for optimizer in optimizers):
+            continue
         lines += [
             f"## Paired comparison against {reference}",
             "",
