@@ -96,6 +96,8 @@ def test_profile_and_tuning_budget_include_the_baselines(tmp_path, capsys):
     report = (out / "results.md").read_text()  # one paired table per reference of --compare-to
     assert "## Paired comparison against kfac" in report and f"## Paired comparison against {names[0]}" in report
     assert f"| 256 | {names[0]} − kfac | 2 |" in report and f"| 256 | fop − {names[0]} |" not in report
+    rules = {"lamb": "lamb: linear", "lars": "lars: poly2", "sfadamw": "sfadamw: constant"}
+    assert "cosine decay to 0" in report and all(rules[n] in report for n in names if n in rules)
     decays = {r["spec"]["hyperparameters"]["weight_decay"] for r in records if r["spec"]["optimizer"] == names[0]}
     assert decays == {0.0, 1e-3}
 

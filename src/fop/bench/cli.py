@@ -400,9 +400,16 @@ def _check_task_options(args: argparse.Namespace, task: Task) -> None:
             raise BenchError(f"{flag} does not apply to task {task.name}")
 
 
-def _protocol_lines(task: Task, config: SweepConfig, plan: Sequence[RunSpec]) -> list[str]:
+def _protocol_lines(
+    task: Task, config: SweepConfig, plan: Sequence[RunSpec], optimizers: dict[str, OptimizerSpec]
+) -> list[str]:
     """Protocol facts of this sweep for the report header."""
-    from fop.bench.optimizers import CURVATURE_OPTIMIZERS
+    from fop.bench.optimizers import COSINE, CURVATURE_OPTIMIZERS
+
+    others = sorted((name, spec.decay) for name, spec in optimizers.items() if spec.decay != COSINE)
+    decay = "cosine decay to 0" + (
+        f" (except {', '.join(f'{name}: {rule}' for name, rule in others)})" if others else ""
+    )
 
     lr_rules = sorted({(spec.optimizer, spec.lr_scaling) for spec in plan})
     intervals = sorted({(spec.batch_size, spec.hyperparameters.curvature_interval) for spec in plan})
@@ -410,7 +417,7 @@ def _protocol_lines(task: Task, config: SweepConfig, plan: Sequence[RunSpec]) ->
     lines = [
         f"protocol: learning rates scaled from the base at batch {task.reference_batch} "
         f"({', '.join(f'{name} {rule}' for name, rule in lr_rules)}), {task.warmup_epochs:g} warmup epochs, "
-        f"cosine decay to 0 at epoch {config.max_epochs}; the last partial batch of each epoch is dropped",
+        f"{decay} at epoch {config.max_epochs}; the last partial batch of each epoch is dropped",
         "device data path: dataset resident on the device as uint8, augmentation "
         + (f"(random crop, padding {task.crop_padding}, flip) on the device" if task.crop_padding else "none")
         + (", channels_last" if config.device.startswith("cuda") else "")
@@ -630,7 +637,7 @@ def _write_report(run: _Run, config: SweepConfig, plan: Sequence[RunSpec], recor
         baseline=run.baseline,
         metric=task.metric,
         target=config.target,
-        protocol=_protocol_lines(task, config, plan),
+        protocol=_protocol_lines(task, config, plan, run.optimizers),
         env=env,
         command=run.command,
         dataset=run.dataset.summary(),
