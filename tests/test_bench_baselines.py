@@ -274,6 +274,12 @@ def test_muon_keeps_a_channels_last_kernel_channels_last():
     torch.testing.assert_close(model(x), before)
 
 
+def test_muon_refuses_a_model_without_hidden_matrices():
+    _require("muon")
+    with pytest.raises(BenchError, match="no hidden Linear or convolution weight"):
+        build_muon(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), lr=1e-3, weight_decay=0.0)
+
+
 def test_muon_builds_through_the_factory_on_the_digits_task():
     _require("muon")
     dataset = load_digits()

@@ -129,6 +129,8 @@ def build_muon(model: nn.Module, lr: float, weight_decay: float) -> OptimizerPai
     """torch's Muon on the hidden weight matrices and AdamW on the rest (:func:`muon_split`), one
     learning rate and weight decay for both (Muon's ``match_rms_adamw`` adjustment)."""
     muon_names, adamw_names = muon_split(model)
+    if not muon_names:
+        raise BenchError("optimizer 'muon': the model has no hidden Linear or convolution weight for Muon")
     parameters = dict(model.named_parameters())
     adamw_parameters = [parameters[name] for name in adamw_names]
     muon = torch.optim.Muon(
