@@ -140,6 +140,11 @@ def test_learning_rate_rules_and_schedules_of_the_baselines():
         warmup_decay(10, 1, "step")
 
 
+def test_list_names_the_baselines_and_their_base_learning_rates(capsys):
+    assert main(["--list"]) == 0
+    assert "baselines (pip install 'fop[baselines]'): muon, soap, lamb, sfadamw" in capsys.readouterr().out
+
+
 def test_baseline_base_learning_rates_come_from_the_task_unless_given():
     from fop.bench.runner import _base_lr
 

@@ -355,6 +355,7 @@ def _scaling(run: _Run, plan: Sequence[RunSpec]) -> int:
 
 
 def _list_tasks() -> str:
+    from fop.bench.optimizers import LARS_BASE_LR
     from fop.bench.tasks import get_task, task_names
 
     lines = []
@@ -366,6 +367,10 @@ def _list_tasks() -> str:
             f"lr grid {','.join(f'{f:.3g}' for f in task.lr_grid)}; base lrs at batch {task.reference_batch}: "
             + ", ".join(f"{k}={v:g}" for k, v in task.base_lrs.items())
         )
+    lines.append(
+        "baselines (pip install 'fop[baselines]'): muon, soap, lamb, sfadamw start from a task's adamw base lr "
+        f"unless it names them, lars from {LARS_BASE_LR:g} (docs/benchmark.md)"
+    )
     return "\n".join(lines)
 
 
