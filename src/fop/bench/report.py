@@ -414,7 +414,8 @@ def format_sensitivity(
 
 
 def format_noise_scale(records: Sequence[dict[str, Any]], batch_sizes: Sequence[int]) -> str:
-    """FOP's gradient-noise scale B_noise per batch size: first epoch, last epoch, median over the run.
+    """FOP's gradient-noise scale B_noise per batch size: first and last evaluation period (an epoch,
+    unless the task evaluates several times per epoch), median over the run.
 
     ``inf`` means the |G|² estimate was not positive (noise dominates the gradient at that point).
     """
@@ -439,7 +440,7 @@ def format_noise_scale(records: Sequence[dict[str, Any]], batch_sizes: Sequence[
         ratio = None if overall is None or overall == 0 else batch_size / overall
         rows.append([str(batch_size), text(first), text(last), text(overall), text(ratio, ".2g")])
     return _markdown_table(
-        ["batch", "B_noise, epoch 1", "B_noise, last epoch", "B_noise, median", "batch / B_noise"], rows
+        ["batch", "B_noise, first period", "B_noise, last period", "B_noise, median", "batch / B_noise"], rows
     )
 
 
@@ -610,7 +611,8 @@ def _optional_sections(
             "## Gradient-noise scale",
             "",
             "`B_noise = tr Σ / |G|²` estimated from FOP's two half-batch gradients (all FOP runs of the batch "
-            "size, summed over layers and an epoch's steps, median over runs): a batch far above it is past "
+            "size, summed over layers and the steps of each evaluation period (an epoch, or a share of one for "
+            "tasks evaluated within epochs), median over runs): a batch far above it is past "
             "the critical batch size.",
             "",
             format_noise_scale(records, batch_sizes),

@@ -65,7 +65,7 @@ TASK = register(
         reference_batch=64,
         base_lrs={"sgd": 0.3, "adamw": 2e-3, "kfac": 0.03, "fop": 0.03},
         weight_decays={"adamw": 0.1, "default": 0.0},
-        max_epochs=2,
+        max_epochs=1,
         warmup_epochs=0.1,
         curvature=CurvatureDefaults(damping=1e-3, reference_interval=10, fallback="adamw"),
         lr_grid=(0.5, 1.0, 2.0),
@@ -75,7 +75,7 @@ TASK = register(
         data_options=frozenset({"path"}),
         data_env=DATA_ENV,
         model_options=frozenset({"layers"}),
-        evaluations_per_epoch=4,
+        evaluations_per_epoch=8,
         make_pipeline=TokenPipeline,
     )
 )
