@@ -424,8 +424,9 @@ def test_charlm_sweep_reports_validation_loss_and_time_to_target(tmp_path, capsy
         assert dataset["vocab_size"] == 98 and dataset["context"] == 128  # 97 characters + the unknown id
         assert dataset["train_size"] == (20000 - 1) // 128 and dataset["test_size"] == (20000 - 1) // 128
         curve = record["curve"]
-        # 156 windows / 16 = 9 steps, evaluated 4 times: after 2, 4, 7 and 9 steps
-        assert [p["epoch"] for p in curve] == [0.25, 0.5, 0.75, 1] and [p["step"] for p in curve] == [2, 4, 7, 9]
+        # 156 windows / 16 = 9 steps, evaluated 8 times, after round(9 k / 8) steps
+        assert [p["epoch"] for p in curve] == [k / 8 for k in range(1, 8)] + [1]
+        assert [p["step"] for p in curve] == [1, 2, 3, 4, 6, 7, 8, 9]
         for point in curve:
             assert 0 < point["val_loss"] < math.log(98) + 0.5
             assert point["val_bits"] == pytest.approx(point["val_loss"] / math.log(2))
