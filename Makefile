@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 # the torchvision release built against that torch (examples/torchvision_recipe.py and its test)
 TORCHVISION_VERSION ?= 0.28.0
 
-.PHONY: venv demo test install-test lint
+.PHONY: venv demo test install-test lint package-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,5 +38,15 @@ lint: install-test
 	$(VENV)/bin/ruff format --check src tests benchmarks examples
 	$(VENV)/bin/mypy src/fop
 
-test: lint
+# the package as a user gets it: wheel and sdist built, the wheel installed into a virtual environment
+# with only torch, where the quick start runs and fop-bench says which extra it needs
+package-check: install-test
+	rm -rf dist $(VENV)-wheel
+	$(PY) -m build --sdist --wheel --outdir dist . > /dev/null
+	$(PYTHON) -m venv $(VENV)-wheel
+	$(VENV)-wheel/bin/pip install -q "$(TORCH_SPEC)" dist/fop-*.whl
+	cd dist && ../$(VENV)-wheel/bin/python ../tests/quickstart_check.py
+	rm -rf $(VENV)-wheel
+
+test: lint package-check
 	$(PY) -m pytest -q

@@ -10,7 +10,10 @@
 # On a machine without CUDA it runs the same stages on the CPU at toy size (a dry run of the script).
 # STAGES (default "1 2 3") picks stages; EPOCHS fixes the study's epoch budget instead of deriving it;
 # STUDY_LRS ("1"), STUDY_OPTIMIZERS ("fop,kfac,sgd,adamw"), STUDY_CELLS, BASELINES (none) and TARGET
-# shape stage 3; stage 4 (not in the default) profiles PROFILE_OPTIMIZERS after the study.
+# shape stage 3; stage 4 (not in the default) profiles PROFILE_OPTIMIZERS after the study; stage 5 (not
+# in the default) runs the next cells of the paper's Table 1 (issue #19, benchmarks/table1.py) that fit the
+# time left and writes OUT/table1/runs.jsonl and OUT/table1/README.md, to be copied into results/gpu/table1/
+# (TABLE1_PLAN names another plan; on a machine without CUDA the first TABLE1_TOY cells, default 2, at toy size).
 set -u
 OUT=${1:?usage: gpu_session.sh OUT SECONDS [DATA]}
 TOTAL=${2:?usage: gpu_session.sh OUT SECONDS [DATA]}
@@ -106,6 +109,17 @@ if [[ $STAGES == *" 4 "* ]] && [ -n "${PROFILE_OPTIMIZERS:-}" ]; then
     stage stage4-profile $(($(left) - 20)) "${BENCH[@]}" "${SIZE[@]}" --device "$DEVICE" --profile \
         --profile-steps "${PROFILE_STEPS:-10}" --batch-sizes "$B_MAIN" --curvature-interval "${PROFILE_INTERVAL:-5}" \
         --optimizers "$PROFILE_OPTIMIZERS" --out "$WORK/profile-4"
+fi
+
+# 5. the paper's Table 1: the next cells of the committed plan that fit (each cell one fop-bench command;
+#    a cell cut off by the limit is not recorded and runs again in the next session)
+if [[ $STAGES == *" 5 "* ]]; then
+    TOY_ARGS=()
+    [ "$DEVICE" = cuda ] || TOY_ARGS=(--toy "${TABLE1_TOY:-2}")
+    stage stage5-table1 $(($(left) - 10)) "$PYTHON" benchmarks/table1.py run \
+        --plan "${TABLE1_PLAN:-results/gpu/table1/plan.json}" --data "$DATA" --device "$DEVICE" \
+        --seconds $(($(left) - 25)) --out "$OUT/table1" --work "$WORK/table1" "${TOY_ARGS[@]}"
+    tail -n 3 "$WORK/stage5-table1.log" | tee -a "$WORK/session.log"
 fi
 
 log "done; packing"

@@ -245,7 +245,7 @@ def test_frozen_layers_cost_no_curvature_capture_and_no_distributed_traffic() ->
     optimizer = FOP(model, curvature_update_interval=10)
     for seed in range(2):
         step(model, optimizer, *batch(seed=seed))
-    assert not optimizer._mode.factors  # the frozen layer, without factors, does not force a capture
+    assert not optimizer.curvature_step  # the frozen layer, without factors, does not force a capture
     spec = plan(optimizer, model, 2)
     assert [layer.name for layer in spec.layers] == ["3"]
     sizes = spec.bytes_per_step(False)

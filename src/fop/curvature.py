@@ -1,6 +1,7 @@
 """Per-layer curvature capture: Kronecker factors and sub-batch gradients from module hooks.
 
-One :class:`KroneckerLayer` wraps one supported module (``nn.Linear`` or ``nn.Conv2d``). During an
+One :class:`KroneckerLayer` wraps one supported module (``nn.Linear`` and ``nn.Conv2d`` here; convolutions
+of other dimensions, attention projections, GPT-2's ``Conv1D`` and embeddings in :mod:`fop.layers`). During an
 ordinary forward/backward pass its hooks record, for the pending optimizer step:
 
 * the two sub-batch gradients: each forward batch is split into a first half (``ceil(n/2)``
@@ -23,8 +24,10 @@ refuse in-place modifications of their outputs.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +78,14 @@ class CaptureMode:
     empirical: bool = True  # G from the loss's own output gradients (False: Monte-Carlo Fisher)
     sampling: bool = False  # live flag: the backward in progress is the Monte-Carlo Fisher pass
     factor_samples: int | None = None  # factors from at most this many samples per forward (None: all)
+    # the capture-time values of the optimizer's param group, read at each forward (a weak reference to
+    # a method returning {"factor_samples": ...}), so an edit of param_groups applies to the next forward
+    settings: weakref.WeakMethod | None = None
+
+    def for_forward(self) -> CaptureMode:
+        """This forward's settings: the flags as they are now, the param group's values as they are now."""
+        read = self.settings() if self.settings is not None else None
+        return replace(self, **read()) if read is not None else replace(self)
 
 
 def factor_subset(n: int, factor_samples: int | None, device: torch.device) -> slice | Tensor | None:
@@ -125,6 +136,8 @@ class LayerWork:
     g_factor: Tensor | None = None
     direction: Tensor | None = None
     dg: Tensor | None = None  # ⟨direction, grad⟩ from the layer's owner (distributed; else None)
+    # the step's β*, η*, s and (FOP) noise terms tr Σ, |G|², from the owner's direction
+    diagnostics: dict[str, Tensor] = field(default_factory=dict)
     samples: int = 0  # samples of this process's batch that reached the layer's backward
     half_batch: float = 0.0  # samples behind each of g1, g2 (for the gradient-noise scale)
     first_order: bool = False  # plain gradient, no halves or factors: the layer takes the first-order rule
@@ -182,6 +195,17 @@ class _Pending:
     backward_calls: int = 0
     single_sample: bool = False
     hooked: Tensor | None = None  # Σ C over forwards, while the layer is verified (see foreign_share)
+    frozen_bias: Tensor | None = None  # Σ δ of a layer whose bias is frozen: the column p.grad lacks
+
+    def in_dtype(self, dtype: torch.dtype) -> _Pending:
+        """The statistics in ``dtype``: captured before the model was cast (``model.double()`` before ``step()``)."""
+        changes: dict[str, Any] = {
+            f.name: value.to(dtype)
+            for f in fields(self)
+            if isinstance(value := getattr(self, f.name), Tensor) and value.dtype != dtype
+        }
+        return replace(self, **changes) if changes else self
+
     low_precision: bool = False
 
 
@@ -212,7 +236,6 @@ class KroneckerLayer:
         self.bias: nn.Parameter | None = module.bias if weight is None else bias  # type: ignore[assignment]
         self.out_features = self.weight.shape[0]
         self.in_features = self.weight[0].numel() + (1 if self.bias is not None else 0)
-        self.last: dict[str, Tensor] = {}  # diagnostics of the last step
         self.is_reference = False  # records its full gradient for the loss-scale ratio (no biases)
         self.batch_dim = 0  # the inputs' batch dimension (1: fop.layers.SequenceFirstLinearLayer)
         self.verify = True  # until the first step: check that p.grad is all the hooks' own gradient
@@ -251,11 +274,14 @@ class KroneckerLayer:
             # what is pending belongs to a cycle that will never be stepped
             self.reset()
         x = args[0].detach()
-        mode = replace(self.mode)  # this forward's settings, whatever step() changes before backward
+        mode = self.mode.for_forward()  # this forward's settings, whatever step() changes before backward
         output.register_hook(lambda grad_out: self._backward_hook(x, grad_out, mode))
 
     def _backward_hook(self, x: Tensor, grad_out: Tensor, mode: CaptureMode) -> None:
-        with phase("capture"):
+        x = as_computed(x, grad_out)
+        # a backward() called inside the autocast region runs the hooks under it: their products would
+        # round to 16 bits; the factors and halves are formed in the compute dtype either way
+        with phase("capture"), torch.autocast(x.device.type, enabled=False):
             if self.mode.sampling:  # read live: the Monte-Carlo pass runs after this forward
                 self._capture_sampled(x, grad_out, mode)
             else:
@@ -297,6 +323,8 @@ class KroneckerLayer:
                 pending.gg_sum = _add(pending.gg_sum, self._sampled_output_moment(grad_out, subset, dtype))
                 pending.samples += n
         bias_reference = self.bias is not None and self.bias.requires_grad
+        if self.bias is not None and not self.bias.requires_grad:
+            pending.frozen_bias = _add(pending.frozen_bias, self._output_sum(grad_out).to(dtype))
         if not bias_reference and self.is_reference and (mode.total or mode.halves):
             pending.reference = _add(pending.reference, self._folded_grad(x, grad_out).to(dtype))
         if mode.halves and n < 2:
@@ -359,6 +387,8 @@ class KroneckerLayer:
         if hooked is None or grad is None:
             return None
         grad = grad.to(hooked.dtype)
+        if self.bias is not None and self.bias.grad is None:  # a frozen bias: p.grad has no column to compare
+            grad, hooked = grad[:, :-1], hooked[:, :-1]
         hh = (hooked * hooked).sum()
         r = safe_divide((grad * hooked).sum(), hh, hh > 0, 0.0)
         norm = grad.norm()
@@ -367,6 +397,14 @@ class KroneckerLayer:
     def foreign_tolerance(self) -> float:
         """The :meth:`foreign_share` that round-off can produce (16-bit autocast and TF32 round more)."""
         return 3e-2 if self._pending.low_precision else 1e-3
+
+    def hook_reference(self) -> Tensor | None:
+        """The loss-scale reference the hooks recorded this cycle (see :func:`loss_scale_ratio`), or None."""
+        return self._pending.reference
+
+    def set_hook_reference(self, reference: Tensor) -> None:
+        """Replace the recorded reference (DDP: by its mean over the processes, as ``p.grad`` is)."""
+        self._pending.reference = reference
 
     def reference_pair(self) -> tuple[Tensor, Tensor] | None:
         """``(p.grad, C)`` of this layer's loss-scale reference, if it recorded one."""
@@ -389,10 +427,15 @@ class KroneckerLayer:
         (empirical Fisher), or ``G = Σδδᵀ / samples`` over the Monte-Carlo pass, whose summed loss
         makes δ the per-sample output gradients (no loss scale involved).
         """
-        p = self._pending
         grad = work.grad
+        p = self._pending.in_dtype(grad.dtype)
         work.samples = p.batch_samples
         r = ratio if ratio is not None else torch.ones((), dtype=grad.dtype, device=grad.device)
+        if p.frozen_bias is not None and self.bias is not None and self.bias.grad is None:
+            # a frozen bias keeps its value, but the layer's folded direction is formed from the whole
+            # gradient [∂W | ∂b] the hooks saw: W moves exactly as it would beside a trained bias
+            grad = torch.cat([grad[:, :-1], (r * p.frozen_bias)[:, None]], dim=1)
+            work.grad = grad
         if p.g1 is not None and p.c1 is not None and p.split is not None and not p.single_sample:
             n, n1 = p.split
             rest = grad - r * p.c1
@@ -421,7 +464,7 @@ class KroneckerLayer:
         if self.weight.grad is None:
             return None
         dtype = compute_dtype(self.weight.dtype)
-        w = self._as_matrix(self.weight.grad).to(dtype)
+        w = self.as_matrix(self.weight.grad).to(dtype)
         if self.bias is None:
             return w
         b = self.bias.grad
@@ -431,14 +474,16 @@ class KroneckerLayer:
     def unfold_direction(self, direction: Tensor) -> list[Tensor]:
         """Split a folded ``(out, in_f)`` direction into per-parameter tensors (weight, bias)."""
         if self.bias is None:
-            return [self._from_matrix(direction)]
-        return [self._from_matrix(direction[:, :-1]), direction[:, -1].contiguous()]
+            return [self.from_matrix(direction)]
+        return [self.from_matrix(direction[:, :-1]), direction[:, -1].contiguous()]
 
-    def _as_matrix(self, weight_like: Tensor) -> Tensor:
-        """A weight-shaped tensor as the ``(out, in)`` matrix of the folded layout."""
+    def as_matrix(self, weight_like: Tensor) -> Tensor:
+        """A weight-shaped tensor (the weight, its gradient or a direction) as the ``(out, in)`` matrix of the
+        folded layout."""
         return weight_like.reshape(self.out_features, -1)
 
-    def _from_matrix(self, matrix: Tensor) -> Tensor:
+    def from_matrix(self, matrix: Tensor) -> Tensor:
+        """The inverse of :meth:`as_matrix`: an ``(out, in)`` matrix in the weight's shape."""
         return matrix.reshape(self.weight.shape)
 
     # ----------------------------------------------------------------------------- per type
@@ -482,6 +527,20 @@ class _InertLayer:
 
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def as_computed(x: Tensor, grad_out: Tensor) -> Tensor:
+    """The layer's input in the dtype its forward computed in: the dtype of its output gradient.
+
+    Under autocast a layer casts its input before the product (a model's first ``Linear`` receives
+    float32 data and computes in bf16/fp16, so its output and output gradient are 16-bit while the
+    captured input is not). The factors and sub-batch gradients are then those of the input the layer
+    actually used, and every product of the capture sees one dtype. Integer inputs (embedding indices)
+    are returned as they are.
+    """
+    if x.dtype == grad_out.dtype or not (x.is_floating_point() and grad_out.is_floating_point()):
+        return x
+    return x.to(grad_out.dtype)
 
 
 def _tf32(x: Tensor) -> bool:
@@ -653,7 +712,8 @@ def _explicit_padding(module: nn.Conv2d) -> list[int]:
             total = d * (k - 1)
             pad += [total // 2, total - total // 2]
         return pad
-    return list(module._reversed_padding_repeated_twice)
+    padding = cast(tuple[int, ...], module.padding)  # a tuple once the string forms are handled above
+    return [p for size in reversed(padding) for p in (size, size)]
 
 
 def supports(module: nn.Module) -> bool:

@@ -99,14 +99,14 @@ class DDPCommunicator(LocalCommunicator):
         """
         self.last_step_bytes = {"hook_all_reduce": self._hook_bytes, "all_reduce": 0}  # a step begins here
         self._hook_bytes = 0
-        references = [ref for layer in layers if (ref := layer._pending.reference) is not None]
-        if references:
-            flat = torch.cat([ref.reshape(-1) for ref in references])
+        referenced = [(layer, ref) for layer in layers if (ref := layer.hook_reference()) is not None]
+        if referenced:
+            flat = torch.cat([ref.reshape(-1) for _, ref in referenced])
             self._all_reduce(flat)
             flat /= self.world_size
             offset = 0
-            for ref in references:
-                ref.copy_(flat[offset : offset + ref.numel()].view_as(ref))
+            for layer, ref in referenced:
+                layer.set_hook_reference(flat[offset : offset + ref.numel()].view_as(ref))
                 offset += ref.numel()
         return loss_scale_ratio(list(layers))
 
@@ -163,7 +163,7 @@ class DDPCommunicator(LocalCommunicator):
                 "ddp_model.register_comm_hook(optimizer, dual_gradient_hook) and step after a backward through "
                 "the DDP model (outside no_sync())"
             )
-        w = layer._as_matrix(weight[half]).to(like.dtype)
+        w = layer.as_matrix(weight[half]).to(like.dtype)
         if layer.bias is None:
             return w
         bias = self._halves.get(id(layer.bias))

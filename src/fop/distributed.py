@@ -39,7 +39,7 @@ optimizer is built inside an initialised process group of two or more processes:
   owner, with the layer's ``β*``, ``η*``, ``s`` and ``⟨d, g⟩``, the KL trust region's term).
   Every process then applies the same momentum / weight-decay update, so parameters stay
   identical. Engine code that runs after ``share`` may use only shared quantities (``direction``,
-  ``dg``, ``layer.last``): ``grad``, ``g1``, ``g2``, ``a``, ``g`` are the reduced values on the
+  ``dg``, ``diagnostics``): ``grad``, ``g1``, ``g2``, ``a``, ``g`` are the reduced values on the
   owner only.
 * **Replicated mode** (``replicated=True``): one all-reduce of everything (slots, factor
   triangles, fallback gradients); every process computes every layer and nothing is broadcast.
@@ -741,13 +741,17 @@ class DistributedCommunicator(Communicator):
             assert item.direction is not None
             off = self._share_off[i]
             bucket[off : off + self._numel[i]].copy_(item.direction.reshape(-1))
-            last = item.layer.last
-            values = [last.get("beta", zero), last.get("eta", zero + 1), last.get("projection", zero)]
+            diagnostics = item.diagnostics
+            values = [
+                diagnostics.get("beta", zero),
+                diagnostics.get("eta", zero + 1),
+                diagnostics.get("projection", zero),
+            ]
             values.append(inner(item.direction, item.grad))
             if self.splits and not item.first_order:  # a step without halves (one sample): NaN noise terms
                 for key in _NOISE_KEYS:
-                    last.setdefault(key, zero + float("nan"))
-            values += [last.get(key, zero) for key in _NOISE_KEYS]
+                    diagnostics.setdefault(key, zero + float("nan"))
+            values += [diagnostics.get(key, zero) for key in _NOISE_KEYS]
             scalars = bucket[off + self._numel[i] : off + self._numel[i] + SHARED_SCALARS]
             scalars.copy_(torch.stack([v.to(self.dtype).reshape(()) for v in values]))
             item.dg = scalars[3].to(item.grad.dtype)  # as every other process will read it
@@ -765,9 +769,9 @@ class DistributedCommunicator(Communicator):
             item.dg = scalars[3]
             if item.first_order:  # no curvature: no diagnostics
                 continue
-            layer.last = {"beta": scalars[0], "eta": scalars[1], "projection": scalars[2]}
+            item.diagnostics = {"beta": scalars[0], "eta": scalars[1], "projection": scalars[2]}
             if self.splits:
-                layer.last.update(zip(_NOISE_KEYS, scalars[4:6]))
+                item.diagnostics.update(zip(_NOISE_KEYS, scalars[4:6]))
 
     # ----------------------------------------------------------------------------- packing
     def _pattern(self, items: dict[int, LayerWork], curvature: bool) -> tuple:

@@ -1,14 +1,14 @@
 """The mathematics of K-FAC and FOP for one layer, as plain functions.
 
-Notation (see ``docs/fop-algorithm.md`` of the project): a layer's gradient is a matrix ``X`` of
+Notation (Lu & Armour, AAAI 2026; the project's ``README.md``): a layer's gradient is a matrix ``X`` of
 shape ``(out, in)`` (bias folded in as the last input column). The Kronecker factors are
 ``A`` (in, in), the second moment of the layer inputs, and ``G`` (out, out), the second moment of the
 per-sample output gradients. The Fisher block is ``F = A ⊗ G`` and acts on a gradient matrix as::
 
     F·X = G X A
 
-The damped Fisher is ``M = F + λI``. With the eigendecompositions ``A = Q_A diag(a) Q_Aᵀ`` and
-``G = Q_G diag(g) Q_Gᵀ`` the damping is exact (not the usual factored approximation)::
+Two dampings are implemented (``damping_mode``). Exact: the damped Fisher is ``M = F + λI``; with the
+eigendecompositions ``A = Q_A diag(a) Q_Aᵀ`` and ``G = Q_G diag(g) Q_Gᵀ``::
 
     M⁻¹X = Q_G [ (Q_Gᵀ X Q_A) / (g aᵀ + λ) ] Q_Aᵀ
 
@@ -16,7 +16,7 @@ A diagonal input factor (``nn.Embedding``: ``A = diag(c)``, token frequencies) i
 1-D tensor ``c`` of its diagonal; its eigenbasis is the standard one, so :func:`eigen_diagonal`
 returns ``Eigen(c, None)`` and the rotations skip ``Q_A`` (no ``vocab × vocab`` matrix is formed).
 
-With factored damping ``M = (A + π√λ I) ⊗ (G + √λ/π I)`` is itself a Kronecker product, so no
+Factored (the default since 0.3): ``M = (A + π√λ I) ⊗ (G + √λ/π I)`` is itself a Kronecker product, so no
 eigendecomposition is needed: ``M⁻¹X = (G + √λ/π I)⁻¹ X (A + π√λ I)⁻¹`` with the two inverses
 from Cholesky factorisations (:func:`factored_inverses`, :func:`fop_direction_factored`).
 

@@ -120,10 +120,10 @@ class TransposedLinearLayer(LinearLayer):
         self.out_features = self.weight.shape[1]
         self.in_features = self.weight.shape[0] + (1 if self.bias is not None else 0)
 
-    def _as_matrix(self, weight_like: Tensor) -> Tensor:
+    def as_matrix(self, weight_like: Tensor) -> Tensor:
         return weight_like.T
 
-    def _from_matrix(self, matrix: Tensor) -> Tensor:
+    def from_matrix(self, matrix: Tensor) -> Tensor:
         return matrix.T.contiguous()
 
 
@@ -314,7 +314,7 @@ def make_layers(name: str, module: nn.Module, mode: CaptureMode, batch_dim: int 
         return [(SequenceFirstEmbeddingLayer if batch_dim == 1 else EmbeddingLayer)(name, module, mode)]
     if _is_attention(module):
         assert isinstance(module, nn.MultiheadAttention)
-        keys = ["in_proj"] if module._qkv_same_embed_dim else ["q_proj", "k_proj", "v_proj"]
+        keys = ["in_proj"] if module.in_proj_weight is not None else ["q_proj", "k_proj", "v_proj"]
         return [AttentionProjectionLayer(name, module, mode, key) for key in keys]
     if is_gpt2_conv1d(module):
         return [TransposedLinearLayer(name, module, mode)]

@@ -212,7 +212,7 @@ def _in_projections(
     m: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor, self_attention: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``q, k, v``: through the hooked projections where one Kronecker block fits, else plain ``F.linear``."""
-    if not m._qkv_same_embed_dim:
+    if m.in_proj_weight is None:  # separate q/k/v weights (kdim/vdim differ from embed_dim)
         b_q, b_k, b_v = (None, None, None) if m.in_proj_bias is None else m.in_proj_bias.chunk(3)
         q = _project(m, "q_proj", query, m.q_proj_weight, b_q)
         k = _project(m, "k_proj", key, m.k_proj_weight, b_k)

@@ -21,6 +21,7 @@ import os
 import sys
 import types
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
 
@@ -30,10 +31,11 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import functional as Fn
+from .arguments import FALLBACK_RULES, GROUP_KEYS, check_constructor_arguments, check_param_group
 from .curvature import CaptureMode, KroneckerLayer, LayerWork
 from .distributed import Communicator, StepContext, make_communicator
 from .first_order import adamw_update, sgd_update
-from .intervals import Interval, check_interval, interval_at
+from .intervals import Interval, interval_at
 from .layers import linear_layouts, make_layers, supports, unsupported_reason
 from .profiling import phase
 from .state import LayerCurvature
@@ -41,10 +43,6 @@ from .state import LayerCurvature
 __all__ = ["FOP", "KFAC", "KroneckerOptimizer", "PAPER_PRESET"]
 
 ExcludeSpec = Iterable[nn.Module | str | type]
-
-_FALLBACK_RULES = ("sgd", "adamw")
-_FISHER_TYPES = ("empirical", "mc")
-_TRUST_REGIONS = ("step", "direction")
 
 # The closest reading of the paper's setup (its K-FAC and FOP "rely on ASDL", whose defaults these
 # are, and it names neither a trust region nor a factor average): FOP(model, lr=..., **PAPER_PRESET).
@@ -55,104 +53,21 @@ PAPER_PRESET: dict[str, Any] = {
     "kl_clip": None,
     "eta": "sum",
 }
-# The constructor arguments _check_arguments validates, and those every param group carries.
-_GROUP_DEFAULTS = (
-    "lr",
-    "momentum",
-    "weight_decay",
-    "nesterov",
-    "damping",
-    "factor_decay",
-    "projection_eps",
-    "kl_clip",
-    "trust_region",
-    "damping_mode",
-    "eta",
-    "factor_samples",
-)
-_CHECKED_ARGUMENTS = _GROUP_DEFAULTS + (
-    "curvature_update_interval",
-    "inverse_update_interval",
-    "fisher",
-    "fallback",
-    "fallback_lr",
-    "fallback_betas",
-    "fallback_eps",
-)
+# Per-parameter state kept in the parameter's own dtype and device (see _follow_parameters).
+_PARAMETER_SHAPED = ("momentum_buffer", "exp_avg", "exp_avg_sq")
 # How many per-step trust-region factors ν are kept for trust_region_stats().
 _NU_HISTORY = 100_000
 _SPARSE_MESSAGE = "{name} needs dense gradients: build nn.Embedding / nn.EmbeddingBag with sparse=False (the default)"
 
 
 class KroneckerOptimizer(Optimizer):
-    """Shared engine of :class:`FOP` and :class:`KFAC` (``projection`` tells them apart).
+    """Shared engine of :class:`FOP` and :class:`KFAC`: the class attributes ``projection`` and
+    ``splits_batch`` tell them apart; the arguments are those of ``__init__``.
 
-    Args:
-        model: the module to train. Its ``nn.Linear``, ``nn.Conv1d/2d/3d`` (``groups=1``) and
-            ``nn.MultiheadAttention`` and ``nn.Embedding`` layers get Kronecker curvature (see :mod:`fop.layers`);
-            every other trainable parameter goes to the fallback group.
-        lr: base learning rate ``η0`` of the curvature group.
-        momentum: momentum of the update ``θ ← θ − lr·buf``, ``buf ← μ·buf + d`` (as torch SGD).
-        weight_decay: L2 term ``wd·θ`` added to the preconditioned direction (and, for the
-            fallback group, as SGD's coupled or AdamW's decoupled decay).
-        nesterov: Nesterov momentum.
-        damping: ``λ``, the Tikhonov damping of the curvature (how, see ``damping_mode``).
-        factor_decay: running-average decay of the factors, ``A ← ρA + (1−ρ)A_batch``.
-        curvature_update_interval: capture factor statistics every this many steps (an ``int``
-            or a callable ``step -> int``).
-        inverse_update_interval: recompute the eigendecompositions every this many steps.
-        projection_eps: ``ε`` in the projection scalar ``s = ⟨g_diff, F g_avg⟩/(⟨g_avg, F g_avg⟩+ε)``.
-        kl_clip: trust region ``κ`` (K-FAC's KL clipping); ``None`` disables it. With the default
-            ``trust_region="direction"`` the curvature layers' directions are scaled by
-            ``ν = min(1, √(κ / Σ⟨d, g⟩))``: the direction has Fisher norm at most ``√κ`` and the step
-            ``lr·ν·d`` at most ``lr·√κ`` (``κ = 1``: the learning rate is the trust radius).
-        trust_region: ``"direction"`` (above: the learning rate and its schedule always act) or
-            ``"step"`` (``ν = min(1, √(κ / (lr² Σ⟨d, g⟩)))``, kfac-pytorch's rule and this library's
-            default before 0.2 with ``κ = 1e-3``: the clip bounds the step ``lr·d``, so while it binds
-            the step is ``√(κ/Σ⟨d,g⟩)·d`` whatever ``lr``).
-        fisher: ``"empirical"`` (``G`` from the output gradients of the training loss, no extra
-            cost) or ``"mc"`` (Monte-Carlo Fisher: ``G`` from the output gradients of labels
-            sampled from the model's predictive distribution; the loop calls
-            :meth:`sample_fisher` on the output before ``backward()``, one extra backward pass on
-            curvature steps).
-        damping_mode: ``"factored"`` (the default since 0.3, as ASDL on which the paper built:
-            ``M = (A + π√λI) ⊗ (G + √λ/π I)``, through the two damped inverses, formed
-            by Cholesky factorisations: several times cheaper than the eigendecompositions of large
-            factors, and an ordinary step needs no rotation back) or ``"exact"`` (``M = A ⊗ G + λI``,
-            through the factors' eigendecompositions; the default up to 0.2); see
-            :func:`fop.functional.damped_fisher_eigenvalues` and :func:`fop.functional.factored_inverses`.
-            Either way each step uses the factors as of the last inverse update, with the current ``λ``.
-        factor_samples: on curvature steps, the factors ``A`` and ``G`` of every layer come from at most
-            this many samples of each forward batch (micro-batch) instead of all ``n``: the evenly strided
-            ``S = {⌊i·n/m⌋ : i < m}``, the same samples for ``A`` and ``G``, with the sums over ``S`` scaled by
-            ``n/m`` so that each factor estimates the full-batch one without bias (with one forward,
-            ``A = Σ_{S} a aᵀ / rows(S)`` and ``G = (1/m) Σ_{i∈S} δ_i δ_iᵀ``: the factors of those ``m``
-            samples; see :func:`fop.curvature.factor_subset`). The sub-batch gradients ``g1``, ``g2`` and
-            ``p.grad`` stay exact. It cuts the cost of the factors, which grows with the rows (a
-            convolution's input factor has one row per sample and output position). ``None`` (default):
-            every sample. Kept in the param groups (and so in ``state_dict()``); read at every step.
-        eta: FOP's step-scale convention: ``"mean"`` (``g_tot = (g1+g2)/2``, η* ∈ [½, 1]) or
-            ``"sum"`` (the paper's literal ``g_tot = g1 + g2``, η* ∈ [1, 2]). K-FAC ignores it.
-        fallback: ``"sgd"`` or ``"adamw"``, the rule for parameters outside supported layers.
-        fallback_lr: learning rate of the fallback group (default ``lr`` for SGD, 1e-3 for AdamW).
-        fallback_betas, fallback_eps: AdamW's coefficients for the fallback group.
-        exclude: a list of modules (instances, names as in ``model.named_modules()`` or types) kept
-            out of curvature, with every layer inside them; their parameters use the fallback rule
-            (e.g. ``exclude=[model.fc]``, ``exclude=["layer4"]``).
-            Layers whose parameters are shared with another module (tied weights) are kept out
-            automatically, with a warning.
-        batch_first: whether ``nn.Linear`` inputs of three or more dimensions are ``(batch, seq, ...)``
-            (``True``) or ``(seq, batch, ...)`` (``False``); the halves are split along the batch.
-            Linear layers inside a module built with ``batch_first=False`` (``nn.Transformer``, its
-            encoder and decoder layers, ``nn.MultiheadAttention``) are sequence-first whatever this
-            says. ``None`` (default): batch first, with a warning naming the Linear layers outside
-            such modules when the model has any (their layout cannot be told from the model).
-        distributed: ``None`` (auto): run on ``torch.distributed`` when a process group of two or more
-            processes is initialised (dual-gradient reduction by rank parity, layer specialists; see
-            :mod:`fop.distributed` and ``docs/distributed.md``); ``False``: train locally; ``True``:
-            require a process group; or a configured :class:`fop.distributed.DistributedCommunicator`.
-        replicated: distributed only: every process computes every layer's curvature (one
-            all-reduce per step) instead of one owner process per layer.
+    Public methods besides ``torch.optim.Optimizer``'s (``step``, ``zero_grad``, ``state_dict``,
+    ``load_state_dict``, ``add_param_group``): :meth:`sample_fisher`, :meth:`diagnostics`,
+    :meth:`gradient_noise_scale`, :meth:`trust_region_stats`, :meth:`remove_hooks`,
+    :meth:`use_communicator`; properties :attr:`curvature_step`, :attr:`skipped_steps`.
     """
 
     projection: bool = True  # FOP's projection on (the direction uses β*, η*)
@@ -185,9 +100,106 @@ class KroneckerOptimizer(Optimizer):
         distributed: bool | Communicator | None = None,
         replicated: bool = False,
     ) -> None:
+        """Build the optimizer on ``model``: hooks on its supported layers, and the param groups.
+
+        Args:
+                model: the module to train. Its ``nn.Linear``, ``nn.Conv1d/2d/3d`` (``groups=1``) and
+                    ``nn.MultiheadAttention`` and ``nn.Embedding`` layers get Kronecker curvature (see :mod:`fop.layers`);
+                    every other trainable parameter goes to the fallback group.
+                lr: base learning rate ``η0`` of the curvature group.
+                momentum: momentum of the update ``θ ← θ − lr·buf``, ``buf ← μ·buf + d`` (as torch SGD).
+                weight_decay: L2 term ``wd·θ`` added to the preconditioned direction (and, for the
+                    fallback group, as SGD's coupled or AdamW's decoupled decay).
+                nesterov: Nesterov momentum.
+                damping: ``λ``, the Tikhonov damping of the curvature (how, see ``damping_mode``).
+                factor_decay: running-average decay of the factors, ``A ← ρA + (1−ρ)A_batch``.
+                curvature_update_interval: capture factor statistics every this many steps (an ``int``
+                    or a callable ``step -> int``).
+                inverse_update_interval: recompute the damped inverses (``damping_mode="factored"``) or
+                    the eigendecompositions (``"exact"``) every this many steps (an ``int`` or a callable).
+                projection_eps: ``ε`` in the projection scalar ``s = ⟨g_diff, F g_avg⟩/(⟨g_avg, F g_avg⟩+ε)``.
+                kl_clip: trust region ``κ`` (K-FAC's KL clipping); ``None`` disables it. With the default
+                    ``trust_region="direction"`` the curvature layers' directions are scaled by
+                    ``ν = min(1, √(κ / Σ⟨d, g⟩))``: the direction has Fisher norm at most ``√κ`` and the step
+                    ``lr·ν·d`` at most ``lr·√κ`` (``κ = 1``: the learning rate is the trust radius).
+                trust_region: ``"direction"`` (above: the learning rate and its schedule always act) or
+                    ``"step"`` (``ν = min(1, √(κ / (lr² Σ⟨d, g⟩)))``, kfac-pytorch's rule and this library's
+                    default before 0.2 with ``κ = 1e-3``: the clip bounds the step ``lr·d``, so while it binds
+                    the step is ``√(κ/Σ⟨d,g⟩)·d`` whatever ``lr``).
+                fisher: ``"empirical"`` (``G`` from the output gradients of the training loss, no extra
+                    cost) or ``"mc"`` (Monte-Carlo Fisher: ``G`` from the output gradients of labels
+                    sampled from the model's predictive distribution; the loop calls
+                    :meth:`sample_fisher` on the output before ``backward()``, one extra backward pass on
+                    curvature steps).
+                damping_mode: ``"factored"`` (the default since 0.3, as ASDL on which the paper built:
+                    ``M = (A + π√λI) ⊗ (G + √λ/π I)``, through the two damped inverses, formed
+                    by Cholesky factorisations: several times cheaper than the eigendecompositions of large
+                    factors, and an ordinary step needs no rotation back) or ``"exact"`` (``M = A ⊗ G + λI``,
+                    through the factors' eigendecompositions; the default up to 0.2); see
+                    :func:`fop.functional.damped_fisher_eigenvalues` and :func:`fop.functional.factored_inverses`.
+                    Either way each step uses the factors as of the last inverse update, with the current ``λ``.
+                factor_samples: on curvature steps, the factors ``A`` and ``G`` of every layer come from at most
+                    this many samples of each forward batch (micro-batch) instead of all ``n``: the evenly strided
+                    ``S = {⌊i·n/m⌋ : i < m}``, the same samples for ``A`` and ``G``, with the sums over ``S`` scaled by
+                    ``n/m`` so that each factor estimates the full-batch one without bias (with one forward,
+                    ``A = Σ_{S} a aᵀ / rows(S)`` and ``G = (1/m) Σ_{i∈S} δ_i δ_iᵀ``: the factors of those ``m``
+                    samples; see :func:`fop.curvature.factor_subset`). The sub-batch gradients ``g1``, ``g2`` and
+                    ``p.grad`` stay exact. It cuts the cost of the factors, which grows with the rows (a
+                    convolution's input factor has one row per sample and output position). ``None`` (default):
+                    every sample. Kept in the param groups (and so in ``state_dict()``); read at every step.
+                eta: FOP's step-scale convention: ``"mean"`` (``g_tot = (g1+g2)/2``, η* ∈ [½, 1]) or
+                    ``"sum"`` (the paper's literal ``g_tot = g1 + g2``, η* ∈ [1, 2]). K-FAC ignores it.
+                fallback: ``"sgd"`` or ``"adamw"``, the rule for parameters outside supported layers.
+                fallback_lr: learning rate of the fallback group (default ``lr`` for SGD, 1e-3 for AdamW).
+                fallback_betas: AdamW's ``(β1, β2)`` for the fallback group.
+            fallback_eps: AdamW's ``ε`` for the fallback group.
+                exclude: a list of modules (instances, names as in ``model.named_modules()`` or types) kept
+                    out of curvature, with every layer inside them; their parameters use the fallback rule
+                    (e.g. ``exclude=[model.fc]``, ``exclude=["layer4"]``).
+                    Layers whose parameters are shared with another module (tied weights) are kept out
+                    automatically, with a warning.
+                batch_first: whether ``nn.Linear`` inputs of three or more dimensions are ``(batch, seq, ...)``
+                    (``True``) or ``(seq, batch, ...)`` (``False``); the halves are split along the batch.
+                    Linear layers inside a module built with ``batch_first=False`` (``nn.Transformer``, its
+                    encoder and decoder layers, ``nn.MultiheadAttention``) are sequence-first whatever this
+                    says. ``None`` (default): batch first, with a warning naming the Linear layers outside
+                    such modules when the model has any (their layout cannot be told from the model).
+                distributed: ``None`` (auto): run on ``torch.distributed`` when a process group of two or more
+                    processes is initialised (dual-gradient reduction by rank parity, layer specialists; see
+                    :mod:`fop.distributed` and ``docs/distributed.md``); ``False``: train locally; ``True``:
+                    require a process group; or a configured :class:`fop.distributed.DistributedCommunicator`.
+                replicated: distributed only: every process computes every layer's curvature (one
+                    all-reduce per step) instead of one owner process per layer.
+
+            Raises:
+                TypeError: ``model`` is not an ``nn.Module``.
+                ValueError: an argument out of its range (the message names it and the range).
+        """
         _check_model(model, type(self).__name__)
-        arguments = {name: value for name, value in locals().items() if name in _CHECKED_ARGUMENTS}
-        _check_arguments(**arguments)
+        group_values: dict[str, Any] = dict(
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            damping=damping,
+            factor_decay=factor_decay,
+            projection_eps=projection_eps,
+            kl_clip=kl_clip,
+            trust_region=trust_region,
+            damping_mode=damping_mode,
+            eta=eta,
+            factor_samples=factor_samples,
+        )
+        check_constructor_arguments(
+            curvature_update_interval=curvature_update_interval,
+            inverse_update_interval=inverse_update_interval,
+            fisher=fisher,
+            fallback=fallback,
+            fallback_lr=fallback_lr,
+            fallback_betas=fallback_betas,
+            fallback_eps=fallback_eps,
+            **group_values,
+        )
         self.curvature_update_interval = curvature_update_interval
         self.inverse_update_interval = inverse_update_interval
         self.fisher = fisher
@@ -195,8 +207,11 @@ class KroneckerOptimizer(Optimizer):
             halves=self.splits_batch, factors=True, total=not self.splits_batch, empirical=fisher == "empirical"
         )
         self._sampled = False  # sample_fisher() ran in this cycle
+        self._due = True  # the next cycle is on the curvature interval (see _set_capture_mode)
+        self._factorless: list[KroneckerLayer] = []  # layers without running factors yet
         self._nu_history: list[Tensor] = []  # the trust region's ν per step (device tensors)
         self._noise_total: Tensor | None = None  # Σ over steps and layers of (tr Σ, |G|²) estimates
+        self._diagnostics: dict[str, dict[str, Tensor]] = {}  # per layer: β*, η*, s, noise terms of its last step
         sequence_first, undetermined = linear_layouts(model, batch_first)
         self.layers, tied = _discover_layers(model, exclude, self._mode, sequence_first)
         _warn_discovery(self.layers, undetermined, tied, fallback, type(self).__name__)
@@ -212,11 +227,12 @@ class KroneckerOptimizer(Optimizer):
         # No 'betas' in the defaults: torch's momentum-cycling schedulers (OneCycleLR, CyclicLR)
         # cycle betas[0] instead of 'momentum' as soon as the defaults hold 'betas'. The optimizer
         # behaves as SGD with momentum, so only AdamW groups carry their own betas and eps.
-        defaults = {name: arguments[name] for name in _GROUP_DEFAULTS} | {"rule": fallback}
+        defaults = group_values | {"rule": fallback}
         self._adamw_defaults = {"betas": tuple(fallback_betas), "eps": fallback_eps}
         super().__init__(
             _param_groups(model, self.layers, fallback, lr if fallback == "sgd" else 1e-3, fallback_lr), defaults
         )
+        self._mode.settings = weakref.WeakMethod(self._capture_settings)
         self._set_capture_mode()
         for layer in self.layers:
             layer.attach()
@@ -262,8 +278,8 @@ class KroneckerOptimizer(Optimizer):
             raise ValueError(
                 "the 'kronecker' group is made by the constructor; added groups take rule 'sgd' or 'adamw'"
             )
-        if rule not in _FALLBACK_RULES + ("kronecker",):
-            raise ValueError(f"param group rule must be one of {_FALLBACK_RULES}, got {rule!r}")
+        if rule not in FALLBACK_RULES + ("kronecker",):
+            raise ValueError(f"param group rule must be one of {FALLBACK_RULES}, got {rule!r}")
         if rule == "adamw":
             for key, value in self._adamw_defaults.items():
                 param_group.setdefault(key, value)
@@ -281,7 +297,7 @@ class KroneckerOptimizer(Optimizer):
     @property
     def curvature_step(self) -> bool:
         """Whether the forward/backward cycle now in progress captures factor statistics."""
-        return bool(self._mode.factors)
+        return self._captures_factors()
 
     def sample_fisher(self, output: Tensor, generator: torch.Generator | None = None) -> None:
         """Monte-Carlo Fisher (``fisher="mc"``): call on the model's output, before ``backward()``.
@@ -305,7 +321,7 @@ class KroneckerOptimizer(Optimizer):
                 f"sample_fisher() is for fisher='mc'; this optimizer uses fisher={self.fisher!r} "
                 "(its G factor comes from the training loss itself: no call needed)"
             )
-        if not self._mode.factors or not self.layers:
+        if not self.layers or not self._captures_factors():
             return
         if output.dim() < 1 or output.shape[-1] < 2:
             raise ValueError(
@@ -350,16 +366,43 @@ class KroneckerOptimizer(Optimizer):
         self._check_shapes(state_dict)
         super().load_state_dict(state_dict)
         for group in self.param_groups:  # a checkpoint from before an option existed: the constructor's value
-            for key in _GROUP_DEFAULTS:
+            for key in GROUP_KEYS:
                 group.setdefault(key, self.defaults[key])
-        for layer in self.layers:
-            LayerCurvature.of(self.state, layer.weight).to_dtype(Fn.compute_dtype(layer.weight.dtype))
+        self._follow_parameters()
         self._steps = int(extra["steps"])
         self._skipped = extra["skipped_steps"].to(self._skipped.device).clone()
-        for layer in self.layers:
-            layer.reset()
+        # what the hooks captured since the last step stays: a checkpoint loaded between backward()
+        # and step() is followed by a normal step on that backward's statistics, as in torch.optim
         self.communicator.loaded(self, self._steps)  # distributed: shards the curvature, checks agreement
         self._set_capture_mode()
+
+    def _follow_parameters(self) -> None:
+        """State tensors in the dtype and on the device of their parameters, as they are now.
+
+        ``model.double()``, ``model.to(device)`` or ``model.half()`` after the optimizer was built (or
+        a checkpoint saved elsewhere): the curvature moves to the layer's compute dtype and device,
+        momentum and AdamW buffers to their parameter's, as ``Optimizer.load_state_dict`` casts them.
+        """
+        for layer in self.layers:
+            LayerCurvature.of(self.state, layer.weight).follow(layer.weight)
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state:
+                    continue
+                for key, value in state.items():
+                    if not isinstance(value, Tensor):
+                        continue
+                    if key in _PARAMETER_SHAPED and (value.dtype != p.dtype or value.device != p.device):
+                        state[key] = value.to(device=p.device, dtype=p.dtype)
+                    elif key == "step" and value.device != p.device:  # AdamW's count: float32 everywhere
+                        state[key] = value.to(p.device)
+        device = _device_of_layers(self.layers, self._skipped.device)
+        if self._skipped.device != device:
+            self._skipped = self._skipped.to(device)
+            self._nu_history = [nu.to(device) for nu in self._nu_history]
+            if self._noise_total is not None:
+                self._noise_total = self._noise_total.to(device)
 
     def _check_shapes(self, state_dict: dict[str, Any]) -> None:
         """Every state tensor of the checkpoint fits its parameter here (else a matmul fails much later)."""
@@ -407,7 +450,7 @@ class KroneckerOptimizer(Optimizer):
         ``noise_grad_sq`` (|G|²), from its two halves (:func:`fop.functional.gradient_noise_terms`).
         Values are device tensors (reading them synchronises); K-FAC reports β* = 0, η* = 1.
         """
-        return {layer.name: dict(layer.last) for layer in self.layers if layer.last}
+        return {name: dict(values) for name, values in self._diagnostics.items()}
 
     def gradient_noise_scale(self, reset: bool = False) -> float | None:
         """The model's simple gradient-noise scale ``B_noise = tr Σ / |G|²`` (McCandlish et al. 2018).
@@ -458,7 +501,10 @@ class KroneckerOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.fisher == "mc" and self._mode.factors and not self._sampled:
+        for index, group in enumerate(self.param_groups):
+            check_param_group(index, group)
+        self._follow_parameters()
+        if self.fisher == "mc" and self._captures_factors() and not self._sampled:
             if any(layer.captured() for layer in self.layers):
                 raise RuntimeError(
                     f"{type(self).__name__}(fisher='mc') on a curvature step without a Monte-Carlo sample: "
@@ -493,7 +539,7 @@ class KroneckerOptimizer(Optimizer):
         """What the communicator is told about this step."""
         params = tuple(p for group in self.param_groups for p in group["params"] if p.grad is not None)
         device = self._skipped.device
-        return StepContext(self._steps, self._zero_grads, bool(self._mode.factors), device, self.splits_batch, params)
+        return StepContext(self._steps, self._zero_grads, self._captures_factors(), device, self.splits_batch, params)
 
     def _grads(self) -> list[Tensor]:
         return [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
@@ -537,15 +583,31 @@ class KroneckerOptimizer(Optimizer):
         )
 
     def _set_capture_mode(self) -> None:
+        """After a step or a load: whether the next cycle is on the curvature interval, which layers lack factors."""
         k = self._steps
-        due = k % interval_at(self.curvature_update_interval, k) == 0
-        missing = any(
-            layer.weight.requires_grad and not self.communicator.has_factors(self.state, layer) for layer in self.layers
-        )  # a frozen layer never gets factors: it must not force a capture at every step
-        self._mode.factors = due or missing
-        self._mode.total = self._mode.factors and not self._mode.halves
-        kronecker = next((group for group in self.param_groups if group["rule"] == "kronecker"), None)
-        self._mode.factor_samples = None if kronecker is None else kronecker.get("factor_samples")
+        self._due = k % interval_at(self.curvature_update_interval, k) == 0
+        self._factorless = [layer for layer in self.layers if not self.communicator.has_factors(self.state, layer)]
+
+    def _captures_factors(self) -> bool:
+        """Whether a forward now records factor statistics: on the interval, or while a trainable layer has none.
+
+        Read at each forward, not fixed at the last step: a layer unfrozen since then (or a checkpoint
+        loaded) counts at once. A frozen layer never gets factors: it must not force a capture at every step.
+        """
+        return self._due or any(layer.weight.requires_grad for layer in self._factorless)
+
+    def _capture_settings(self) -> dict[str, Any]:
+        """This forward's capture settings (see ``CaptureMode.for_forward``): the curvature flags, and the
+        Kronecker group's ``factor_samples`` as the group holds it now."""
+        factors = self._captures_factors()
+        settings: dict[str, Any] = {"factors": factors, "total": factors and not self._mode.halves}
+        for index, group in enumerate(self.param_groups):
+            if group["rule"] == "kronecker":
+                factor_samples = group.get("factor_samples")
+                if factor_samples is not None and not (type(factor_samples) is int and factor_samples >= 1):
+                    check_param_group(index, group)  # raises, naming the group and the value
+                settings["factor_samples"] = factor_samples
+        return settings
 
     def _gather_work(self) -> tuple[list[LayerWork], list[tuple[Tensor, Tensor]]]:
         """This step's :class:`LayerWork`, and the trained biases of frozen weights with their gradients.
@@ -555,26 +617,22 @@ class KroneckerOptimizer(Optimizer):
         backward) brings its plain gradient and takes the first-order rule (``first_order``), on one
         process and on many alike.
         """
-        self._verify_own_gradients([layer for layer in self.layers if layer.verify and layer.captured()])
+        trained = [layer for layer in self.layers if layer.weight.grad is not None and layer.weight.requires_grad]
+        trained_ids = {id(layer) for layer in trained}
+        self._verify_own_gradients([layer for layer in trained if layer.verify and layer.captured()])
         captured: list[KroneckerLayer] = []
         plain: list[KroneckerLayer] = []
         loose: list[tuple[Tensor, Tensor]] = []
         for layer in self.layers:
-            if layer.weight.grad is None:  # frozen or unused this step
+            if id(layer) not in trained_ids:  # frozen (a stale p.grad of a frozen weight included) or unused this step
                 layer.reset()
-                if layer.bias is not None and layer.bias.grad is not None:  # a trained bias of a frozen weight
-                    loose.append((layer.bias, layer.bias.grad))
+                bias = layer.bias
+                if bias is not None and bias.requires_grad and bias.grad is not None:  # a trained bias, frozen weight
+                    loose.append((bias, bias.grad))
                 continue
             if id(layer) in self._foreign or not layer.captured():
                 if id(layer) not in self._foreign:
-                    self._warn_once(
-                        layer.name,
-                        getattr(layer, "uncaptured_reason", None)
-                        or f"{layer.name}: its parameters got gradients without passing through the module's "
-                        "forward since the last step() (the weight is used outside the module, e.g. "
-                        "F.linear(x, module.weight), or step() was called again without a new backward); "
-                        "they get the first-order rule this step",
-                    )
+                    self._warn_uncaptured(layer)
                 layer.reset()
                 plain.append(layer)
                 continue
@@ -586,6 +644,17 @@ class KroneckerOptimizer(Optimizer):
             assert grad is not None
             work.append(LayerWork(layer, grad, first_order=True, loss_scale=ratio))
         return work, loose
+
+    def _warn_uncaptured(self, layer: KroneckerLayer) -> None:
+        """A layer with gradients and no statistics: every cause the optimizer cannot tell apart, named."""
+        self._warn_once(
+            layer.name,
+            getattr(layer, "uncaptured_reason", None)
+            or f"{layer.name}: its parameters have gradients that no backward through the module's forward made "
+            "since the last zero_grad() or step(): either no backward reached it (step() called again, or the "
+            "gradients zeroed by zero_grad(set_to_none=False) and not recomputed), or its weight is used outside "
+            "the module (e.g. F.linear(x, module.weight)); they get the first-order rule this step",
+        )
 
     def _kronecker_step(
         self,
@@ -599,6 +668,7 @@ class KroneckerOptimizer(Optimizer):
         self._owner_directions([item for item in work if self.communicator.owns(item.layer)], group, ok, inverse_step)
         self.communicator.share(work)
         curvature = [item for item in work if not item.first_order]
+        self._diagnostics.update((item.layer.name, item.diagnostics) for item in curvature if item.diagnostics)
         self._record_noise(curvature, ok)
         if group["kl_clip"] is not None and curvature:
             lr = group["lr"] if group["trust_region"] == "step" else 1.0
@@ -671,7 +741,7 @@ class KroneckerOptimizer(Optimizer):
                 item.direction = item.grad  # the first-order rule; or no factors yet (first seen without capture)
             for item, view in zip(curvature, views):
                 if view.has_factors:
-                    item.direction, item.layer.last = view.direction(item, group, self.projection, self.splits_batch)
+                    item.direction, item.diagnostics = view.direction(item, group, self.projection, self.splits_batch)
                     if self.splits_batch and (item.g1 is None or item.g2 is None):
                         self._warn_once(
                             f"single:{item.layer.name}",
@@ -682,9 +752,9 @@ class KroneckerOptimizer(Optimizer):
     def _record_noise(self, work: Sequence[LayerWork], ok: Tensor) -> None:
         """Sum this step's gradient-noise terms over the layers (shared by their owners when distributed)."""
         noise = [
-            torch.stack([item.layer.last["noise_trace"], item.layer.last["noise_grad_sq"]])
+            torch.stack([item.diagnostics["noise_trace"], item.diagnostics["noise_grad_sq"]])
             for item in work
-            if "noise_trace" in item.layer.last
+            if "noise_trace" in item.diagnostics
         ]
         if noise:
             # a skipped step (non-finite gradients) must not enter the noise estimate
@@ -743,20 +813,18 @@ class FOP(KroneckerOptimizer):
 
     Each forward batch is split into two halves; per layer, the Fisher-orthogonal component of
     the halves' gradient difference is mixed into K-FAC's natural gradient with the layer-wise
-    coefficients ``β*`` and ``η*`` of :func:`fop.functional.fop_direction`. Arguments: see
-    :class:`KroneckerOptimizer`; in addition ``projection=False`` switches the projection off
-    (``β* = 0``, ``η* = 1``: K-FAC on ``g_avg = (g1 + g2)/2``, for ablations).
+    coefficients ``β*`` and ``η*`` of :func:`fop.functional.fop_direction`. The arguments are
+    :class:`KroneckerOptimizer`'s (``help(FOP.__init__)``). For an ablation without the projection
+    (``β* = 0``, ``η* = 1``: K-FAC on ``g_avg = (g1 + g2)/2``, halves still formed), subclass with
+    ``projection = False``.
     """
-
-    def __init__(self, model: nn.Module, *args: Any, projection: bool = True, **kwargs: Any) -> None:
-        self.projection = projection
-        super().__init__(model, *args, **kwargs)
 
 
 class KFAC(KroneckerOptimizer):
-    """K-FAC with exactly damped Kronecker factors: the FOP engine with ``β* = 0`` and ``η* = 1``.
+    """K-FAC (Martens & Grosse 2015): the FOP engine without the halves, ``β* = 0`` and ``η* = 1``.
 
-    Arguments: see :class:`KroneckerOptimizer`.
+    Damped as ``damping_mode`` says (factored by default). The arguments are
+    :class:`KroneckerOptimizer`'s (``help(KFAC.__init__)``); ``eta`` has no effect.
     """
 
     projection = False
@@ -876,67 +944,14 @@ def _caller_level() -> int:
     return level
 
 
+def _device_of_layers(layers: Sequence[KroneckerLayer], default: torch.device) -> torch.device:
+    return layers[0].weight.device if layers else default
+
+
 def _device_of(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
-
-
-def _check_arguments(
-    *,
-    lr: float | Tensor,
-    momentum: float,
-    weight_decay: float,
-    nesterov: bool,
-    damping: float,
-    factor_decay: float,
-    curvature_update_interval: Interval,
-    inverse_update_interval: Interval,
-    projection_eps: float,
-    kl_clip: float | None,
-    trust_region: str,
-    fisher: str,
-    damping_mode: str,
-    eta: str,
-    factor_samples: int | None,
-    fallback: str,
-    fallback_lr: float | None,
-    fallback_betas: tuple[float, float],
-    fallback_eps: float,
-) -> None:
-    """The constructor's arguments, each checked with a message naming it."""
-    _check_nonneg("lr", lr)
-    if not 0.0 <= momentum < 1.0:
-        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-    _check_nonneg("weight_decay", weight_decay)
-    if nesterov and momentum <= 0:
-        raise ValueError("nesterov=True requires momentum > 0")
-    if not (isinstance(damping, (int, float)) and 0 < damping < math.inf):
-        raise ValueError(f"damping must be a finite float > 0, got {damping!r}")
-    if not 0.0 <= factor_decay < 1.0:
-        raise ValueError(f"factor_decay must be in [0, 1), got {factor_decay}")
-    check_interval("curvature_update_interval", curvature_update_interval)
-    check_interval("inverse_update_interval", inverse_update_interval)
-    if not projection_eps >= 0:
-        raise ValueError(f"projection_eps must be >= 0, got {projection_eps}")
-    if kl_clip is not None and not kl_clip > 0:
-        raise ValueError(f"kl_clip must be > 0 or None (no clipping), got {kl_clip}")
-    _check_choice("trust_region", trust_region, _TRUST_REGIONS)
-    _check_choice("fisher", fisher, _FISHER_TYPES)
-    _check_choice("damping_mode", damping_mode, Fn.DAMPING_MODES)
-    _check_choice("eta", eta, Fn.ETA_CONVENTIONS)
-    if factor_samples is not None and not (
-        isinstance(factor_samples, int) and not isinstance(factor_samples, bool) and factor_samples >= 1
-    ):
-        raise ValueError(f"factor_samples must be an int >= 1 or None (every sample), got {factor_samples!r}")
-    if fallback not in _FALLBACK_RULES:
-        raise ValueError(f"fallback must be one of {_FALLBACK_RULES}, got {fallback!r}")
-    if fallback_lr is not None:
-        _check_nonneg("fallback_lr", fallback_lr)
-    if not (len(fallback_betas) == 2 and all(0.0 <= b < 1.0 for b in fallback_betas)):
-        raise ValueError(f"fallback_betas must be two floats in [0, 1), got {fallback_betas}")
-    if not fallback_eps > 0:
-        raise ValueError(f"fallback_eps must be > 0, got {fallback_eps}")
 
 
 def _warn_discovery(
@@ -998,17 +1013,3 @@ def _param_groups(
     if rest:
         groups.append({"params": rest, "rule": fallback, "lr": default_lr if fallback_lr is None else fallback_lr})
     return groups
-
-
-def _check_nonneg(name: str, value: float | Tensor) -> None:
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} as a Tensor must have one element")
-        value = float(value)
-    if not (isinstance(value, (int, float)) and 0 <= value < math.inf):
-        raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
-
-
-def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")

@@ -238,11 +238,17 @@ class LayerCurvature:
             k: state[k].detach().cpu() if isinstance(state[k], Tensor) else state[k] for k in _LAYER_KEYS if k in state
         }
 
-    def to_dtype(self, dtype: torch.dtype) -> None:
-        """Cast the loaded curvature tensors to the layer's compute dtype."""
+    def follow(self, weight: Tensor) -> None:
+        """The curvature tensors in the compute dtype of ``weight`` and on its device.
+
+        After a checkpoint is loaded, and when the model was moved or cast after the optimizer was
+        built (``model.double()``, ``model.to("cuda")``): a no-op when nothing changed.
+        """
+        dtype = Fn.compute_dtype(weight.dtype)
         for key in FACTOR_KEYS:
-            if key in self.state:
-                self.state[key] = self.state[key].to(dtype)
+            value = self.state.get(key)
+            if value is not None and (value.dtype != dtype or value.device != weight.device):
+                self.state[key] = value.to(device=weight.device, dtype=dtype)
 
     def drop(self) -> None:
         """Forget the curvature (another process owns the layer)."""

@@ -479,6 +479,7 @@ def _run(argv: Sequence[str]) -> int:
     if args.list:
         print(_list_tasks())
         return 0
+    _require_extra("bench")
     run = _prepare(args, argv)
     threads = args.threads or (run.task.cpu_threads if run.device.type == "cpu" else None)
     if args.nproc:  # one thread count for every process of every launch (comparable step times)
@@ -772,6 +773,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; finished runs are saved, rerun the same command to resume", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as exc:
+        extra = _EXTRA_OF_MODULE.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(
+            f"{PROG}: error: {exc.name} is not installed; the benchmark needs pip install 'fop[{extra}]'",
+            file=sys.stderr,
+        )
+        return 2
+
+
+# The optional extras of fop-bench by the top-level modules they install (pyproject.toml).
+_EXTRA_OF_MODULE = {"numpy": "bench", "PIL": "bench", "matplotlib": "bench", "sklearn": "bench", "tqdm": "bench"}
+
+
+def _require_extra(extra: str) -> None:
+    """One line naming the extra when a module it installs is missing (before torch warns about NumPy)."""
+    import importlib.util
+
+    missing = [name for name, of in _EXTRA_OF_MODULE.items() if of == extra and importlib.util.find_spec(name) is None]
+    if missing:
+        raise BenchError(f"{', '.join(missing)} not installed; the benchmark needs pip install 'fop[{extra}]'")
 
 
 if __name__ == "__main__":

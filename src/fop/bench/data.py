@@ -336,12 +336,22 @@ def _read_cifar_pickle(file: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         data = np.asarray(content[b"data"], dtype=np.uint8)
         labels = np.asarray(content[b"labels"], dtype=np.int64)
+        _check_labels(labels, len(CIFAR10_CLASSES), f"corrupt CIFAR-10 file {file}: its labels")
         images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     except (KeyError, ValueError) as exc:
         raise BenchError(f"corrupt CIFAR-10 file {file}: {exc}") from None
     if len(images) != len(labels):
         raise BenchError(f"corrupt CIFAR-10 file {file}: {len(images)} images but {len(labels)} labels")
     return np.ascontiguousarray(images), labels
+
+
+def _check_labels(labels: np.ndarray, num_classes: int, what: str) -> None:
+    """Every label a class index ``0..num_classes-1`` (else one line naming the file and the range found)."""
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise BenchError(
+            f"{what} must hold class indices 0..{num_classes - 1} ({num_classes} classes), "
+            f"found values {labels.min()}..{labels.max()}"
+        )
 
 
 def _open_jpeg_pack(path: Path) -> Any:
@@ -376,6 +386,7 @@ def _load_cifar10_jpeg_pack(path: Path, subset: int | None, cache_dir: Path | No
         for split in ("train", "test"):
             if len(offsets[split]) != len(labels[split]) + 1:
                 raise BenchError(f"corrupt data file {path}: {split} offsets and labels disagree in length")
+            _check_labels(labels[split], len(classes), f"corrupt data file {path}: array {split}_labels")
         cache_file = None
         if subset is None and cache_dir is not None:
             cache_file = cache_dir / f"cifar10_jpeg-{_pack_fingerprint(path, offsets, labels)}.npz"
