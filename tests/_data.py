@@ -40,6 +40,28 @@ def missing_reason() -> str | None:
     )
 
 
+def in_ci() -> bool:
+    """``CI`` set to true (as GitHub Actions and most CI services do)."""
+    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def require_pack() -> Path:
+    """The pack's path; without it the calling test fails in CI (a missing pack must not pass as a
+    skip there) and is skipped elsewhere."""
+    return _required(cifar10_path(), missing_reason())
+
+
+def _required(path: Path, reason: str | None) -> Path:
+    """``path``, or (``reason`` given: the data is missing) a failure in CI and a skip elsewhere."""
+    import pytest
+
+    if reason is not None:
+        if in_ci():
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
+    return path
+
+
 def _balanced_indices(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
     """``count`` indices, ``count/10`` per class, drawn with a fixed seed, in shuffled order."""
     rng = np.random.default_rng(seed)
@@ -77,6 +99,12 @@ CHAR_CORPUS_DEFAULT = REPO_ROOT.parent / "shared" / "data" / "linux-kernel-char"
 def char_corpus_path() -> Path:
     """The linux-kernel-char folder: ``$FOP_LINUX_KERNEL_CHAR`` if set, else ``<repo>/../shared/data/``."""
     return Path(os.environ.get(CHAR_CORPUS_ENV_VAR) or CHAR_CORPUS_DEFAULT)
+
+
+def require_char_corpus() -> Path:
+    """The corpus folder; without it the calling test fails in CI and is skipped elsewhere (as
+    :func:`require_pack`)."""
+    return _required(char_corpus_path(), char_corpus_missing_reason())
 
 
 def char_corpus_missing_reason() -> str | None:

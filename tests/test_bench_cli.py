@@ -1,9 +1,9 @@
 """End-to-end tests of ``fop-bench`` through its real entry point, at tiny sizes on the CPU.
 
-``charlm-linux`` reads ``../shared/data/linux-kernel-char/`` or ``$FOP_LINUX_KERNEL_CHAR`` and is
-skipped without it. The CIFAR tasks read a subset of the JPEG pack at ``../shared/data/cifar10_jpeg.npz`` relative to
-the repository root, or the file named by ``$FOP_CIFAR10`` (see ``tests/_data.py``); they are
-skipped without it.
+``charlm-linux`` reads ``../shared/data/linux-kernel-char/`` or ``$FOP_LINUX_KERNEL_CHAR``. The
+CIFAR tasks read a subset of the JPEG pack at ``../shared/data/cifar10_jpeg.npz`` relative to
+the repository root, or the file named by ``$FOP_CIFAR10`` (see ``tests/_data.py``). Without their
+data these tests fail in CI (``CI`` set to true) and are skipped elsewhere.
 """
 
 from __future__ import annotations
@@ -19,14 +19,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from _data import (
-    CHAR_CORPUS_ENV_VAR,
-    ENV_VAR,
-    char_corpus_missing_reason,
-    char_corpus_path,
-    cifar10_path,
-    missing_reason,
-)
+from _data import CHAR_CORPUS_ENV_VAR, ENV_VAR, require_char_corpus, require_pack
 from fop.bench.cli import main
 from fop.bench.data import load_cifar10, long_tail_counts
 
@@ -36,10 +29,7 @@ CELL = re.compile(r"^(—|[\d.]+ / [\d.]+ s( \(×[\d.]+\))?)$")
 
 
 def _jpeg_pack() -> Path:
-    reason = missing_reason()
-    if reason:
-        pytest.skip(reason)
-    return cifar10_path()
+    return require_pack()  # fails in CI without the pack, skips elsewhere
 
 
 def _tiny(out: Path, *extra: str) -> list[str]:
@@ -378,10 +368,7 @@ def test_nproc_scaling_run_on_two_gloo_processes(tmp_path, capsys):
 
 
 def _char_corpus() -> Path:
-    reason = char_corpus_missing_reason()
-    if reason:
-        pytest.skip(reason)
-    return char_corpus_path()
+    return require_char_corpus()  # fails in CI without the corpus, skips elsewhere
 
 
 def test_charlm_sweep_reports_validation_loss_and_time_to_target(tmp_path, capsys):

@@ -286,18 +286,73 @@ def test_summary_tunes_the_second_axis_and_flags_grid_edges():
     assert cell.edges == ("damping",)  # lr 1.0 is inside its grid, damping 0.1 is the largest tried
 
 
-def test_paired_comparison_is_per_seed_with_a_bootstrap_interval():
-    from fop.bench.report import bootstrap_median_interval, format_paired_table, paired_differences
+def _exact_bootstrap_median_quantile(values, q):
+    """The q-quantile of the bootstrap distribution of the median of an odd number of distinct values,
+    exactly: the median of n draws with replacement is <= the k-th smallest value iff more than n/2 of
+    the draws are, a binomial with p = k/n."""
+    n, ordered = len(values), sorted(values)
+    for k, value in enumerate(ordered, start=1):
+        p = k / n
+        cdf = sum(math.comb(n, j) * p**j * (1 - p) ** (n - j) for j in range(n // 2 + 1, n + 1))
+        if cdf >= q:
+            return value
+    return ordered[-1]
 
+
+def test_bootstrap_interval_is_the_exact_bootstrap_quantiles():
+    from fop.bench.report import bootstrap_median_interval
+
+    for values in ([1.0, 2.0, 3.0, 4.0, 5.0], [-3.0, -1.0, 0.0, 2.0, 3.0, 5.0, 8.0], [0.5, -2.0, 7.0]):
+        for level in (0.95, 0.7):  # chosen so that no exact quantile lies near a jump of the distribution
+            tail = (1 - level) / 2
+            expected = tuple(_exact_bootstrap_median_quantile(values, q) for q in (tail, 1 - tail))
+            assert bootstrap_median_interval(values, level) == expected
+    # P(median <= k-th smallest of 7) = 1.0%, 10.8%, 34.7%, 65.3%, 89.2%, 99.0%
+    assert bootstrap_median_interval([-3.0, -1.0, 0.0, 2.0, 3.0, 5.0, 8.0]) == (-1.0, 5.0)
+    assert bootstrap_median_interval([-3.0, -1.0, 0.0, 2.0, 3.0, 5.0, 8.0], 0.7) == (0.0, 3.0)
+
+
+def test_paired_comparison_is_per_seed_with_a_bootstrap_interval():
+    from fop.bench.report import format_paired_table, paired_differences
+
+    final_points = [1, -1, 2, 3, 5]  # fop − kfac per seed, points of final accuracy
+    fop_epochs = [8, 9, 11, 8, 7]  # kfac: 10 on every seed
     records = [_tuned("kfac", 1.0, 0.1, s, final=0.80 + 0.01 * s, epochs=10) for s in range(5)]
-    records += [_tuned("fop", 1.0, 0.1, s, final=0.82 + 0.01 * s, epochs=8 + (s == 4)) for s in range(5)]
+    records += [
+        _tuned("fop", 1.0, 0.1, s, final=0.80 + 0.01 * s + final_points[s] / 100, epochs=fop_epochs[s])
+        for s in range(5)
+    ]
+    records += [_tuned("kfac:paper", 1.0, 0.1, s, final=0.70, epochs=None) for s in range(5)]
+    records += [_tuned("fop:paper", 1.0, 0.1, s, final=0.71, epochs=None) for s in range(5)]
     cells = summarize(records)
     diffs = paired_differences(cells[(256, "fop")], cells[(256, "kfac")], "final_accuracy")
-    assert diffs == pytest.approx([0.02] * 5)
-    low, high = bootstrap_median_interval([1.0, 2.0, 3.0, 4.0, 5.0])
-    assert 1.0 <= low <= 3.0 <= high <= 5.0
-    table = format_paired_table(cells, [256], ["kfac", "fop"], "kfac", "accuracy")
-    assert "| 256 | fop − kfac | 5 | +2.00 [+2.00, +2.00] | 5/5 | -2 (5 seeds) |" in table
+    assert diffs == pytest.approx([d / 100 for d in final_points])
+    epochs = [e - 10 for e in fop_epochs]
+    interval = [_exact_bootstrap_median_quantile(v, q) for v in (final_points, epochs) for q in (0.025, 0.975)]
+    assert interval == [-1, 5, -3, 1]
+    table = format_paired_table(cells, [256], ["kfac", "fop", "kfac:paper", "fop:paper"], "kfac", "accuracy")
+    assert "| 256 | fop − kfac | 5 | +2.00 [-1.00, +5.00] | 4/5 | -2 [-3, +1] (5 seeds, 4 faster) |" in table
+    # a variant against the reference's own variant too, like against like
+    assert "| 256 | fop:paper − kfac:paper | 5 | +1.00 [+1.00, +1.00] | 5/5 | — |" in table
+    assert "| 256 | fop:paper − kfac | 5 | -11.00 [-13.00, -9.00] | 0/5 | — |" in table
+    assert "| 256 | fop:paper − fop | 5 | -13.00 [-18.00, -9.00] | 0/5 | — |" in table  # against its base
+    assert "fop − kfac:paper" not in table and table.count("\n") == 6  # header, rule and 5 rows
+
+
+def test_sensitivity_gives_the_clipped_share_of_the_run_and_before_the_target():
+    from fop.bench.report import format_sensitivity
+
+    records = []
+    for seed, (reached, shares) in enumerate([(2, [1.0, 1.0, 0.0, 0.0]), (3, [1.0, 1.0, 1.0, 0.0])]):
+        record = _tuned("kfac", 1.0, 0.1, seed, final=0.9, epochs=reached)
+        record["curve"] = [{"epoch": e + 1, "clipped_fraction": s} for e, s in enumerate(shares)]
+        records.append(record)
+    sgd = _tuned("sgd", 1.0, 0.0, 0, final=0.8, epochs=None)
+    sgd["curve"] = [{"epoch": 1}]
+    table = format_sensitivity([*records, sgd], [256], ["sgd", "kfac"], "accuracy")
+    # 5 of 8 epochs clipped over the runs; all 5 epochs up to the targets (epochs 1–2 and 1–3)
+    assert "| 256 | kfac | 90.00 (62% clipped, 100% before the target) |" in table
+    assert "| 256 | sgd | 80.00 |" in table
 
 
 def test_variants_set_constructor_options():

@@ -100,13 +100,25 @@ def test_fop_direction_matches_dense(problem: tuple) -> None:
     torch.testing.assert_close(result.projection, s)
 
 
-def test_perpendicular_component_is_fisher_orthogonal(problem: tuple) -> None:
+@pytest.mark.parametrize("damping_mode", ["exact", "factored"])
+def test_perpendicular_component_is_fisher_orthogonal(problem: tuple, damping_mode: str) -> None:
+    """The library's projection scalar s makes g_perp = g_diff − s·g_avg orthogonal to g_avg in the
+    undamped dense F = A ⊗ G (both damping modes), and its direction is η*·M⁻¹(g_avg + β* g_perp)."""
     a, g, g1, g2 = problem
     dense = Dense(a, g, DAMPING)
-    *_, g_perp = dense.fop(g1, g2, 0.0)
-    g_avg = (g1 + g2) / 2
+    result = Fn.fop_direction(g1, g2, a, g, DAMPING, 0.0, damping_mode=damping_mode)
+    g_avg, g_diff = (g1 + g2) / 2, g1 - g2
+    g_perp = g_diff - result.projection * g_avg
     scale = dense.inner_f(g_avg, g_avg).sqrt() * dense.inner_f(g_perp, g_perp).sqrt()
     assert abs(float(dense.inner_f(g_avg, g_perp) / scale)) < 1e-12
+    assert abs(float(dense.inner_f(g_diff, g_avg) / scale)) > 1e-3  # the projection removed something
+    damped = dense.damped
+    if damping_mode == "factored":  # (A + π√λ I) ⊗ (G + √λ/π I), π = √((tr A / dim A) / (tr G / dim G))
+        pi = float((a.trace() / a.shape[0]) / (g.trace() / g.shape[0])) ** 0.5
+        root = DAMPING**0.5
+        damped = torch.kron(a + pi * root * torch.eye(a.shape[0]), g + root / pi * torch.eye(g.shape[0]))
+    n_comb = unvec(torch.linalg.solve(damped, vec(g_avg + result.beta * g_perp)), *g_avg.shape)
+    torch.testing.assert_close(result.direction, result.eta * n_comb, rtol=1e-10, atol=1e-12)
 
 
 def test_beta_minimises_the_quadratic_model(problem: tuple) -> None:

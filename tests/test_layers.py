@@ -464,13 +464,17 @@ def test_conversion_keeps_parameters_state_dict_and_eval_path() -> None:
     model = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True).to(DTYPE)
     keys = list(model.state_dict())
     params = [id(p) for p in model.parameters()]
+    original = copy.deepcopy(model)  # torch's own nn.MultiheadAttention: the reference outputs
     FOP(model)
     assert type(model.self_attn) is MultiheadAttention and isinstance(model.self_attn, nn.MultiheadAttention)
+    assert type(original.self_attn) is nn.MultiheadAttention
     assert list(model.state_dict()) == keys and [id(p) for p in model.parameters()] == params
-    model.eval()
     x = torch.randn(2, 5, 8, dtype=DTYPE)
+    # training with the hooks' path (grad enabled), then eval under no_grad (torch's fast path)
+    torch.testing.assert_close(model(x), original(x), rtol=1e-12, atol=1e-12)
+    model.eval(), original.eval()
     with torch.no_grad():
-        torch.testing.assert_close(model(x), model(x))  # the eval fast path of torch is untouched
+        torch.testing.assert_close(model(x), original(x), rtol=1e-12, atol=1e-12)
 
 
 def test_packed_cross_attention_falls_back_loudly() -> None:

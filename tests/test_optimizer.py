@@ -108,9 +108,9 @@ def test_fop_differs_from_kfac_and_reports_diagnostics() -> None:
     assert max(float((a - b).abs().max()) for a, b in zip(params(m1), params(m2))) > 1e-6
     diag = fop_opt.diagnostics()
     assert set(diag) == {"0", "2"}
-    for values in diag.values():
+    for values in diag.values():  # their values: test_fop_step_is_the_functional_direction
         assert 0.5 <= float(values["eta"]) <= 1.0
-        assert torch.isfinite(values["beta"]) and torch.isfinite(values["projection"])
+        assert float(values["beta"]) != 0.0 and float(values["projection"]) != 0.0
 
 
 def check_fop_step_is_the_functional_direction(device: torch.device) -> None:
@@ -133,6 +133,9 @@ def check_fop_step_is_the_functional_direction(device: torch.device) -> None:
     expected = fop_direction(halves[0], halves[1], state["A"], state["G"], 0.05)
     after = torch.cat([model.weight, model.bias[:, None]], 1).detach()
     torch.testing.assert_close(after, before - 0.5 * expected.direction, rtol=1e-9, atol=1e-12)
+    (diagnostics,) = optimizer.diagnostics().values()  # β*, η*, s as reported: those of the functional step
+    for key in ("beta", "eta", "projection"):
+        torch.testing.assert_close(diagnostics[key], getattr(expected, key), rtol=1e-9, atol=1e-12)
 
 
 def test_fop_step_is_the_functional_direction() -> None:
@@ -161,24 +164,36 @@ def test_kl_clip_scales_the_step_into_the_trust_region(cls: type) -> None:
         torch.testing.assert_close(c, nu * u, rtol=1e-9, atol=1e-14)
 
 
-def test_factors_update_on_their_interval_only() -> None:
-    model = mlp()
-    optimizer = KFAC(model, curvature_update_interval=3, inverse_update_interval=3)
+def factor_updates(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int) -> list[int]:
+    """The steps (after the first) at which the first layer's factor ``A`` changed."""
     snapshots = []
-    for x, y in batches(7):
+    for x, y in batches(steps):
         optimizer.zero_grad()
         F.cross_entropy(model(x), y).backward()
         optimizer.step()
         snapshots.append(optimizer.state[model[0].weight]["A"].clone())
-    changed = [not torch.equal(snapshots[i], snapshots[i - 1]) for i in range(1, 7)]
-    assert changed == [False, False, True, False, False, True]
+    return [k for k in range(1, steps) if not torch.equal(snapshots[k], snapshots[k - 1])]
+
+
+def test_factors_update_on_their_interval_only() -> None:
+    model = mlp()
+    assert factor_updates(model, KFAC(model, curvature_update_interval=3, inverse_update_interval=3), 7) == [3, 6]
 
 
 def test_callable_intervals() -> None:
+    """A callable interval is read at every step k (due when k % interval(k) == 0): 2 before step 4
+    and 3 from then on captures at steps 0, 2, 6 and 9; a callable returning 3 is the int 3 run."""
     model = mlp()
-    optimizer = FOP(model, curvature_update_interval=lambda step: 1 if step < 2 else 100)
-    train(model, optimizer, batches(4))
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert factor_updates(model, FOP(model, curvature_update_interval=lambda step: 2 if step < 4 else 3), 10) == [
+        2,
+        6,
+        9,
+    ]
+    data = batches(7)
+    m1, m2 = mlp(), mlp()
+    train(m1, FOP(m1, curvature_update_interval=3, inverse_update_interval=2), data)
+    train(m2, FOP(m2, curvature_update_interval=lambda step: 3, inverse_update_interval=lambda step: 2), data)
+    assert_same(params(m2), params(m1), rtol=0, atol=0)
     with pytest.raises(ValueError, match="int >= 1"):
         FOP(mlp(), curvature_update_interval=lambda step: 0)
 
@@ -465,17 +480,24 @@ def test_bf16_autocast_trains_with_float32_curvature() -> None:
 
 
 def test_closure_is_supported() -> None:
-    model = mlp()
-    optimizer = KFAC(model)
-    x, y = batches(1)[0]
+    """step(closure) returns the closure's loss (at the parameters before the step) and moves the
+    parameters exactly as zero_grad, backward, step() without a closure do."""
+    model, reference = mlp(), mlp()
+    optimizer, plain = KFAC(model, **FAST), KFAC(reference, **FAST)
+    for x, y in batches(3):
 
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
+        def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
 
-    assert torch.isfinite(optimizer.step(closure))
+        plain.zero_grad()
+        expected = F.cross_entropy(reference(x), y)
+        expected.backward()
+        plain.step()
+        torch.testing.assert_close(optimizer.step(closure), expected, rtol=0, atol=0)
+        assert_same(params(model), params(reference), rtol=0, atol=0)
 
 
 INVALID = [

@@ -437,20 +437,36 @@ def test_trust_region_scope_decides_whether_the_learning_rate_acts(scope: str) -
 
 
 def test_paper_preset_trains() -> None:
-    model = mlp()
-    optimizer = FOP(model, lr=0.05, **PAPER_PRESET, **FAST)
-    x, y = data(n=32)
-    losses = []
-    for _ in range(5):
-        optimizer.zero_grad()
-        output = model(x)
-        optimizer.sample_fisher(output)
-        loss = F.cross_entropy(output, y)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
+    """PAPER_PRESET against the same run with ``eta="mean"``: the first step is exactly twice as long
+    (η* doubled, same MC samples and factors), the factors are replaced by each batch's (``A`` of
+    the first layer is the last batch's ``[x, 1]ᵀ[x, 1]/n``), and the loss falls."""
+    runs = {}
+    for eta in ("sum", "mean"):
+        model = mlp()
+        optimizer = FOP(model, lr=0.05, **{**PAPER_PRESET, "eta": eta}, **FAST)
+        before = folded(model[0])
+        losses, first, etas = [], None, None
+        for step in range(5):
+            x, y = data(n=32, seed=step)
+            optimizer.zero_grad()
+            output = model(x)
+            torch.manual_seed(100 + step)  # the same Monte-Carlo labels in both runs
+            optimizer.sample_fisher(output)
+            loss = F.cross_entropy(output, y)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            if step == 0:
+                first = folded(model[0]) - before
+                etas = {name: float(v["eta"]) for name, v in optimizer.diagnostics().items()}
+        runs[eta] = (model, optimizer, losses, first, etas)
+    model, optimizer, losses, first, etas = runs["sum"]
+    torch.testing.assert_close(first, 2 * runs["mean"][3], rtol=1e-10, atol=1e-14)
+    assert etas == pytest.approx({name: 2 * value for name, value in runs["mean"][4].items()}, rel=1e-12)
+    assert all(1.0 <= value <= 2.0 for value in etas.values())
+    x = torch.cat([data(n=32, seed=4)[0], torch.ones(32, 1, dtype=DTYPE)], 1)
+    torch.testing.assert_close(optimizer.state[model[0].weight]["A"], x.T @ x / 32, rtol=1e-12, atol=1e-14)
     assert losses[-1] < losses[0]
-    assert all(1.0 <= float(v["eta"]) <= 2.0 for v in optimizer.diagnostics().values())
 
 
 @pytest.mark.parametrize(

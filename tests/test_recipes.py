@@ -147,14 +147,9 @@ def test_torchvision_resnet18_and_vision_transformer() -> None:
 
 def test_gpt_recipe_on_the_linux_kernel_characters() -> None:
     """A GPT with ``nn.MultiheadAttention`` blocks in a plain loop: curvature where it should be, loss falls."""
-    import pytest
+    from _data import require_char_corpus
 
-    from _data import char_corpus_missing_reason, char_corpus_path
-
-    reason = char_corpus_missing_reason()
-    if reason:
-        pytest.skip(reason)
-    argv = ["--data", str(char_corpus_path()), "--steps", "12", "--batch", "16", "--width", "32"]
+    argv = ["--data", str(require_char_corpus()), "--steps", "12", "--batch", "16", "--width", "32"]
     report = run_example("gpt_recipe.py", *argv, "--valid-windows", "64")
     layers = set(report["curvature_layers"])
     for block in (0, 1):

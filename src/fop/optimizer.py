@@ -22,7 +22,7 @@ import sys
 import types
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import torch
@@ -32,17 +32,18 @@ from torch.optim import Optimizer
 
 from . import functional as Fn
 from .arguments import FALLBACK_RULES, GROUP_KEYS, check_constructor_arguments, check_param_group
+from .checkpoint import check_checkpoint_shapes
 from .curvature import CaptureMode, KroneckerLayer, LayerWork
+from .discovery import SPARSE_MESSAGE, ExcludeSpec, check_model, discover_layers, param_groups, warn_discovery
 from .distributed import Communicator, StepContext, make_communicator
 from .first_order import adamw_update, sgd_update
 from .intervals import Interval, interval_at
-from .layers import linear_layouts, make_layers, supports, unsupported_reason
+from .layers import linear_layouts
 from .profiling import phase
 from .state import LayerCurvature
 
 __all__ = ["FOP", "KFAC", "KroneckerOptimizer", "PAPER_PRESET"]
 
-ExcludeSpec = Iterable[nn.Module | str | type]
 
 # The closest reading of the paper's setup (its K-FAC and FOP "rely on ASDL", whose defaults these
 # are, and it names neither a trust region nor a factor average): FOP(model, lr=..., **PAPER_PRESET).
@@ -57,7 +58,6 @@ PAPER_PRESET: dict[str, Any] = {
 _PARAMETER_SHAPED = ("momentum_buffer", "exp_avg", "exp_avg_sq")
 # How many per-step trust-region factors ν are kept for trust_region_stats().
 _NU_HISTORY = 100_000
-_SPARSE_MESSAGE = "{name} needs dense gradients: build nn.Embedding / nn.EmbeddingBag with sparse=False (the default)"
 
 
 class KroneckerOptimizer(Optimizer):
@@ -175,7 +175,7 @@ class KroneckerOptimizer(Optimizer):
                 TypeError: ``model`` is not an ``nn.Module``.
                 ValueError: an argument out of its range (the message names it and the range).
         """
-        _check_model(model, type(self).__name__)
+        check_model(model, type(self).__name__)
         group_values: dict[str, Any] = dict(
             lr=lr,
             momentum=momentum,
@@ -213,8 +213,8 @@ class KroneckerOptimizer(Optimizer):
         self._noise_total: Tensor | None = None  # Σ over steps and layers of (tr Σ, |G|²) estimates
         self._diagnostics: dict[str, dict[str, Tensor]] = {}  # per layer: β*, η*, s, noise terms of its last step
         sequence_first, undetermined = linear_layouts(model, batch_first)
-        self.layers, tied = _discover_layers(model, exclude, self._mode, sequence_first)
-        _warn_discovery(self.layers, undetermined, tied, fallback, type(self).__name__)
+        self.layers, tied = discover_layers(model, exclude, self._mode, sequence_first)
+        warn_discovery(self.layers, undetermined, tied, fallback, type(self).__name__)
         trainable = [layer for layer in self.layers if layer.weight.requires_grad] or self.layers
         if trainable and all(layer.bias is None or not layer.bias.requires_grad for layer in trainable):
             min(trainable, key=lambda layer: layer.weight.numel()).is_reference = True  # see loss_scale_ratio
@@ -230,7 +230,7 @@ class KroneckerOptimizer(Optimizer):
         defaults = group_values | {"rule": fallback}
         self._adamw_defaults = {"betas": tuple(fallback_betas), "eps": fallback_eps}
         super().__init__(
-            _param_groups(model, self.layers, fallback, lr if fallback == "sgd" else 1e-3, fallback_lr), defaults
+            param_groups(model, self.layers, fallback, lr if fallback == "sgd" else 1e-3, fallback_lr), defaults
         )
         self._mode.settings = weakref.WeakMethod(self._capture_settings)
         self._set_capture_mode()
@@ -363,7 +363,7 @@ class KroneckerOptimizer(Optimizer):
                 f"not a {type(self).__name__} checkpoint: the 'fop' entry (step counters) is missing; "
                 "load a state_dict() saved from FOP or KFAC"
             )
-        self._check_shapes(state_dict)
+        check_checkpoint_shapes(state_dict, self.param_groups, self.layers, self._param_names)
         super().load_state_dict(state_dict)
         for group in self.param_groups:  # a checkpoint from before an option existed: the constructor's value
             for key in GROUP_KEYS:
@@ -403,39 +403,6 @@ class KroneckerOptimizer(Optimizer):
             self._nu_history = [nu.to(device) for nu in self._nu_history]
             if self._noise_total is not None:
                 self._noise_total = self._noise_total.to(device)
-
-    def _check_shapes(self, state_dict: dict[str, Any]) -> None:
-        """Every state tensor of the checkpoint fits its parameter here (else a matmul fails much later)."""
-        saved_groups = state_dict.get("param_groups", [])
-        if len(saved_groups) != len(self.param_groups):
-            return  # torch's own check names this mismatch
-        index: dict[Any, Tensor] = {}
-        for saved, group in zip(saved_groups, self.param_groups):
-            index.update(zip(saved["params"], group["params"]))
-        layers = {id(layer.weight): layer for layer in self.layers}
-        problems = []
-        for idx, entry in state_dict.get("state", {}).items():
-            p = index.get(idx)
-            if p is None:
-                continue
-            layer = layers.get(id(p))
-            shape = tuple(p.shape)
-            expected: dict[str, tuple[int, ...]] = {"momentum_buffer": shape, "exp_avg": shape, "exp_avg_sq": shape}
-            if layer is not None:
-                expected.update(LayerCurvature.shapes(layer.in_features, layer.out_features, layer.diagonal_input))
-            for key, value in entry.items():
-                want = expected.get(key)
-                if isinstance(value, Tensor) and want is not None and tuple(value.shape) != tuple(want):
-                    where = (
-                        f"layer {layer.name}" if layer is not None else f"parameter {self._param_names.get(id(p), idx)}"
-                    )
-                    problems.append(f"  {where}: {key} is {tuple(value.shape)} in the checkpoint, {tuple(want)} here")
-        if problems:
-            raise ValueError(
-                "the checkpoint was saved for a model of another shape (nothing was loaded):\n"
-                + "\n".join(problems[:12])
-                + "\nload it into the model it was saved from, or start this model's optimizer afresh"
-            )
 
     # ------------------------------------------------------------------------------ diagnostics
     @property
@@ -555,7 +522,7 @@ class KroneckerOptimizer(Optimizer):
                 for p in g["params"]
                 if p.grad is not None and p.grad.is_sparse
             ]
-            raise TypeError(f"{_SPARSE_MESSAGE.format(name=type(self).__name__)} (sparse gradients: {names})")
+            raise TypeError(f"{SPARSE_MESSAGE.format(name=type(self).__name__)} (sparse gradients: {names})")
         norms = torch._foreach_norm(grads)
         # amax, not a sum: finite norms must not add up to an overflow (NaN propagates through amax)
         return torch.isfinite(torch.stack([n.to(norms[0].device, torch.float32) for n in norms]).amax())
@@ -857,83 +824,6 @@ def _clip_to_trust_region(work: Sequence[LayerWork], lr: float | Tensor, kl_clip
     return nu
 
 
-def _discover_layers(
-    model: nn.Module, exclude: ExcludeSpec, mode: CaptureMode, sequence_first: set[int]
-) -> tuple[list[KroneckerLayer], dict[str, list[str]]]:
-    """The Kronecker layers, and the supported layers left out because a parameter is shared."""
-    if isinstance(exclude, (str, nn.Module, type)):
-        raise TypeError(f"exclude takes a list of modules, module names or module types: write exclude=[{exclude!r}]")
-    exclude = list(exclude)
-    excluded_modules: set[int] = set()
-    excluded_names: set[str] = set()
-    excluded_types: tuple[type, ...] = ()
-    for item in exclude:
-        if isinstance(item, nn.Module):
-            excluded_modules.add(id(item))
-        elif isinstance(item, str):
-            excluded_names.add(item)
-        elif isinstance(item, type):
-            excluded_types += (item,)
-        else:
-            raise TypeError(f"exclude takes modules, module names or module types, got {item!r}")
-    names = {name for name, _ in model.named_modules()}
-    unknown = excluded_names - names
-    if unknown:
-        raise ValueError(f"exclude names not found in the model: {sorted(unknown)}")
-    strangers = excluded_modules - {id(m) for m in model.modules()}
-    if strangers:
-        found = [item for item in exclude if id(item) in strangers]
-        raise ValueError(f"exclude modules are not part of the model: {found}")
-    # an excluded container (a block, a ModuleList, a name like "layer4") excludes what it contains
-    for name, module in model.named_modules():
-        if id(module) in excluded_modules or name in excluded_names:
-            excluded_modules.update(id(m) for m in module.modules())
-    owners: dict[int, dict[int, str]] = {}  # parameter -> {module: qualified name}
-    for name, module in model.named_modules():
-        for pname, p in module.named_parameters(recurse=False):
-            owners.setdefault(id(p), {}).setdefault(id(module), f"{name}.{pname}" if name else pname)
-    layers: list[KroneckerLayer] = []
-    tied: dict[str, list[str]] = {}
-    for name, module in model.named_modules():
-        if not supports(module):
-            continue
-        if id(module) in excluded_modules or isinstance(module, excluded_types):
-            continue
-        name = name or type(module).__name__
-        shared = [n for p in module.parameters(recurse=False) for m, n in owners[id(p)].items() if m != id(module)]
-        if shared:
-            tied[name] = shared
-            continue
-        layers += make_layers(name, module, mode, 1 if id(module) in sequence_first else 0)
-    _warn_unsupported(model, exclude_ids=excluded_modules, exclude_names=excluded_names, exclude_types=excluded_types)
-    return layers, tied
-
-
-def _warn_unsupported(model: nn.Module, exclude_ids: set[int], exclude_names: set[str], exclude_types: tuple) -> None:
-    """One warning naming the weight-bearing modules that fall back to the first-order rule, and why."""
-    lines = []
-    for name, module in model.named_modules():
-        if id(module) in exclude_ids or name in exclude_names or isinstance(module, exclude_types):
-            continue
-        if not any(p.requires_grad for p in module.parameters(recurse=False)):
-            continue
-        reason = unsupported_reason(module)
-        if reason is not None:
-            lines.append(f"  {name or type(module).__name__} ({type(module).__name__}): {reason}")
-    if lines:
-        warnings.warn(
-            "these modules get no Kronecker curvature; their parameters use the fallback rule "
-            "(exclude=[...] them to silence this):\n" + "\n".join(lines),
-            stacklevel=4,
-        )
-
-
-def _unique_params(model: nn.Module) -> list[nn.Parameter]:
-    # frozen parameters too, as torch's optimizers given model.parameters(): skipped while their
-    # grad is None, trained once unfrozen
-    return list(model.parameters())
-
-
 def _caller_level() -> int:
     """``stacklevel`` of the first frame outside fop and torch (step() is wrapped by torch twice)."""
     inside = (os.path.dirname(__file__), os.path.dirname(torch.__file__))
@@ -952,64 +842,3 @@ def _device_of(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
-
-
-def _warn_discovery(
-    layers: Sequence[KroneckerLayer], undetermined: set[int], tied: dict[str, list[str]], fallback: str, name: str
-) -> None:
-    """The constructor's warnings about the layers found: none, undetermined Linear layouts, tied weights."""
-    if not layers:
-        warnings.warn(
-            f"{name}: the model has no supported layer (Linear, Conv1d/2d/3d with groups=1, MultiheadAttention, Embedding); "
-            f"every parameter uses the '{fallback}' fallback rule",
-            stacklevel=4,
-        )
-    unsure = [layer.name for layer in layers if id(layer.module) in undetermined]
-    if unsure:
-        warnings.warn(
-            f"the model has sequence-first modules (batch_first=False), whose Linear layers are split along "
-            f"dimension 1; the Linear and Embedding layers outside them ({', '.join(unsure)}) are taken as batch "
-            "first. Pass batch_first=False if their inputs of 3 or more dimensions (Embedding: indices of 2 "
-            "or more) are (seq, batch, ...) too, "
-            "batch_first=True if they are (batch, seq, ...)",
-            stacklevel=4,
-        )
-    if tied:
-        warnings.warn(
-            "parameters shared between modules (tied weights) get gradient from more than one forward, "
-            "so a Kronecker factorisation of one module would be wrong: "
-            + "; ".join(f"{layer} shares {', '.join(names)}" for layer, names in tied.items())
-            + f". These layers use the '{fallback}' fallback rule (one update per step for a shared "
-            "parameter); pass exclude=[...] for them to silence this warning",
-            stacklevel=4,
-        )
-
-
-def _check_model(model: Any, name: str) -> None:
-    """A module, without sparse gradients."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(
-            f"{name} takes the model (an nn.Module), not {type(model).__name__}: "
-            f"it hooks the model's layers; write {name}(model, lr=...)"
-        )
-    sparse = [module_name for module_name, m in model.named_modules() if getattr(m, "sparse", False) is True]
-    if sparse:
-        raise ValueError(f"{_SPARSE_MESSAGE.format(name=name)}; sparse=True in: {sparse}")
-
-
-def _param_groups(
-    model: nn.Module,
-    layers: Sequence[KroneckerLayer],
-    fallback: str,
-    default_lr: float | Tensor,
-    fallback_lr: float | None,
-) -> list[dict[str, Any]]:
-    """The Kronecker group (the layers' parameters) and the fallback group (every other parameter)."""
-    curvature_ids = {id(p) for layer in layers for p in layer.params()}
-    rest = [p for p in _unique_params(model) if id(p) not in curvature_ids]
-    groups: list[dict[str, Any]] = []
-    if layers:
-        groups.append({"params": [p for layer in layers for p in layer.params()], "rule": "kronecker"})
-    if rest:
-        groups.append({"params": rest, "rule": fallback, "lr": default_lr if fallback_lr is None else fallback_lr})
-    return groups

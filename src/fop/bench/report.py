@@ -158,41 +158,31 @@ def format_paired_table(
 ) -> str:
     """Each optimizer against ``reference`` at every batch size, seed by seed, both at their best
     configuration: median difference of the final test metric with a 95% bootstrap interval,
-    how many seeds favour it, and the median difference in epochs to target where both reached it."""
+    how many seeds favour it, and the median difference in epochs to target (with its interval and
+    the seeds faster) where both reached it. A variant ``x:v`` is also compared with the reference's
+    own variant ``reference:v`` (like against like, e.g. ``fop:paper − kfac:paper``) and with its
+    base ``x`` (what the variant changes, e.g. ``fop:dirclip − fop``), where those were run."""
     measure = get_metric(metric)
     rows = []
     for batch_size in batch_sizes:
-        ref = cells.get((batch_size, reference))
-        if ref is None:
-            continue
         for optimizer in optimizers:
             cell = cells.get((batch_size, optimizer))
-            if optimizer == reference or cell is None:
-                continue
-            digits = 4 if measure.name == "loss" else 2
-            diffs = _paired_metric_differences(cell, ref, measure)
-            if not diffs:
-                continue
-            low, high = bootstrap_median_interval(diffs)
-            better = sum(measure.favours(d) for d in diffs)
-            epochs = paired_differences(cell, ref, "epochs_to_target")
-            rows.append(
-                [
-                    str(batch_size),
-                    f"{optimizer} − {reference}",
-                    str(len(diffs)),
-                    f"{statistics.median(diffs):+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]",
-                    f"{better}/{len(diffs)}",
-                    f"{statistics.median(epochs):+g} ({len(epochs)} seeds)" if epochs else MISS,
-                ]
-            )
+            base, _, variant = optimizer.partition(":")
+            others = dict.fromkeys([reference, f"{reference}:{variant}", base] if variant else [reference])
+            for other in others:
+                ref = cells.get((batch_size, other))
+                if optimizer == other or cell is None or ref is None or other not in optimizers:
+                    continue
+                diffs = _paired_metric_differences(cell, ref, measure)
+                if diffs:
+                    rows.append([str(batch_size), f"{optimizer} − {other}", *_paired_cells(cell, ref, diffs, measure)])
     header = [
         "batch",
         "pair",
         "seeds",
         f"final {measure.short} {measure.difference_unit}, median [95% CI]",
         "seeds better",
-        "epochs to target, median",
+        "epochs to target, median [95% CI] (seeds, faster)",
     ]
     return _markdown_table(header, rows)
 
@@ -204,6 +194,25 @@ def _paired_metric_differences(a: Cell, b: Cell, metric: Metric) -> list[float]:
         metric.difference(run[metric.final_field], b_runs[run["spec"]["seed"]][metric.final_field])
         for run in a.runs
         if run["spec"]["seed"] in b_runs
+    ]
+
+
+def _paired_cells(cell: Cell, ref: Cell, diffs: list[float], metric: Metric) -> list[str]:
+    """The seeds, final-metric, seeds-better and epochs cells of one row of the paired table."""
+    low, high = bootstrap_median_interval(diffs)
+    better = sum(metric.favours(d) for d in diffs)
+    digits = 4 if metric.name == "loss" else 2
+    epochs = paired_differences(cell, ref, "epochs_to_target")
+    epochs_text = MISS
+    if epochs:
+        e_low, e_high = bootstrap_median_interval(epochs)
+        faster = sum(d < 0 for d in epochs)
+        epochs_text = f"{statistics.median(epochs):+g} [{e_low:+g}, {e_high:+g}] ({len(epochs)} seeds, {faster} faster)"
+    return [
+        str(len(diffs)),
+        f"{statistics.median(diffs):+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]",
+        f"{better}/{len(diffs)}",
+        epochs_text,
     ]
 
 
@@ -365,11 +374,22 @@ def _column(metric: str) -> str:
     return f"{measure.short} (nats)" if measure.name == "loss" else f"{measure.short} %"
 
 
-def _curve_median(runs: Iterable[dict[str, Any]], field: str) -> float | None:
-    """Median over every epoch of every run of a per-epoch curve field (``None`` if never recorded)."""
-    values = [point[field] for run in runs for point in run["curve"] if point.get(field) is not None]
-    values = [v for v in values if math.isfinite(v)]
-    return statistics.median(values) if values else None
+def _clipped_text(runs: Sequence[dict[str, Any]]) -> str:
+    """`` (s% clipped, b% before the target)``: the share of steps on which the trust region bound over
+    the whole runs, then over the epochs until each run reached the target (runs that did; every epoch
+    of a run has the same number of steps); ``""`` where no share was recorded."""
+    whole = [p["clipped_fraction"] for r in runs for p in r["curve"] if p.get("clipped_fraction") is not None]
+    if not whole:
+        return ""
+    before = [
+        p["clipped_fraction"]
+        for r in runs
+        if r.get("epochs_to_target") is not None
+        for p in r["curve"]
+        if p.get("clipped_fraction") is not None and p["epoch"] <= r["epochs_to_target"]
+    ]
+    text = f" ({100 * statistics.fmean(whole):.0f}% clipped"
+    return text + (f", {100 * statistics.fmean(before):.0f}% before the target)" if before else ")")
 
 
 def format_sensitivity(
@@ -404,9 +424,7 @@ def format_sensitivity(
                 found = True
                 runs = min(by_second.values(), key=lambda rs: measure.rank(final(rs)))
                 text = _shown(final(runs), metric)
-                clipped = _curve_median(runs, "clipped_fraction")
-                if clipped is not None:
-                    text += f" ({100 * clipped:.0f}% clipped)"
+                text += _clipped_text(runs)
                 row.append(text)
             if found:
                 rows.append(row)
@@ -575,8 +593,9 @@ def _main_sections(
         "## Learning-rate sensitivity",
         "",
         f"Final {_metric_name(metric)} at each learning-rate factor (median over seeds, at the factor's best "
-        "damping or weight decay); for K-FAC/FOP, in brackets, the median share of steps on which the "
-        '`kl_clip` trust region bound (with `trust_region="step"` such steps do not depend on the learning rate).',
+        "damping or weight decay); for K-FAC/FOP, in brackets, the share of steps on which the `kl_clip` trust "
+        "region bound, over the whole runs and over the epochs until the target (runs that reached it; with "
+        '`trust_region="step"` such steps do not depend on the learning rate).',
         "",
         format_sensitivity(records, batch_sizes, optimizers, metric),
         "",
