@@ -116,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--optimizers",
         metavar="LIST",
         type=_list_of(str, "names"),
-        help="comma-separated: sgd, adamw, kfac, fop, any torch.optim class, pytorch-optimizer names "
-        "(default: sgd,adamw,kfac,fop)",
+        help="comma-separated: sgd, adamw, kfac, fop; the baselines muon, soap, lamb, lars, sfadamw "
+        "(pip install 'fop[baselines]'); any torch.optim class, pytorch-optimizer names (default: sgd,adamw,kfac,fop)",
     )
     what.add_argument(
         "--batch-sizes",
@@ -242,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     tuning.add_argument(
         "--compare-to",
         metavar="NAME",
-        help="reference of the paired per-seed comparison in the report (default: kfac if run, else the baseline)",
+        help="reference(s) of the paired per-seed comparison in the report, e.g. kfac,fop: one table each "
+        "(default: kfac if run, else the baseline)",
     )
 
     machine = parser.add_argument_group("machine and output")
@@ -361,6 +362,7 @@ def _scaling(run: _Run, plan: Sequence[RunSpec]) -> int:
 
 
 def _list_tasks() -> str:
+    from fop.bench.optimizers import LARS_BASE_LR
     from fop.bench.tasks import get_task, task_names
 
     lines = []
@@ -372,6 +374,10 @@ def _list_tasks() -> str:
             f"lr grid {','.join(f'{f:.3g}' for f in task.lr_grid)}; base lrs at batch {task.reference_batch}: "
             + ", ".join(f"{k}={v:g}" for k, v in task.base_lrs.items())
         )
+    lines.append(
+        "baselines (pip install 'fop[baselines]'): muon, soap, lamb, sfadamw start from a task's adamw base lr "
+        f"unless it names them, lars from {LARS_BASE_LR:g} (docs/benchmark.md)"
+    )
     return "\n".join(lines)
 
 
@@ -412,9 +418,16 @@ def _check_task_options(args: argparse.Namespace, task: Task) -> None:
         raise BenchError(f"--layers does not apply to task {task.name}")
 
 
-def _protocol_lines(task: Task, config: SweepConfig, plan: Sequence[RunSpec]) -> list[str]:
+def _protocol_lines(
+    task: Task, config: SweepConfig, plan: Sequence[RunSpec], optimizers: dict[str, OptimizerSpec]
+) -> list[str]:
     """Protocol facts of this sweep for the report header."""
-    from fop.bench.optimizers import CURVATURE_OPTIMIZERS
+    from fop.bench.optimizers import COSINE, CURVATURE_OPTIMIZERS
+
+    others = sorted((name, spec.decay) for name, spec in optimizers.items() if spec.decay != COSINE)
+    decay = "cosine decay to 0" + (
+        f" (except {', '.join(f'{name}: {rule}' for name, rule in others)})" if others else ""
+    )
 
     lr_rules = sorted({(spec.optimizer, spec.lr_scaling) for spec in plan})
     intervals = sorted({(spec.batch_size, spec.hyperparameters.curvature_interval) for spec in plan})
@@ -422,7 +435,7 @@ def _protocol_lines(task: Task, config: SweepConfig, plan: Sequence[RunSpec]) ->
     lines = [
         f"protocol: learning rates scaled from the base at batch {task.reference_batch} "
         f"({', '.join(f'{name} {rule}' for name, rule in lr_rules)}), {task.warmup_epochs:g} warmup epochs, "
-        f"cosine decay to 0 at epoch {config.max_epochs}; the last partial batch of each epoch is dropped",
+        f"{decay} at epoch {config.max_epochs}; the last partial batch of each epoch is dropped",
     ]
     if task.make_pipeline is None:
         lines.append(
@@ -513,7 +526,7 @@ def _prepare(args: argparse.Namespace, argv: Sequence[str]) -> _Run:
     baseline = (args.baseline or ("sgd" if "sgd" in optimizers else optimizer_names[0])).lower()
     if baseline not in optimizers:
         raise BenchError(f"--baseline {baseline} is not among the optimizers run ({', '.join(optimizers)})")
-    _comparison_reference(args, optimizers, baseline)  # fail before training
+    _comparison_references(args, optimizers, baseline)  # fail before training
     device = _resolve_device(args.device)
     out = args.out or Path("bench-runs") / task.name
     _check_output_folder(out)
@@ -654,12 +667,12 @@ def _write_report(run: _Run, config: SweepConfig, plan: Sequence[RunSpec], recor
         baseline=run.baseline,
         metric=task.metric,
         target=config.target,
-        protocol=_protocol_lines(task, config, plan),
+        protocol=_protocol_lines(task, config, plan, run.optimizers),
         env=env,
         command=run.command,
         dataset=run.dataset.summary(),
         plot_file=plot_file,
-        reference=_comparison_reference(run.args, run.optimizers, run.baseline),
+        references=_comparison_references(run.args, run.optimizers, run.baseline),
     )
     (run.out / "results.md").write_text(report, encoding="utf-8")
 
@@ -681,13 +694,13 @@ def _print_summary(run: _Run, config: SweepConfig, records: list[dict[str, Any]]
     print(format_table1(cells, config.batch_sizes, config.optimizers, run.baseline))
     print(f"\nfinal {metric.title} (best in run), median over seeds:\n")
     print(format_final_table(cells, config.batch_sizes, config.optimizers, task.metric))
-    reference = _comparison_reference(run.args, run.optimizers, run.baseline)
-    if seeds >= 2 and len(config.optimizers) > 1:
-        print(
-            f"\npaired per-seed comparison against {reference} (final {metric.short}, {metric.difference_unit}, "
-            "median [95% bootstrap CI]):\n"
-        )
-        print(format_paired_table(cells, config.batch_sizes, config.optimizers, reference, task.metric))
+    for reference in _comparison_references(run.args, run.optimizers, run.baseline):
+        if seeds >= 2 and len(config.optimizers) > 1:
+            print(
+                f"\npaired per-seed comparison against {reference} (final {metric.short}, {metric.difference_unit}, "
+                "median [95% bootstrap CI]):\n"
+            )
+            print(format_paired_table(cells, config.batch_sizes, config.optimizers, reference, task.metric))
     print(f"\nfull report: {out / 'results.md'}; plot: {out / metric.plot_file}; runs: {out / 'runs.jsonl'}")
 
 
@@ -753,11 +766,15 @@ def _edge_extension(
     return extra
 
 
-def _comparison_reference(args: argparse.Namespace, optimizers: dict[str, OptimizerSpec], baseline: str) -> str:
-    reference = (args.compare_to or ("kfac" if "kfac" in optimizers else baseline)).lower()
-    if reference not in optimizers:
-        raise BenchError(f"--compare-to {reference} is not among the optimizers run ({', '.join(optimizers)})")
-    return reference
+def _comparison_references(
+    args: argparse.Namespace, optimizers: dict[str, OptimizerSpec], baseline: str
+) -> tuple[str, ...]:
+    given = args.compare_to or ("kfac" if "kfac" in optimizers else baseline)
+    references = tuple(dict.fromkeys(name.strip().lower() for name in given.split(",") if name.strip()))
+    for reference in references:
+        if reference not in optimizers:
+            raise BenchError(f"--compare-to {reference} is not among the optimizers run ({', '.join(optimizers)})")
+    return references
 
 
 def main(argv: Sequence[str] | None = None) -> int:

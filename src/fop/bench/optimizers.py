@@ -1,16 +1,19 @@
 """Optimizers by name, and the protocol's rules for learning rate, schedule and curvature interval.
 
-Names: ``sgd`` (Nesterov momentum 0.9), ``adamw``, ``kfac`` and ``fop`` (this package), any
-``torch.optim`` class by its name in any case (``rmsprop``, ``RAdam``, ...), and, when the
-``pytorch-optimizer`` package is installed, its optimizers (``lamb``, ``lars``, ...).
+Names: ``sgd`` (Nesterov momentum 0.9), ``adamw``, ``kfac`` and ``fop`` (this package), the
+baselines of :mod:`fop.bench.baselines` (``muon``, ``soap``, ``lamb``, ``lars``, ``sfadamw``: each
+with its authors' recipe, from the ``fop[baselines]`` extra), any other ``torch.optim`` class by
+its name in any case (``rmsprop``, ``RAdam``, ...), and, when the ``pytorch-optimizer`` package is
+installed, its other optimizers at their defaults.
 
 Rules (documented in ``docs/benchmark.md``):
 
 - :func:`scaled_lr`: base learning rate at the task's reference batch, scaled linearly with the
   batch size (SGD, K-FAC, FOP: the paper's rule) or by the square root (adaptive methods such as
   AdamW, whose updates do not grow with the gradient's size);
-- :func:`warmup_cosine`: linear warmup, then cosine decay to zero at the last epoch, for every
-  optimizer alike (so K-FAC and FOP share one schedule);
+- :func:`warmup_decay`: linear warmup, then a decay to zero at the last epoch: cosine for every
+  optimizer (so K-FAC and FOP share one schedule) except the baselines whose authors prescribe
+  another (LAMB: linear; LARS: polynomial of power 2; Schedule-Free AdamW: none, constant);
 - :func:`curvature_interval`: samples between curvature updates held fixed, so the interval in
   steps shrinks as the batch grows, down to every 5 steps.
 """
@@ -37,11 +40,15 @@ __all__ = [
     "resolve_optimizer",
     "scaled_lr",
     "warmup_cosine",
+    "warmup_decay",
 ]
 
 LINEAR = "linear"
 SQRT = "sqrt"
 SCALING_RULES = (LINEAR, SQRT)
+# decays after the warmup (warmup_decay)
+COSINE, LINEAR_DECAY, POLY2, CONSTANT = "cosine", "linear", "poly2", "constant"
+DECAYS = (COSINE, LINEAR_DECAY, POLY2, CONSTANT)
 CURVATURE_OPTIMIZERS = ("kfac", "fop")
 SGD_MOMENTUM = 0.9
 
@@ -82,6 +89,9 @@ class OptimizerSpec:
     options: dict[str, Any] = field(default_factory=dict)
     # > 1: the model's BatchNorm statistics per part of the batch (fop.bench.models.split_batch_norm)
     batch_norm_parts: int = 1
+    decay: str = COSINE  # the schedule after the warmup (warmup_decay)
+    # Schedule-Free: the optimizer's eval()/train() around each evaluation (its averaged weights)
+    schedule_free: bool = False
 
     @property
     def lr_name(self) -> str:
@@ -122,6 +132,15 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]
     Step ``s`` (0-based) uses ``(s + 1) / warmup_steps`` during warmup, then
     ``½ (1 + cos(π · (s − warmup) / (total − warmup)))``, reaching 0 after the last step.
     """
+    return warmup_decay(total_steps, warmup_steps, COSINE)
+
+
+def warmup_decay(total_steps: int, warmup_steps: int, decay: str) -> Callable[[int], float]:
+    """Learning-rate factor: linear warmup as :func:`warmup_cosine`, then with ``p`` the progress
+    ``(s − warmup) / (total − warmup)``: ``"cosine"`` ``½ (1 + cos πp)``, ``"linear"`` ``1 − p``,
+    ``"poly2"`` ``(1 − p)²``, ``"constant"`` 1 (no decay: Schedule-Free)."""
+    if decay not in DECAYS:
+        raise BenchError(f"unknown schedule {decay!r} (choose from {', '.join(DECAYS)})")
     warmup_steps = max(0, min(warmup_steps, total_steps - 1))
     decay_steps = max(1, total_steps - warmup_steps)
 
@@ -129,7 +148,13 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         progress = min(1.0, (step - warmup_steps) / decay_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if decay == COSINE:
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if decay == LINEAR_DECAY:
+            return 1.0 - progress
+        if decay == POLY2:
+            return (1.0 - progress) ** 2
+        return 1.0
 
     return factor
 
@@ -171,11 +196,63 @@ def _curvature_builder(class_name: str) -> Callable[[nn.Module, Hyperparameters]
     return build
 
 
+def _muon(model: nn.Module, hp: Hyperparameters) -> torch.optim.Optimizer:
+    from fop.bench import baselines
+
+    return baselines.build_muon(model, hp.lr, hp.weight_decay)
+
+
+def _soap(model: nn.Module, hp: Hyperparameters) -> torch.optim.Optimizer:
+    from fop.bench import baselines
+
+    return baselines.build_soap(model, hp.lr, hp.weight_decay)
+
+
+def _lamb(model: nn.Module, hp: Hyperparameters) -> torch.optim.Optimizer:
+    from fop.bench import baselines
+
+    return baselines.build_lamb(model, hp.lr, hp.weight_decay)
+
+
+def _lars(model: nn.Module, hp: Hyperparameters) -> torch.optim.Optimizer:
+    from fop.bench import baselines
+
+    return baselines.build_lars(model, hp.lr, hp.weight_decay, hp.momentum)
+
+
+def _sfadamw(model: nn.Module, hp: Hyperparameters) -> torch.optim.Optimizer:
+    from fop.bench import baselines
+
+    return baselines.build_sfadamw(model, hp.lr, hp.weight_decay)
+
+
+# LARS's learning rate multiplies a trust ratio of 1e-3 · |w| / |g| (a step of lr · 1e-3 of each
+# layer's weight norm), so it has its own scale: 1 at the reference batch, linearly scaled.
+LARS_BASE_LR = 1.0
+
 _BUILTIN = {
     "sgd": OptimizerSpec("sgd", _sgd, LINEAR),
     "adamw": OptimizerSpec("adamw", _adamw, SQRT),
     "kfac": OptimizerSpec("kfac", _curvature_builder("KFAC"), LINEAR, uses_curvature=True),
     "fop": OptimizerSpec("fop", _curvature_builder("FOP"), LINEAR, uses_curvature=True),
+}
+
+# The baselines (docs/benchmark.md, "Baselines"): the package each needs, and its spec. Their base
+# learning rate and weight decay are the task's AdamW ones (``base="adamw"``) unless the task or
+# ``--base-lr`` names them, except LARS, whose learning rate has its own scale.
+BASELINE_PACKAGES = {
+    "muon": "torch",  # torch.optim.Muon: torch >= 2.9
+    "soap": "pytorch_optimizer",
+    "lamb": "pytorch_optimizer",
+    "lars": "pytorch_optimizer",
+    "sfadamw": "schedulefree",
+}
+_BASELINES = {
+    "muon": OptimizerSpec("muon", _muon, SQRT, base="adamw"),
+    "soap": OptimizerSpec("soap", _soap, SQRT, base="adamw"),
+    "lamb": OptimizerSpec("lamb", _lamb, SQRT, base="adamw", decay=LINEAR_DECAY),
+    "lars": OptimizerSpec("lars", _lars, LINEAR, default_lr=LARS_BASE_LR, decay=POLY2),
+    "sfadamw": OptimizerSpec("sfadamw", _sfadamw, SQRT, base="adamw", decay=CONSTANT, schedule_free=True),
 }
 
 
@@ -309,11 +386,19 @@ def resolve_optimizer(name: str) -> OptimizerSpec:
         if spec.uses_curvature:
             _require_fop(key)
         return spec
+    if key in _BASELINES:
+        from fop.bench.baselines import require, require_muon
+
+        if key == "muon":
+            require_muon()
+        else:
+            require(BASELINE_PACKAGES[key], key)
+        return _BASELINES[key]
     optimizer_class = _torch_optim_class(key) or _pytorch_optimizer_class(key)
     if optimizer_class is None:
         raise BenchError(
-            f"unknown optimizer {name!r} (choose from sgd, adamw, kfac, fop, any torch.optim class such as "
-            "rmsprop or radam, or install pytorch-optimizer for lamb, lars, ...)"
+            f"unknown optimizer {name!r} (choose from sgd, adamw, kfac, fop, muon, soap, lamb, lars, sfadamw, "
+            "any torch.optim class such as rmsprop or radam, or a pytorch-optimizer name)"
         )
     scaling = LINEAR if any(tag in key for tag in _SGD_LIKE_TAGS) else SQRT
     return OptimizerSpec(key, _generic_builder(optimizer_class), scaling, default_lr=_default_lr(optimizer_class))

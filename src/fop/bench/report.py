@@ -515,7 +515,7 @@ def format_report(
     command: str,
     dataset: dict[str, Any],
     plot_file: str | None = None,
-    reference: str | None = None,
+    references: Sequence[str] = (),
 ) -> str:
     """The Markdown report of a sweep: header, Table 1, final metric, fastest batch, details."""
     cells = summarize(records)
@@ -539,7 +539,7 @@ def format_report(
         *(f"- {item}" for item in protocol),
         "",
         *_main_sections(records, cells, batch_sizes, optimizers, baseline, metric, target),
-        *_optional_sections(records, cells, batch_sizes, optimizers, metric, reference),
+        *_optional_sections(records, cells, batch_sizes, optimizers, metric, references),
     ]
     if plot_file:
         lines += [f"![{_metric_name(metric)} against training time]({plot_file})", ""]
@@ -620,7 +620,7 @@ def _optional_sections(
     batch_sizes: Sequence[int],
     optimizers: Sequence[str],
     metric: str,
-    reference: str | None,
+    references: Sequence[str],
 ) -> list[str]:
     """The noise scale (FOP runs), the grid-edge note and the paired comparison, where they apply."""
     lines: list[str] = []
@@ -645,7 +645,9 @@ def _optional_sections(
             + " chose a value on the edge of the grid tried: a wider grid may do better.",
             "",
         ]
-    if reference and len(seeds) >= 2 and any(optimizer != reference for optimizer in optimizers):
+    for reference in references:
+        if len(seeds) < 2 or all(optimizer == reference for optimizer in optimizers):
+            continue
         lines += [
             f"## Paired comparison against {reference}",
             "",

@@ -31,11 +31,12 @@ from fop.bench.errors import BenchError
 from fop.bench.metrics import Metric, get_metric
 from fop.bench.models import split_batch_norm
 from fop.bench.optimizers import (
+    COSINE,
     Hyperparameters,
     OptimizerSpec,
     curvature_interval,
     scaled_lr,
-    warmup_cosine,
+    warmup_decay,
 )
 from fop.bench.tasks import Task
 
@@ -218,11 +219,13 @@ def _library_version() -> str:
 
 
 def _base_lr(spec: OptimizerSpec, task: Task, overrides: dict[str, float]) -> float:
-    for name in dict.fromkeys((spec.name, spec.lr_name)):
+    names = tuple(dict.fromkeys((spec.name, spec.lr_name)))
+    for name in names:
         if name in overrides:
             return overrides[name]
-    if spec.lr_name in task.base_lrs:
-        return task.base_lrs[spec.lr_name]
+    for name in names:
+        if name in task.base_lrs:
+            return task.base_lrs[name]
     if spec.default_lr is not None:
         return spec.default_lr
     raise BenchError(
@@ -321,6 +324,33 @@ def evaluate(model: nn.Module, pipeline: Any, batch_size: int, bf16: bool, metri
     return total.item() / max(1, count)
 
 
+# Schedule-Free with BatchNorm: batches that recompute the statistics at the averaged weights
+BN_RECALIBRATION_BATCHES = 50
+
+
+def _evaluate_schedule_free(
+    model: nn.Module, optimizer: torch.optim.Optimizer, pipeline: Any, spec: RunSpec, eval_batch: int, metric: Metric
+) -> float:
+    """The held-out metric of a Schedule-Free optimizer's averaged weights: ``optimizer.eval()`` swaps them
+    in, ``optimizer.train()`` back. With BatchNorm, its running statistics are first recomputed at
+    those weights from up to 50 training batches (forward only, in training mode), as the package's
+    authors prescribe; the batches come from a generator of their own, so the training data order
+    is untouched."""
+    optimizer.eval()  # type: ignore[attr-defined]
+    try:
+        if any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in model.modules()):
+            generator = torch.Generator(device=pipeline.device).manual_seed(spec.seed)
+            order = torch.randperm(pipeline.train_size, generator=generator, device=pipeline.device)
+            with torch.no_grad():
+                for batch in itertools.islice(_batches(order, spec.micro_batch), BN_RECALIBRATION_BATCHES):
+                    inputs, _ = pipeline.train_batch(batch, generator)
+                    with _autocast(pipeline.device, spec.bf16):
+                        model(inputs)
+        return evaluate(model, pipeline, eval_batch, spec.bf16, metric)
+    finally:
+        optimizer.train()  # type: ignore[attr-defined]
+
+
 def _diagnostics_summary(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     """Median over layers of FOP's last β* and η* (empty for optimizers without diagnostics)."""
     diagnostics = getattr(optimizer, "diagnostics", None)
@@ -394,7 +424,7 @@ def train_run(
     model, optimizer = build_model_and_optimizer(spec, task, dataset, device, optimizer_spec)
     steps_per_epoch = pipeline.train_size // spec.batch_size
     evaluations = max(1, min(task.evaluations_per_epoch, steps_per_epoch))
-    scheduler = _schedule(optimizer, spec, steps_per_epoch)
+    scheduler = _schedule(optimizer, spec, steps_per_epoch, optimizer_spec.decay)
     generator = torch.Generator(device=device).manual_seed(spec.seed)
     clock, memory = StepClock(device), MemoryMeter(device)
     eval_batch = task.max_micro_batch or 4096
@@ -420,7 +450,10 @@ def train_run(
                 timing.add(clock, marks, time.perf_counter() - period_start)
                 steps += len(period)
                 loss = loss_sum.item() / max(1, len(period))
-                value = evaluate(model, pipeline, eval_batch, spec.bf16, metric)
+                if optimizer_spec.schedule_free:
+                    value = _evaluate_schedule_free(model, optimizer, pipeline, spec, eval_batch, metric)
+                else:
+                    value = evaluate(model, pipeline, eval_batch, spec.bf16, metric)
                 point = {
                     "epoch": epoch if evaluations == 1 else round(epoch - 1 + (part + 1) / evaluations, 6),
                     "step": steps,
@@ -477,11 +510,12 @@ def _outcome_fields(curve: list[dict[str, Any]], reached: dict[str, Any] | None,
     }
 
 
-def _schedule(optimizer: torch.optim.Optimizer, spec: RunSpec, steps_per_epoch: int) -> Any:
-    """The run's learning-rate schedule: linear warmup, cosine decay to 0 at the last epoch."""
+def _schedule(optimizer: torch.optim.Optimizer, spec: RunSpec, steps_per_epoch: int, decay: str = COSINE) -> Any:
+    """The run's learning-rate schedule: linear warmup, then ``decay`` (cosine for all but the baselines
+    whose authors prescribe another) to 0 at the last epoch."""
     total_steps = steps_per_epoch * spec.max_epochs
     warmup_steps = round(spec.warmup_epochs * steps_per_epoch)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_decay(total_steps, warmup_steps, decay))
 
 
 @dataclass

@@ -71,7 +71,8 @@ class Task:
         name: the ``--task`` value.
         summary: one line for ``--list``.
         load_data: reads the dataset (raises :class:`BenchError` on bad input).
-        build_model: ``(dataset, width, layers) -> nn.Module``; ``None`` means the standard size.
+        build_model: ``(dataset, width, layers=None) -> nn.Module``; ``None`` means the standard size
+            (``layers`` stays ``None`` unless the task lists ``"layers"`` in ``model_options``).
         default_target: target of the metric for a loaded dataset (it may depend on its ``kind``).
         batch_sizes: default ``--batch-sizes``.
         reference_batch: the batch size at which ``base_lrs`` hold (learning-rate scaling rule).
@@ -100,7 +101,7 @@ class Task:
     name: str
     summary: str
     load_data: Callable[[DataOptions], Any]
-    build_model: Callable[[Any, int | None, int | None], nn.Module]
+    build_model: Callable[..., nn.Module]  # (dataset, width, layers=None)
     default_target: Callable[[Any], float]
     batch_sizes: tuple[int, ...]
     reference_batch: int
@@ -196,7 +197,7 @@ CIFAR10_DEFAULTS: Mapping[str, object] = {
 def cifar10_task(
     name: str,
     summary: str,
-    build_model: Callable[[ImageDataset, int | None, int | None], nn.Module],
+    build_model: Callable[..., nn.Module],
     default_target: Callable[[ImageDataset], float],
     load_data: Callable[[DataOptions], ImageDataset] | None = None,
     **fields: object,

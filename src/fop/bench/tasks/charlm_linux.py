@@ -44,7 +44,7 @@ def _load(options: DataOptions) -> TokenDataset:
     return load_char_corpus(options.path, CONTEXT, subset=options.subset)
 
 
-def _model(dataset: TokenDataset, width: int | None, layers: int | None) -> nn.Module:
+def _model(dataset: TokenDataset, width: int | None, layers: int | None = None) -> nn.Module:
     dim = width or DEFAULT_WIDTH
     heads = max(1, dim // HEAD_DIM)
     while dim % heads:  # a width that is not a multiple of HEAD_DIM: the nearest divisor below
