@@ -1,6 +1,7 @@
-"""Private test helper: a small, decoded, class-balanced subset of the CIFAR-10 JPEG pack.
+"""Private test helper: where the shared data is, and a small decoded subset of the CIFAR-10 JPEG pack.
 
-The pack (``shared/data/cifar10_jpeg.npz`` next to the repository, or the file named by the
+The linux-kernel-char corpus (``shared/data/linux-kernel-char/`` next to the repository, or the
+folder named by ``FOP_LINUX_KERNEL_CHAR``) is found by :func:`char_corpus_path`. The CIFAR-10 pack (``shared/data/cifar10_jpeg.npz`` next to the repository, or the file named by the
 environment variable ``FOP_CIFAR10``) stores every image as JPEG bytes; see the pack's README.
 Only the requested images are decoded (with Pillow), and the result is cached in-process.
 """
@@ -47,14 +48,18 @@ def in_ci() -> bool:
 def require_pack() -> Path:
     """The pack's path; without it the calling test fails in CI (a missing pack must not pass as a
     skip there) and is skipped elsewhere."""
+    return _required(cifar10_path(), missing_reason())
+
+
+def _required(path: Path, reason: str | None) -> Path:
+    """``path``, or (``reason`` given: the data is missing) a failure in CI and a skip elsewhere."""
     import pytest
 
-    reason = missing_reason()
     if reason is not None:
         if in_ci():
             pytest.fail(reason, pytrace=False)
         pytest.skip(reason)
-    return cifar10_path()
+    return path
 
 
 def _balanced_indices(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
@@ -85,3 +90,29 @@ def load_subset(split: str, count: int, seed: int = 0) -> tuple[np.ndarray, np.n
             images[row] = np.asarray(image.convert("RGB"))
     x = (images.astype(np.float32) / 255.0 - MEAN) / STD
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2)), labels[index]
+
+
+CHAR_CORPUS_ENV_VAR = "FOP_LINUX_KERNEL_CHAR"
+CHAR_CORPUS_DEFAULT = REPO_ROOT.parent / "shared" / "data" / "linux-kernel-char"
+
+
+def char_corpus_path() -> Path:
+    """The linux-kernel-char folder: ``$FOP_LINUX_KERNEL_CHAR`` if set, else ``<repo>/../shared/data/``."""
+    return Path(os.environ.get(CHAR_CORPUS_ENV_VAR) or CHAR_CORPUS_DEFAULT)
+
+
+def require_char_corpus() -> Path:
+    """The corpus folder; without it the calling test fails in CI and is skipped elsewhere (as
+    :func:`require_pack`)."""
+    return _required(char_corpus_path(), char_corpus_missing_reason())
+
+
+def char_corpus_missing_reason() -> str | None:
+    """None if the folder holds train.txt and valid.txt, else a message saying where it was looked for."""
+    path = char_corpus_path()
+    if (path / "train.txt").is_file() and (path / "valid.txt").is_file():
+        return None
+    return (
+        f"linux-kernel-char corpus not found at {path}: put the folder there (see shared/data/README.md) "
+        f"or point the {CHAR_CORPUS_ENV_VAR} environment variable at it"
+    )

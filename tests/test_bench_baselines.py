@@ -163,9 +163,9 @@ def test_schedule_free_evaluates_its_averaged_weights(tmp_path, monkeypatch):
     modes = []
     evaluate = runner.evaluate
 
-    def spy(model, pipeline, batch_size, bf16):
+    def spy(*args):  # (model, pipeline, batch_size, bf16, metric)
         modes.append(optimizers[0].param_groups[0]["train_mode"])
-        return evaluate(model, pipeline, batch_size, bf16)
+        return evaluate(*args)
 
     optimizers = []
     build = runner.build_model_and_optimizer

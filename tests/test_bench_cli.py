@@ -1,13 +1,15 @@
 """End-to-end tests of ``fop-bench`` through its real entry point, at tiny sizes on the CPU.
 
-The CIFAR tasks read a subset of the JPEG pack at ``../shared/data/cifar10_jpeg.npz`` relative to
-the repository root, or the file named by ``$FOP_CIFAR10`` (see ``tests/_data.py``); without it
-they fail in CI (``CI`` set to true) and are skipped elsewhere.
+``charlm-linux`` reads ``../shared/data/linux-kernel-char/`` or ``$FOP_LINUX_KERNEL_CHAR``. The
+CIFAR tasks read a subset of the JPEG pack at ``../shared/data/cifar10_jpeg.npz`` relative to
+the repository root, or the file named by ``$FOP_CIFAR10`` (see ``tests/_data.py``). Without their
+data these tests fail in CI (``CI`` set to true) and are skipped elsewhere.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -17,7 +19,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from _data import ENV_VAR, require_pack
+from _data import CHAR_CORPUS_ENV_VAR, ENV_VAR, require_char_corpus, require_pack
 from fop.bench.cli import main
 from fop.bench.data import load_cifar10, long_tail_counts
 
@@ -359,3 +361,123 @@ def test_nproc_scaling_run_on_two_gloo_processes(tmp_path, capsys):
     # layer specialists shard the curvature; a replicated optimizer holds all of it on every process
     assert max(specialists["state_bytes_all"]) < one["fop b=64"]["state_bytes_all"][0]
     assert replicated["state_bytes_all"] == [one["kfac:replicated b=64"]["state_bytes_all"][0]] * 2
+
+
+# ----------------------------------------------------------------------------------------------
+# charlm-linux: the character-level GPT, scored by validation loss (lower is better)
+
+
+def _char_corpus() -> Path:
+    return require_char_corpus()  # fails in CI without the corpus, skips elsewhere
+
+
+def test_charlm_sweep_reports_validation_loss_and_time_to_target(tmp_path, capsys):
+    """A tiny GPT on the first 20,000 characters of each split: the loss metric from the run to the report.
+
+    Target 4.0 nats is below what AdamW reaches in these 9 steps (about 4.4) and above what FOP
+    reaches (about 3.6): one run hits it, one misses, and the hit is the first evaluation at or
+    below the target.
+    """
+    out = tmp_path / "charlm"
+    argv = _tiny(
+        out,
+        "--task",
+        "charlm-linux",
+        "--data",
+        str(_char_corpus()),
+        "--subset",
+        "20000",
+        "--width",
+        "32",
+        "--layers",
+        "1",
+        "--batch-sizes",
+        "16",
+        "--max-epochs",
+        "1",
+        "--target",
+        "4.0",
+        "--optimizers",
+        "adamw,fop",
+    )
+    assert main(argv) == 0
+    printed = capsys.readouterr()
+    assert "epochs / seconds to validation loss 4 nats" in printed.out
+    records = _records(out)
+    assert {r["spec"]["optimizer"] for r in records} == {"adamw", "fop"} and len(records) == 2
+    for record in records:
+        assert record["metric"] == "loss" and record["spec"]["layers"] == 1 and record["spec"]["width"] == 32
+        dataset = record["dataset"]
+        assert dataset["vocab_size"] == 98 and dataset["context"] == 128  # 97 characters + the unknown id
+        assert dataset["train_size"] == (20000 - 1) // 128 and dataset["test_size"] == (20000 - 1) // 128
+        curve = record["curve"]
+        # 156 windows / 16 = 9 steps, evaluated 8 times, after round(9 k / 8) steps
+        assert [p["epoch"] for p in curve] == [k / 8 for k in range(1, 8)] + [1]
+        assert [p["step"] for p in curve] == [1, 2, 3, 4, 6, 7, 8, 9]
+        for point in curve:
+            assert 0 < point["val_loss"] < math.log(98) + 0.5
+            assert point["val_bits"] == pytest.approx(point["val_loss"] / math.log(2))
+        assert record["final_val_loss"] == curve[-1]["val_loss"]
+        assert record["best_val_loss"] == min(p["val_loss"] for p in curve)
+        hit = next((p for p in curve if p["val_loss"] <= 4.0), None)
+        if hit is None:
+            assert record["epochs_to_target"] is None and record["steps_to_target"] is None
+        else:
+            assert (record["epochs_to_target"], record["steps_to_target"]) == (hit["epoch"], hit["step"])
+            assert record["seconds_to_target"] == hit["seconds"]
+    by_name = {r["spec"]["optimizer"]: r for r in records}
+    assert by_name["adamw"]["epochs_to_target"] is None and by_name["fop"]["epochs_to_target"] is not None
+    assert "noise_scale" in by_name["fop"]["curve"][-1]
+
+    report = (out / "results.md").read_text()
+    assert "## Time to validation loss 4 nats" in report and "Steps to target" in report
+    assert "98 token ids" in report and "windows of 128" in report
+    table = _table1(report)
+    assert table["16"]["adamw"] == "—" and CELL.match(table["16"]["fop"])
+    assert "## Final validation loss (nats per token)" in report and " bits (" in report
+    with Image.open(out / "val_loss_vs_time.png") as image:
+        assert image.format == "PNG"
+
+    # Resuming reads the loss records back as valid (their metric's fields, not an accuracy's).
+    assert main(argv) == 0
+    assert "resuming: 2 of 2 runs already finished" in capsys.readouterr().err
+
+
+def test_charlm_data_from_the_environment_variable(tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "train.txt").write_text("int main(void) { return 0; }\n" * 40)
+    (folder / "valid.txt").write_text("int f(void) { return 1; }\n" * 40 + "é")  # 'é', '1', 'f' unseen in train
+    monkeypatch.setenv(CHAR_CORPUS_ENV_VAR, str(folder))
+    out = tmp_path / "run"
+    argv = _tiny(out, "--task", "charlm-linux", "--width", "16", "--layers", "1", "--batch-sizes", "4")
+    assert main([*argv, "--max-epochs", "1", "--optimizers", "adamw", "--target", "1"]) == 0
+    dataset = _records(out)[0]["dataset"]
+    assert dataset["source"] == str(folder) and dataset["vocab_size"] == len(set("int main(void) { return 0; }\n")) + 1
+    assert dataset["unknown_valid_tokens"] == 40 * 2 + 1  # 'f' and '1' on each line, and the 'é'
+
+
+@pytest.mark.parametrize(
+    ("files", "argv", "message"),
+    [
+        (None, [], "task charlm-linux needs --data PATH (the linux-kernel-char folder"),
+        (None, ["--data", "/nonexistent/linux-kernel-char"], "character corpus not found: /nonexistent"),
+        ({"train.txt": "abc" * 100}, ["--data", "{folder}"], "is not a character corpus folder: missing valid.txt"),
+        ({"train.txt": "ab\x00c" * 100, "valid.txt": "abc" * 100}, ["--data", "{folder}"], "is not a text file"),
+        ({"train.txt": "abc" * 20, "valid.txt": "abc" * 100}, ["--data", "{folder}"], "fewer than one window of 128"),
+        ({"train.txt": "a" * 500, "valid.txt": "abc" * 100}, ["--data", "{folder}"], "1 distinct characters"),
+        (None, ["--data", "{folder}/train.txt"], "is a file: give the folder"),
+        (None, ["--task", "digits-mlp", "--layers", "2"], "--layers does not apply to task digits-mlp"),
+    ],
+)
+def test_charlm_bad_data_exits_2_with_one_clear_line(files, argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv(CHAR_CORPUS_ENV_VAR, raising=False)
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for name, text in (files or {"train.txt": "abc" * 100}).items():
+        (folder / name).write_text(text)
+    argv = [arg.replace("{folder}", str(folder)) for arg in argv]
+    task = [] if "--task" in argv else ["--task", "charlm-linux"]
+    assert main([*task, *argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fop-bench: error: ") and message in err, err

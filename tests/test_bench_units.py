@@ -14,6 +14,8 @@ import torch
 from fop.bench import BenchError
 from fop.bench.data import (
     BatchPipeline,
+    TokenDataset,
+    TokenPipeline,
     balanced_indices,
     load_cifar10,
     load_digits,
@@ -421,3 +423,46 @@ def test_reduce_variant_token_sets_the_weight_sharing():
     assert spec.options == {"weight_sharing": "reduce", "factor_samples": 64}
     hp = Hyperparameters(lr=0.1, weight_decay=0.0, options=tuple(spec.options.items()))
     assert spec.build(_tiny_model(), hp).param_groups[0]["weight_sharing"] == "reduce"
+
+
+# ------------------------------------------------------------------------------ language model
+
+
+def test_token_pipeline_windows_and_targets():
+    tokens = torch.arange(1, 1 + 10 * 8 + 1)  # 81 distinct ids: every window is recognisable
+    dataset = TokenDataset("toy", "memory", tuple("x" * 90), 8, tokens, tokens[:41])
+    pipeline = TokenPipeline(dataset, "cpu")
+    assert pipeline.train_size == dataset.train_size == 10 and dataset.test_size == 5
+    generator = torch.Generator().manual_seed(0)
+    inputs, targets = pipeline.train_batch(torch.tensor([0, 3, 9]), generator)
+    assert inputs.shape == targets.shape == (3, 8)
+    torch.testing.assert_close(targets[:, :-1], inputs[:, 1:])  # targets: the next token
+    starts = inputs[:, 0] - 1
+    assert all(8 * i <= int(s) < 8 * i + 8 for i, s in zip((0, 3), starts[:2].tolist(), strict=True))
+    assert int(targets[2, -1]) <= 81  # the last block's window is clamped inside the text
+    held_out = list(pipeline.held_out_batches(2))
+    assert [len(x) for x, _ in held_out] == [2, 2, 1]
+    torch.testing.assert_close(torch.cat([x for x, _ in held_out]).flatten(), tokens[:40])
+
+
+def test_char_gpt_is_causal_and_ties_on_request():
+    from fop import FOP
+    from fop.bench.models import CharGPT
+
+    torch.manual_seed(0)
+    model = CharGPT(vocab_size=20, context=16, dim=32, depth=2).eval()
+    tokens = torch.randint(0, 20, (2, 16))
+    changed = tokens.clone()
+    changed[:, 10] = (changed[:, 10] + 1) % 20
+    with torch.no_grad():
+        before, after = model(tokens), model(changed)
+    assert before.shape == (2, 16, 20)
+    torch.testing.assert_close(before[:, :10], after[:, :10])  # earlier positions do not see later tokens
+    assert not torch.allclose(before[:, 10:], after[:, 10:])
+    layers = {layer.name for layer in FOP(model.train(), lr=0.01, fallback="adamw").layers}
+    assert {"token_embed", "blocks.0.attn.qkv", "blocks.1.fc2", "head"} <= layers
+    tied = CharGPT(vocab_size=20, context=16, dim=32, depth=1, tied=True)
+    assert tied.head.weight is tied.token_embed.weight
+    with pytest.warns(UserWarning, match="token_embed"):
+        tied_layers = {layer.name for layer in FOP(tied, lr=0.01, fallback="adamw").layers}
+    assert "head" not in tied_layers and "token_embed" not in tied_layers

@@ -143,3 +143,21 @@ def test_torchvision_resnet18_and_vision_transformer() -> None:
     assert resnet["warnings"] == [] and vit["warnings"] == []
     assert_loss_falls(resnet["losses"], 0.6)
     assert_loss_falls(vit["losses"], 0.9)
+
+
+def test_gpt_recipe_on_the_linux_kernel_characters() -> None:
+    """A GPT with ``nn.MultiheadAttention`` blocks in a plain loop: curvature where it should be, loss falls."""
+    from _data import require_char_corpus
+
+    argv = ["--data", str(require_char_corpus()), "--steps", "12", "--batch", "16", "--width", "32"]
+    report = run_example("gpt_recipe.py", *argv, "--valid-windows", "64")
+    layers = set(report["curvature_layers"])
+    for block in (0, 1):
+        assert {f"blocks.{block}.attn.in_proj", f"blocks.{block}.attn.out_proj"} <= layers  # attention
+        assert {f"blocks.{block}.mlp.0", f"blocks.{block}.mlp.2"} <= layers  # MLP
+    assert {"head", "token_embed"} <= layers
+    assert all(0 <= report["diagnostics"][name]["eta"] for name in layers)
+    assert len(report["losses"]) == 12
+    assert_loss_falls(report["losses"], 0.85)
+    validation = report["validation_loss"]  # ln 98 = 4.58 nats at the start
+    assert validation["after"] < validation["before"] - 0.8, validation

@@ -31,7 +31,6 @@ if TYPE_CHECKING:  # the heavy imports happen inside _run, after argument parsin
 __all__ = ["main"]
 
 PROG = "fop-bench"
-DATA_ENV = "FOP_CIFAR10"  # default of --data, shared with the test suite
 T = TypeVar("T")
 
 
@@ -147,9 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     what.add_argument(
         "--target",
-        metavar="ACC",
+        metavar="VALUE",
         type=_single(_positive_float, "a number"),
-        help="test-accuracy target, as a fraction (0.88) or percent (88) (default: the task's)",
+        help="target of the task's metric: test accuracy as a fraction (0.88) or percent (88); for charlm-linux "
+        "a validation loss in nats per character (default: the task's)",
     )
     what.add_argument(
         "--stop-at-target",
@@ -167,8 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         metavar="PATH",
         type=Path,
-        help=f"CIFAR-10 JPEG pack (.npz) or CIFAR-10 folder (python pickles) for the CIFAR tasks "
-        f"(default: ${DATA_ENV})",
+        help="the task's data: CIFAR-10 JPEG pack (.npz) or CIFAR-10 folder (python pickles) for the CIFAR "
+        "tasks (default: $FOP_CIFAR10); the linux-kernel-char folder (train.txt, valid.txt) for charlm-linux "
+        "(default: $FOP_LINUX_KERNEL_CHAR)",
     )
     data.add_argument(
         "--download", action="store_true", help="download the original CIFAR-10 into --data with torchvision if missing"
@@ -183,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--subset",
         metavar="N",
         type=_single(_positive_int, "a positive integer"),
-        help="use at most N training and N test images, class-balanced (quick runs, tests)",
+        help="use at most N training and N test images, class-balanced (quick runs, tests); for charlm-linux "
+        "the first N characters of each split",
     )
     data.add_argument(
         "--cache-dir",
@@ -269,7 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--width",
         metavar="N",
         type=_single(_positive_int, "a positive integer"),
-        help="model width (MLP hidden units, ResNet base channels, ViT dimension; default: the task's)",
+        help="model width (MLP hidden units, ResNet base channels, ViT and GPT dimension; default: the task's)",
+    )
+    machine.add_argument(
+        "--layers",
+        metavar="N",
+        type=_single(_positive_int, "a positive integer"),
+        help="model depth, for tasks with a depth option (charlm-linux: transformer blocks; default: the task's)",
     )
     machine.add_argument(
         "--out",
@@ -321,11 +329,10 @@ def _first_per_cell(plan: Sequence[RunSpec]) -> list[RunSpec]:
 
 def _profile(run: _Run, plan: Sequence[RunSpec]) -> int:
     """``--profile``: one learning rate and seed per optimizer and batch size, measured side by side."""
-    from fop.bench.data import BatchPipeline
     from fop.bench.profile import format_profile, profile_runs
 
     task, device = run.task, run.device
-    pipeline = BatchPipeline(run.dataset, device, crop_padding=task.crop_padding, channels_last=device.type == "cuda")
+    pipeline = task.pipeline(run.dataset, device)
     run.out.mkdir(parents=True, exist_ok=True)
     rows: list[Any] = []
     table = ""
@@ -390,8 +397,11 @@ def _resolve_device(text: str) -> torch.device:
     return device
 
 
-def _target_fraction(value: float) -> float:
-    """``--target`` as a fraction: 0.88 stays, 88 (a percent) becomes 0.88."""
+def _target(value: float, metric: str) -> float:
+    """``--target`` in the metric's unit: an accuracy as a fraction (0.88 stays, 88, a percent,
+    becomes 0.88); a loss as given."""
+    if metric == "loss":
+        return value
     fraction = value / 100 if value > 1 else value
     if not 0 < fraction <= 1:
         raise BenchError(f"--target {value:g} is not an accuracy (give a fraction like 0.88 or a percent like 88)")
@@ -399,10 +409,13 @@ def _target_fraction(value: float) -> float:
 
 
 def _check_task_options(args: argparse.Namespace, task: Task) -> None:
-    """Reject data options the task does not read (``--data`` for digits, ``--imbalance`` off CIFAR-10-LT)."""
+    """Reject data and model options the task does not read (``--data`` for digits, ``--imbalance``
+    off CIFAR-10-LT, ``--layers`` for a model without a depth option)."""
     for flag, field, value in (("--data", "path", args.data), ("--imbalance", "imbalance", args.imbalance)):
         if value is not None and field not in task.data_options:
             raise BenchError(f"{flag} does not apply to task {task.name}")
+    if args.layers is not None and "layers" not in task.model_options:
+        raise BenchError(f"--layers does not apply to task {task.name}")
 
 
 def _protocol_lines(
@@ -423,11 +436,25 @@ def _protocol_lines(
         f"protocol: learning rates scaled from the base at batch {task.reference_batch} "
         f"({', '.join(f'{name} {rule}' for name, rule in lr_rules)}), {task.warmup_epochs:g} warmup epochs, "
         f"{decay} at epoch {config.max_epochs}; the last partial batch of each epoch is dropped",
-        "device data path: dataset resident on the device as uint8, augmentation "
-        + (f"(random crop, padding {task.crop_padding}, flip) on the device" if task.crop_padding else "none")
-        + (", channels_last" if config.device.startswith("cuda") else "")
-        + (", bf16 autocast" if config.device.startswith("cuda") and config.bf16 else ""),
     ]
+    if task.make_pipeline is None:
+        lines.append(
+            "device data path: dataset resident on the device as uint8, augmentation "
+            + (f"(random crop, padding {task.crop_padding}, flip) on the device" if task.crop_padding else "none")
+            + (", channels_last" if config.device.startswith("cuda") else "")
+            + (", bf16 autocast" if config.device.startswith("cuda") and config.bf16 else "")
+        )
+    else:
+        lines.append(
+            "device data path: token ids resident on the device; each training window starts at a random "
+            "offset within its block of the context length"
+            + (", bf16 autocast" if config.device.startswith("cuda") and config.bf16 else "")
+        )
+    if task.evaluations_per_epoch > 1:
+        lines.append(
+            f"evaluation (untimed) {task.evaluations_per_epoch} times per epoch, after equal shares of its steps: "
+            "epochs to target are fractional"
+        )
     if any(spec.optimizer in CURVATURE_OPTIMIZERS for spec in plan):
         lines.append(
             f"K-FAC/FOP: damping {plan[0].hyperparameters.damping:g}, curvature and inverse update interval "
@@ -514,7 +541,7 @@ def _load_and_plan(run: _Run) -> list[RunSpec]:
 
     args, task = run.args, run.task
     data_path = args.data or (
-        Path(os.environ[DATA_ENV]) if "path" in task.data_options and os.environ.get(DATA_ENV) else None
+        Path(os.environ[task.data_env]) if "path" in task.data_options and os.environ.get(task.data_env) else None
     )
     run.data = DataOptions(
         path=data_path, subset=args.subset, imbalance=args.imbalance, cache_dir=args.cache_dir, download=args.download
@@ -536,10 +563,11 @@ def _sweep_config(run: _Run) -> SweepConfig:
         lr_grid=args.lr_grid or task.lr_grid,
         seeds=args.seeds or task.seeds,
         max_epochs=args.max_epochs or task.max_epochs,
-        target=task.default_target(run.dataset) if args.target is None else _target_fraction(args.target),
+        target=task.default_target(run.dataset) if args.target is None else _target(args.target, task.metric),
         device=str(run.device),
         micro_batch=args.micro_batch,
         width=args.width,
+        layers=args.layers,
         lr_scaling=args.lr_scaling,
         base_lrs=tuple(args.base_lr or ()),
         curvature_interval=args.curvature_interval,
@@ -596,7 +624,6 @@ def _check_output_folder(out: Path) -> None:
 
 def _sweep(run: _Run, plan: list[RunSpec]) -> int:
     """Train every run not yet finished (and the grid's edge extensions), write and print the reports."""
-    from fop.bench.data import BatchPipeline
     from fop.bench.runner import ResultStore, run_sweep
 
     task, dataset, out, args = run.task, run.dataset, run.out, run.args
@@ -604,9 +631,7 @@ def _sweep(run: _Run, plan: list[RunSpec]) -> int:
         f"{PROG}: {task.name} on {run.env['hardware']}, torch {run.env['torch']}: {len(plan)} runs -> {out}",
         file=sys.stderr,
     )
-    pipeline = BatchPipeline(
-        dataset, run.device, crop_padding=task.crop_padding, channels_last=run.device.type == "cuda"
-    )
+    pipeline = task.pipeline(dataset, run.device)
     store = ResultStore(out / "runs.jsonl")
     progress = not args.no_progress and sys.stderr.isatty()
     context = {"environment": run.env, "command": run.command}
@@ -624,16 +649,15 @@ def _sweep(run: _Run, plan: list[RunSpec]) -> int:
     return 0
 
 
-_PLOT_FILE = "accuracy_vs_time.png"
-
-
 def _write_report(run: _Run, config: SweepConfig, plan: Sequence[RunSpec], records: list[dict[str, Any]]) -> None:
-    """``results.md`` and the accuracy-versus-time plot in the output folder."""
+    """``results.md`` and the metric-versus-time plot in the output folder."""
+    from fop.bench.metrics import get_metric
     from fop.bench.report import format_report, plot_curves
 
     task, env = run.task, run.env
+    plot_file = get_metric(task.metric).plot_file
     title = f"{task.name}: {env['hardware']}, torch {env['torch']}\n{run.command}"
-    plot_curves(records, run.out / _PLOT_FILE, config.batch_sizes, config.optimizers, config.target, task.metric, title)
+    plot_curves(records, run.out / plot_file, config.batch_sizes, config.optimizers, config.target, task.metric, title)
     report = format_report(
         task=task.name,
         summary_line=task.summary,
@@ -647,36 +671,37 @@ def _write_report(run: _Run, config: SweepConfig, plan: Sequence[RunSpec], recor
         env=env,
         command=run.command,
         dataset=run.dataset.summary(),
-        plot_file=_PLOT_FILE,
+        plot_file=plot_file,
         references=_comparison_references(run.args, run.optimizers, run.baseline),
     )
     (run.out / "results.md").write_text(report, encoding="utf-8")
 
 
 def _print_summary(run: _Run, config: SweepConfig, records: list[dict[str, Any]]) -> None:
-    """The paper's Table 1 layout, the final accuracies and the paired comparison, on stdout."""
+    """The paper's Table 1 layout, the final metric and the paired comparison, on stdout."""
+    from fop.bench.metrics import get_metric
     from fop.bench.report import format_final_table, format_paired_table, format_table1, summarize
 
     task, out, seeds = run.task, run.out, len(config.seeds)
+    metric = get_metric(task.metric)
     print(
-        f"\n{task.name}: epochs / seconds to {100 * config.target:g}% test accuracy "
+        f"\n{task.name}: epochs / seconds to {metric.target_text(config.target)} "
         f"(median of {seeds} seed{'s' * (seeds > 1)}, best of {len(config.lr_grid)} lr; (×) speedup vs {run.baseline}; "
         f"— not reached in {config.max_epochs} epochs)"
     )
     print(f"{run.header}\n")
     cells = summarize(records)
     print(format_table1(cells, config.batch_sizes, config.optimizers, run.baseline))
-    print(
-        f"\nfinal {'Top-1 error' if task.metric == 'error' else 'test accuracy'} % (best in run), median over seeds:\n"
-    )
+    print(f"\nfinal {metric.title} (best in run), median over seeds:\n")
     print(format_final_table(cells, config.batch_sizes, config.optimizers, task.metric))
     for reference in _comparison_references(run.args, run.optimizers, run.baseline):
         if seeds >= 2 and len(config.optimizers) > 1:
             print(
-                f"\npaired per-seed comparison against {reference} (final accuracy points, median [95% bootstrap CI]):\n"
+                f"\npaired per-seed comparison against {reference} (final {metric.short}, {metric.difference_unit}, "
+                "median [95% bootstrap CI]):\n"
             )
             print(format_paired_table(cells, config.batch_sizes, config.optimizers, reference, task.metric))
-    print(f"\nfull report: {out / 'results.md'}; plot: {out / _PLOT_FILE}; runs: {out / 'runs.jsonl'}")
+    print(f"\nfull report: {out / 'results.md'}; plot: {out / metric.plot_file}; runs: {out / 'runs.jsonl'}")
 
 
 def _check_budget(config: SweepConfig, optimizers: dict[str, OptimizerSpec]) -> None:

@@ -10,7 +10,9 @@ Sources:
 - scikit-learn's handwritten digits (ships with scikit-learn, no download): :func:`load_digits`;
 - CIFAR-10 as the JPEG pack of ``shared/data`` (an ``.npz`` of JPEG bytes, decoded with Pillow and
   cached as raw ``uint8``) or as the original python pickles: :func:`load_cifar10`;
-- long-tailed subsampling of a training set: :func:`long_tail_counts`, :func:`long_tail_indices`.
+- long-tailed subsampling of a training set: :func:`long_tail_counts`, :func:`long_tail_indices`;
+- a character-level corpus folder (``train.txt``, ``valid.txt``; e.g. ``linux-kernel-char``) as
+  token ids: :func:`load_char_corpus`, served in windows by :class:`TokenPipeline`.
 """
 
 from __future__ import annotations
@@ -37,9 +39,12 @@ __all__ = [
     "CIFAR10_CLASSES",
     "BatchPipeline",
     "ImageDataset",
+    "TokenDataset",
+    "TokenPipeline",
     "balanced_indices",
     "default_cache_dir",
     "load_cifar10",
+    "load_char_corpus",
     "load_digits",
     "long_tail_counts",
     "long_tail_indices",
@@ -87,6 +92,11 @@ class ImageDataset:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def sample_unit(self) -> str:
+        """What one sample of :attr:`train_size` is, for messages."""
+        return "images"
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -541,6 +551,8 @@ class BatchPipeline:
             stop = start + batch_size
             yield self._normalise(self.test_images[start:stop]), self.test_labels[start:stop]
 
+    held_out_batches = test_batches  # what the runner evaluates on, for every pipeline
+
     def _normalise(self, images: Tensor) -> Tensor:
         batch = images.permute(0, 3, 1, 2).float().mul_(self._scale).add_(self._shift)
         return batch if self.channels_last else batch.contiguous()
@@ -559,3 +571,165 @@ def _channel_stats(images: Tensor, chunk: int = 8192) -> tuple[Tensor, Tensor]:
     mean = total / count
     std = (squares / count - mean.square()).clamp_min(1e-12).sqrt()
     return mean.float(), std.float()
+
+
+# ----------------------------------------------------------------------------------------------
+# Character-level language modelling
+
+
+UNKNOWN = "\ufffd"  # shown for the unknown id 0 (characters not in the training split)
+_CHAR_SPLITS = ("train.txt", "valid.txt")
+
+
+@dataclass(frozen=True)
+class TokenDataset:
+    """A character-level corpus as token ids, cut into windows of ``context`` tokens.
+
+    ``vocabulary[i]`` is the character of id ``i``; id 0 is the unknown id, which every character
+    absent from the training split maps to. ``train_tokens`` and ``valid_tokens`` are ``int64``
+    1-D tensors. A *sample* is a window: the training split holds :attr:`train_size` windows of
+    ``context`` inputs with their ``context`` next-token targets, the validation split
+    :attr:`test_size` non-overlapping ones (the reports call the held-out split "test" for every
+    task).
+    """
+
+    kind: str
+    source: str
+    vocabulary: tuple[str, ...]
+    context: int
+    train_tokens: Tensor
+    valid_tokens: Tensor
+    notes: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocabulary)
+
+    @property
+    def sample_unit(self) -> str:
+        """What one sample of :attr:`train_size` is, for messages."""
+        return f"windows of {self.context} characters"
+
+    @property
+    def train_size(self) -> int:
+        return (int(self.train_tokens.numel()) - 1) // self.context
+
+    @property
+    def test_size(self) -> int:
+        return (int(self.valid_tokens.numel()) - 1) // self.context
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready description: source, sizes in windows and tokens, vocabulary."""
+        unknown_valid = int((self.valid_tokens == 0).sum())
+        return {
+            "kind": self.kind,
+            "source": self.source,
+            "train_size": self.train_size,
+            "test_size": self.test_size,
+            "context": self.context,
+            "vocab_size": self.vocab_size,
+            "train_tokens": int(self.train_tokens.numel()),
+            "valid_tokens": int(self.valid_tokens.numel()),
+            "unknown_valid_tokens": unknown_valid,
+            "description": (
+                f"{self.train_tokens.numel()} training / {self.valid_tokens.numel()} validation characters, "
+                f"{self.vocab_size} token ids (one unknown id; {unknown_valid} validation characters unknown), "
+                f"windows of {self.context}: {self.train_size} train / {self.test_size} validation windows"
+            ),
+            **self.notes,
+        }
+
+
+def load_char_corpus(path: str | os.PathLike[str], context: int, subset: int | None = None) -> TokenDataset:
+    """A character-level corpus folder (``train.txt``, ``valid.txt``) as token ids.
+
+    The files are read as UTF-8 with ``errors="replace"``. The vocabulary is every distinct
+    character of the whole ``train.txt``, sorted, after the unknown id 0; a validation character
+    absent from it becomes the unknown id. ``subset`` keeps the first ``subset`` characters of each
+    split (quick runs, tests); the vocabulary stays the whole training split's.
+    """
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise BenchError(
+            f"character corpus not found: {folder} (give the folder holding train.txt and valid.txt, "
+            "e.g. shared/data/linux-kernel-char)"
+        )
+    if not folder.is_dir():
+        raise BenchError(f"{folder} is a file: give the folder holding train.txt and valid.txt")
+    missing = [name for name in _CHAR_SPLITS if not (folder / name).is_file()]
+    if missing:
+        raise BenchError(f"{folder} is not a character corpus folder: missing {', '.join(missing)}")
+    texts = {name: _read_text(folder / name) for name in _CHAR_SPLITS}
+    vocabulary = (UNKNOWN, *sorted(set(texts["train.txt"])))
+    ids = {char: index for index, char in enumerate(vocabulary) if index}
+    tokens = {}
+    for name, text in texts.items():
+        if subset is not None:
+            text = text[:subset]
+        if len(text) < context + 1:
+            raise BenchError(
+                f"{folder / name} has {len(text)} characters, fewer than one window of {context} + 1"
+                + (" (raise --subset)" if subset is not None else "")
+            )
+        tokens[name] = torch.tensor([ids.get(char, 0) for char in text], dtype=torch.int64)
+    return TokenDataset(
+        kind=folder.name,
+        source=str(folder),
+        vocabulary=vocabulary,
+        context=context,
+        train_tokens=tokens["train.txt"],
+        valid_tokens=tokens["valid.txt"],
+    )
+
+
+def _read_text(file: Path) -> str:
+    try:
+        raw = file.read_bytes()
+    except OSError as exc:
+        raise BenchError(f"cannot read {file}: {exc.strerror or exc}") from None
+    if b"\x00" in raw:
+        raise BenchError(f"{file} is not a text file (it contains NUL bytes)")
+    text = raw.decode("utf-8", errors="replace")
+    if len(set(text)) < 2:
+        raise BenchError(f"{file} holds {len(set(text))} distinct characters: not a text corpus")
+    return text
+
+
+class TokenPipeline:
+    """A :class:`TokenDataset` resident on ``device``, serving windows of token ids.
+
+    Training sample ``i`` is the window starting in block ``i`` of ``context`` tokens, at an offset
+    drawn uniformly in ``[0, context)`` each time it is served (one pass over the samples covers
+    every token about once, and each epoch sees shifted windows); its targets are the next tokens.
+    The validation split is served in its non-overlapping windows, in order (its last
+    ``(len − 1) mod context`` characters are not scored).
+    """
+
+    def __init__(self, dataset: TokenDataset, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.context = dataset.context
+        self.train_tokens = dataset.train_tokens.to(self.device)
+        self.valid_tokens = dataset.valid_tokens.to(self.device)
+        self._train_windows = dataset.train_size
+        self._valid_windows = dataset.test_size
+        self._positions = torch.arange(self.context + 1, device=self.device)
+
+    @property
+    def train_size(self) -> int:
+        return self._train_windows
+
+    def train_batch(self, indices: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Input ids ``(n, context)`` and next-token targets ``(n, context)`` of windows ``indices``."""
+        room = int(self.train_tokens.numel()) - 1 - self.context  # the last window start that fits
+        shift = torch.randint(0, self.context, (indices.numel(),), generator=generator, device=self.device)
+        starts = (indices * self.context + shift).clamp_max(room)
+        windows = self.train_tokens[starts[:, None] + self._positions]
+        return windows[:, :-1], windows[:, 1:]
+
+    def held_out_batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """The validation windows in order, in chunks of ``batch_size`` windows."""
+        for first in range(0, self._valid_windows, batch_size):
+            count = min(batch_size, self._valid_windows - first)
+            starts = (torch.arange(first, first + count, device=self.device) * self.context)[:, None]
+            windows = self.valid_tokens[starts + self._positions]
+            yield windows[:, :-1], windows[:, 1:]

@@ -1,6 +1,7 @@
-"""Models of the benchmark tasks: an MLP, CIFAR ResNets and a small Vision Transformer.
+"""Models of the benchmark tasks: an MLP, CIFAR ResNets, a small Vision Transformer and a
+character-level GPT.
 
-All of them take ``(N, C, H, W)`` float images. Every weight matrix FOP and K-FAC should see is an
+The image models take ``(N, C, H, W)`` float images; :class:`CharGPT` takes ``(N, T)`` token ids. Every weight matrix FOP and K-FAC should see is an
 ``nn.Linear`` or ``nn.Conv2d`` module (attention is written with ``nn.Linear`` projections, not
 ``nn.MultiheadAttention``, so the optimizer's hooks see them). ``width`` scales each model so tests
 can run them tiny.
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MLP", "CifarResNet", "VisionTransformer", "resnet18", "resnet32"]
+__all__ = ["MLP", "CharGPT", "CifarResNet", "VisionTransformer", "resnet18", "resnet32"]
 
 
 class MLP(nn.Module):
@@ -118,30 +119,32 @@ def resnet32(num_classes: int = 10, width: int = 16, in_channels: int = 3) -> Ci
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with ``nn.Linear`` projections (``qkv`` and ``proj``)."""
+    """Multi-head self-attention with ``nn.Linear`` projections (``qkv`` and ``proj``); ``causal``:
+    each position attends to itself and earlier positions only (a decoder)."""
 
-    def __init__(self, dim: int, heads: int) -> None:
+    def __init__(self, dim: int, heads: int, causal: bool = False) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"embedding dimension {dim} is not divisible by {heads} heads")
         self.heads = heads
+        self.causal = causal
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         batch, tokens, dim = x.shape
         qkv = self.qkv(x).view(batch, tokens, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
-        attended = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        attended = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=self.causal)
         return self.proj(attended.transpose(1, 2).reshape(batch, tokens, dim))
 
 
 class TransformerBlock(nn.Module):
     """Pre-norm transformer block: attention and a GELU MLP, each with a residual connection."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: int) -> None:
+    def __init__(self, dim: int, heads: int, mlp_ratio: int, causal: bool = False) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads)
+        self.attn = Attention(dim, heads, causal)
         self.norm2 = nn.LayerNorm(dim)
         self.fc1 = nn.Linear(dim, mlp_ratio * dim)
         self.fc2 = nn.Linear(mlp_ratio * dim, dim)
@@ -187,6 +190,59 @@ class VisionTransformer(nn.Module):
         tokens = self.patch_embed(patches.reshape(batch, (height // p) * (width // p), channels * p * p))
         tokens = torch.cat([self.cls_token.expand(batch, -1, -1), tokens], dim=1) + self.pos_embed
         return self.head(self.norm(self.blocks(tokens))[:, 0])
+
+
+class CharGPT(nn.Module):
+    """A GPT-style decoder on token ids ``(N, T)``, returning next-token logits ``(N, T, vocab)``.
+
+    Token embedding (``nn.Embedding``: K-FAC/FOP give it curvature with a diagonal input factor),
+    a learned position table (a bare parameter: the first-order fallback rule), ``depth`` pre-norm
+    blocks of causal self-attention (``nn.Linear`` ``qkv`` and ``proj``) and a GELU MLP, a final
+    layer norm and a linear head. The head is untied by default, so that it and the embedding both
+    get Kronecker curvature; ``tied=True`` shares the head's weight with the token embedding (GPT-2,
+    nanoGPT), which sends that weight to the fallback rule (fop does not factor a weight used by
+    two modules). Initialisation as GPT-2: normal(0, 0.02), residual projections scaled by
+    ``1/sqrt(2 depth)``.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        context: int,
+        dim: int = 128,
+        depth: int = 2,
+        heads: int | None = None,
+        mlp_ratio: int = 4,
+        tied: bool = False,
+    ) -> None:
+        super().__init__()
+        self.context = context
+        self.token_embed = nn.Embedding(vocab_size, dim)
+        self.position = nn.Parameter(torch.zeros(context, dim))
+        self.blocks = nn.Sequential(
+            *(TransformerBlock(dim, heads or max(1, dim // 64), mlp_ratio, causal=True) for _ in range(depth))
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab_size, bias=False)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.position, std=0.02)
+        for block in self.modules():
+            if isinstance(block, TransformerBlock):
+                for projection in (block.attn.proj, block.fc2):
+                    nn.init.normal_(projection.weight, std=0.02 / (2 * depth) ** 0.5)
+        if tied:
+            self.head.weight = self.token_embed.weight
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        length = tokens.shape[1]
+        if length > self.context:
+            raise ValueError(f"sequence of {length} tokens is longer than the context ({self.context})")
+        x = self.token_embed(tokens) + self.position[:length]
+        return self.head(self.norm(self.blocks(x)))
 
 
 class PartwiseBatchNorm(nn.Module):

@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 
-from fop.bench.data import BatchPipeline, ImageDataset
 from fop.bench.optimizers import OptimizerSpec
 from fop.bench.runner import MemoryMeter, RunSpec, build_model_and_optimizer, forward_backward
 from fop.bench.tasks import Task
@@ -57,8 +56,8 @@ class ProfileRow:
 def profile_runs(
     specs: Sequence[RunSpec],
     task: Task,
-    dataset: ImageDataset,
-    pipeline: BatchPipeline,
+    dataset: Any,
+    pipeline: Any,
     optimizers: dict[str, OptimizerSpec],
     steps: int | None = None,
 ) -> list[ProfileRow]:
@@ -69,8 +68,8 @@ def profile_runs(
 def _profile_one(
     spec: RunSpec,
     task: Task,
-    dataset: ImageDataset,
-    pipeline: BatchPipeline,
+    dataset: Any,
+    pipeline: Any,
     optimizer_spec: OptimizerSpec,
     steps: int | None,
 ) -> ProfileRow:

@@ -1,8 +1,8 @@
 """Reports of a sweep: the paper's Table 1 in Markdown, Figure 2 as a PNG, and their header.
 
 Each (batch size, optimizer) cell aggregates the seeds of every learning rate of the grid and keeps
-the best learning rate (the shortest median time to target; if none reaches it, the highest median
-best accuracy). Medians are over seeds, a run that misses the target counts as infinitely slow, so a
+the best learning rate (the shortest median time to target; if none reaches it, the best median
+best metric: highest accuracy, lowest loss; see :mod:`fop.bench.metrics`). Medians are over seeds, a run that misses the target counts as infinitely slow, so a
 cell reaches the target when more than half of its seeds do (2 of 3, 2 of 2).
 """
 
@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from fop.bench.metrics import Metric, get_metric
 
 __all__ = ["Cell", "environment", "format_report", "format_table1", "plot_curves", "summarize"]
 
@@ -70,8 +72,19 @@ class Cell:
     def hit(self) -> bool:
         return math.isfinite(self.seconds)
 
+    @property
+    def metric(self) -> Metric:
+        """The runs' metric (records written before metrics existed hold an accuracy)."""
+        return get_metric(self.runs[0].get("metric", "accuracy"))
+
+    def metric_median(self, which: str) -> float:
+        """Median over seeds of the ``"best"`` or ``"final"`` metric (NaN if a seed has none)."""
+        field = self.metric.best_field if which == "best" else self.metric.final_field
+        values = [run[field] for run in self.runs]
+        return math.nan if any(math.isnan(v) for v in values) else statistics.median(values)
+
     def sort_key(self) -> tuple[float, float]:
-        return (self.seconds, -self.median("best_accuracy"))
+        return (self.seconds, self.metric.rank(self.metric_median("best")))
 
 
 def summarize(records: Iterable[dict[str, Any]]) -> dict[tuple[int, str], Cell]:
@@ -149,7 +162,7 @@ def format_paired_table(
     the seeds faster) where both reached it. A variant ``x:v`` is also compared with the reference's
     own variant ``reference:v`` (like against like, e.g. ``fop:paper − kfac:paper``) and with its
     base ``x`` (what the variant changes, e.g. ``fop:dirclip − fop``), where those were run."""
-    sign = -1.0 if metric == "error" else 1.0  # report differences in the metric's own direction
+    measure = get_metric(metric)
     rows = []
     for batch_size in batch_sizes:
         for optimizer in optimizers:
@@ -160,24 +173,35 @@ def format_paired_table(
                 ref = cells.get((batch_size, other))
                 if optimizer == other or cell is None or ref is None or other not in optimizers:
                     continue
-                diffs = [sign * 100 * d for d in paired_differences(cell, ref, "final_accuracy")]
+                diffs = _paired_metric_differences(cell, ref, measure)
                 if diffs:
-                    rows.append([str(batch_size), f"{optimizer} − {other}", *_paired_cells(cell, ref, diffs, sign)])
+                    rows.append([str(batch_size), f"{optimizer} − {other}", *_paired_cells(cell, ref, diffs, measure)])
     header = [
         "batch",
         "pair",
         "seeds",
-        f"final {'error' if metric == 'error' else 'acc'} points, median [95% CI]",
+        f"final {measure.short} {measure.difference_unit}, median [95% CI]",
         "seeds better",
         "epochs to target, median [95% CI] (seeds, faster)",
     ]
     return _markdown_table(header, rows)
 
 
-def _paired_cells(cell: Cell, ref: Cell, diffs: list[float], sign: float) -> list[str]:
+def _paired_metric_differences(a: Cell, b: Cell, metric: Metric) -> list[float]:
+    """Per-seed final-metric differences ``a − b`` in the reported unit (the seeds both ran)."""
+    b_runs = {run["spec"]["seed"]: run for run in b.runs}
+    return [
+        metric.difference(run[metric.final_field], b_runs[run["spec"]["seed"]][metric.final_field])
+        for run in a.runs
+        if run["spec"]["seed"] in b_runs
+    ]
+
+
+def _paired_cells(cell: Cell, ref: Cell, diffs: list[float], metric: Metric) -> list[str]:
     """The seeds, final-metric, seeds-better and epochs cells of one row of the paired table."""
     low, high = bootstrap_median_interval(diffs)
-    better = sum(sign * d > 0 for d in diffs)
+    better = sum(metric.favours(d) for d in diffs)
+    digits = 4 if metric.name == "loss" else 2
     epochs = paired_differences(cell, ref, "epochs_to_target")
     epochs_text = MISS
     if epochs:
@@ -186,7 +210,7 @@ def _paired_cells(cell: Cell, ref: Cell, diffs: list[float], sign: float) -> lis
         epochs_text = f"{statistics.median(epochs):+g} [{e_low:+g}, {e_high:+g}] ({len(epochs)} seeds, {faster} faster)"
     return [
         str(len(diffs)),
-        f"{statistics.median(diffs):+.2f} [{low:+.2f}, {high:+.2f}]",
+        f"{statistics.median(diffs):+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]",
         f"{better}/{len(diffs)}",
         epochs_text,
     ]
@@ -208,8 +232,9 @@ def _number(value: float) -> str:
     return f"{value:g}"
 
 
-def _percent(accuracy: float, metric: str) -> str:
-    return f"{100 * (1 - accuracy) if metric == 'error' else 100 * accuracy:.2f}"
+def _shown(value: float, metric: str) -> str:
+    """A metric value as the tables show it: percent accuracy or error, nats (and bits) of a loss."""
+    return get_metric(metric).text(value)
 
 
 def _range(bounds: tuple[float, float] | None, fmt: Any) -> str:
@@ -223,7 +248,7 @@ def _markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str
 
 
 def _metric_name(metric: str) -> str:
-    return "Top-1 error (%)" if metric == "error" else "test accuracy (%)"
+    return get_metric(metric).title
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,8 +291,9 @@ def format_final_table(
             if cell is None:
                 row.append(MISS)
                 continue
-            final, best = cell.median("final_accuracy"), cell.median("best_accuracy")
-            row.append(f"{_percent(final, metric)} ({_percent(best, metric)})")
+            final, best = cell.metric_median("final"), cell.metric_median("best")
+            bits = f" = {final / math.log(2):.3f} bits" if metric == "loss" else ""
+            row.append(f"{_shown(final, metric)}{bits} ({_shown(best, metric)})")
         rows.append(row)
     return _markdown_table(["batch", *optimizers], rows)
 
@@ -320,8 +346,8 @@ def format_details(
                     f"{cell.reached}/{cell.seeds}" + (f", {diverged} diverged" if diverged else ""),
                     epochs,
                     seconds,
-                    _percent(cell.median("best_accuracy"), metric),
-                    _percent(cell.median("final_accuracy"), metric),
+                    _shown(cell.metric_median("best"), metric),
+                    _shown(cell.metric_median("final"), metric),
                     f"{1000 * cell.median('median_step_seconds'):.1f}",
                     f"{100 * cell.median('optimizer_share'):.0f}%",
                     f"{memory_mib:.0f}",
@@ -334,13 +360,18 @@ def format_details(
         "reached",
         "epochs [min–max]",
         "seconds [min–max]",
-        f"best {'error' if metric == 'error' else 'acc'} %",
-        f"final {'error' if metric == 'error' else 'acc'} %",
+        f"best {_column(metric)}",
+        f"final {_column(metric)}",
         "step ms",
         "optimizer share",
         "peak MiB",
     ]
     return _markdown_table(header, rows)
+
+
+def _column(metric: str) -> str:
+    measure = get_metric(metric)
+    return f"{measure.short} (nats)" if measure.name == "loss" else f"{measure.short} %"
 
 
 def _clipped_text(runs: Sequence[dict[str, Any]]) -> str:
@@ -374,6 +405,12 @@ def format_sensitivity(
         second = (hp.get("damping"), hp.get("weight_decay"))
         groups[(spec["batch_size"], spec["optimizer"], spec["lr_factor"])][second].append(record)
     factors = sorted({key[2] for key in groups})
+    measure = get_metric(metric)
+
+    def final(runs: list[dict[str, Any]]) -> float:
+        values = [run[measure.final_field] for run in runs]
+        return math.nan if any(math.isnan(v) for v in values) else statistics.median(values)
+
     rows = []
     for batch_size in batch_sizes:
         for optimizer in optimizers:
@@ -385,8 +422,8 @@ def format_sensitivity(
                     row.append(MISS)
                     continue
                 found = True
-                runs = max(by_second.values(), key=lambda rs: statistics.median(r["final_accuracy"] for r in rs))
-                text = _percent(statistics.median(r["final_accuracy"] for r in runs), metric)
+                runs = min(by_second.values(), key=lambda rs: measure.rank(final(rs)))
+                text = _shown(final(runs), metric)
                 text += _clipped_text(runs)
                 row.append(text)
             if found:
@@ -395,7 +432,8 @@ def format_sensitivity(
 
 
 def format_noise_scale(records: Sequence[dict[str, Any]], batch_sizes: Sequence[int]) -> str:
-    """FOP's gradient-noise scale B_noise per batch size: first epoch, last epoch, median over the run.
+    """FOP's gradient-noise scale B_noise per batch size: first and last evaluation period (an epoch,
+    unless the task evaluates several times per epoch), median over the run.
 
     ``inf`` means the |G|² estimate was not positive (noise dominates the gradient at that point).
     """
@@ -420,7 +458,7 @@ def format_noise_scale(records: Sequence[dict[str, Any]], batch_sizes: Sequence[
         ratio = None if overall is None or overall == 0 else batch_size / overall
         rows.append([str(batch_size), text(first), text(last), text(overall), text(ratio, ".2g")])
     return _markdown_table(
-        ["batch", "B_noise, epoch 1", "B_noise, last epoch", "B_noise, median", "batch / B_noise"], rows
+        ["batch", "B_noise, first period", "B_noise, last period", "B_noise, median", "batch / B_noise"], rows
     )
 
 
@@ -490,8 +528,13 @@ def format_report(
         f"- hardware: {env['hardware']}; torch {env['torch']}"
         + (f" (CUDA {env['cuda']})" if env.get("cuda") else "")
         + f", Python {env['python']}, {env['platform']}",
-        f"- data: {dataset['kind']} from {dataset['source']}: {dataset['train_size']} train / "
-        f"{dataset['test_size']} test images, train class counts {dataset['train_class_counts']}",
+        f"- data: {dataset['kind']} from {dataset['source']}: "
+        + (
+            dataset["description"]
+            if "description" in dataset
+            else f"{dataset['train_size']} train / {dataset['test_size']} test images, "
+            f"train class counts {dataset['train_class_counts']}"
+        ),
         f"- written: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         *(f"- {item}" for item in protocol),
         "",
@@ -516,13 +559,13 @@ def _main_sections(
     seeds = sorted({record["spec"]["seed"] for record in records})
     grid = sorted({record["spec"]["lr_factor"] for record in records})
     max_epochs = max((record["spec"]["max_epochs"] for record in records), default=0)
-    target_text = f"{100 * target:g}% test accuracy" + (
-        f" (Top-1 error {100 * (1 - target):g}%)" if metric == "error" else ""
-    )
+    measure = get_metric(metric)
+    held_out = "validation loss first falls to" if measure.name == "loss" else "test accuracy first reaches"
+    steps = _steps_line(cells, batch_sizes, optimizers) if measure.name == "loss" else []
     return [
-        f"## Time to {target_text} (Table 1 layout)",
+        f"## Time to {measure.target_text(target)} (Table 1 layout)",
         "",
-        f"Cells: epochs / training seconds until the test accuracy first reaches the target (evaluation "
+        f"Cells: epochs / training seconds until the {held_out} the target (evaluation "
         f"not timed), median over {len(seeds)} seed(s) {seeds}, best of {len(grid)} learning rate(s) per cell "
         f"(grid factors {', '.join(f'{f:.3g}' for f in grid)}); "
         + (f"(×s): speedup in seconds over {baseline} at the same batch size; " if baseline else "")
@@ -530,6 +573,7 @@ def _main_sections(
         "",
         format_table1(cells, batch_sizes, optimizers, baseline),
         "",
+        *steps,
         f"## Final {_metric_name(metric)}, best in run in parentheses (median over seeds)",
         "",
         format_final_table(cells, batch_sizes, optimizers, metric),
@@ -558,6 +602,18 @@ def _main_sections(
     ]
 
 
+def _steps_line(cells: dict, batch_sizes: Sequence[int], optimizers: Sequence[str]) -> list[str]:
+    """Optimizer steps to target (median over seeds), for tasks evaluated within epochs."""
+    parts = []
+    for batch_size in batch_sizes:
+        for optimizer in optimizers:
+            cell = cells.get((batch_size, optimizer))
+            if cell is not None:
+                steps = cell.median("steps_to_target") if all("steps_to_target" in r for r in cell.runs) else math.inf
+                parts.append(f"{optimizer} at batch {batch_size}: {MISS if math.isinf(steps) else f'{steps:g}'}")
+    return [f"Steps to target (median over seeds): {'; '.join(parts)}.", ""] if parts else []
+
+
 def _optional_sections(
     records: Sequence[dict[str, Any]],
     cells: dict,
@@ -574,7 +630,8 @@ def _optional_sections(
             "## Gradient-noise scale",
             "",
             "`B_noise = tr Σ / |G|²` estimated from FOP's two half-batch gradients (all FOP runs of the batch "
-            "size, summed over layers and an epoch's steps, median over runs): a batch far above it is past "
+            "size, summed over layers and the steps of each evaluation period (an epoch, or a share of one for "
+            "tasks evaluated within epochs), median over runs): a batch far above it is past "
             "the critical batch size.",
             "",
             format_noise_scale(records, batch_sizes),
@@ -628,7 +685,8 @@ def plot_curves(
     rows = math.ceil(len(batch_sizes) / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.8 * rows), squeeze=False)
     colors = {name: f"C{index}" for index, name in enumerate(optimizers)}
-    to_metric = (lambda a: 100 * (1 - a)) if metric == "error" else (lambda a: 100 * a)
+    measure = get_metric(metric)
+    to_metric = measure.shown
     for axis, batch_size in zip(axes.flat, batch_sizes, strict=False):
         for optimizer in optimizers:
             cell = cells.get((batch_size, optimizer))
@@ -636,12 +694,14 @@ def plot_curves(
                 continue
             for index, run in enumerate(cell.runs):
                 seconds = [point["seconds"] for point in run["curve"]]
-                values = [to_metric(point["accuracy"]) for point in run["curve"]]
+                values = [to_metric(point[measure.field]) for point in run["curve"]]
                 label = f"{optimizer} (lr {cell.lr:.3g})" if index == 0 else None
                 axis.plot(seconds, values, color=colors[optimizer], alpha=1.0 if index == 0 else 0.4, label=label)
         axis.axhline(to_metric(target), color="grey", linestyle="--", linewidth=1, label="target")
         if metric == "error":  # zoom on the region around the target
             axis.set_ylim(0, min(100, to_metric(target) + 30))
+        elif measure.name == "loss":
+            axis.set_ylim(0.8 * target, 2 * target)
         else:
             axis.set_ylim(max(0, to_metric(target) - 30), 100)
         axis.set_title(f"batch {batch_size}")

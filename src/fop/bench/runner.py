@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fop.bench.data import BatchPipeline, ImageDataset
 from fop.bench.errors import BenchError
+from fop.bench.metrics import Metric, get_metric
 from fop.bench.models import split_batch_norm
 from fop.bench.optimizers import (
     COSINE,
@@ -65,6 +65,7 @@ class SweepConfig:
     device: str
     micro_batch: int | None = None
     width: int | None = None
+    layers: int | None = None
     lr_scaling: str | None = None
     base_lrs: tuple[tuple[str, float], ...] = ()
     curvature_interval: int | None = None
@@ -107,11 +108,20 @@ class RunSpec:
     # the library's version: its defaults (e.g. the trust region) shape a run, so a run of
     # another version is not resumed as if it were this one
     library: str = ""
+    layers: int | None = None  # model depth (tasks with "layers" in model_options); None: the task's
+
+    def stored(self) -> dict[str, Any]:
+        """The fields as a record stores them; ``layers`` only when set, so that records written
+        before it existed keep their keys."""
+        fields = dataclasses.asdict(self)
+        if fields["layers"] is None:
+            del fields["layers"]
+        return fields
 
     @property
     def key(self) -> str:
         """Stable hash of all fields: a finished run with the same key is skipped on resume."""
-        return _spec_key(dataclasses.asdict(self))
+        return _spec_key(self.stored())
 
     @property
     def label(self) -> str:
@@ -141,16 +151,16 @@ def resolve_micro_batch(batch_size: int, requested: int | None, task_limit: int 
     return divisor
 
 
-def plan_runs(
-    config: SweepConfig, task: Task, dataset: ImageDataset, optimizers: Sequence[OptimizerSpec]
-) -> list[RunSpec]:
+def plan_runs(config: SweepConfig, task: Task, dataset: Any, optimizers: Sequence[OptimizerSpec]) -> list[RunSpec]:
     """All runs of the sweep: batch sizes x optimizers x learning-rate factors x seeds."""
     base_lr_overrides = dict(config.base_lrs)
     data = json.dumps({k: v for k, v in dataset.summary().items() if k != "source"}, sort_keys=True)
     runs = []
     for batch_size in config.batch_sizes:
         if batch_size > dataset.train_size:
-            raise BenchError(f"batch size {batch_size} is larger than the training set ({dataset.train_size} images)")
+            raise BenchError(
+                f"batch size {batch_size} is larger than the training set ({dataset.train_size} {dataset.sample_unit})"
+            )
         micro_batch = resolve_micro_batch(batch_size, config.micro_batch, task.max_micro_batch)
         interval = config.curvature_interval or curvature_interval(
             batch_size, task.reference_batch, task.curvature.reference_interval, task.curvature.min_interval
@@ -192,6 +202,7 @@ def plan_runs(
                             warmup_epochs=task.warmup_epochs,
                             target=config.target,
                             width=config.width,
+                            layers=config.layers,
                             device=torch.device(config.device).type,
                             bf16=config.bf16,
                             stop_at_target=config.stop_at_target,
@@ -295,17 +306,22 @@ def _autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMan
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, pipeline: BatchPipeline, batch_size: int, bf16: bool) -> float:
-    """Test accuracy in [0, 1] (model in eval mode, no gradients)."""
+def evaluate(model: nn.Module, pipeline: Any, batch_size: int, bf16: bool, metric: Metric) -> float:
+    """The held-out metric (model in eval mode, no gradients): accuracy in [0, 1] for the
+    ``accuracy`` and ``error`` metrics, the mean cross-entropy per target in nats for ``loss``."""
     model.eval()
-    correct = torch.zeros((), dtype=torch.int64, device=pipeline.device)
-    total = 0
-    for images, labels in pipeline.test_batches(batch_size):
+    total = torch.zeros((), dtype=torch.float64, device=pipeline.device)
+    count = 0
+    for inputs, targets in pipeline.held_out_batches(batch_size):
         with _autocast(pipeline.device, bf16):
-            correct += (model(images).argmax(dim=1) == labels).sum()
-        total += labels.numel()
+            output = model(inputs)
+        if metric.name == "loss":
+            total += F.cross_entropy(output.float().flatten(0, -2), targets.flatten(), reduction="sum")
+        else:
+            total += (output.argmax(dim=1) == targets).sum()
+        count += targets.numel()
     model.train()
-    return correct.item() / max(1, total)
+    return total.item() / max(1, count)
 
 
 # Schedule-Free with BatchNorm: batches that recompute the statistics at the averaged weights
@@ -313,9 +329,9 @@ BN_RECALIBRATION_BATCHES = 50
 
 
 def _evaluate_schedule_free(
-    model: nn.Module, optimizer: torch.optim.Optimizer, pipeline: BatchPipeline, spec: RunSpec, eval_batch: int
+    model: nn.Module, optimizer: torch.optim.Optimizer, pipeline: Any, spec: RunSpec, eval_batch: int, metric: Metric
 ) -> float:
-    """Test accuracy of a Schedule-Free optimizer's averaged weights: ``optimizer.eval()`` swaps them
+    """The held-out metric of a Schedule-Free optimizer's averaged weights: ``optimizer.eval()`` swaps them
     in, ``optimizer.train()`` back. With BatchNorm, its running statistics are first recomputed at
     those weights from up to 50 training batches (forward only, in training mode), as the package's
     authors prescribe; the batches come from a generator of their own, so the training data order
@@ -327,10 +343,10 @@ def _evaluate_schedule_free(
             order = torch.randperm(pipeline.train_size, generator=generator, device=pipeline.device)
             with torch.no_grad():
                 for batch in itertools.islice(_batches(order, spec.micro_batch), BN_RECALIBRATION_BATCHES):
-                    images, _ = pipeline.train_batch(batch, generator)
+                    inputs, _ = pipeline.train_batch(batch, generator)
                     with _autocast(pipeline.device, spec.bf16):
-                        model(images)
-        return evaluate(model, pipeline, eval_batch, spec.bf16)
+                        model(inputs)
+        return evaluate(model, pipeline, eval_batch, spec.bf16, metric)
     finally:
         optimizer.train()  # type: ignore[attr-defined]
 
@@ -392,15 +408,22 @@ class _SilentBar:
 def train_run(
     spec: RunSpec,
     task: Task,
-    dataset: ImageDataset,
-    pipeline: BatchPipeline,
+    dataset: Any,
+    pipeline: Any,
     optimizer_spec: OptimizerSpec,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train one run and return its result record (see ``docs/benchmark.md`` for the fields)."""
+    """Train one run and return its result record (see ``docs/benchmark.md`` for the fields).
+
+    The held-out metric is measured ``task.evaluations_per_epoch`` times per epoch, after equal
+    shares of the epoch's steps, outside the clock; a curve point's ``epoch`` is then fractional
+    (1.25: a quarter into the second epoch) and ``step`` counts the steps taken.
+    """
     device = pipeline.device
+    metric = get_metric(task.metric)
     model, optimizer = build_model_and_optimizer(spec, task, dataset, device, optimizer_spec)
     steps_per_epoch = pipeline.train_size // spec.batch_size
+    evaluations = max(1, min(task.evaluations_per_epoch, steps_per_epoch))
     scheduler = _schedule(optimizer, spec, steps_per_epoch, optimizer_spec.decay)
     generator = torch.Generator(device=device).manual_seed(spec.seed)
     clock, memory = StepClock(device), MemoryMeter(device)
@@ -410,40 +433,60 @@ def train_run(
     timing = _Timing()
     reached: dict[str, Any] | None = None
     status = "ok"
+    steps = 0
     with _progress_bar(spec.max_epochs, spec.label, progress) as bar:
         for epoch in range(1, spec.max_epochs + 1):
-            clock.synchronize()
-            epoch_start = time.perf_counter()
-            marks, loss_sum = _train_epoch(model, optimizer, scheduler, pipeline, spec, generator, clock, memory)
-            clock.synchronize()
-            timing.add(clock, marks, time.perf_counter() - epoch_start)
-            loss = loss_sum.item() / steps_per_epoch
-            if optimizer_spec.schedule_free:
-                accuracy = _evaluate_schedule_free(model, optimizer, pipeline, spec, eval_batch)
-            else:
-                accuracy = evaluate(model, pipeline, eval_batch, spec.bf16)
-            point = {"epoch": epoch, "seconds": timing.train_seconds, "accuracy": accuracy, "loss": loss}
-            point.update(_diagnostics_summary(optimizer))
-            curve.append(point)
-            if reached is None and accuracy >= spec.target:
-                reached = point
+            order = torch.randperm(pipeline.train_size, generator=generator, device=pipeline.device)
+            batches = list(_batches(order, spec.batch_size))
+            bounds = [round(part * len(batches) / evaluations) for part in range(evaluations + 1)]
+            for part in range(evaluations):
+                period = batches[bounds[part] : bounds[part + 1]]
+                clock.synchronize()
+                period_start = time.perf_counter()
+                marks, loss_sum = _train_steps(
+                    model, optimizer, scheduler, pipeline, spec, period, generator, clock, memory
+                )
+                clock.synchronize()
+                timing.add(clock, marks, time.perf_counter() - period_start)
+                steps += len(period)
+                loss = loss_sum.item() / max(1, len(period))
+                if optimizer_spec.schedule_free:
+                    value = _evaluate_schedule_free(model, optimizer, pipeline, spec, eval_batch, metric)
+                else:
+                    value = evaluate(model, pipeline, eval_batch, spec.bf16, metric)
+                point = {
+                    "epoch": epoch if evaluations == 1 else round(epoch - 1 + (part + 1) / evaluations, 6),
+                    "step": steps,
+                    "seconds": timing.train_seconds,
+                    metric.field: value,
+                    "loss": loss,
+                }
+                if metric.name == "loss":
+                    point["val_bits"] = value / math.log(2)
+                point.update(_diagnostics_summary(optimizer))
+                curve.append(point)
+                if reached is None and metric.reached(value, spec.target):
+                    reached = point
+                bar.set_postfix_str(
+                    f"{metric.short}={metric.text(value)} train={timing.train_seconds:.1f}s"
+                    + (f" target@{reached['epoch']}" if reached else "")
+                )
+                if not math.isfinite(loss):
+                    status = "diverged"
+                    break
+                if reached is not None and spec.stop_at_target:
+                    break
             bar.update(1)
-            bar.set_postfix_str(
-                f"acc={accuracy:.4f} train={timing.train_seconds:.1f}s"
-                + (f" target@{reached['epoch']}" if reached else "")
-            )
-            if not math.isfinite(loss):
-                status = "diverged"
-                break
-            if reached is not None and spec.stop_at_target:
+            if status == "diverged" or (reached is not None and spec.stop_at_target):
                 break
 
     skipped = getattr(optimizer, "skipped_steps", None)  # K-FAC/FOP skip steps with non-finite gradients
     return {
         "key": spec.key,
-        "spec": dataclasses.asdict(spec),
+        "spec": spec.stored(),
         "status": status,
-        **_outcome_fields(curve, reached),
+        "metric": metric.name,
+        **_outcome_fields(curve, reached, metric),
         **timing.fields(),
         "steps_per_epoch": steps_per_epoch,
         "peak_memory_bytes": memory.peak_bytes(),
@@ -454,15 +497,16 @@ def train_run(
     }
 
 
-def _outcome_fields(curve: list[dict[str, Any]], reached: dict[str, Any] | None) -> dict[str, Any]:
-    """When the run reached its target, and its best and final accuracy."""
-    accuracies = [point["accuracy"] for point in curve]
+def _outcome_fields(curve: list[dict[str, Any]], reached: dict[str, Any] | None, metric: Metric) -> dict[str, Any]:
+    """When the run reached its target (epochs, steps, seconds), and its best and final metric."""
+    values = [point[metric.field] for point in curve]
     return {
-        "epochs_run": len(curve),
+        "epochs_run": curve[-1]["epoch"],
         "epochs_to_target": None if reached is None else reached["epoch"],
+        "steps_to_target": None if reached is None else reached["step"],
         "seconds_to_target": None if reached is None else reached["seconds"],
-        "best_accuracy": max(accuracies),
-        "final_accuracy": accuracies[-1],
+        metric.best_field: metric.best(values),
+        metric.final_field: values[-1],
     }
 
 
@@ -498,11 +542,11 @@ class _Timing:
 
 
 def build_model_and_optimizer(
-    spec: RunSpec, task: Task, dataset: ImageDataset, device: torch.device, optimizer_spec: OptimizerSpec
+    spec: RunSpec, task: Task, dataset: Any, device: torch.device, optimizer_spec: OptimizerSpec
 ) -> tuple[nn.Module, torch.optim.Optimizer]:
     """The run's model (seeded, on ``device``, channels_last on CUDA, in training mode) and optimizer."""
     torch.manual_seed(spec.seed)
-    model = task.build_model(dataset, spec.width).to(device)
+    model = task.build_model(dataset, spec.width, spec.layers).to(device)
     if optimizer_spec.batch_norm_parts > 1:
         split_batch_norm(model, optimizer_spec.batch_norm_parts)
     if device.type == "cuda":
@@ -511,25 +555,25 @@ def build_model_and_optimizer(
     return model, optimizer_spec.build(model, spec.hyperparameters)
 
 
-def _train_epoch(
+def _train_steps(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    pipeline: BatchPipeline,
+    pipeline: Any,
     spec: RunSpec,
+    batches: Sequence[Tensor],
     generator: torch.Generator,
     clock: StepClock,
     memory: MemoryMeter,
 ) -> tuple[list[tuple[Any, Any, Any]], Tensor]:
-    """One epoch of optimizer steps (the last partial batch is dropped).
+    """One optimizer step per batch of training-set indices (an epoch's, or a share of them).
 
     Returns the clock marks ``(start, before optimizer.step, end)`` of every step and the summed
     mean training loss of the steps, as a device tensor (read after synchronisation).
     """
-    order = torch.randperm(pipeline.train_size, generator=generator, device=pipeline.device)
     loss_sum = torch.zeros((), device=pipeline.device)
     marks = []
-    for batch in _batches(order, spec.batch_size):
+    for batch in batches:
         start = clock.mark()
         loss_sum += forward_backward(model, optimizer, pipeline, batch, spec, generator)
         memory.sample()
@@ -543,7 +587,7 @@ def _train_epoch(
 def forward_backward(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    pipeline: BatchPipeline,
+    pipeline: Any,
     batch: Tensor,
     spec: RunSpec,
     generator: torch.Generator | None = None,
@@ -553,6 +597,8 @@ def forward_backward(
     ``batch`` holds the step's training-set indices, taken in micro-batches of ``spec.micro_batch``
     (gradient accumulation, each loss weighted by its share of the batch), under bf16 autocast on
     CUDA when ``spec.bf16``; a Monte-Carlo Fisher optimizer samples its labels on each output. The
+    loss is the cross-entropy of the output's last dimension against the targets, averaged over
+    every other dimension (samples, and positions for a sequence model). The
     caller then runs ``optimizer.step()``. Returns the batch's mean loss (a device tensor). The
     sweep, ``--profile`` and ``--nproc`` all train with this step.
     """
@@ -560,13 +606,13 @@ def forward_backward(
     mc_fisher = getattr(optimizer, "fisher", None) == "mc"
     loss_sum = torch.zeros((), device=pipeline.device)
     for micro in batch.split(spec.micro_batch):
-        images, labels = pipeline.train_batch(micro, generator)
+        inputs, targets = pipeline.train_batch(micro, generator)
         weight = micro.numel() / batch.numel()
         with _autocast(pipeline.device, spec.bf16):
-            output = model(images)
+            output = model(inputs)
             if mc_fisher:
                 optimizer.sample_fisher(output, generator)  # type: ignore[attr-defined]
-            loss = F.cross_entropy(output, labels)
+            loss = F.cross_entropy(output.flatten(0, -2), targets.flatten())
         (loss * weight).backward()
         loss_sum += loss.detach().float() * weight
     return loss_sum
@@ -635,14 +681,13 @@ class ResultStore:
             os.fsync(handle.fileno())
 
 
-# What the reports read from a record, with the types train_run writes.
+# What the reports read from a record, with the types train_run writes (and the metric's
+# best_<field> and final_<field>, numbers; see fop.bench.metrics).
 _NUMBER = (int, float)
 _RECORD_FIELDS: dict[str, tuple[type, ...]] = {
     "status": (str,),
-    "epochs_to_target": (int, type(None)),
+    "epochs_to_target": (*_NUMBER, type(None)),
     "seconds_to_target": (*_NUMBER, type(None)),
-    "best_accuracy": _NUMBER,
-    "final_accuracy": _NUMBER,
     "median_step_seconds": _NUMBER,
     "optimizer_share": _NUMBER,
     "peak_memory_bytes": (*_NUMBER, type(None)),
@@ -661,15 +706,20 @@ def _record_problem(record: Any) -> str | None:
     spec = record.get("spec")
     if not isinstance(spec, dict) or record.get("key") != _spec_key(spec):
         return "its 'key' is not the hash of its 'spec' (edited or truncated)"
-    for name, types in _RECORD_FIELDS.items():
+    try:
+        metric = get_metric(record.get("metric", "accuracy"))  # records before metrics existed: accuracy
+    except BenchError:
+        return f"unknown metric {record.get('metric')!r}"
+    fields = {metric.best_field: _NUMBER, metric.final_field: _NUMBER, **_RECORD_FIELDS}
+    for name, types in fields.items():
         if name not in record:
             return f"field {name!r} is missing"
         value = record[name]
         if isinstance(value, bool) or not isinstance(value, types):
             return f"field {name!r} is a {type(value).__name__}"
     for point in record["curve"]:
-        if not (isinstance(point, dict) and all(isinstance(point.get(k), _NUMBER) for k in ("seconds", "accuracy"))):
-            return "a point of 'curve' lacks numeric 'seconds' and 'accuracy'"
+        if not (isinstance(point, dict) and all(isinstance(point.get(k), _NUMBER) for k in ("seconds", metric.field))):
+            return f"a point of 'curve' lacks numeric 'seconds' and {metric.field!r}"
     return None
 
 
@@ -680,8 +730,8 @@ def _spec_key(spec: dict[str, Any]) -> str:
 def run_sweep(
     plan: Sequence[RunSpec],
     task: Task,
-    dataset: ImageDataset,
-    pipeline: BatchPipeline,
+    dataset: Any,
+    pipeline: Any,
     optimizers: dict[str, OptimizerSpec],
     store: ResultStore,
     context: dict[str, Any],
@@ -712,11 +762,14 @@ def run_sweep(
 
 def _outcome(record: dict[str, Any]) -> str:
     """One-line result of a run, for logs without progress bars."""
+    metric = get_metric(record.get("metric", "accuracy"))
     reached = (
         f"target at epoch {record['epochs_to_target']} ({record['seconds_to_target']:.2f} s)"
         if record["epochs_to_target"] is not None
         else "target not reached"
     )
-    return f"{reached}; best {100 * record['best_accuracy']:.2f}%, final {100 * record['final_accuracy']:.2f}%" + (
+    unit = "" if metric.name == "loss" else "%"
+    best, final = metric.text(record[metric.best_field]), metric.text(record[metric.final_field])
+    return f"{reached}; {metric.short} best {best}{unit}, final {final}{unit}" + (
         "; diverged" if record["status"] == "diverged" else ""
     )

@@ -87,7 +87,6 @@ def _worker(job: ScalingJob, out: Path) -> None:
     import torch
     import torch.distributed as dist
 
-    from fop.bench.data import BatchPipeline
     from fop.bench.tasks import get_task
 
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
@@ -100,7 +99,7 @@ def _worker(job: ScalingJob, out: Path) -> None:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=_TIMEOUT)
     task = get_task(job.task)
     dataset = task.load_data(job.data)
-    pipeline = BatchPipeline(dataset, device, crop_padding=task.crop_padding, channels_last=device.type == "cuda")
+    pipeline = task.pipeline(dataset, device)
     runs = {
         spec.label.rsplit(" lr=", 1)[0]: _measure(spec, task, dataset, pipeline, job.steps, world, rank)
         for spec in job.specs

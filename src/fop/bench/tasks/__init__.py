@@ -10,14 +10,17 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import torch
 from torch import nn
 
-from fop.bench.data import ImageDataset
+from fop.bench.data import BatchPipeline, ImageDataset
 from fop.bench.errors import BenchError
 
 __all__ = [
     "CIFAR10_DEFAULTS",
+    "CIFAR10_ENV",
     "CurvatureDefaults",
     "DataOptions",
     "Task",
@@ -26,6 +29,9 @@ __all__ = [
     "register",
     "task_names",
 ]
+
+
+CIFAR10_ENV = "FOP_CIFAR10"  # default of --data for the CIFAR tasks, shared with the test suite
 
 
 @dataclass(frozen=True)
@@ -65,8 +71,9 @@ class Task:
         name: the ``--task`` value.
         summary: one line for ``--list``.
         load_data: reads the dataset (raises :class:`BenchError` on bad input).
-        build_model: ``(dataset, width) -> nn.Module``; ``width=None`` means the standard size.
-        default_target: accuracy target for a loaded dataset (it may depend on its ``kind``).
+        build_model: ``(dataset, width, layers=None) -> nn.Module``; ``None`` means the standard size
+            (``layers`` stays ``None`` unless the task lists ``"layers"`` in ``model_options``).
+        default_target: target of the metric for a loaded dataset (it may depend on its ``kind``).
         batch_sizes: default ``--batch-sizes``.
         reference_batch: the batch size at which ``base_lrs`` hold (learning-rate scaling rule).
         base_lrs: base learning rate per optimizer name at ``reference_batch``.
@@ -77,8 +84,15 @@ class Task:
         curvature: K-FAC / FOP settings.
         lr_grid: default ``--lr-grid`` (factors on the scaled learning rate).
         max_micro_batch: largest micro-batch (gradient accumulation above it); ``None``: no limit.
-        metric: ``"accuracy"``, or ``"error"`` to report Top-1 error (100 − accuracy).
+        metric: ``"accuracy"``, ``"error"`` to report Top-1 error (100 − accuracy), or ``"loss"``
+            (held-out cross-entropy, lower is better); see :mod:`fop.bench.metrics`.
         data_options: which :class:`DataOptions` fields the task reads (``"path"``, ``"imbalance"``).
+        data_env: environment variable giving the default of ``--data`` (tasks reading ``"path"``).
+        model_options: which size options beyond ``--width`` the model takes (``"layers"``).
+        evaluations_per_epoch: held-out evaluations per epoch (at equal step intervals); a task
+            whose runs last a few epochs measures its time to target more finely with several.
+        make_pipeline: ``(dataset, device) -> pipeline`` serving its batches on ``device``
+            (``None``: :class:`fop.bench.data.BatchPipeline` with the task's augmentation).
         cpu_threads: torch CPU threads when training on the CPU without ``--threads`` (``None``:
             torch's default). Tiny models run fastest on one thread, and it keeps them quick on a
             busy machine.
@@ -86,9 +100,9 @@ class Task:
 
     name: str
     summary: str
-    load_data: Callable[[DataOptions], ImageDataset]
-    build_model: Callable[[ImageDataset, int | None], nn.Module]
-    default_target: Callable[[ImageDataset], float]
+    load_data: Callable[[DataOptions], Any]
+    build_model: Callable[..., nn.Module]  # (dataset, width, layers=None)
+    default_target: Callable[[Any], float]
     batch_sizes: tuple[int, ...]
     reference_batch: int
     base_lrs: Mapping[str, float]
@@ -104,10 +118,20 @@ class Task:
     metric: str = "accuracy"
     data_options: frozenset[str] = frozenset()
     cpu_threads: int | None = None
+    data_env: str = CIFAR10_ENV
+    model_options: frozenset[str] = frozenset()
+    evaluations_per_epoch: int = 1
+    make_pipeline: Callable[[Any, torch.device], Any] | None = None
 
     def weight_decay(self, optimizer: str) -> float:
         """Weight decay of ``optimizer`` on this task."""
         return self.weight_decays.get(optimizer, self.weight_decays["default"])
+
+    def pipeline(self, dataset: Any, device: torch.device) -> Any:
+        """The batch pipeline of ``dataset`` on ``device`` (its data resident there)."""
+        if self.make_pipeline is not None:
+            return self.make_pipeline(dataset, device)
+        return BatchPipeline(dataset, device, crop_padding=self.crop_padding, channels_last=device.type == "cuda")
 
 
 _REGISTRY: dict[str, Task] = {}
@@ -173,7 +197,7 @@ CIFAR10_DEFAULTS: Mapping[str, object] = {
 def cifar10_task(
     name: str,
     summary: str,
-    build_model: Callable[[ImageDataset, int | None], nn.Module],
+    build_model: Callable[..., nn.Module],
     default_target: Callable[[ImageDataset], float],
     load_data: Callable[[DataOptions], ImageDataset] | None = None,
     **fields: object,
@@ -197,4 +221,4 @@ def cifar10_task(
 
 
 # Registration order is the order of `--list`; the first task is the default.
-from fop.bench.tasks import digits_mlp, cifar10_resnet18, cifar10_lt_resnet32, cifar10_vit  # noqa: E402, F401, I001
+from fop.bench.tasks import digits_mlp, cifar10_resnet18, cifar10_lt_resnet32, cifar10_vit, charlm_linux  # noqa: E402, F401, I001

@@ -34,7 +34,7 @@ def _load(options: DataOptions) -> ImageDataset:
     return dataclasses.replace(balanced.select(train=keep), notes={"imbalance": imbalance})
 
 
-def _model(dataset: ImageDataset, width: int | None) -> nn.Module:
+def _model(dataset: ImageDataset, width: int | None, layers: int | None = None) -> nn.Module:
     return resnet32(dataset.num_classes, width=width or 16, in_channels=dataset.image_shape[2])
 
 

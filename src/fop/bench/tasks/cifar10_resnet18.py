@@ -13,7 +13,7 @@ from fop.bench.models import resnet18
 from fop.bench.tasks import cifar10_task, targets_by_kind
 
 
-def _model(dataset: ImageDataset, width: int | None) -> nn.Module:
+def _model(dataset: ImageDataset, width: int | None, layers: int | None = None) -> nn.Module:
     return resnet18(dataset.num_classes, width=width or 64, in_channels=dataset.image_shape[2])
 
 

@@ -14,7 +14,7 @@ from fop.bench.models import VisionTransformer
 from fop.bench.tasks import CurvatureDefaults, cifar10_task, targets_by_kind
 
 
-def _model(dataset: ImageDataset, width: int | None) -> nn.Module:
+def _model(dataset: ImageDataset, width: int | None, layers: int | None = None) -> nn.Module:
     height, _, channels = dataset.image_shape
     return VisionTransformer(dataset.num_classes, image_size=height, in_channels=channels, dim=width or 192)
 

@@ -17,7 +17,7 @@ def _load(options: DataOptions) -> ImageDataset:
     return load_digits(subset=options.subset)
 
 
-def _model(dataset: ImageDataset, width: int | None) -> nn.Module:
+def _model(dataset: ImageDataset, width: int | None, layers: int | None = None) -> nn.Module:
     height, width_px, channels = dataset.image_shape
     return MLP(height * width_px * channels, dataset.num_classes, width=width or 256)
 
