@@ -1,10 +1,13 @@
 """Step cost of FOP and K-FAC as ratios to SGD with momentum, measured side by side in one process.
 
-    python benchmarks/step_cost.py [--model cnn|mlp|both] [--cycles 4] [--repeats 3] [--profile] [--memory]
-                                   [--optimizers sgd,kfac,fop,fop-exact] [--clock wall|cpu]
+    python benchmarks/step_cost.py [--model cnn|mlp|stage|both] [--cycles 4] [--repeats 3] [--profile] [--memory]
+                                   [--optimizers sgd,kfac,fop,fop-exact] [--clock wall|cpu] [--batch 256]
 
 For each model (issue #13's CNN: two 3x3 convs and Linear(2048, 10) on 32x32x3 inputs, batch 256;
-the digits MLP: 64-256-256-10, batch 256) the optimizers run interleaved, ``repeats`` times, each
+the digits MLP: 64-256-256-10, batch 256; on request ``stage``, three 3x3 convs of 64 channels at
+32x32 like ResNet-18's first stage, whose patches have 576 columns and 1024 positions per image:
+where K-FAC-reduce's one row per image counts, at a smaller ``--batch`` on a CPU) the optimizers
+run interleaved, ``repeats`` times, each
 timing ``cycles`` whole curvature intervals step by step (defaults otherwise: curvature and
 inverse every 10 steps). Reported per optimizer, median over repeats:
 
@@ -50,18 +53,34 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
 
 
-MODELS = {"cnn": (cnn, (3, 32, 32)), "mlp": (mlp, (64,))}
+def stage() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(64, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(64, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, 10),
+    )
+
+
+MODELS = {"cnn": (cnn, (3, 32, 32)), "mlp": (mlp, (64,)), "stage": (stage, (3, 32, 32))}
 OPTIMIZERS = {
     "sgd": lambda m: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9),
     "kfac": lambda m: KFAC(m, lr=0.01),
     "fop": lambda m: FOP(m, lr=0.01),
     # variants, by --optimizers: exact damping (the default before 0.3), a longer inverse interval,
-    # factors from 64 of the batch's 256 samples (factor_samples)
+    # factors from 64 of the batch's 256 samples (factor_samples), K-FAC-reduce (weight_sharing)
     "kfac-exact": lambda m: KFAC(m, lr=0.01, damping_mode="exact"),
     "fop-exact": lambda m: FOP(m, lr=0.01, damping_mode="exact"),
     "fop-inv50": lambda m: FOP(m, lr=0.01, inverse_update_interval=50),
     "kfac-fs64": lambda m: KFAC(m, lr=0.01, factor_samples=64),
     "fop-fs64": lambda m: FOP(m, lr=0.01, factor_samples=64),
+    "kfac-reduce": lambda m: KFAC(m, lr=0.01, weight_sharing="reduce"),
+    "fop-reduce": lambda m: FOP(m, lr=0.01, weight_sharing="reduce"),
 }
 DEFAULT_OPTIMIZERS = ("sgd", "kfac", "fop")
 # steps of one whole cycle of each optimizer's updates (curvature and inverse): what "amortized" spans
@@ -127,7 +146,7 @@ def run(
     return sum(times) / len(times), statistics.median(ordinary), sum(curvature) / len(curvature)
 
 
-def peak_tensor_mb(name: str, opt_name: str) -> float:
+def peak_tensor_mb(name: str, opt_name: str, batch: int = 256) -> float:
     """Peak MB of tensors allocated while ``opt_name`` builds ``name`` and trains it two intervals.
 
     From the profiler's allocation events (``profile_memory``): their running sum from the start of
@@ -135,9 +154,9 @@ def peak_tensor_mb(name: str, opt_name: str) -> float:
     state and every temporary, exactly (unlike RSS, which keeps what the allocator does not return
     and is dominated by torch's own footprint). The input data is allocated before the window.
     """
-    inputs = make_data(name)
+    inputs = make_data(name, batch)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        run(name, opt_name, 2, inputs=inputs)
+        run(name, opt_name, 2, batch=batch, inputs=inputs)
     assert prof.profiler is not None
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     held = peak = 0
@@ -149,7 +168,8 @@ def peak_tensor_mb(name: str, opt_name: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=["cnn", "mlp", "both"], default="both")
+    parser.add_argument("--model", choices=["cnn", "mlp", "stage", "both"], default="both", help="both: cnn and mlp")
+    parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--cycles", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", action="store_true")
@@ -175,8 +195,10 @@ def main() -> None:
         results: dict[str, list[tuple[float, float, float]]] = {o: [] for o in chosen}
         for _ in range(args.repeats):
             for opt_name in chosen:
-                results[opt_name].append(run(name, opt_name, args.cycles, clock=args.clock))
-        print(f"\n{name}: median over {args.repeats} interleaved repeats of {args.cycles} intervals")
+                results[opt_name].append(run(name, opt_name, args.cycles, batch=args.batch, clock=args.clock))
+        print(
+            f"\n{name}, batch {args.batch}: median over {args.repeats} interleaved repeats of {args.cycles} intervals"
+        )
         print("| optimizer | amortized ms | x SGD | ordinary ms | x SGD | curvature-step ms |")
         print("| --- | --- | --- | --- | --- | --- |")
         for opt_name, rows in results.items():
@@ -188,11 +210,11 @@ def main() -> None:
                 f"{statistics.median(ratios_o):.2f} | {med[2]:.1f} |"
             )
         if args.memory:
-            peaks = {o: peak_tensor_mb(name, o) for o in chosen}
+            peaks = {o: peak_tensor_mb(name, o, args.batch) for o in chosen}
             print("peak tensor MB: " + ", ".join(f"{o} {p:.1f} ({p / peaks['sgd']:.2f}x)" for o, p in peaks.items()))
         if args.profile:
             for opt_name in chosen[1:]:
-                phases = run(name, opt_name, args.cycles, profile=True)
+                phases = run(name, opt_name, args.cycles, batch=args.batch, profile=True)
                 print(f"{opt_name} phases ms/step: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(phases.items())))
 
 

@@ -418,6 +418,13 @@ def test_fs_variant_token_sets_the_factor_samples():
     assert spec.build(_tiny_model(), hp).param_groups[0]["factor_samples"] == 2
 
 
+def test_reduce_variant_token_sets_the_weight_sharing():
+    spec = resolve_optimizer("fop:reduce:fs64")
+    assert spec.options == {"weight_sharing": "reduce", "factor_samples": 64}
+    hp = Hyperparameters(lr=0.1, weight_decay=0.0, options=tuple(spec.options.items()))
+    assert spec.build(_tiny_model(), hp).param_groups[0]["weight_sharing"] == "reduce"
+
+
 # ------------------------------------------------------------------------------ language model
 
 

@@ -3,7 +3,9 @@
 curvlinops (Dangel et al.) computes K-FAC with its own hooks, patch extraction (einconv) and
 scaling rules. We ask it for the *empirical* Fisher (gradients of the actual loss with the true
 labels), the "expand" approximation for weight sharing (every spatial position / sequence position
-is a row), ``CrossEntropyLoss(reduction="mean")``, and weight and bias treated jointly
+is a row) and, against fop's ``weight_sharing="reduce"``, its "reduce" approximation (one row per
+sample: the mean input row and the summed output gradient over the positions),
+``CrossEntropyLoss(reduction="mean")``, and weight and bias treated jointly
 (``separate_weight_and_bias=False``: the bias is a trailing ones column of the input, as in fop).
 
 What is compared, all in float64:
@@ -18,7 +20,9 @@ What is compared, all in float64:
   With fop's documented conventions (``A = Σ_rows a aᵀ / rows``, ``G = (1/N) Σ_rows δ δᵀ`` with δ
   the per-sample output gradients, ``δ = N·∂L/∂out`` for a mean loss) and curvlinops' (its input
   covariance divides by ``N·positions``, its gradient covariance multiplies the mean-loss output
-  gradients by ``N``), the scalar is exactly 1; :func:`test_factor_scale_convention` pins that.
+  gradients by ``N``), the scalar is exactly 1; :func:`test_factor_scale_convention` pins that, for
+  reduce too (curvlinops' reduce averages the inputs over the positions and divides by ``N``, sums
+  the output gradients and scales them as expand's).
 
 ``pytest.importorskip`` is only a guard for users without the optional reference; ``make test``
 installs curvlinops, so these tests run in CI.
@@ -82,8 +86,8 @@ def _setup(kind: str, n: int = 24, seed: int = 0) -> tuple[nn.Module, torch.Tens
 
 
 # ------------------------------------------------------------------------------------- reference
-def _reference(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]):
-    """curvlinops' empirical-Fisher K-FAC (expand, joint weight and bias) on ``batches``.
+def _reference(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], kfac_approx: str = "expand"):
+    """curvlinops' empirical-Fisher K-FAC (``kfac_approx`` expand or reduce, joint weight and bias) on ``batches``.
 
     The factors are computed right away, at the model's current weights (curvlinops would
     otherwise compute them lazily at the first product, possibly after fop's step).
@@ -95,7 +99,7 @@ def _reference(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]
         params,
         batches,
         fisher_type="empirical",  # FisherType.EMPIRICAL is a str enum with this value
-        kfac_approx="expand",
+        kfac_approx=kfac_approx,
         separate_weight_and_bias=False,
         check_deterministic=False,
     )
@@ -158,14 +162,20 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
 
 
 # ------------------------------------------------------------------------------------- tests
+WEIGHT_SHARING = ["expand", "reduce"]  # fop's weight_sharing, curvlinops' kfac_approx
+
+
+@pytest.mark.parametrize("weight_sharing", WEIGHT_SHARING)
 @pytest.mark.parametrize("optimizer_cls", [fop.FOP, fop.KFAC], ids=["FOP", "KFAC"])
 @pytest.mark.parametrize("kind", ["mlp", "cnn", "sequence"])
-def test_kronecker_product_matches_curvlinops(kind: str, optimizer_cls) -> None:
+def test_kronecker_product_matches_curvlinops(kind: str, optimizer_cls, weight_sharing: str) -> None:
     model, x, y = _setup(kind)
-    op, params = _reference(model, [(x, y)])  # before the step: the reference sees the same weights
+    op, params = _reference(model, [(x, y)], weight_sharing)  # before the step: the reference sees the same weights
     expected = _dense(op, sum(p.numel() for p in params))
 
-    optimizer = optimizer_cls(model, lr=0.1, curvature_update_interval=1, inverse_update_interval=1)
+    optimizer = optimizer_cls(
+        model, lr=0.1, curvature_update_interval=1, inverse_update_interval=1, weight_sharing=weight_sharing
+    )
     assert {id(p) for layer in optimizer.layers for p in layer.params()} == {id(p) for p in params}
     _one_step(optimizer, model, [(x, y)])
 
@@ -189,21 +199,23 @@ def test_factors_match_curvlinops_up_to_one_scalar(kind: str) -> None:
         _close(g, g_ref / c, f"{kind}/{layer.name}: G")
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn"])
-def test_factor_scale_convention(kind: str) -> None:
+@pytest.mark.parametrize("weight_sharing", WEIGHT_SHARING)
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "sequence"])
+def test_factor_scale_convention(kind: str, weight_sharing: str) -> None:
     """The documented normalisation (A per row, G per sample) is curvlinops' too: the scalar is 1."""
     model, x, y = _setup(kind, seed=2)
-    op, _ = _reference(model, [(x, y)])
+    op, _ = _reference(model, [(x, y)], weight_sharing)
     ref_a, ref_g = _reference_factors(op)
-    optimizer = fop.KFAC(model, lr=0.1)
+    optimizer = fop.KFAC(model, lr=0.1, weight_sharing=weight_sharing)
     _one_step(optimizer, model, [(x, y)])
     for layer in optimizer.layers:
         _close(optimizer.state[layer.weight]["A"], ref_a[layer.name], f"{kind}/{layer.name}: A")
         _close(optimizer.state[layer.weight]["G"], ref_g[layer.name], f"{kind}/{layer.name}: G")
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn"])
-def test_gradient_accumulation_matches_curvlinops_on_the_union(kind: str) -> None:
+@pytest.mark.parametrize("weight_sharing", WEIGHT_SHARING)
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "sequence"])
+def test_gradient_accumulation_matches_curvlinops_on_the_union(kind: str, weight_sharing: str) -> None:
     """Two micro-batches (loss divided by 2, one step) give the factors of the whole batch.
 
     curvlinops gets the same two batches as a data loader (``num_data`` = their total), which is
@@ -211,10 +223,10 @@ def test_gradient_accumulation_matches_curvlinops_on_the_union(kind: str) -> Non
     """
     model, x, y = _setup(kind, n=20, seed=3)
     batches = [(x[:10], y[:10]), (x[10:], y[10:])]
-    op, params = _reference(model, batches)
+    op, params = _reference(model, batches, weight_sharing)
     expected = _dense(op, sum(p.numel() for p in params))
     ref_a, ref_g = _reference_factors(op)
-    optimizer = fop.FOP(model, lr=0.1)
+    optimizer = fop.FOP(model, lr=0.1, weight_sharing=weight_sharing)
     _one_step(optimizer, model, batches, loss_scale=0.5)
     _close(_ours_dense(optimizer, params), expected, f"{kind}: accumulated A⊗G")
     for layer in optimizer.layers:
@@ -277,13 +289,14 @@ def _trust_region_scale(lr: float, kl_clip: float | None, dg: torch.Tensor) -> t
     return torch.clamp(torch.sqrt(kl_clip / (lr * lr * dg.abs())), max=1.0)
 
 
+@pytest.mark.parametrize("weight_sharing", WEIGHT_SHARING)
 @pytest.mark.parametrize("kl_clip", [None, 1e-3], ids=["noclip", "clip"])
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
-def test_kfac_first_step_matches_curvlinops_inverse(kind: str, kl_clip: float | None) -> None:
+def test_kfac_first_step_matches_curvlinops_inverse(kind: str, kl_clip: float | None, weight_sharing: str) -> None:
     """K-FAC's first update is ``−lr ν (A⊗G + λI)⁻¹ g`` with curvlinops' exactly damped inverse."""
     damping, lr = 1e-2, 0.5
     model, x, y = _setup(kind, seed=6)
-    op, params = _reference(model, [(x, y)])
+    op, params = _reference(model, [(x, y)], weight_sharing)
     inverse = curvlinops.KFACInverseLinearOperator(op, damping=damping, use_exact_damping=True)
     grad = _flat_grad(model, params, x, y)
     direction = inverse @ grad
@@ -292,7 +305,14 @@ def test_kfac_first_step_matches_curvlinops_inverse(kind: str, kl_clip: float | 
         assert nu < 0.5  # the clip is active for these settings
     before = _flat_params(params)
     optimizer = fop.KFAC(
-        model, lr=lr, momentum=0.0, damping=damping, kl_clip=kl_clip, trust_region="step", damping_mode="exact"
+        model,
+        lr=lr,
+        momentum=0.0,
+        damping=damping,
+        kl_clip=kl_clip,
+        trust_region="step",
+        damping_mode="exact",
+        weight_sharing=weight_sharing,
     )
     _one_step(optimizer, model, [(x, y)])
     _close(_flat_params(params) - before, -lr * nu * direction, f"{kind}: K-FAC update")

@@ -155,8 +155,8 @@ def patches_by_loops(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     kh, kw = conv.kernel_size
     sh, sw = conv.stride
     dh, dw = conv.dilation
-    ph, pw = conv.padding
-    xp = F.pad(x, (pw, pw, ph, ph))
+    # the module's own padding amounts ("same" included), in its padding mode
+    xp = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode.replace("zeros", "constant"))
     rows = []
     for n in range(x.shape[0]):
         for i in range(0, xp.shape[2] - dh * (kh - 1), sh):
@@ -272,10 +272,16 @@ def test_in_place_activation_after_layer_keeps_output_gradient() -> None:
 STRIDED = [(8, 4, [0, 2, 4, 6]), (7, 3, [0, 2, 4]), (9, 2, [0, 4])]
 
 
-def dense_factors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def dense_factors(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, name: str, weight_sharing: str = "expand"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``A = Σ a aᵀ / rows`` and ``G = (1/n) Σ_i δ_i δ_iᵀ`` (δ_i: sample i's own output gradients, summed
     over its rows) of layer ``name`` on the batch ``x`` alone, by hand: patches by explicit indexing,
-    per-sample output gradients from the summed loss (each sample's gradient is its own)."""
+    per-sample output gradients from the summed loss (each sample's gradient is its own).
+
+    ``weight_sharing="reduce"`` (K-FAC-reduce, by its definition): the rows of each sample i are replaced
+    by their mean ``ā_i`` and its output gradients by their sum ``δ̂_i``: ``A = (1/n) Σ_i ā_i ā_iᵀ``,
+    ``G = (1/n) Σ_i δ̂_i δ̂_iᵀ``."""
     ref = copy.deepcopy(model)
     for module in ref.modules():
         if isinstance(module, nn.ReLU):
@@ -290,36 +296,40 @@ def dense_factors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, name: str)
 
     module.register_forward_hook(keep)
     F.cross_entropy(ref(x), y, reduction="sum").backward()
+    n = x.shape[0]
     if isinstance(module, nn.Conv2d):
-        rows = patches_by_loops(kept["in"], module)
-        per_sample = kept["out"].grad.flatten(2)  # (n, out, positions)
-        g = sum(d @ d.T for d in per_sample)
+        rows = patches_by_loops(kept["in"], module)  # sample by sample, positions within
+        per_sample = kept["out"].grad.flatten(2).transpose(1, 2)  # (n, positions, out)
     else:
         rows = kept["in"].reshape(-1, kept["in"].shape[-1])
-        per_sample = kept["out"].grad.reshape(x.shape[0], -1, kept["out"].shape[-1])  # (n, positions, out)
-        g = sum(d.T @ d for d in per_sample)
+        per_sample = kept["out"].grad.reshape(n, -1, kept["out"].shape[-1])  # (n, positions, out)
     if module.bias is not None:
         rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=DTYPE)], 1)
-    return rows.T @ rows / rows.shape[0], g / x.shape[0]
+    if weight_sharing == "reduce":
+        rows = torch.stack([sample.mean(0) for sample in rows.reshape(n, -1, rows.shape[1])])
+        per_sample = per_sample.sum(1, keepdim=True)  # each sample's one row: its summed output gradient
+    g = sum(d.T @ d for d in per_sample)
+    return rows.T @ rows / rows.shape[0], g / n
 
 
+@pytest.mark.parametrize("weight_sharing", ["expand", "reduce"])
 @pytest.mark.parametrize("case", ["linear", "linear-3d", "conv-3x3-pad1", "conv-stride2-nobias", "conv-dilation2"])
 @pytest.mark.parametrize(("n", "m", "samples"), STRIDED)
 def test_sampled_factors_are_the_dense_factors_of_the_strided_samples(
-    case: str, n: int, m: int, samples: list[int]
+    case: str, n: int, m: int, samples: list[int], weight_sharing: str
 ) -> None:
     """factor_samples=m: A and G of every layer are those of the m samples S alone, computed by hand;
     the halves and the gradient stay those of the whole batch (bitwise as without sampling)."""
     model, x, y = make(case, n)
     exact_model = copy.deepcopy(model)
-    optimizer = FOP(model, factor_samples=m)
+    optimizer = FOP(model, factor_samples=m, weight_sharing=weight_sharing)
     F.cross_entropy(model(x), y).backward()
     work = captured(optimizer)
-    exact_optimizer = FOP(exact_model)
+    exact_optimizer = FOP(exact_model, weight_sharing=weight_sharing)
     F.cross_entropy(exact_model(x), y).backward()
     exact = captured(exact_optimizer)
     for name, item in work.items():
-        a, g = dense_factors(model, x[samples], y[samples], name)
+        a, g = dense_factors(model, x[samples], y[samples], name, weight_sharing)
         torch.testing.assert_close(item.a_factor, a, rtol=1e-10, atol=1e-12, msg=f"A of {name}")
         torch.testing.assert_close(item.g_factor, g, rtol=1e-10, atol=1e-12, msg=f"G of {name}")
         assert not torch.allclose(item.g_factor, exact[name].g_factor)  # a subset, not the batch
@@ -327,17 +337,27 @@ def test_sampled_factors_are_the_dense_factors_of_the_strided_samples(
             torch.testing.assert_close(getattr(item, key), getattr(exact[name], key), rtol=0, atol=0)
 
 
-def test_dense_factors_oracle_is_the_full_batch_factor() -> None:
-    """The oracle above, on the whole batch, is the optimizer's exact factor (the same normalisation)."""
-    for case in ("linear-3d", "conv-3x3-pad1"):
-        model, x, y = make(case, 6)
-        trained = copy.deepcopy(model)
-        optimizer = FOP(trained)
-        F.cross_entropy(trained(x), y).backward()
-        for name, item in captured(optimizer).items():
-            a, g = dense_factors(model, x, y, name)
-            torch.testing.assert_close(item.a_factor, a, rtol=1e-10, atol=1e-12, msg=f"A of {name}")
-            torch.testing.assert_close(item.g_factor, g, rtol=1e-10, atol=1e-12, msg=f"G of {name}")
+WEIGHT_SHARING_CASES = [c for c in sorted(CASES) if c != "linear-twice"]  # the oracle hooks one call
+
+
+@pytest.mark.parametrize("weight_sharing", ["expand", "reduce"])
+@pytest.mark.parametrize("case", WEIGHT_SHARING_CASES)
+def test_dense_factors_oracle_is_the_full_batch_factor(case: str, weight_sharing: str) -> None:
+    """The oracle above, on the whole batch, is the optimizer's factor (the same normalisation), for
+    both weight_sharing modes; reduce's halves and gradient are expand's, bit for bit."""
+    model, x, y = make(case, 7)
+    trained, expanded = copy.deepcopy(model), copy.deepcopy(model)
+    optimizer = FOP(trained, weight_sharing=weight_sharing)
+    F.cross_entropy(trained(x), y).backward()
+    expand_optimizer = FOP(expanded)
+    F.cross_entropy(expanded(x), y).backward()
+    expand_work = captured(expand_optimizer)
+    for name, item in captured(optimizer).items():
+        for key in ("grad", "g1", "g2"):
+            torch.testing.assert_close(getattr(item, key), getattr(expand_work[name], key), rtol=0, atol=0)
+        a, g = dense_factors(model, x, y, name, weight_sharing)
+        torch.testing.assert_close(item.a_factor, a, rtol=1e-10, atol=1e-12, msg=f"A of {name}")
+        torch.testing.assert_close(item.g_factor, g, rtol=1e-10, atol=1e-12, msg=f"G of {name}")
 
 
 @pytest.mark.parametrize("case", ["linear", "linear-3d", "conv-3x3-pad1"])
@@ -360,34 +380,36 @@ def test_factor_samples_of_the_whole_batch_or_more_is_exact(case: str, cls: type
                     torch.testing.assert_close(value, exact, rtol=0, atol=0, msg=f"{key} of {name}")
 
 
+@pytest.mark.parametrize("weight_sharing", ["expand", "reduce"])
 @pytest.mark.parametrize("case", ["linear", "linear-3d", "conv-stride2-nobias"])
-def test_sampled_factors_with_accumulation_subsample_each_micro_batch(case: str) -> None:
+def test_sampled_factors_with_accumulation_subsample_each_micro_batch(case: str, weight_sharing: str) -> None:
     """Micro-batches of 4 (loss/2 each), factor_samples=2: samples {0, 2} and {4, 6}, each micro-batch's
     sums scaled by 4/2, i.e. the factors of one batch of 8 with factor_samples=4 (the same samples)."""
     model, x, y = make(case, 8)
     whole = copy.deepcopy(model)
-    optimizer = FOP(model, factor_samples=2)
+    optimizer = FOP(model, factor_samples=2, weight_sharing=weight_sharing)
     for chunk in (slice(0, 4), slice(4, 8)):
         (F.cross_entropy(model(x[chunk]), y[chunk]) / 2).backward()
     work = captured(optimizer)
-    whole_optimizer = FOP(whole, factor_samples=4)
+    whole_optimizer = FOP(whole, factor_samples=4, weight_sharing=weight_sharing)
     F.cross_entropy(whole(x), y).backward()
     for name, item in captured(whole_optimizer).items():
         torch.testing.assert_close(work[name].a_factor, item.a_factor, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(work[name].g_factor, item.g_factor, rtol=1e-10, atol=1e-12)
-        a, g = dense_factors(model, x[[0, 2, 4, 6]], y[[0, 2, 4, 6]], name)
+        a, g = dense_factors(model, x[[0, 2, 4, 6]], y[[0, 2, 4, 6]], name, weight_sharing)
         torch.testing.assert_close(item.g_factor, g, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(item.a_factor, a, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("weight_sharing", ["expand", "reduce"])
 @pytest.mark.parametrize("case", ["linear-3d", "conv-3x3-pad1"])
-def test_sampled_monte_carlo_fisher_uses_the_same_samples(case: str) -> None:
+def test_sampled_monte_carlo_fisher_uses_the_same_samples(case: str, weight_sharing: str) -> None:
     """fisher="mc", factor_samples=3 of 7: G is (1/3) Σ_{i∈S} δ_i δ_iᵀ of the sampled labels' loss
     on the samples S = {0, 2, 4}, A the input factor of the same samples."""
     model, x, y = make(case, 7)
     samples = [0, 2, 4]
     reference = copy.deepcopy(model)
-    optimizer = FOP(model, fisher="mc", factor_samples=3)
+    optimizer = FOP(model, fisher="mc", factor_samples=3, weight_sharing=weight_sharing)
     output = model(x)
     optimizer.sample_fisher(output, generator=torch.Generator().manual_seed(5))
     F.cross_entropy(output, y).backward()
@@ -396,6 +418,138 @@ def test_sampled_monte_carlo_fisher_uses_the_same_samples(case: str) -> None:
         probs = torch.softmax(reference(x), -1)
     drawn = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(5)).squeeze(-1)
     for name, item in work.items():
-        a, g = dense_factors(reference, x[samples], drawn[samples], name)
+        a, g = dense_factors(reference, x[samples], drawn[samples], name, weight_sharing)
         torch.testing.assert_close(item.a_factor, a, rtol=1e-10, atol=1e-12, msg=f"A of {name}")
         torch.testing.assert_close(item.g_factor, g, rtol=1e-10, atol=1e-12, msg=f"G of {name}")
+
+
+# ------------------------------------------------------------------------------ weight_sharing
+@pytest.mark.parametrize("weight_sharing", ["expand", "reduce"])
+@pytest.mark.parametrize("case", ["linear-3d", "conv-3x3-pad1", "conv-stride2-nobias"])
+def test_factors_with_accumulation_are_those_of_the_union(case: str, weight_sharing: str) -> None:
+    """Micro-batches of 3 and 5 samples (loss weighted 3/8 and 5/8, the mean over the union): the factors
+    of the 8 samples by hand (per sample one mean row and one summed gradient with reduce); the halves
+    are expand's, bit for bit."""
+    model, x, y = make(case, 8)
+    expanded = copy.deepcopy(model)
+    works = []
+    for net, mode in ((model, weight_sharing), (expanded, "expand")):
+        optimizer = FOP(net, weight_sharing=mode)
+        for chunk in (slice(0, 3), slice(3, 8)):
+            (F.cross_entropy(net(x[chunk]), y[chunk]) * (chunk.stop - chunk.start) / 8).backward()
+        works.append(captured(optimizer))
+    for name, item in works[0].items():
+        a, g = dense_factors(model, x, y, name, weight_sharing)
+        torch.testing.assert_close(item.a_factor, a, rtol=1e-10, atol=1e-12, msg=f"A of {name}")
+        torch.testing.assert_close(item.g_factor, g, rtol=1e-10, atol=1e-12, msg=f"G of {name}")
+        for key in ("grad", "g1", "g2"):
+            torch.testing.assert_close(getattr(item, key), getattr(works[1][name], key), rtol=0, atol=0)
+
+
+class SeqFirstModel(SeqModel):
+    """:class:`SeqModel` whose inner Linear sees (seq, batch, features): built with ``batch_first=False``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.inner(x.transpose(0, 1))).mean(0))
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+@pytest.mark.parametrize("weight_sharing", ["expand", "reduce"])
+def test_sequence_first_linear_factors_are_those_of_its_batch_first_twin(weight_sharing: str, fisher: str) -> None:
+    """A sequence-first Linear reduces over the sequence, not the batch: its factors are the batch-first
+    model's, formed by hand (per sample: mean input row, summed output gradient), its halves split the batch."""
+    model, x, y = make("linear-3d", 7)
+    twin = SeqFirstModel().to(DTYPE)
+    twin.load_state_dict(model.state_dict())
+    optimizer = FOP(twin, batch_first=False, weight_sharing=weight_sharing, fisher=fisher)
+    output = twin(x)
+    labels = y
+    if fisher == "mc":
+        optimizer.sample_fisher(output, generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():  # the labels sample_fisher drew
+            labels = torch.multinomial(torch.softmax(model(x), -1), 1, generator=torch.Generator().manual_seed(3))
+        labels = labels.squeeze(-1)
+    F.cross_entropy(output, y).backward()
+    work = captured(optimizer)
+    a, g = dense_factors(model, x, labels, "inner", weight_sharing)
+    torch.testing.assert_close(work["inner"].a_factor, a, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(work["inner"].g_factor, g, rtol=1e-10, atol=1e-12)
+    g1 = reference_grad(model, [(x[:4], y[:4])], ["inner"])["inner"]
+    torch.testing.assert_close(work["inner"].g1, g1, rtol=1e-10, atol=1e-12)
+
+
+def run_steps(model: nn.Module, optimizer: FOP, x: torch.Tensor, y: torch.Tensor, steps: int = 4) -> list:
+    """``steps`` steps of two accumulated micro-batches; the parameters and every state tensor after them."""
+    for _ in range(steps):
+        optimizer.zero_grad()
+        for chunk in (slice(0, 4), slice(4, 8)):
+            (F.cross_entropy(model(x[chunk]), y[chunk]) / 2).backward()
+        optimizer.step()
+        x = x.roll(1, 0)
+    state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    return [p.detach() for p in model.parameters()] + state
+
+
+@pytest.mark.parametrize("cls", [FOP, KFAC])
+@pytest.mark.parametrize("case", ["linear", "linear-3d", "conv-3x3-pad1"])
+def test_expand_is_the_default_and_reduce_without_positions_is_expand(case: str, cls: type) -> None:
+    """weight_sharing="expand" trains bit for bit as the default; so does "reduce" on a model whose layers
+    have no shared positions ("linear"); on the others it trains differently. (Against the code before
+    the option existed, the same runs were compared once, bit for bit: the expand path is unchanged.)"""
+    model, x, y = make(case, 8)
+    options = dict(curvature_update_interval=2, inverse_update_interval=2)
+    runs = {}
+    for mode in (None, "expand", "reduce"):
+        net = copy.deepcopy(model)
+        optimizer = cls(net, **options) if mode is None else cls(net, weight_sharing=mode, **options)
+        runs[mode] = run_steps(net, optimizer, x, y)
+    for default, expand in zip(runs[None], runs["expand"], strict=True):
+        assert torch.equal(default, expand)
+    identical = all(torch.equal(a, b) for a, b in zip(runs[None], runs["reduce"], strict=True))
+    assert identical == (case == "linear")
+
+
+def test_weight_sharing_edit_of_the_param_group_applies_from_the_next_forward() -> None:
+    """``group["weight_sharing"] = "reduce"`` after construction: from the next forward on, the factors are
+    those of an optimizer built with it; a forward taken before the edit keeps the mode it started with."""
+    model, x, y = make("conv-3x3-pad1", 8)
+    works = {}
+    for mode in ("expand", "reduce"):
+        net = copy.deepcopy(model)
+        optimizer = FOP(net, weight_sharing=mode)
+        F.cross_entropy(net(x), y).backward()
+        works[mode] = captured(optimizer)
+    edited = copy.deepcopy(model)
+    optimizer = FOP(edited)
+    output = edited(x)
+    for group in optimizer.param_groups:
+        group["weight_sharing"] = "reduce"
+    F.cross_entropy(output, y).backward()  # this forward started with expand
+    works["forward before the edit"] = captured(optimizer)
+    optimizer.zero_grad()
+    F.cross_entropy(edited(x), y).backward()
+    works["forward after the edit"] = captured(optimizer)
+    for name in works["expand"]:
+        for key in ("a_factor", "g_factor"):
+            before, after = works["forward before the edit"][name], works["forward after the edit"][name]
+            assert torch.equal(getattr(before, key), getattr(works["expand"][name], key)), f"{key} of {name}"
+            assert torch.equal(getattr(after, key), getattr(works["reduce"][name], key)), f"{key} of {name}"
+
+
+@pytest.mark.parametrize("case", ["conv-3x3-pad1", "linear-3d"])
+def test_reduce_under_cpu_bf16_autocast_takes_the_rounded_input_in_float32(case: str) -> None:
+    """bf16 autocast, weight_sharing="reduce": A is the float64 reduce factor of the bf16-rounded input
+    (the per-sample means accumulated in float32), G that of the float64 model to bf16's precision."""
+    model, x, y = make(case, 6)
+    trained = copy.deepcopy(model).float()
+    optimizer = FOP(trained, weight_sharing="reduce")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.cross_entropy(trained(x.float()), y)
+    loss.backward()
+    work = captured(optimizer)
+    name = optimizer.layers[0].name
+    rounded = x.to(torch.bfloat16).to(DTYPE)
+    a, g = dense_factors(model, rounded, y, name, "reduce")
+    assert work[name].a_factor.dtype == torch.float32
+    torch.testing.assert_close(work[name].a_factor.to(DTYPE), a, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(work[name].g_factor.to(DTYPE), g, rtol=5e-2, atol=5e-2 * float(g.abs().max()))

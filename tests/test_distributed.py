@@ -240,6 +240,7 @@ def scenario_equivalence(rank: int, world: int, out: dict) -> None:
     out["fop_mlp_replicated"] = _run(rank, world, "fop", "mlp", replicated=True)
     out["kfac_cnn_replicated"] = _run(rank, world, "kfac", "cnn", replicated=True)
     out["fop_cnn_sampled"] = _run(rank, world, "fop", "cnn", factor_samples=2)  # of 8 (world 2) or 4 local samples
+    out["fop_cnn_reduce"] = _run(rank, world, "fop", "cnn", weight_sharing="reduce")
     # gradient accumulation: two micro-batches per step
     model = mlp()
     opt = make_optimizer("fop", model)
@@ -372,6 +373,10 @@ def scenario_ddp(rank: int, world: int, out: dict) -> None:
         (F.cross_entropy(ddp(xb), yb) / 2).backward()
         opt.step()
     out["ddp_fop_accum"] = {"params": params_of(model)}
+    # K-FAC-reduce's factors travel as expand's do
+    model, ddp, opt = hooked_ddp("cnn", optimizer_kwargs={"weight_sharing": "reduce"})
+    train(ddp, opt, [local_part(b, rank, world) for b in global_batches("cnn", 4)])
+    out["ddp_fop_cnn_reduce"] = {"params": params_of(model)}
     # attention (converted nn.MultiheadAttention) under DDP
     model, ddp, opt = hooked_ddp("attn")
     train(ddp, opt, [local_part(b, rank, world) for b in global_batches("attn", 3)])
@@ -622,6 +627,20 @@ def test_sampled_factors_per_process_equal_single_process(request, world) -> Non
     train(model, make_optimizer("fop", model, factor_samples=2 * world), global_batches("cnn", 4))
     assert_params(results[0]["fop_cnn_sampled"]["params"], params_of(model))
     assert not torch.allclose(params_of(model)[0], reference("fop", "cnn")[0])  # the sampling acted
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_reduced_factors_per_process_equal_single_process(request, world) -> None:
+    """weight_sharing="reduce": each process's factors of its local samples, averaged over the processes
+    (fop's communicator and DDP's hook alike), are those of one process on the global batch."""
+    results = request.getfixturevalue(f"world{world}")
+    results = results[0] if world == 2 else results
+    model = cnn()
+    train(model, make_optimizer("fop", model, weight_sharing="reduce"), global_batches("cnn", 4))
+    assert not torch.allclose(params_of(model)[0], reference("fop", "cnn")[0])  # reduce acted
+    for key in ("fop_cnn_reduce", "ddp_fop_cnn_reduce"):
+        assert_ranks_agree(results, key)
+        assert_params(results[0][key]["params"], params_of(model))
 
 
 @pytest.mark.parametrize("world", [2, 4])

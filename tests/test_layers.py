@@ -1,4 +1,5 @@
-"""Conv1d, Conv3d, nn.MultiheadAttention, GPT-2's Conv1D and nn.Embedding against float64 dense references.
+"""Convolutions, sequence Linear layers, nn.MultiheadAttention, GPT-2's Conv1D and nn.Embedding against float64
+dense references (with ``weight_sharing`` "expand" and "reduce").
 
 For every layer type: the hook-captured sub-batch gradients equal separate backward passes on
 each half of the batch, the Kronecker factors equal second moments formed by hand (patches by
@@ -89,10 +90,10 @@ class Encoder(nn.Module):
 
 
 class GPT2Block(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, linear: Callable[[int, int], nn.Module] = lambda n_in, n_out: Conv1D(n_out, n_in)) -> None:
         super().__init__()
-        self.c_fc = Conv1D(7, 5)
-        self.c_proj = Conv1D(3, 7)
+        self.c_fc = linear(5, 7)
+        self.c_proj = linear(7, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(torch.tanh(self.c_fc(x))).mean(1)
@@ -125,6 +126,8 @@ CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "mha-no-bias": (lambda: Attn(batch_first=True, bias=False), (4, 6)),
     "encoder-layer": (Encoder, (4, 6)),
     "gpt2-conv1d": (GPT2Block, (4, 5)),
+    "linear-seq": (lambda: GPT2Block(nn.Linear), (4, 5)),  # nn.Linear on (batch, seq, features)
+    "conv2d": (lambda: conv_net(nn.Conv2d(3, 4, 3, stride=2, padding=1), (3, 6, 5)), (3, 6, 5)),
 }
 
 
@@ -202,8 +205,15 @@ def textbook_attention(m: nn.MultiheadAttention, q_in, k_in, v_in, batch_first: 
     return (out if batch_first else out.transpose(0, 1)), proj
 
 
-def factor_oracle(case: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, tuple]:
-    """``(rows of a, rows of δ)`` of every Kronecker layer of ``model``, formed by hand."""
+def factor_oracle(
+    case: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, weight_sharing: str = "expand"
+) -> dict[str, tuple]:
+    """``(A, G)`` of every Kronecker layer of ``model`` from the rows of ``a`` and ``δ`` formed by hand.
+
+    Expand: every (sample, position) row, ``A = Σ a aᵀ / rows``, ``G = (1/n) Σ (nδ)(nδ)ᵀ``. Reduce
+    (K-FAC-reduce's definition): one row per sample, the mean of its ``a`` rows and the sum of its ``δ``
+    rows (the rows below come sample by sample, positions within), then the same two formulas.
+    """
     ref = copy.deepcopy(model)
     n = x.shape[0]
     found: dict[str, tuple] = {}
@@ -217,7 +227,7 @@ def factor_oracle(case: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor)
         return hook
 
     for name, module in ref.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv3d, Conv1D)) and not name.endswith("out_proj"):
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, Conv1D)) and not name.endswith("out_proj"):
             module.register_forward_hook(keep(name))
         if isinstance(module, nn.ReLU):
             module.inplace = False
@@ -240,7 +250,7 @@ def factor_oracle(case: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor)
     modules = dict(ref.named_modules())
     for name, (inp, out) in outputs.items():
         module = modules[name]
-        if isinstance(module, (nn.Conv1d, nn.Conv3d)):
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             found[name] = (conv_patches(inp, module), out.grad.movedim(1, -1).reshape(-1, out.shape[1]))
         else:
             found[name] = (inp.reshape(-1, inp.shape[-1]), out.grad.reshape(-1, out.shape[-1]))
@@ -256,6 +266,9 @@ def factor_oracle(case: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor)
         )
         if bias:
             a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=DTYPE)], 1)
+        if weight_sharing == "reduce":
+            a = a.reshape(n, -1, a.shape[1]).mean(1)
+            delta = delta.reshape(n, -1, delta.shape[1]).sum(1)
         result[name] = (a.T @ a / a.shape[0], (delta * n).T @ (delta * n) / n)
     return result
 
@@ -286,13 +299,15 @@ def test_every_projection_gets_curvature_without_warnings(case: str) -> None:
     assert set(optimizer.diagnostics()) == set(ATTENTION_LAYERS[case])
 
 
+@pytest.mark.parametrize("weight_sharing", ["expand", "reduce"])
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("n", [7])  # unequal halves (4 | 3)
-def test_sub_batch_gradients_equal_separate_passes(case: str, n: int) -> None:
-    """Sequence-first attention too: the halves are halves of the batch, never of the sequence."""
+def test_sub_batch_gradients_equal_separate_passes(case: str, n: int, weight_sharing: str) -> None:
+    """Sequence-first attention too: the halves are halves of the batch, never of the sequence (and
+    weight_sharing changes only the factors)."""
     model, x, y = make(case, n)
     reference = copy.deepcopy(model)
-    optimizer = FOP(model)
+    optimizer = FOP(model, weight_sharing=weight_sharing)
     F.cross_entropy(model(x), y).backward()
     work = captured(optimizer)
     names = list(work)
@@ -309,15 +324,16 @@ def test_sub_batch_gradients_equal_separate_passes(case: str, n: int) -> None:
 FACTOR_CASES = [c for c in sorted(CASES) if c != "encoder-layer"]
 
 
+@pytest.mark.parametrize("weight_sharing", ["expand", "reduce"])
 @pytest.mark.parametrize("case", FACTOR_CASES)
 @pytest.mark.parametrize(("n", "factor_samples", "samples"), [(5, None, slice(None)), (7, 3, [0, 2, 4])])
 def test_factors_equal_explicit_second_moments(
-    case: str, n: int, factor_samples: int | None, samples: slice | list[int]
+    case: str, n: int, factor_samples: int | None, samples: slice | list[int], weight_sharing: str
 ) -> None:
     """With factor_samples=3 of 7, the factors formed by hand from the samples S = {⌊i·7/3⌋} alone."""
     model, x, y = make(case, n)
-    oracle = factor_oracle(case, model, x[samples], y[samples])
-    optimizer = FOP(model, factor_samples=factor_samples)
+    oracle = factor_oracle(case, model, x[samples], y[samples], weight_sharing)
+    optimizer = FOP(model, factor_samples=factor_samples, weight_sharing=weight_sharing)
     F.cross_entropy(model(x), y).backward()
     work = captured(optimizer)
     assert set(oracle) == set(work)
@@ -326,15 +342,16 @@ def test_factors_equal_explicit_second_moments(
         torch.testing.assert_close(work[name].g_factor, g, msg=f"G of {name}")
 
 
+@pytest.mark.parametrize("weight_sharing", ["expand", "reduce"])
 @pytest.mark.parametrize("case", FACTOR_CASES)
-def test_kfac_step_equals_dense_damped_natural_gradient(case: str) -> None:
+def test_kfac_step_equals_dense_damped_natural_gradient(case: str, weight_sharing: str) -> None:
     """Δθ_ℓ = −lr·(A ⊗ G + λI)⁻¹ g_ℓ per layer, with A, G and g formed by hand."""
     model, x, y = make(case, 6)
-    oracle = factor_oracle(case, model, x, y)
+    oracle = factor_oracle(case, model, x, y, weight_sharing)
     reference = copy.deepcopy(model)
     grads = half_grads(reference, x, y, list(oracle))
     lr, damping = 0.3, 0.02
-    optimizer = KFAC(model, lr=lr, momentum=0.0, damping=damping, kl_clip=None, **FAST)
+    optimizer = KFAC(model, lr=lr, momentum=0.0, damping=damping, kl_clip=None, weight_sharing=weight_sharing, **FAST)
     before = {layer.name: folded_param(layer) for layer in optimizer.layers}
     F.cross_entropy(model(x), y).backward()
     optimizer.step()
@@ -346,13 +363,14 @@ def test_kfac_step_equals_dense_damped_natural_gradient(case: str) -> None:
         torch.testing.assert_close(folded_param(layer), before[layer.name] - lr * step, msg=layer.name)
 
 
+@pytest.mark.parametrize("weight_sharing", ["expand", "reduce"])
 @pytest.mark.parametrize(
     "case", ["conv1d", "conv3d", "mha-seq-first", "mha-separate-qkv", "encoder-layer", "gpt2-conv1d"]
 )
-def test_fop_step_is_the_functional_direction(case: str) -> None:
+def test_fop_step_is_the_functional_direction(case: str, weight_sharing: str) -> None:
     """The update is −lr·fop_direction(g1, g2, A, G, λ) of halves from separate passes."""
     model, x, y = make(case, 8)
-    check_fop_step(model, x, y)
+    check_fop_step(model, x, y, weight_sharing=weight_sharing)
 
 
 def check_fop_step(
@@ -543,8 +561,9 @@ def test_checkpoint_of_an_attention_model_resumes_exactly() -> None:
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("weight_sharing", ["expand", "reduce"])
 @pytest.mark.parametrize("fisher", ["empirical", "mc"])
-def test_sequence_first_transformer_layer_equals_batch_first(fisher: str) -> None:
+def test_sequence_first_transformer_layer_equals_batch_first(fisher: str, weight_sharing: str) -> None:
     """The same TransformerEncoderLayer, sequence-first or batch-first: identical factors and halves."""
     seq_first, x, y = make("encoder-layer", 6)
     batch_first = copy.deepcopy(seq_first)
@@ -552,7 +571,7 @@ def test_sequence_first_transformer_layer_equals_batch_first(fisher: str) -> Non
     batch_first.forward = lambda x: batch_first.head(batch_first.layer(x).mean(1))  # type: ignore[method-assign]
     works = []
     for model in (seq_first, batch_first):
-        optimizer = FOP(model, fisher=fisher, **FAST)
+        optimizer = FOP(model, fisher=fisher, weight_sharing=weight_sharing, **FAST)
         output = model(x)
         if fisher == "mc":
             optimizer.sample_fisher(output, generator=torch.Generator().manual_seed(3))
@@ -624,13 +643,16 @@ def embedding_oracle(model: TokenNet, x: torch.Tensor, y: torch.Tensor) -> tuple
     return rows.T @ rows / rows.shape[0], delta.T @ delta / n
 
 
+@pytest.mark.parametrize("weight_sharing", ["expand", "reduce"])
 @pytest.mark.parametrize("case", sorted(EMBEDDINGS))
-def test_embedding_factors_and_halves_equal_dense_references(case: str) -> None:
-    """A = diag(token counts)/positions (the explicit one-hot second moment), G, g1, g2 from separate passes."""
+def test_embedding_factors_and_halves_equal_dense_references(case: str, weight_sharing: str) -> None:
+    """A = diag(token counts)/positions (the explicit one-hot second moment), G, g1, g2 from separate passes.
+
+    weight_sharing="reduce" leaves embeddings on expand (their diagonal A), as documented."""
     model, x, y = make_tokens(case, 7)  # unequal halves (4 | 3)
     a, g = embedding_oracle(model, x, y)
     reference = copy.deepcopy(model)
-    optimizer = FOP(model, **token_options(case))
+    optimizer = FOP(model, weight_sharing=weight_sharing, **token_options(case))
     F.cross_entropy(model(x), y).backward()
     work = captured(optimizer)["emb"]
     assert work.a_factor.shape == (VOCAB,)  # kept as its diagonal

@@ -123,6 +123,7 @@ INVALID_EDITS = [
     ("damping_mode", "cholesky", "damping_mode must be one of"),
     ("eta", "median", "eta must be one of"),
     ("factor_samples", 0, "factor_samples must be an int >= 1"),
+    ("weight_sharing", "mean", "weight_sharing must be one of"),
     ("nesterov", "yes", "nesterov must be True or False"),
 ]
 

@@ -67,6 +67,7 @@ INVALID_EDITS = {
     "factor_decay": 1.0,
     "factor_samples": 0,
     "trust_region": "nowhere",
+    "weight_sharing": "mean",
 }
 NO_OPS = {"forward_only", "no_grad_forward", "reload", "mode", "invalid_edit"}
 

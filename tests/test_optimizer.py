@@ -247,21 +247,28 @@ def conv_batches(steps: int, n: int = 8) -> list:
     ]
 
 
+# param-group options of the factors: (name, a value that changes the run, another one for the constructor)
+FACTOR_OPTIONS = [("factor_samples", 3, 7), ("weight_sharing", "reduce", "reduce")]
+
+
+@pytest.mark.parametrize(("option", "value", "constructed"), FACTOR_OPTIONS)
 @pytest.mark.parametrize("cls", [FOP, KFAC])
-def test_factor_samples_round_trips_through_the_checkpoint(cls: type) -> None:
-    """factor_samples is a param-group option: a checkpoint brings it into an optimizer built without it,
-    and a checkpoint from before the option keeps the constructor's value."""
+def test_factor_options_round_trip_through_the_checkpoint(
+    cls: type, option: str, value: object, constructed: object
+) -> None:
+    """factor_samples and weight_sharing are param-group options: a checkpoint brings them into an
+    optimizer built without them, and a checkpoint from before the option keeps the constructor's value."""
     data = conv_batches(6)
     kw = dict(lr=0.1, curvature_update_interval=1, inverse_update_interval=2)
     model = cnn()
-    optimizer = cls(model, factor_samples=3, **kw)
+    optimizer = cls(model, **{option: value}, **kw)
     train(model, optimizer, data[:3])
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, buffer)
     train(model, optimizer, data[3:])
-    unsampled = cnn()
-    train(unsampled, cls(unsampled, **kw), data)
-    assert not torch.allclose(params(model)[0], params(unsampled)[0])  # the option changes the run
+    without = cnn()
+    train(without, cls(without, **kw), data)
+    assert not torch.allclose(params(model)[0], params(without)[0])  # the option changes the run
 
     buffer.seek(0)
     checkpoint = torch.load(buffer, weights_only=True)
@@ -269,15 +276,15 @@ def test_factor_samples_round_trips_through_the_checkpoint(cls: type) -> None:
     resumed.load_state_dict(checkpoint["model"])
     optimizer2 = cls(resumed, **kw)
     optimizer2.load_state_dict(checkpoint["optim"])
-    assert optimizer2.param_groups[0]["factor_samples"] == 3
+    assert optimizer2.param_groups[0][option] == value
     train(resumed, optimizer2, data[3:])
     assert_same(params(resumed), params(model), rtol=0, atol=0)
 
     for group in checkpoint["optim"]["param_groups"]:
-        del group["factor_samples"]
-    optimizer3 = cls(cnn(), factor_samples=7, **kw)
+        del group[option]
+    optimizer3 = cls(cnn(), **{option: constructed}, **kw)
     optimizer3.load_state_dict(checkpoint["optim"])
-    assert [group["factor_samples"] for group in optimizer3.param_groups] == [7, 7]
+    assert [group[option] for group in optimizer3.param_groups] == [constructed, constructed]
 
 
 def test_load_rejects_foreign_checkpoint() -> None:
@@ -419,13 +426,14 @@ SCALER_CASES = {
     "bias": (lambda: mlp(bias=True), lambda: batches(4), {}),
     "no-bias": (lambda: mlp(bias=False), lambda: batches(4), {}),
     "sampled-factors": (cnn, lambda: conv_batches(4), {"factor_samples": 3}),
+    "reduced-factors": (cnn, lambda: conv_batches(4), {"weight_sharing": "reduce"}),
 }
 
 
 @pytest.mark.parametrize("case", sorted(SCALER_CASES))
 def test_grad_scaler_with_constant_scale_matches_unscaled(case: str) -> None:
     """The loss scale is read off the bias gradients, or a reference layer's when there are none; it
-    rescales sampled factors (factor_samples=3 of 8) as it rescales full ones."""
+    rescales sampled factors (factor_samples=3 of 8) and K-FAC-reduce's as it rescales full ones."""
     build, make_data, options = SCALER_CASES[case]
     data = make_data()
     m1, m2 = build(), build()
@@ -520,6 +528,8 @@ INVALID = [
     ("factor_samples", 2.5, "factor_samples"),
     ("factor_samples", True, "factor_samples"),
     ("factor_samples", "64", "factor_samples"),
+    ("weight_sharing", "mean", "weight_sharing"),
+    ("weight_sharing", None, "weight_sharing"),
 ]
 
 

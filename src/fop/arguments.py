@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import Tensor
 
+from .curvature import WEIGHT_SHARING
 from .functional import DAMPING_MODES, ETA_CONVENTIONS
 from .intervals import Interval, check_interval
 
@@ -46,6 +47,7 @@ GROUP_KEYS = (
     "damping_mode",
     "eta",
     "factor_samples",
+    "weight_sharing",
 )
 
 
@@ -63,6 +65,7 @@ def check_group_values(
     damping_mode: str,
     eta: str,
     factor_samples: int | None,
+    weight_sharing: str,
     read_tensors: bool = True,
 ) -> None:
     """The values a param group carries, each checked with a message naming it.
@@ -93,6 +96,7 @@ def check_group_values(
         isinstance(factor_samples, int) and not isinstance(factor_samples, bool) and factor_samples >= 1
     ):
         raise ValueError(f"factor_samples must be an int >= 1 or None (every sample), got {factor_samples!r}")
+    _check_choice("weight_sharing", weight_sharing, WEIGHT_SHARING)
 
 
 def check_adamw_values(betas: Any, eps: Any) -> None:

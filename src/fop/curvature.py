@@ -10,7 +10,9 @@ ordinary forward/backward pass its hooks record, for the pending optimizer step:
 * on curvature steps, the factor statistics ``Σ a aᵀ`` (layer inputs, bias folded in as a
   trailing column of ones; Conv2d: unfolded patches) and ``Σ δ δᵀ`` (output gradients), from every
   sample of the forward batch or, with ``factor_samples``, from an evenly strided subset of them
-  (:func:`factor_subset`).
+  (:func:`factor_subset`). For layers whose weight is applied at several positions of a sample
+  (convolutions, sequence inputs) the rows are every (sample, position) pair ("expand") or, with
+  ``weight_sharing="reduce"``, one row per sample (K-FAC-reduce, see :data:`WEIGHT_SHARING`).
 
 Statistics are *pending* until :meth:`KroneckerLayer.collect` hands them to the optimizer, so a
 skipped step (``GradScaler`` found inf, ``zero_grad()`` without ``step()``) leaves no trace.
@@ -39,6 +41,7 @@ from .profiling import phase
 
 __all__ = [
     "FACTOR_KEYS",
+    "WEIGHT_SHARING",
     "CaptureMode",
     "KroneckerLayer",
     "LinearLayer",
@@ -67,6 +70,25 @@ FACTOR_KEYS = (
     "G_at_inverse",
 )
 
+# How the factors treat a layer whose weight is shared by the P positions of each of the N samples
+# (convolution output positions; sequence positions of Linear layers, attention projections and GPT-2's
+# Conv1D), a_{n,p} the input rows (bias column of ones folded in) and δ_{n,p} the output gradients of
+# the back-propagated loss (a mean loss: ``N·δ`` is the sample's own loss gradient):
+#
+#   "expand": every (sample, position) is a row,
+#       A = (1/(N·P)) Σ_n Σ_p a_{n,p} a_{n,p}ᵀ,          G = N · Σ_n Σ_p δ_{n,p} δ_{n,p}ᵀ
+#   "reduce": one row per sample (Eschenhagen et al., NeurIPS 2023, "K-FAC-reduce"),
+#       A = (1/N) Σ_n ā_n ā_nᵀ,  ā_n = (1/P) Σ_p a_{n,p}, G = N · Σ_n δ̂_n δ̂_nᵀ,  δ̂_n = Σ_p δ_{n,p}
+#
+# Both A are means over their rows and both G are sums over a sample's rows averaged over the samples
+# (``G = (1/N) Σ_n ĝ_n ĝ_nᵀ`` with ĝ_n = N·δ̂_n the sample's summed loss gradient): curvlinops'
+# ``KFACLinearOperator(kfac_approx=...)`` scaling, whose expand divides the input covariance by N·P and
+# reduce by N. Reduce is exact (``δ̂_n ā_nᵀ = Σ_p δ_{n,p} a_{n,p}ᵀ``, the sample's gradient) when a
+# sample's input rows, or its output gradients, are the same at every position. A layer without
+# such positions (a Linear on (batch, features)) has the same factors either way; ``nn.Embedding``
+# keeps expand (its per-position one-hot rows keep A diagonal; their means would make it dense).
+WEIGHT_SHARING = ("expand", "reduce")
+
 
 @dataclass
 class CaptureMode:
@@ -78,8 +100,10 @@ class CaptureMode:
     empirical: bool = True  # G from the loss's own output gradients (False: Monte-Carlo Fisher)
     sampling: bool = False  # live flag: the backward in progress is the Monte-Carlo Fisher pass
     factor_samples: int | None = None  # factors from at most this many samples per forward (None: all)
+    weight_sharing: str = "expand"  # rows of the factors of layers with shared positions (WEIGHT_SHARING)
     # the capture-time values of the optimizer's param group, read at each forward (a weak reference to
-    # a method returning {"factor_samples": ...}), so an edit of param_groups applies to the next forward
+    # a method returning {"factor_samples": ..., "weight_sharing": ...}), so an edit of param_groups
+    # applies to the next forward
     settings: weakref.WeakMethod | None = None
 
     def for_forward(self) -> CaptureMode:
@@ -119,8 +143,10 @@ class LayerWork:
     ``grad`` is the averaged gradient, ``g1``/``g2`` the sub-batch gradients (None for K-FAC or
     when a batch could not be split), ``a_factor = Σ a aᵀ / rows`` and ``g_factor = samples · Σ δ δᵀ`` this
     step's factor estimates (δ: per-row output gradients, i.e. ``1/n`` times the per-sample
-    gradients of a mean loss; None when the step captured no curvature). ``direction`` is filled
-    in by the layer's owner.
+    gradients of a mean loss; None when the step captured no curvature). The rows are every
+    (sample, position) pair, or with ``weight_sharing="reduce"`` one per sample: its input row
+    averaged and its output gradients summed over the positions (:data:`WEIGHT_SHARING`).
+    ``direction`` is filled in by the layer's owner.
 
     Phases: from :meth:`from_capture` to the communicator's ``reduce`` the fields are this
     process's own; after it, ``grad``, ``g1``, ``g2``, ``a_factor``, ``g_factor`` are the reduced values on
@@ -293,7 +319,9 @@ class KroneckerLayer:
         batched = x.dim() > self._unbatched_dims
         n = x.shape[0] if batched else 1
         subset = factor_subset(n, mode.factor_samples, x.device) if batched else None
-        moment = self._sampled_output_moment(grad_out.detach(), subset, compute_dtype(self.weight.dtype))
+        grad_out = grad_out.detach()
+        reduce = self._reduces(grad_out, mode)
+        moment = self._sampled_output_moment(grad_out, subset, compute_dtype(self.weight.dtype), reduce)
         pending.mc_gg_sum = _add(pending.mc_gg_sum, moment)
         pending.mc_samples += n
 
@@ -318,9 +346,10 @@ class KroneckerLayer:
             # the input statistics are taken here, not in the forward hook: a forward that no
             # backward reaches (an unused output, a logged prediction) must leave no trace
             subset = factor_subset(n, mode.factor_samples, x.device)
-            self._accumulate_input_factor(x, subset)
+            reduce = self._reduces(grad_out, mode)
+            self._accumulate_input_factor(x, subset, reduce)
             if mode.empirical:
-                pending.gg_sum = _add(pending.gg_sum, self._sampled_output_moment(grad_out, subset, dtype))
+                pending.gg_sum = _add(pending.gg_sum, self._sampled_output_moment(grad_out, subset, dtype, reduce))
                 pending.samples += n
         bias_reference = self.bias is not None and self.bias.requires_grad
         if self.bias is not None and not self.bias.requires_grad:
@@ -347,27 +376,51 @@ class KroneckerLayer:
             pending.g2_other = _add(pending.g2_other, c2 * (n / (n - n1)))
             pending.c2_other = _add(pending.c2_other, c2)
 
-    def _accumulate_input_factor(self, x: Tensor, subset: slice | Tensor | None = None) -> None:
-        """Add ``Σ a aᵀ`` of the forward (or ``(n/m) Σ_S a aᵀ``, see :func:`factor_subset`) and its rows."""
+    def _reduces(self, grad_out: Tensor, mode: CaptureMode) -> bool:
+        """Whether this forward's factors take one row per sample (K-FAC-reduce, :data:`WEIGHT_SHARING`)."""
+        return mode.weight_sharing == "reduce" and self._has_shared_positions(grad_out)
+
+    def _accumulate_input_factor(self, x: Tensor, subset: slice | Tensor | None = None, reduce: bool = False) -> None:
+        """Add ``Σ a aᵀ`` of the forward (or ``(n/m) Σ_S a aᵀ``, see :func:`factor_subset`) and its rows.
+
+        ``reduce``: the rows are the samples' mean input rows ``ā_n`` (:meth:`_reduced_input_moment`).
+        """
+        moment = self._reduced_input_moment if reduce else self._input_second_moment
         if subset is None:
-            a_sum, rows = self._input_second_moment(x)
+            a_sum, rows = moment(x)
         else:
             n = x.shape[0]
             x = x[subset]
             m = x.shape[0]
-            a_sum, rows = self._input_second_moment(x)
+            a_sum, rows = moment(x)
             a_sum.mul_(n / m)
             rows = rows * n // m  # every sample has the same rows: rows(S) = m·rows per sample
         self._pending.a_sum = _add(self._pending.a_sum, a_sum)
         self._pending.a_rows += rows
 
-    def _sampled_output_moment(self, grad_out: Tensor, subset: slice | Tensor | None, dtype: torch.dtype) -> Tensor:
-        """``Σ δδᵀ`` of the forward, or ``(n/m) Σ_S δδᵀ`` over the samples ``subset`` (:func:`factor_subset`)."""
+    def _sampled_output_moment(
+        self, grad_out: Tensor, subset: slice | Tensor | None, dtype: torch.dtype, reduce: bool = False
+    ) -> Tensor:
+        """``Σ δδᵀ`` of the forward, or ``(n/m) Σ_S δδᵀ`` over the samples ``subset`` (:func:`factor_subset`).
+
+        ``reduce``: the rows are the samples' summed output gradients ``δ̂_n`` (:meth:`_reduced_output_moment`).
+        """
+        moment = self._reduced_output_moment if reduce else self._output_second_moment
         if subset is None:
-            return self._output_second_moment(grad_out, dtype)
+            return moment(grad_out, dtype)
         n = grad_out.shape[0]
         grad_out = grad_out[subset]
-        return self._output_second_moment(grad_out, dtype).mul_(n / grad_out.shape[0])
+        return moment(grad_out, dtype).mul_(n / grad_out.shape[0])
+
+    def _reduced_input_moment(self, x: Tensor) -> tuple[Tensor, int]:
+        """``(Σ_n ā_n ā_nᵀ, samples)``: each sample's input row averaged over its positions, bias folded in."""
+        means = self._mean_input_rows(x)
+        return _fold_bias_moment(means, self.bias is not None, means.dtype), means.shape[0]
+
+    def _reduced_output_moment(self, grad_out: Tensor, dtype: torch.dtype) -> Tensor:
+        """``Σ_n δ̂_n δ̂_nᵀ`` in ``dtype``: each sample's output gradients summed over its positions."""
+        sums = self._summed_output_rows(grad_out, dtype)
+        return sums.T @ sums
 
     # ----------------------------------------------------------------------------- readout
     def captured(self) -> bool:
@@ -512,6 +565,18 @@ class KroneckerLayer:
         """``[∂W | ∂b]`` contributed by these samples, ``(out, in_f)``."""
         raise NotImplementedError
 
+    def _has_shared_positions(self, grad_out: Tensor) -> bool:
+        """Whether the weight is applied at several positions of each sample (what ``reduce`` reduces)."""
+        return False
+
+    def _mean_input_rows(self, x: Tensor) -> Tensor:
+        """``ā_n``: each sample's input row averaged over its positions, ``(samples, in)`` in compute dtype."""
+        raise NotImplementedError
+
+    def _summed_output_rows(self, grad_out: Tensor, dtype: torch.dtype) -> Tensor:
+        """``δ̂_n``: each sample's output gradients summed over its positions, ``(samples, out)`` in ``dtype``."""
+        raise NotImplementedError
+
 
 class _InertLayer:
     """What a :class:`KroneckerLayer` becomes in a copy of its model: hooks that record nothing.
@@ -607,6 +672,17 @@ class LinearLayer(KroneckerLayer):
             return w
         return torch.cat([w, g.sum(0)[:, None].to(w.dtype)], dim=1)
 
+    # (batch, *positions, features): the positions are the dims between the first and the last,
+    # reduced in place (no reshape: a sequence-first input arrives as a transposed view)
+    def _has_shared_positions(self, grad_out: Tensor) -> bool:
+        return grad_out.dim() > 2
+
+    def _mean_input_rows(self, x: Tensor) -> Tensor:
+        return x.mean(dim=tuple(range(1, x.dim() - 1)), dtype=compute_dtype(self.weight.dtype))
+
+    def _summed_output_rows(self, grad_out: Tensor, dtype: torch.dtype) -> Tensor:
+        return grad_out.sum(dim=tuple(range(1, grad_out.dim() - 1)), dtype=dtype)
+
 
 class Conv2dLayer(KroneckerLayer):
     """``nn.Conv2d`` with ``groups=1``: rows are the (sample, output position) patches.
@@ -688,6 +764,37 @@ class Conv2dLayer(KroneckerLayer):
             return super()._output_second_moment(grad_out, dtype)
         per_sample = grad_out.reshape(n, c, -1).to(dtype)
         return (per_sample @ per_sample.transpose(1, 2)).sum(0)  # Σ_n Σ_positions δ δᵀ
+
+    # K-FAC-reduce (WEIGHT_SHARING): the positions are the output positions. Written for any number
+    # of spatial dims, so fop.layers.ConvNdLayer (Conv1d/3d) shares them.
+    def _has_shared_positions(self, grad_out: Tensor) -> bool:
+        return True
+
+    def patch_windows(self, x: Tensor) -> Tensor:
+        """The receptive fields of the padded input ``x`` as a view, ``(N, C, *positions, *kernel)``.
+
+        ``Tensor.unfold`` along each spatial dim (window ``d(k−1)+1``, step ``s``, every ``d``-th
+        element: dilation); no copy is made. Indexed ``[n, c, *p, *k]`` like the weight ``[o, c, *k]``.
+        """
+        if any(self.padding):
+            x = F.pad(x, [p for pad in reversed(self.padding) for p in (pad, pad)])
+        for i, (k, s, d) in enumerate(zip(self.kernel_size, self.stride, self.dilation)):
+            x = x.unfold(2 + i, d * (k - 1) + 1, s)
+            if d > 1:
+                x = x[..., ::d]
+        return x
+
+    def _mean_input_rows(self, x: Tensor) -> Tensor:
+        # a reduction over the window view: reads the input Π k times, writes no unfolded patches
+        windows = self.patch_windows(self._padded(x))
+        spatial = (windows.dim() - 2) // 2
+        means = windows.mean(dim=tuple(range(2, 2 + spatial)), dtype=compute_dtype(self.weight.dtype))
+        return means.reshape(means.shape[0], -1)
+
+    def _summed_output_rows(self, grad_out: Tensor, dtype: torch.dtype) -> Tensor:
+        if grad_out.dim() == self._unbatched_dims:
+            grad_out = grad_out.unsqueeze(0)
+        return grad_out.sum(dim=tuple(range(2, grad_out.dim())), dtype=dtype)
 
     def _folded_grad(self, x: Tensor, grad_out: Tensor) -> Tensor:
         x = self._padded(x)

@@ -48,9 +48,9 @@ _WEIGHT_GRAD = {1: conv1d_weight, 2: conv2d_weight, 3: conv3d_weight}
 class ConvNdLayer(Conv2dLayer):
     """``nn.Conv1d`` / ``nn.Conv3d`` with ``groups=1``: rows are the (sample, output position) patches.
 
-    Patches come from ``Tensor.unfold`` along each spatial dim (window ``d(k−1)+1``, step ``s``,
-    every ``d``-th element: dilation), arranged as ``(C, k_1, …, k_d)`` like the weight; the
-    sub-batch gradients from ``torch.nn.grad.conv{1,3}d_weight``.
+    Patches come from the window view :meth:`~fop.curvature.Conv2dLayer.patch_windows`, arranged as
+    ``(C, k_1, …, k_d)`` like the weight; the sub-batch gradients from ``torch.nn.grad.conv{1,3}d_weight``.
+    K-FAC-reduce's mean patches are Conv2dLayer's, which serve any number of spatial dims.
     """
 
     def __init__(self, name: str, module: nn.Module, mode: CaptureMode) -> None:
@@ -69,12 +69,7 @@ class ConvNdLayer(Conv2dLayer):
 
     def _patch_rows(self, x: Tensor) -> Tensor:
         """``(samples · positions, C · Π k)`` receptive fields of the padded input ``x``."""
-        if any(self.padding):
-            x = F.pad(x, [p for pad in reversed(self.padding) for p in (pad, pad)])
-        for i, (k, s, d) in enumerate(zip(self.kernel_size, self.stride, self.dilation)):
-            x = x.unfold(2 + i, d * (k - 1) + 1, s)
-            if d > 1:
-                x = x[..., ::d]
+        x = self.patch_windows(x)
         order = (0, *range(2, 2 + self.spatial), 1, *range(2 + self.spatial, 2 + 2 * self.spatial))
         return x.permute(order).reshape(-1, x.shape[1] * math.prod(self.kernel_size))
 
@@ -149,6 +144,11 @@ class EmbeddingLayer(TransposedLinearLayer):
     the gradient is still the lookup's, so nothing changes here (the step applies to the
     renormalised weight). ``sparse=True`` is refused by the optimizer and ``scale_grad_by_freq=True``
     takes the first-order rule (see :func:`unsupported_reason`).
+
+    ``weight_sharing="reduce"`` leaves embeddings on expand: a sample's mean one-hot row ``c_n/P`` (its
+    token counts) would make ``A = (1/N) Σ_n c_n c_nᵀ / P²`` a dense ``vocab × vocab`` matrix, losing the
+    diagonal that makes an embedding's curvature affordable, and the lookups of distinct positions
+    share no input in the first place (their one-hot rows are orthogonal unless a token repeats).
     """
 
     diagonal_input = True
@@ -167,6 +167,9 @@ class EmbeddingLayer(TransposedLinearLayer):
 
     def _output_rows(self, grad_out: Tensor) -> Tensor:
         return grad_out.reshape(-1, self.out_features)
+
+    def _has_shared_positions(self, grad_out: Tensor) -> bool:
+        return False  # expand under either weight_sharing (see the class docstring)
 
     def _folded_grad(self, x: Tensor, grad_out: Tensor) -> Tensor:
         index = x.reshape(-1)

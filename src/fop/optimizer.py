@@ -33,7 +33,7 @@ from torch.optim import Optimizer
 from . import functional as Fn
 from .arguments import FALLBACK_RULES, GROUP_KEYS, check_constructor_arguments, check_param_group
 from .checkpoint import check_checkpoint_shapes
-from .curvature import CaptureMode, KroneckerLayer, LayerWork
+from .curvature import WEIGHT_SHARING, CaptureMode, KroneckerLayer, LayerWork
 from .discovery import SPARSE_MESSAGE, ExcludeSpec, check_model, discover_layers, param_groups, warn_discovery
 from .distributed import Communicator, StepContext, make_communicator
 from .first_order import adamw_update, sgd_update
@@ -91,6 +91,7 @@ class KroneckerOptimizer(Optimizer):
         damping_mode: str = "factored",
         eta: str = "mean",
         factor_samples: int | None = None,
+        weight_sharing: str = "expand",
         fallback: str = "sgd",
         fallback_lr: float | None = None,
         fallback_betas: tuple[float, float] = (0.9, 0.999),
@@ -147,6 +148,19 @@ class KroneckerOptimizer(Optimizer):
                     ``p.grad`` stay exact. It cuts the cost of the factors, which grows with the rows (a
                     convolution's input factor has one row per sample and output position). ``None`` (default):
                     every sample. Kept in the param groups (and so in ``state_dict()``); read at every step.
+                weight_sharing: the rows of the factors of a layer whose weight is applied at ``P`` positions of
+                    each of the ``N`` samples (convolution output positions; the positions of a Linear's input of
+                    3+ dims, of attention projections and of GPT-2's ``Conv1D``), with input rows ``a_{n,p}``
+                    (bias folded in) and output gradients ``δ_{n,p}`` (of the mean loss): ``"expand"`` (default)
+                    makes every (sample, position) a row, ``A = (1/(NP)) Σ_{n,p} a aᵀ``, ``G = N Σ_{n,p} δ δᵀ``;
+                    ``"reduce"`` (K-FAC-reduce, Eschenhagen et al., NeurIPS 2023; curvlinops' ``kfac_approx``)
+                    makes each sample one row, its mean input ``ā_n = (1/P) Σ_p a_{n,p}`` and its summed output
+                    gradient ``δ̂_n = Σ_p δ_{n,p}``: ``A = (1/N) Σ_n ā_n ā_nᵀ``, ``G = N Σ_n δ̂_n δ̂_nᵀ`` (the same
+                    units: A a mean over rows, G a per-sample sum averaged over samples). The factor products then
+                    have ``N`` rows instead of ``N·P`` (no unfolded convolution patches); the halves ``g1``, ``g2``
+                    and ``p.grad`` are unchanged. ``nn.Embedding`` keeps expand (its diagonal ``A``); layers
+                    without positions have the same factors either way. See :data:`fop.curvature.WEIGHT_SHARING`.
+                    Kept in the param groups (and so in ``state_dict()``); read at each forward.
                 eta: FOP's step-scale convention: ``"mean"`` (``g_tot = (g1+g2)/2``, η* ∈ [½, 1]) or
                     ``"sum"`` (the paper's literal ``g_tot = g1 + g2``, η* ∈ [1, 2]). K-FAC ignores it.
                 fallback: ``"sgd"`` or ``"adamw"``, the rule for parameters outside supported layers.
@@ -189,6 +203,7 @@ class KroneckerOptimizer(Optimizer):
             damping_mode=damping_mode,
             eta=eta,
             factor_samples=factor_samples,
+            weight_sharing=weight_sharing,
         )
         check_constructor_arguments(
             curvature_update_interval=curvature_update_interval,
@@ -565,15 +580,19 @@ class KroneckerOptimizer(Optimizer):
 
     def _capture_settings(self) -> dict[str, Any]:
         """This forward's capture settings (see ``CaptureMode.for_forward``): the curvature flags, and the
-        Kronecker group's ``factor_samples`` as the group holds it now."""
+        Kronecker group's ``factor_samples`` and ``weight_sharing`` as the group holds them now."""
         factors = self._captures_factors()
         settings: dict[str, Any] = {"factors": factors, "total": factors and not self._mode.halves}
         for index, group in enumerate(self.param_groups):
             if group["rule"] == "kronecker":
                 factor_samples = group.get("factor_samples")
-                if factor_samples is not None and not (type(factor_samples) is int and factor_samples >= 1):
+                weight_sharing = group.get("weight_sharing")
+                if (factor_samples is not None and not (type(factor_samples) is int and factor_samples >= 1)) or (
+                    weight_sharing not in WEIGHT_SHARING
+                ):
                     check_param_group(index, group)  # raises, naming the group and the value
                 settings["factor_samples"] = factor_samples
+                settings["weight_sharing"] = weight_sharing
         return settings
 
     def _gather_work(self) -> tuple[list[LayerWork], list[tuple[Tensor, Tensor]]]:

@@ -318,6 +318,8 @@ VARIANT_TOKENS: dict[str, dict[str, Any]] = {
     "paper": PAPER_PRESET,
     # distributed (fop-bench --nproc): every process computes every layer, instead of one owner per layer
     "replicated": {"replicated": True},
+    # K-FAC-reduce: one factor row per sample for convolutions and sequence layers (weight sharing)
+    "reduce": {"weight_sharing": "reduce"},
 }
 
 
