@@ -5,8 +5,8 @@ of causal self-attention (torch's ``nn.MultiheadAttention``) and a GELU MLP (``n
 final layer norm and an untied linear head. The one line that differs from an AdamW loop is
 ``FOP(model, ...)`` in place of ``torch.optim.AdamW(model.parameters(), ...)``::
 
-    python examples/gpt_recipe.py --data ../shared/data/linux-kernel-char
-    FOP_LINUX_KERNEL_CHAR=../shared/data/linux-kernel-char python examples/gpt_recipe.py --steps 200
+    python examples/gpt_recipe.py --data data/linux-kernel-char
+    FOP_LINUX_KERNEL_CHAR=data/linux-kernel-char python examples/gpt_recipe.py --steps 200
 
 FOP gives Kronecker curvature to the token embedding (a diagonal input factor), every attention
 block's packed ``in_proj`` and its ``out_proj``, the MLPs and the head; the layer norms and the

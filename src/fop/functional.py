@@ -1,6 +1,6 @@
 """The mathematics of K-FAC and FOP for one layer, as plain functions.
 
-Notation (Lu & Armour, AAAI 2026; the project's ``README.md``): a layer's gradient is a matrix ``X`` of
+Notation (Lu & Armour, AAAI 2026; the project's ``docs/algorithm.md``): a layer's gradient is a matrix ``X`` of
 shape ``(out, in)`` (bias folded in as the last input column). The Kronecker factors are
 ``A`` (in, in), the second moment of the layer inputs, and ``G`` (out, out), the second moment of the
 per-sample output gradients. The Fisher block is ``F = A ⊗ G`` and acts on a gradient matrix as::

@@ -8,7 +8,7 @@ on that device, so the data path never shows in the timings.
 Sources:
 
 - scikit-learn's handwritten digits (ships with scikit-learn, no download): :func:`load_digits`;
-- CIFAR-10 as the JPEG pack of ``shared/data`` (an ``.npz`` of JPEG bytes, decoded with Pillow and
+- CIFAR-10 as a JPEG pack (an ``.npz`` of JPEG bytes, decoded with Pillow and
   cached as raw ``uint8``) or as the original python pickles: :func:`load_cifar10`;
 - long-tailed subsampling of a training set: :func:`long_tail_counts`, :func:`long_tail_indices`;
 - a character-level corpus folder (``train.txt``, ``valid.txt``; e.g. ``linux-kernel-char``) as
@@ -652,7 +652,7 @@ def load_char_corpus(path: str | os.PathLike[str], context: int, subset: int | N
     if not folder.exists():
         raise BenchError(
             f"character corpus not found: {folder} (give the folder holding train.txt and valid.txt, "
-            "e.g. shared/data/linux-kernel-char)"
+            "e.g. data/linux-kernel-char)"
         )
     if not folder.is_dir():
         raise BenchError(f"{folder} is a file: give the folder holding train.txt and valid.txt")

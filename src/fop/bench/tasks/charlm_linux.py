@@ -1,6 +1,6 @@
 """``charlm-linux``: a character-level GPT on the Linux kernel source, scored by validation loss.
 
-Data: the ``linux-kernel-char`` folder (``train.txt``, ``valid.txt``; see ``shared/data/README.md``)
+Data: the ``linux-kernel-char`` folder (``train.txt``, ``valid.txt``; docs/benchmark.md, Data)
 from ``--data`` or ``$FOP_LINUX_KERNEL_CHAR``. The vocabulary is the training split's characters
 plus one unknown id. A sample is a window of 128 characters; the batch size counts windows, so the
 default batch of 64 is 8,192 tokens per step.

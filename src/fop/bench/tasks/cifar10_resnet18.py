@@ -1,7 +1,7 @@
 """``cifar10-resnet18``: ResNet-18 (CIFAR 3x3 stem) on CIFAR-10, the paper's Table 1 study.
 
 Targets: 91% test accuracy on the original CIFAR-10, 88% on the JPEG pack (whose re-encoding
-costs a few points; see ``shared/data/README.md``).
+costs a few points; see docs/benchmark.md, Data).
 """
 
 from __future__ import annotations
