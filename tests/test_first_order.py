@@ -72,3 +72,24 @@ def test_masked_copy_keeps_nan_out() -> None:
     assert torch.equal(dst, torch.zeros(3))
     masked_copy_(dst, torch.full((3,), 2.0), None)
     assert torch.equal(dst, torch.full((3,), 2.0))
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_a_skipped_step_with_nan_directions_changes_nothing(nesterov: bool) -> None:
+    """The multi-tensor update folds ``ok`` into its arithmetic: NaN directions of a skipped step must not leak."""
+    params = _params()
+    buffers = sgd_update(params, _grads(0), [None, None], lr=0.1, momentum=0.9, weight_decay=1e-2, nesterov=nesterov)
+    before = [p.clone() for p in params]
+    kept = [buf.clone() for buf in buffers if buf is not None]
+    nan = [torch.full_like(p, float("nan")) for p in params]
+    bad = torch.zeros((), dtype=torch.bool)
+    after = sgd_update(params, nan, buffers, lr=0.1, momentum=0.9, weight_decay=1e-2, nesterov=nesterov, ok=bad)
+    assert all(torch.equal(a, b) for a, b in zip(params, before))
+    assert all(buf is not None and torch.equal(buf, k) for buf, k in zip(after, kept))
+    good = torch.ones((), dtype=torch.bool)  # and a good step with ok given equals one without it
+    twin = [p.clone() for p in params]
+    twin_buffers = [buf.clone() for buf in kept]
+    sgd_update(params, _grads(1), after, lr=0.1, momentum=0.9, weight_decay=1e-2, nesterov=nesterov, ok=good)
+    sgd_update(twin, _grads(1), list(twin_buffers), lr=0.1, momentum=0.9, weight_decay=1e-2, nesterov=nesterov)
+    for a, b in zip(params, twin):
+        torch.testing.assert_close(a, b, rtol=1e-15, atol=1e-15)

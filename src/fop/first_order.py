@@ -11,6 +11,7 @@ nothing changes, neither parameters nor state, without a host synchronisation.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -37,26 +38,42 @@ def sgd_update(
     nesterov: bool,
     ok: Tensor | None = None,
 ) -> list[Tensor | None]:
-    """SGD with momentum on given directions (``torch.optim.SGD``'s rule)::
+    """SGD with momentum on given directions (``torch.optim.SGD``'s rule), on all tensors at once::
 
         u = d + wd·θ;   buf ← μ·buf + u (buf = u at first);   θ ← θ − lr·(u + μ·buf if nesterov else buf)
 
     ``buffers[i]`` is the momentum buffer of ``params[i]`` (``None`` before the first step); the
-    updated list is returned.
+    updated list is returned. Multi-tensor (``torch._foreach_*``) as ``torch.optim.SGD``'s foreach path.
+    A skipped step (``ok`` False) is folded into the arithmetic with ``s = ok`` as 0 or 1 and no host
+    synchronisation: ``u = s·(d + wd·θ)`` (its ``d`` zeroed first, since it may be NaN),
+    ``buf ← (s·μ + 1 − s)·buf + u`` and ``θ ← θ − s·lr·(...)``, which leave everything as it was.
     """
-    new_buffers: list[Tensor | None] = []
-    for param, direction, buf in zip(params, directions, buffers):
-        u = direction.to(param.dtype)
-        if weight_decay != 0:
-            u = u.add(param, alpha=weight_decay)
-        if momentum != 0:
+    if not params:
+        return []
+    params = list(params)
+    u: list[Tensor] = [d.to(p.dtype) for d, p in zip(directions, params)]
+    scale = None if ok is None else ok.to(params[0].dtype)  # 1 on a good step, 0 on a skipped one
+    if scale is not None:
+        u = [torch.where(ok, d, 0.0) for d in u]  # type: ignore[arg-type]
+    if weight_decay != 0:
+        if scale is None:
+            u = list(torch._foreach_add(u, params, alpha=weight_decay))
+        else:
+            u = list(torch._foreach_add(u, list(torch._foreach_mul(params, scale * weight_decay))))
+    new_buffers: list[Tensor | None] = list(buffers)
+    if momentum != 0:
+        existing = [i for i, buf in enumerate(buffers) if buf is not None]
+        for i, buf in enumerate(buffers):
             if buf is None:
-                buf = torch.where(ok, u, 0.0) if ok is not None else u.clone()
-            else:
-                masked_copy_(buf, buf * momentum + u, ok)
-            u = u.add(buf, alpha=momentum) if nesterov else buf
-        _masked_sub_(param, u, lr, ok)
-        new_buffers.append(buf)
+                new_buffers[i] = u[i].clone()
+        if existing:
+            kept = [cast(Tensor, buffers[i]) for i in existing]
+            torch._foreach_mul_(kept, momentum if scale is None else scale * momentum + (1 - scale))
+            torch._foreach_add_(kept, [u[i] for i in existing])
+        started = cast(list[Tensor], new_buffers)
+        u = list(torch._foreach_add(u, started, alpha=momentum)) if nesterov else list(started)
+    rate = lr if scale is None else scale * lr
+    torch._foreach_sub_(params, list(torch._foreach_mul(u, rate)))
     return new_buffers
 
 
