@@ -24,6 +24,7 @@ __all__ = [
     "FISHER_TYPES",
     "GROUP_KEYS",
     "TRUST_REGIONS",
+    "capture_values_valid",
     "check_constructor_arguments",
     "check_group_values",
     "check_param_group",
@@ -92,11 +93,19 @@ def check_group_values(
     _check_choice("trust_region", trust_region, TRUST_REGIONS)
     _check_choice("damping_mode", damping_mode, DAMPING_MODES)
     _check_choice("eta", eta, ETA_CONVENTIONS)
-    if factor_samples is not None and not (
-        isinstance(factor_samples, int) and not isinstance(factor_samples, bool) and factor_samples >= 1
-    ):
+    if not capture_values_valid(factor_samples, WEIGHT_SHARING[0]):
         raise ValueError(f"factor_samples must be an int >= 1 or None (every sample), got {factor_samples!r}")
     _check_choice("weight_sharing", weight_sharing, WEIGHT_SHARING)
+
+
+def capture_values_valid(factor_samples: Any, weight_sharing: Any) -> bool:
+    """Whether the values the hooks read at each forward are usable (cheap: no message built).
+
+    The forward hooks call this for every layer of every forward; :func:`check_group_values` gives
+    the message when it is False.
+    """
+    samples_ok = factor_samples is None or (type(factor_samples) is int and factor_samples >= 1)
+    return samples_ok and weight_sharing in WEIGHT_SHARING
 
 
 def check_adamw_values(betas: Any, eps: Any) -> None:

@@ -31,9 +31,15 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import functional as Fn
-from .arguments import FALLBACK_RULES, GROUP_KEYS, check_constructor_arguments, check_param_group
+from .arguments import (
+    FALLBACK_RULES,
+    GROUP_KEYS,
+    capture_values_valid,
+    check_constructor_arguments,
+    check_param_group,
+)
 from .checkpoint import check_checkpoint_shapes
-from .curvature import WEIGHT_SHARING, CaptureMode, KroneckerLayer, LayerWork
+from .curvature import CaptureMode, KroneckerLayer, LayerWork
 from .discovery import SPARSE_MESSAGE, ExcludeSpec, check_model, discover_layers, param_groups, warn_discovery
 from .distributed import Communicator, StepContext, make_communicator
 from .first_order import adamw_update, sgd_update
@@ -224,6 +230,7 @@ class KroneckerOptimizer(Optimizer):
         self._sampled = False  # sample_fisher() ran in this cycle
         self._due = True  # the next cycle is on the curvature interval (see _set_capture_mode)
         self._factorless: list[KroneckerLayer] = []  # layers without running factors yet
+        self._placed: list[tuple[torch.dtype, torch.device]] = []  # parameters' (dtype, device) the state follows
         self._nu_history: list[Tensor] = []  # the trust region's ν per step (device tensors)
         self._noise_total: Tensor | None = None  # Σ over steps and layers of (tr Σ, |G|²) estimates
         self._diagnostics: dict[str, dict[str, Tensor]] = {}  # per layer: β*, η*, s, noise terms of its last step
@@ -391,6 +398,9 @@ class KroneckerOptimizer(Optimizer):
         self.communicator.loaded(self, self._steps)  # distributed: shards the curvature, checks agreement
         self._set_capture_mode()
 
+    def _placement(self) -> list[tuple[torch.dtype, torch.device]]:
+        return [(p.dtype, p.device) for group in self.param_groups for p in group["params"]]
+
     def _follow_parameters(self) -> None:
         """State tensors in the dtype and on the device of their parameters, as they are now.
 
@@ -418,6 +428,7 @@ class KroneckerOptimizer(Optimizer):
             self._nu_history = [nu.to(device) for nu in self._nu_history]
             if self._noise_total is not None:
                 self._noise_total = self._noise_total.to(device)
+        self._placed = self._placement()
 
     # ------------------------------------------------------------------------------ diagnostics
     @property
@@ -485,7 +496,9 @@ class KroneckerOptimizer(Optimizer):
                 loss = closure()
         for index, group in enumerate(self.param_groups):
             check_param_group(index, group)
-        self._follow_parameters()
+        placement = self._placement()
+        if placement != self._placed:  # the model was cast or moved since the last step
+            self._follow_parameters()
         if self.fisher == "mc" and self._captures_factors() and not self._sampled:
             if any(layer.captured() for layer in self.layers):
                 raise RuntimeError(
@@ -587,9 +600,7 @@ class KroneckerOptimizer(Optimizer):
             if group["rule"] == "kronecker":
                 factor_samples = group.get("factor_samples")
                 weight_sharing = group.get("weight_sharing")
-                if (factor_samples is not None and not (type(factor_samples) is int and factor_samples >= 1)) or (
-                    weight_sharing not in WEIGHT_SHARING
-                ):
+                if not capture_values_valid(factor_samples, weight_sharing):
                     check_param_group(index, group)  # raises, naming the group and the value
                 settings["factor_samples"] = factor_samples
                 settings["weight_sharing"] = weight_sharing
