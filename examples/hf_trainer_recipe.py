@@ -173,3 +173,5 @@ if __name__ == "__main__":
     result = main()
     if result["rank"] == 0:
         print(json.dumps(result))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # as in lightning_recipe.py: no live gloo group at exit
