@@ -1,0 +1,171 @@
+"""Paired comparison of the CIFAR point's baselines with K-FAC and FOP, across two result folders.
+
+``fop-bench``'s report pairs only the runs of one folder and one command. On the CIFAR point
+(docs/evidence.md §11) the baselines (AdamW, Muon, SOAP, LAMB, ...) are in one folder, tuned on
+seed 0 over a learning-rate grid and then run on seeds 1-4 at the chosen factor, and K-FAC and FOP
+(0.3 defaults, lr ×0.3, seeds 0-4) in another. This script reads both ``runs.jsonl`` files, picks
+each baseline's learning-rate factor on seed 0 (fewest epochs to the target, then the higher final
+accuracy; a miss counts as never), takes every seed run at that factor, and prints the report's
+own paired tables (:func:`fop.bench.report.format_paired_table`: median per-seed difference with a
+95% percentile-bootstrap interval) against each reference, plus the per-seed runs with the machine
+each ran on. Writes the Markdown to ``BASELINES/paired.md``::
+
+    python benchmarks/cifar10_baselines_paired.py results/evidence/cifar10-baselines \\
+        results/evidence/cifar10-halfbn
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from fop.bench.report import format_paired_table, summarize
+
+
+def load(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _rank(run: dict[str, Any]) -> tuple[float, float]:
+    epochs = run["epochs_to_target"]
+    return (math.inf if epochs is None else epochs, -run["final_accuracy"])
+
+
+def chosen_factors(records: list[dict[str, Any]], selection_seed: int) -> dict[str, float]:
+    """Per optimizer: the learning-rate factor of its best run on ``selection_seed``."""
+    best: dict[str, dict[str, Any]] = {}
+    for run in records:
+        spec = run["spec"]
+        if spec["seed"] != selection_seed:
+            continue
+        current = best.get(spec["optimizer"])
+        if current is None or _rank(run) < _rank(current):
+            best[spec["optimizer"]] = run
+    return {name: run["spec"]["lr_factor"] for name, run in best.items()}
+
+
+def _machine(run: dict[str, Any]) -> str:
+    hardware = run["environment"]["hardware"]
+    return "AMD EPYC" if "AMD" in hardware else "Intel Xeon" if "Intel" in hardware else hardware
+
+
+def _epochs(value: float | None) -> str:
+    return "—" if value is None else f"{value:g}"
+
+
+def report(baselines: Path, references: Path, reference_names: list[str], selection_seed: int) -> str:
+    base_records = load(baselines / "runs.jsonl")
+    ref_records = [r for r in load(references / "runs.jsonl") if r["spec"]["optimizer"] in reference_names]
+    factors = chosen_factors(base_records, selection_seed)
+    chosen = [r for r in base_records if r["spec"]["lr_factor"] == factors[r["spec"]["optimizer"]]]
+    records = chosen + ref_records
+    cells = summarize(records)
+    (batch_size,) = {r["spec"]["batch_size"] for r in records}
+    target = records[0]["spec"]["target"]
+    by_name: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for run in records:
+        by_name[run["spec"]["optimizer"]].append(run)
+
+    def order(name: str) -> tuple[float, float]:
+        runs = by_name[name]
+        epochs = statistics.median(_rank(r)[0] for r in runs)
+        return (epochs, -statistics.median(r["final_accuracy"] for r in runs))
+
+    names = sorted(by_name, key=order)
+    lines = [
+        f"# Baselines against {', '.join(reference_names)} (paired by seed)",
+        "",
+        f"Made by `python benchmarks/cifar10_baselines_paired.py {baselines} {references}` from the two "
+        f"`runs.jsonl` files. Each baseline's learning-rate factor is chosen on seed {selection_seed} (fewest "
+        f"epochs to {target:.0%}, then higher final accuracy); every seed run at that factor is used. "
+        f"{', '.join(reference_names)}: every run of `{references.name}` under that name.",
+        "",
+        f"## Per optimizer (batch {batch_size}), fastest median first",
+        "",
+        f"| optimizer | lr factor | lr | seeds | reached {target:.0%} | epochs, median [min–max] "
+        "| final accuracy %, median [min–max] | machines |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name in names:
+        runs = sorted(by_name[name], key=lambda r: r["spec"]["seed"])
+        hits = [r["epochs_to_target"] for r in runs if r["epochs_to_target"] is not None]
+        finals = [100 * r["final_accuracy"] for r in runs]
+        median_epochs = statistics.median(_rank(r)[0] for r in runs)
+        spread = f" [{min(hits)}–{max(hits)}]" if hits else ""
+        machines = ", ".join(sorted({_machine(r) for r in runs}))
+        lines.append(
+            f"| {name} | ×{runs[0]['spec']['lr_factor']:g} | {runs[0]['spec']['hyperparameters']['lr']:.3g} "
+            f"| {', '.join(str(r['spec']['seed']) for r in runs)} | {len(hits)}/{len(runs)} "
+            f"| {'—' if math.isinf(median_epochs) else f'{median_epochs:g}'}{spread} "
+            f"| {statistics.median(finals):.2f} [{min(finals):.2f}–{max(finals):.2f}] | {machines} |"
+        )
+    seeds = sorted({r["spec"]["seed"] for r in records})
+    lines += [
+        "",
+        f"## Per seed: epochs to {target:.0%} / final accuracy % (machine)",
+        "",
+        "| optimizer | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+        "| --- |" + " --- |" * len(seeds),
+    ]
+    for name in names:
+        runs = {r["spec"]["seed"]: r for r in by_name[name]}
+        row = []
+        for seed in seeds:
+            run = runs.get(seed)
+            row.append(
+                "not run"
+                if run is None
+                else f"{_epochs(run['epochs_to_target'])} / {100 * run['final_accuracy']:.2f} ({_machine(run)})"
+            )
+        lines.append(f"| {name} | " + " | ".join(row) + " |")
+    for reference in reference_names:
+        lines += [
+            "",
+            f"## Paired comparison against {reference}",
+            "",
+            "Per seed, both at their chosen configuration: median difference (row optimizer − reference) with "
+            "its 95% percentile-bootstrap interval (10,000 resamples), seeds in the row's favour; epochs over "
+            "the seeds on which both reached the target (a miss is left out, not counted as slower).",
+            "",
+            format_paired_table(cells, [batch_size], names, reference, "accuracy"),
+        ]
+    lines += [
+        "",
+        f"## Seed {selection_seed} at every learning rate tried",
+        "",
+        f"| optimizer | lr factor | epochs to {target:.0%} | final accuracy % | machine |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for run in sorted(
+        (r for r in base_records if r["spec"]["seed"] == selection_seed),
+        key=lambda r: (r["spec"]["optimizer"], r["spec"]["lr_factor"]),
+    ):
+        mark = " ✓" if run["spec"]["lr_factor"] == factors[run["spec"]["optimizer"]] else ""
+        lines.append(
+            f"| {run['spec']['optimizer']} | ×{run['spec']['lr_factor']:.3g}{mark} | {_epochs(run['epochs_to_target'])} "
+            f"| {100 * run['final_accuracy']:.2f} | {_machine(run)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("baselines", type=Path, help="folder whose runs.jsonl holds the baselines")
+    parser.add_argument("references", type=Path, help="folder whose runs.jsonl holds the references")
+    parser.add_argument("--references", dest="names", default="kfac,fop", help="reference optimizers (kfac,fop)")
+    parser.add_argument("--selection-seed", type=int, default=0, help="seed the learning rate is chosen on (0)")
+    args = parser.parse_args(argv)
+    text = report(args.baselines, args.references, args.names.split(","), args.selection_seed)
+    (args.baselines / "paired.md").write_text(text, encoding="utf-8")
+    sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
