@@ -8,10 +8,12 @@ each baseline's learning-rate factor on seed 0 (fewest epochs to the target, the
 accuracy; a miss counts as never), takes every seed run at that factor, and prints the report's
 own paired tables (:func:`fop.bench.report.format_paired_table`: median per-seed difference with a
 95% percentile-bootstrap interval) against each reference, plus the per-seed runs with the machine
-each ran on. Writes the Markdown to ``BASELINES/paired.md``::
+each ran on. ``--replace FILE ...``: reference runs in these ``runs.jsonl`` files (e.g. a seed rerun on
+the machine the baselines' seed ran on) replace the reference runs of the same optimizer and seed in a
+second set of paired tables. Writes the Markdown to ``BASELINES/paired.md``::
 
     python benchmarks/cifar10_baselines_paired.py results/evidence/cifar10-baselines \\
-        results/evidence/cifar10-halfbn
+        results/evidence/cifar10-halfbn --replace results/evidence/cifar10-reduce/expand-same-machine/*-runs.jsonl
 """
 
 from __future__ import annotations
@@ -59,13 +61,37 @@ def _epochs(value: float | None) -> str:
     return "—" if value is None else f"{value:g}"
 
 
-def report(baselines: Path, references: Path, reference_names: list[str], selection_seed: int) -> str:
+def _paired_sections(
+    records: list[dict[str, Any]], batch_size: int, names: list[str], reference_names: list[str], title: str
+) -> list[str]:
+    cells = summarize(records)
+    lines: list[str] = []
+    for reference in reference_names:
+        lines += [
+            "",
+            f"## {title} {reference}",
+            "",
+            "Per seed, both at their chosen configuration: median difference (row optimizer − reference) with "
+            "its 95% percentile-bootstrap interval (10,000 resamples), seeds in the row's favour; epochs over "
+            "the seeds on which both reached the target (a miss is left out, not counted as slower).",
+            "",
+            format_paired_table(cells, [batch_size], names, reference, "accuracy"),
+        ]
+    return lines
+
+
+def report(
+    baselines: Path,
+    references: Path,
+    reference_names: list[str],
+    selection_seed: int,
+    replacements: list[Path],
+) -> str:
     base_records = load(baselines / "runs.jsonl")
     ref_records = [r for r in load(references / "runs.jsonl") if r["spec"]["optimizer"] in reference_names]
     factors = chosen_factors(base_records, selection_seed)
     chosen = [r for r in base_records if r["spec"]["lr_factor"] == factors[r["spec"]["optimizer"]]]
     records = chosen + ref_records
-    cells = summarize(records)
     (batch_size,) = {r["spec"]["batch_size"] for r in records}
     target = records[0]["spec"]["target"]
     by_name: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -81,7 +107,8 @@ def report(baselines: Path, references: Path, reference_names: list[str], select
     lines = [
         f"# Baselines against {', '.join(reference_names)} (paired by seed)",
         "",
-        f"Made by `python benchmarks/cifar10_baselines_paired.py {baselines} {references}` from the two "
+        f"Made by `python benchmarks/cifar10_baselines_paired.py {baselines} {references}"
+        f"{' --replace ' + ' '.join(str(p) for p in replacements) if replacements else ''}` from the "
         f"`runs.jsonl` files. Each baseline's learning-rate factor is chosen on seed {selection_seed} (fewest "
         f"epochs to {target:.0%}, then higher final accuracy); every seed run at that factor is used. "
         f"{', '.join(reference_names)}: every run of `{references.name}` under that name.",
@@ -124,17 +151,22 @@ def report(baselines: Path, references: Path, reference_names: list[str], select
                 else f"{_epochs(run['epochs_to_target'])} / {100 * run['final_accuracy']:.2f} ({_machine(run)})"
             )
         lines.append(f"| {name} | " + " | ".join(row) + " |")
-    for reference in reference_names:
+    lines += _paired_sections(records, batch_size, names, reference_names, "Paired comparison against")
+    if replacements:
+        swaps = [r for path in replacements for r in load(path) if r["spec"]["optimizer"] in reference_names]
+        swapped = {(r["spec"]["optimizer"], r["spec"]["seed"]) for r in swaps}
+        kept = [r for r in records if (r["spec"]["optimizer"], r["spec"]["seed"]) not in swapped]
+        described = "; ".join(
+            f"{r['spec']['optimizer']} seed {r['spec']['seed']}: {_epochs(r['epochs_to_target'])} / "
+            f"{100 * r['final_accuracy']:.2f} ({_machine(r)})"
+            for r in swaps
+        )
         lines += [
             "",
-            f"## Paired comparison against {reference}",
-            "",
-            "Per seed, both at their chosen configuration: median difference (row optimizer − reference) with "
-            "its 95% percentile-bootstrap interval (10,000 resamples), seeds in the row's favour; epochs over "
-            "the seeds on which both reached the target (a miss is left out, not counted as slower).",
-            "",
-            format_paired_table(cells, [batch_size], names, reference, "accuracy"),
+            f"Below, these reference runs replace those of the same optimizer and seed: {described} "
+            f"(from {', '.join(str(p) for p in replacements)}).",
         ]
+        lines += _paired_sections(kept + swaps, batch_size, names, reference_names, "With the replaced runs, against")
     lines += [
         "",
         f"## Seed {selection_seed} at every learning rate tried",
@@ -160,8 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("references", type=Path, help="folder whose runs.jsonl holds the references")
     parser.add_argument("--references", dest="names", default="kfac,fop", help="reference optimizers (kfac,fop)")
     parser.add_argument("--selection-seed", type=int, default=0, help="seed the learning rate is chosen on (0)")
+    parser.add_argument(
+        "--replace", type=Path, nargs="*", default=[], help="runs.jsonl files of reference runs to swap in"
+    )
     args = parser.parse_args(argv)
-    text = report(args.baselines, args.references, args.names.split(","), args.selection_seed)
+    text = report(args.baselines, args.references, args.names.split(","), args.selection_seed, args.replace)
     (args.baselines / "paired.md").write_text(text, encoding="utf-8")
     sys.stdout.write(text)
     return 0
