@@ -64,7 +64,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .assignment import SHARED_SCALARS, LayerShape, WorkAssignment, assign_owners, layer_cost, tri
+from .assignment import SHARED_SCALARS, LayerShape, WorkAssignment, assign_owners, layer_cost
+from .codec import FactorCodec
 from .curvature import KroneckerLayer, LayerWork, loss_scale_ratio
 from .functional import compute_dtype, inner
 from .intervals import Interval, mean_interval
@@ -77,7 +78,6 @@ __all__ = [
     "DistributedConfigError",
     "LocalCommunicator",
     "StepContext",
-    "TriangleCodec",
     "WorkAssignment",
     "assign_owners",
     "layer_cost",
@@ -298,7 +298,13 @@ def _work_assignment(
     mode = next((g["damping_mode"] for g in optimizer.param_groups if "damping_mode" in g), "exact")
     costs = [float(cost(layer)) if cost else layer_cost(layer, projection, interval, mode) for layer in found.layers]
     shapes = [
-        LayerShape(layer.name, layer.in_features, layer.out_features, _itemsize(compute_dtype(layer.weight.dtype)))
+        LayerShape(
+            layer.name,
+            layer.in_features,
+            layer.out_features,
+            _itemsize(compute_dtype(layer.weight.dtype)),
+            layer.diagonal_input,
+        )
         for layer in found.layers
     ]
     return WorkAssignment(
@@ -347,30 +353,6 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 # ================================================================================ helpers
-class TriangleCodec:
-    """Symmetric matrices to and from their upper triangles (``torch.triu_indices`` cached per size, device)."""
-
-    def __init__(self) -> None:
-        self._cache: dict[tuple[int, str], Tensor] = {}
-
-    def indices(self, n: int, device: torch.device) -> Tensor:
-        key = (n, str(device))
-        if key not in self._cache:
-            self._cache[key] = torch.triu_indices(n, n, device=device)
-        return self._cache[key]
-
-    def pack(self, matrix: Tensor, out: Tensor) -> None:
-        iu = self.indices(matrix.shape[0], matrix.device)
-        out.copy_(matrix[iu[0], iu[1]])
-
-    def unpack(self, values: Tensor, n: int, dtype: torch.dtype) -> Tensor:
-        iu = self.indices(n, values.device)
-        matrix = values.new_zeros(n, n, dtype=dtype)
-        matrix[iu[0], iu[1]] = values.to(dtype)
-        matrix[iu[1], iu[0]] = values.to(dtype)
-        return matrix
-
-
 def _plain(value: Any) -> Any:
     """A picklable, comparable description of a hyperparameter."""
     if isinstance(value, Tensor):
@@ -472,7 +454,7 @@ class DistributedCommunicator(Communicator):
         self.cost = cost
         self.work: WorkAssignment | None = None
         self.transport: Transport | None = None
-        self._codec = TriangleCodec()
+        self._codec = FactorCodec()
         self._index: dict[int, int] = {}
         self._factored: set[int] = set()
 
@@ -553,6 +535,7 @@ class DistributedCommunicator(Communicator):
         self._laid_out = {id(p) for p in found.params}
         self.splits = work.splits
         self._numel = [layer.numel for layer in work.layers]
+        self._factor_len = [layer.triangles for layer in work.layers]
         self._n_even, self._n_odd = work.group_sizes
         self._grad_off, self._bucket_grad_len = work.grad_offsets
         self._fac_off, self._bucket_fac_len = work.factor_offsets
@@ -894,9 +877,7 @@ class DistributedCommunicator(Communicator):
             bucket[off : off + self._numel[i]].copy_(item.grad.reshape(-1))
             if curvature and item.a_factor is not None and item.g_factor is not None:
                 foff = grad_len + self._fac_off[i]
-                n_in, n_out = self.layers[i].in_features, self.layers[i].out_features
-                self._codec.pack(item.a_factor, bucket[foff : foff + tri(n_in)])
-                self._codec.pack(item.g_factor, bucket[foff + tri(n_in) : foff + tri(n_in) + tri(n_out)])
+                self._codec.pack(item.a_factor, item.g_factor, bucket[foff : foff + self._factor_len[i]])
 
     def _unpack_bucket(self, bucket: Tensor, r: int, items: dict[int, LayerWork], curvature: bool) -> None:
         members = self._members[r]
@@ -919,14 +900,8 @@ class DistributedCommunicator(Communicator):
                 item.grad = (bucket[off : off + numel].view(shape) / n).to(dtype)
             if curvature and item.a_factor is not None and item.g_factor is not None:
                 foff = grad_len + self._fac_off[i]
-                n_in, n_out = layer.in_features, layer.out_features
-                item.a_factor = self._codec.unpack(bucket[foff : foff + tri(n_in)], n_in, item.a_factor.dtype) / n
-                item.g_factor = (
-                    self._codec.unpack(
-                        bucket[foff + tri(n_in) : foff + tri(n_in) + tri(n_out)], n_out, item.g_factor.dtype
-                    )
-                    / n
-                )
+                a, g = self._codec.unpack(bucket[foff : foff + self._factor_len[i]], item.a_factor, item.g_factor)
+                item.a_factor, item.g_factor = a / n, g / n
             else:
                 item.a_factor = item.g_factor = None
 
