@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from fop import FOP, KFAC
-from fop.distributed import DistributedCommunicator, LocalCommunicator, assign_owners, layer_cost, state_bytes
+from fop.distributed import (
+    DistributedCommunicator,
+    LocalCommunicator,
+    Reduced,
+    assign_owners,
+    layer_cost,
+    state_bytes,
+)
 
 DTYPE = torch.float64
 GLOBAL_BATCH = 16
@@ -819,11 +827,9 @@ class GivenHalves(LocalCommunicator):
         super().__init__()
         self.halves: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # layer name -> folded (g1, g2)
 
-    def reduce(self, work: Any, ok: torch.Tensor, context: Any) -> torch.Tensor:
-        for item in work:
-            item.g1, item.g2 = self.halves[item.layer.name]
-            item.grad = 0.5 * (item.g1 + item.g2)
-        return ok
+    def reduce(self, work: Any, ok: torch.Tensor, context: Any) -> Reduced:
+        given = [(item, *self.halves[item.layer.name]) for item in work]
+        return Reduced([replace(item, g1=g1, g2=g2, grad=0.5 * (g1 + g2)) for item, g1, g2 in given], ok)
 
 
 def odd_fop_reference(batches: list, world: int = 3) -> list[torch.Tensor]:

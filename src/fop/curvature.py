@@ -148,9 +148,10 @@ class LayerWork:
     averaged and its output gradients summed over the positions (:data:`WEIGHT_SHARING`).
     ``direction`` is filled in by the layer's owner.
 
-    Phases: from :meth:`from_capture` to the communicator's ``reduce`` the fields are this
-    process's own; after it, ``grad``, ``g1``, ``g2``, ``a_factor``, ``g_factor`` are the reduced values on
-    the layer's owner (``a_factor``, ``g_factor``, ``g1``, ``g2`` None elsewhere); after ``share``, ``direction``
+    Phases: :meth:`from_capture` makes this process's record; the communicator's ``reduce``
+    returns new records (:class:`fop.distributed.Reduced`) whose ``grad``, ``g1``, ``g2``, ``a_factor``,
+    ``g_factor`` are the reduced values on the layer's owner (``a_factor``, ``g_factor``, ``g1``, ``g2``
+    None elsewhere); the owner fills in ``direction``; ``share`` returns records whose ``direction``
     and ``dg`` hold the owner's result on every process.
     """
 

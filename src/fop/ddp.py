@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -35,7 +36,7 @@ from torch import Tensor
 from .assignment import factor_entries
 from .codec import FactorCodec
 from .curvature import KroneckerLayer, LayerWork, loss_scale_ratio
-from .distributed import LocalCommunicator, StepContext
+from .distributed import LocalCommunicator, Reduced, StepContext
 from .functional import compute_dtype
 
 __all__ = ["DDPCommunicator", "bytes_per_step", "dual_gradient_hook"]
@@ -112,17 +113,23 @@ class DDPCommunicator(LocalCommunicator):
                 offset += ref.numel()
         return loss_scale_ratio(list(layers))
 
-    def reduce(self, work: Sequence[LayerWork], ok: Tensor, context: StepContext) -> Tensor:
-        if self.splits:
-            for item in work:
-                # the bucket held the back-propagated loss's gradient; p.grad may since have been
-                # unscaled (GradScaler) or clipped: the halves follow p.grad's units, as G does
-                item.g1, item.g2 = (self._folded(item.layer, k, item.grad) for k in (0, 1))
-                if item.loss_scale is not None:
-                    item.g1, item.g2 = item.loss_scale * item.g1, item.loss_scale * item.g2
-                item.grad = 0.5 * (item.g1 + item.g2)
-                item.half_batch = item.samples * self.world_size / 2  # the halves: even and odd ranks' batches
-            self._halves = {}  # consumed: a step without a hooked backward must not reuse them
+    def reduce(self, work: Sequence[LayerWork], ok: Tensor, context: StepContext) -> Reduced:
+        work = [self._with_halves(item) for item in work] if self.splits else list(work)
+        self._halves = {}  # consumed: a step without a hooked backward must not reuse them
+        return Reduced(self._mean_factors(work), ok)
+
+    def _with_halves(self, item: LayerWork) -> LayerWork:
+        """The record with the hook's halves ``g1``, ``g2`` and ``grad = (g1 + g2) / 2``."""
+        # the bucket held the back-propagated loss's gradient; p.grad may since have been
+        # unscaled (GradScaler) or clipped: the halves follow p.grad's units, as G does
+        g1, g2 = (self._folded(item.layer, k, item.grad) for k in (0, 1))
+        if item.loss_scale is not None:
+            g1, g2 = item.loss_scale * g1, item.loss_scale * g2
+        half_batch = item.samples * self.world_size / 2  # the halves: even and odd ranks' batches
+        return replace(item, g1=g1, g2=g2, grad=0.5 * (g1 + g2), half_batch=half_batch)
+
+    def _mean_factors(self, work: list[LayerWork]) -> list[LayerWork]:
+        """The records with their factor statistics averaged over the processes (one all-reduce)."""
         factored = [
             (item, a, g) for item in work if (a := item.a_factor) is not None and (g := item.g_factor) is not None
         ]
@@ -134,10 +141,12 @@ class DDPCommunicator(LocalCommunicator):
             for (_, a, g), off, size in zip(factored, offsets, sizes):
                 self._codec.pack(a, g, flat[off : off + size])
             self._all_reduce(flat)
+            mean = {}
             for (item, a, g), off, size in zip(factored, offsets, sizes):
                 a, g = self._codec.unpack(flat[off : off + size], a, g)
-                item.a_factor, item.g_factor = a / self.world_size, g / self.world_size
-        return ok
+                mean[id(item)] = replace(item, a_factor=a / self.world_size, g_factor=g / self.world_size)
+            work = [mean.get(id(item), item) for item in work]
+        return work
 
     def _all_reduce(self, flat: Tensor) -> None:
         dist.all_reduce(flat, group=self.group)

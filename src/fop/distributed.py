@@ -7,9 +7,11 @@ communicator keeps no reference to the optimizer:
 
 1. ``reduce(work, ok, context)``: combine the processes' per-layer gradients, sub-batch gradients
    and factor statistics (each :class:`fop.curvature.LayerWork`) and the fallback parameters'
-   gradients, and agree on the finite-gradient flag (returned);
+   gradients, and agree on the finite-gradient flag; returns a :class:`Reduced` (new records, the
+   given ones are left as they were);
 2. ``owns(layer)``: only the owner of a layer updates its curvature and computes its direction;
-3. ``share(work)``: hand every process the directions computed by their owners;
+3. ``share(work)``: hand every process the directions computed by their owners; returns the
+   records with every layer's direction;
 
 and, outside the step, ``setup`` (construction; ``halves_from_processes`` then tells the engine
 whether the two sub-batches are process groups), ``has_factors`` (whether a layer's curvature has
@@ -57,7 +59,7 @@ from __future__ import annotations
 import datetime
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import torch
@@ -77,6 +79,7 @@ __all__ = [
     "DistributedCommunicator",
     "DistributedConfigError",
     "LocalCommunicator",
+    "Reduced",
     "StepContext",
     "WorkAssignment",
     "assign_owners",
@@ -130,6 +133,20 @@ class StepContext:
     params: tuple[Tensor, ...] = ()  # every parameter with a gradient this step
 
 
+@dataclass(frozen=True)
+class Reduced:
+    """What ``reduce`` hands the engine: the step's layer records over the processes, and the agreed flag.
+
+    ``work`` holds one new :class:`fop.curvature.LayerWork` per given record, in the same order: on
+    a layer's owner ``grad``, ``g1``, ``g2``, ``a_factor``, ``g_factor`` are the reduced values; on
+    the other processes the record keeps its local ``grad`` and has no halves or factors (its
+    owner computes the direction). ``ok``: every process's gradients are finite (0-dim bool).
+    """
+
+    work: list[LayerWork]
+    ok: Tensor
+
+
 class Communicator:
     """Interface between the optimizer engine and the processes that share a step."""
 
@@ -148,14 +165,18 @@ class Communicator:
         """The loss-scale ratio of :func:`fop.curvature.loss_scale_ratio` (DDP's hook averages first)."""
         return loss_scale_ratio(list(layers))
 
-    def reduce(self, work: Sequence[LayerWork], ok: Tensor, context: StepContext) -> Tensor:
-        """Combine this step's gradients and statistics over the processes; the agreed finite-gradient flag."""
+    def reduce(self, work: Sequence[LayerWork], ok: Tensor, context: StepContext) -> Reduced:
+        """Combine this step's gradients and statistics over the processes (see :class:`Reduced`)."""
         raise NotImplementedError
 
     def owns(self, layer: KroneckerLayer) -> bool:
         raise NotImplementedError
 
-    def share(self, work: Sequence[LayerWork]) -> None:
+    def share(self, work: Sequence[LayerWork]) -> list[LayerWork]:
+        """The records with every layer's ``direction`` (and ``dg``, ``diagnostics``) from its owner.
+
+        ``work``: :attr:`Reduced.work` with the directions of the layers owned here filled in.
+        """
         raise NotImplementedError
 
     def has_factors(self, state: dict, layer: KroneckerLayer) -> bool:
@@ -184,7 +205,7 @@ class LocalCommunicator(Communicator):
     def __init__(self, auto: bool = False) -> None:
         self._auto = auto
 
-    def reduce(self, work: Sequence[LayerWork], ok: Tensor, context: StepContext) -> Tensor:
+    def reduce(self, work: Sequence[LayerWork], ok: Tensor, context: StepContext) -> Reduced:
         if self._auto:
             self._auto = False
             if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -196,13 +217,13 @@ class LocalCommunicator(Communicator):
                     "ddp_model.register_comm_hook(optimizer, dual_gradient_hook)",
                     stacklevel=4,
                 )
-        return ok
+        return Reduced(list(work), ok)
 
     def owns(self, layer: KroneckerLayer) -> bool:
         return True
 
-    def share(self, work: Sequence[LayerWork]) -> None:
-        return None
+    def share(self, work: Sequence[LayerWork]) -> list[LayerWork]:
+        return list(work)
 
 
 def make_communicator(
@@ -619,7 +640,7 @@ class DistributedCommunicator(Communicator):
                     "one's state_dict() into it to keep its state)"
                 )
 
-    def reduce(self, work: Sequence[LayerWork], ok: Tensor, context: StepContext) -> Tensor:
+    def reduce(self, work: Sequence[LayerWork], ok: Tensor, context: StepContext) -> Reduced:
         self._context = context
         # at the first step, not at construction: under DDP, dual_gradient_hook replaces this
         # communicator (which supports them) before any step; the layers agree across processes
@@ -637,9 +658,9 @@ class DistributedCommunicator(Communicator):
         self._link.new_step()
         common = self._pack_common(items, ok, curvature)
         if self.replicated:
-            ok = self._reduce_replicated(items, common, curvature, uncaptured)
+            ok, reduced = self._reduce_replicated(items, common, curvature, uncaptured)
         else:
-            ok = self._reduce_to_owners(items, common, curvature, uncaptured)
+            ok, reduced = self._reduce_to_owners(items, common, curvature, uncaptured)
         fresh = [
             i
             for i, it in items.items()
@@ -649,16 +670,18 @@ class DistributedCommunicator(Communicator):
         # as factored only after a good step (one host synchronisation, until every layer is)
         if fresh and bool(ok):
             self._factored.update(fresh)
-        for i, item in items.items():
-            if not self._work.owns(self.rank, i):
-                item.a_factor = item.g_factor = item.g1 = item.g2 = None  # computed by the owner only
-        self._warn_if_identical(items)
-        return ok
+        self._warn_if_identical(reduced)
+        # the owner's reduced record; elsewhere the local one without what only the owner computes with
+        records = [
+            reduced[i] if i in reduced else replace(item, a_factor=None, g_factor=None, g1=None, g2=None)
+            for i, item in items.items()
+        ]
+        return Reduced(records, ok)
 
     def _reduce_replicated(
         self, items: dict[int, LayerWork], common: Tensor, curvature: bool, uncaptured: list[KroneckerLayer]
-    ) -> Tensor:
-        """One all-reduce of everything: [slots | factor triangles | common]."""
+    ) -> tuple[Tensor, dict[int, LayerWork]]:
+        """One all-reduce of everything: [slots | factor triangles | common]; the flag and every reduced record."""
         length = self._work.bucket_len(0, curvature)
         flat = torch.zeros(length + self._common.length, dtype=self.dtype, device=self.device)
         self._pack_bucket(flat, 0, items, curvature)
@@ -666,13 +689,15 @@ class DistributedCommunicator(Communicator):
         self._link.all_reduce_now(flat, "the gradient all-reduce")
         ok = self._unpack_common(flat[length:], items)
         _raise_uncaptured(uncaptured)
-        self._unpack_bucket(flat, 0, items, curvature)
-        return ok
+        return ok, self._unpack_bucket(flat, 0, items, curvature)
 
     def _reduce_to_owners(
         self, items: dict[int, LayerWork], common: Tensor, curvature: bool, uncaptured: list[KroneckerLayer]
-    ) -> Tensor:
-        """The common all-reduce and one reduce per owner, launched together; wait for the own bucket only."""
+    ) -> tuple[Tensor, dict[int, LayerWork]]:
+        """The common all-reduce and one reduce per owner, launched together; wait for the own bucket only.
+
+        Returns the flag and the reduced records of the layers owned here.
+        """
         common_handle = self._link.all_reduce(common)
         mine = None
         self._pending = []
@@ -689,34 +714,40 @@ class DistributedCommunicator(Communicator):
         self._link.wait(common_handle, "the gradient all-reduce")
         ok = self._unpack_common(common, items)
         _raise_uncaptured(uncaptured)
-        if mine is not None:
-            self._link.wait(mine[0], "the reduction to this layer owner")
-            self._unpack_bucket(mine[1], self.rank, items, curvature)
-        return ok
+        if mine is None:
+            return ok, {}
+        self._link.wait(mine[0], "the reduction to this layer owner")
+        return ok, self._unpack_bucket(mine[1], self.rank, items, curvature)
 
-    def share(self, work: Sequence[LayerWork]) -> None:
+    def share(self, work: Sequence[LayerWork]) -> list[LayerWork]:
         for handle in self._pending:
             self._link.wait(handle, "the reduction to the layer owners")
         self._pending = []
         if self.replicated:
-            return
+            return list(work)
         items = {self._index[id(item.layer)]: item for item in work}
+        shared: dict[int, LayerWork] = {}
         received = []
         for r in range(self.world_size):
             if self._share_len[r] == 0:
                 continue
             bucket = torch.zeros(self._share_len[r], dtype=self.dtype, device=self.device)
             if r == self.rank:
-                self._pack_share(bucket, items)
+                shared.update(self._pack_share(bucket, items))
             received.append((r, self._link.broadcast(bucket, r), bucket))
         for r, handle, bucket in received:
             self._link.wait(handle, "the broadcast of the owners' directions")
             if r != self.rank:
-                self._unpack_share(bucket, r, items)
+                shared.update(self._unpack_share(bucket, r, items))
+        return [shared[i] for i in items]
 
-    def _pack_share(self, bucket: Tensor, items: dict[int, LayerWork]) -> None:
-        """This owner's directions and their scalars: ``[d | β*, η*, s, ⟨d, g⟩, tr Σ, |G|²]`` per layer."""
+    def _pack_share(self, bucket: Tensor, items: dict[int, LayerWork]) -> dict[int, LayerWork]:
+        """This owner's directions and their scalars: ``[d | β*, η*, s, ⟨d, g⟩, tr Σ, |G|²]`` per layer.
+
+        Returns the owned records with ``dg`` (and the diagnostics) as every other process reads them.
+        """
         zero = torch.zeros((), dtype=self.dtype, device=self.device)
+        shared = {}
         for i in self._members[self.rank]:
             item = items.get(i)
             if item is None:
@@ -724,7 +755,7 @@ class DistributedCommunicator(Communicator):
             assert item.direction is not None
             off = self._share_off[i]
             bucket[off : off + self._numel[i]].copy_(item.direction.reshape(-1))
-            diagnostics = item.diagnostics
+            diagnostics = dict(item.diagnostics)
             values = [
                 diagnostics.get("beta", zero),
                 diagnostics.get("eta", zero + 1),
@@ -737,9 +768,13 @@ class DistributedCommunicator(Communicator):
             values += [diagnostics.get(key, zero) for key in _NOISE_KEYS]
             scalars = bucket[off + self._numel[i] : off + self._numel[i] + SHARED_SCALARS]
             scalars.copy_(torch.stack([v.to(self.dtype).reshape(()) for v in values]))
-            item.dg = scalars[3].to(item.grad.dtype)  # as every other process will read it
+            # ⟨d, g⟩ as every other process will read it
+            shared[i] = replace(item, dg=scalars[3].to(item.grad.dtype), diagnostics=diagnostics)
+        return shared
 
-    def _unpack_share(self, bucket: Tensor, r: int, items: dict[int, LayerWork]) -> None:
+    def _unpack_share(self, bucket: Tensor, r: int, items: dict[int, LayerWork]) -> dict[int, LayerWork]:
+        """Owner ``r``'s layers' records with the direction, ``dg`` and diagnostics it broadcast."""
+        shared = {}
         for i in self._members[r]:
             item = items.get(i)
             if item is None:
@@ -747,14 +782,15 @@ class DistributedCommunicator(Communicator):
             off = self._share_off[i]
             layer = item.layer
             dtype = compute_dtype(layer.weight.dtype)
-            item.direction = bucket[off : off + self._numel[i]].view(layer.out_features, layer.in_features).to(dtype)
+            direction = bucket[off : off + self._numel[i]].view(layer.out_features, layer.in_features).to(dtype)
             scalars = bucket[off + self._numel[i] : off + self._numel[i] + SHARED_SCALARS].to(dtype)
-            item.dg = scalars[3]
-            if item.first_order:  # no curvature: no diagnostics
-                continue
-            item.diagnostics = {"beta": scalars[0], "eta": scalars[1], "projection": scalars[2]}
-            if self.splits:
-                item.diagnostics.update(zip(_NOISE_KEYS, scalars[4:6]))
+            diagnostics = {}
+            if not item.first_order:  # no curvature: no diagnostics
+                diagnostics = {"beta": scalars[0], "eta": scalars[1], "projection": scalars[2]}
+                if self.splits:
+                    diagnostics.update(zip(_NOISE_KEYS, scalars[4:6]))
+            shared[i] = replace(item, direction=direction, dg=scalars[3], diagnostics=diagnostics)
+        return shared
 
     # ----------------------------------------------------------------------------- packing
     def _pattern(self, items: dict[int, LayerWork], curvature: bool) -> tuple:
@@ -879,11 +915,18 @@ class DistributedCommunicator(Communicator):
                 foff = grad_len + self._fac_off[i]
                 self._codec.pack(item.a_factor, item.g_factor, bucket[foff : foff + self._factor_len[i]])
 
-    def _unpack_bucket(self, bucket: Tensor, r: int, items: dict[int, LayerWork], curvature: bool) -> None:
-        members = self._members[r]
+    def _unpack_bucket(
+        self, bucket: Tensor, r: int, items: dict[int, LayerWork], curvature: bool
+    ) -> dict[int, LayerWork]:
+        """Owner ``r``'s layers' records with the summed values turned into means over the processes.
+
+        ``g1 = S_even / ⌈N/2⌉``, ``g2 = S_odd / ⌊N/2⌋``, ``grad = (g1 + g2) / 2`` (FOP; K-FAC:
+        ``grad = S / N``), the factors ``S_A / N``, ``S_G / N``.
+        """
         grad_len = self._bucket_grad_len[r]
         n = self.world_size
-        for i in members:
+        reduced = {}
+        for i in self._members[r]:
             item = items.get(i)
             if item is None:
                 continue
@@ -891,19 +934,27 @@ class DistributedCommunicator(Communicator):
             shape = (layer.out_features, layer.in_features)
             dtype = item.grad.dtype
             off, numel = self._grad_off[i], self._numel[i]
-            if self.splits:
-                item.g1 = (bucket[off : off + numel].view(shape) / self._n_even).to(dtype)
-                item.g2 = (bucket[off + numel : off + 2 * numel].view(shape) / self._n_odd).to(dtype)
-                item.grad = 0.5 * (item.g1 + item.g2)
-                item.half_batch = item.samples * n / 2  # the halves: even and odd ranks' local batches
-            else:
-                item.grad = (bucket[off : off + numel].view(shape) / n).to(dtype)
+            a_factor = g_factor = None
             if curvature and item.a_factor is not None and item.g_factor is not None:
                 foff = grad_len + self._fac_off[i]
                 a, g = self._codec.unpack(bucket[foff : foff + self._factor_len[i]], item.a_factor, item.g_factor)
-                item.a_factor, item.g_factor = a / n, g / n
+                a_factor, g_factor = a / n, g / n
+            if self.splits:
+                g1 = (bucket[off : off + numel].view(shape) / self._n_even).to(dtype)
+                g2 = (bucket[off + numel : off + 2 * numel].view(shape) / self._n_odd).to(dtype)
+                reduced[i] = replace(
+                    item,
+                    grad=0.5 * (g1 + g2),
+                    g1=g1,
+                    g2=g2,
+                    a_factor=a_factor,
+                    g_factor=g_factor,
+                    half_batch=item.samples * n / 2,  # the halves: even and odd ranks' local batches
+                )
             else:
-                item.a_factor = item.g_factor = None
+                grad = (bucket[off : off + numel].view(shape) / n).to(dtype)
+                reduced[i] = replace(item, grad=grad, a_factor=a_factor, g_factor=g_factor)
+        return reduced
 
     def _warn_if_identical(self, items: dict[int, LayerWork]) -> None:
         """Once: warn when the two groups' gradients are bitwise equal (DDP-averaged gradients?)."""

@@ -510,9 +510,10 @@ class KroneckerOptimizer(Optimizer):
         inverse_step = self._steps % interval_at(self.inverse_update_interval, self._steps) == 0
         kronecker = next((group for group in self.param_groups if group["rule"] == "kronecker"), None)
         work, loose = self._gather_work() if kronecker is not None else ([], [])
-        ok = self.communicator.reduce(work, ok, self._context())  # distributed: the fallback gradients too
+        reduced = self.communicator.reduce(work, ok, self._context())  # distributed: the fallback gradients too
+        ok = reduced.ok
         if kronecker is not None:
-            self._kronecker_step(kronecker, work, loose, ok, inverse_step)
+            self._kronecker_step(kronecker, reduced.work, loose, ok, inverse_step)
         for group in self.param_groups:
             if group["rule"] == "adamw" and "base_momentum" in group:
                 self._warn_once(
@@ -663,7 +664,7 @@ class KroneckerOptimizer(Optimizer):
     ) -> None:
         """Curvature layers, after the reduction: owners compute, directions are shared, all apply."""
         self._owner_directions([item for item in work if self.communicator.owns(item.layer)], group, ok, inverse_step)
-        self.communicator.share(work)
+        work = self.communicator.share(work)
         curvature = [item for item in work if not item.first_order]
         self._diagnostics.update((item.layer.name, item.diagnostics) for item in curvature if item.diagnostics)
         self._record_noise(curvature, ok)
