@@ -511,6 +511,9 @@ class KroneckerOptimizer(Optimizer):
         kronecker = next((group for group in self.param_groups if group["rule"] == "kronecker"), None)
         work, loose = self._gather_work() if kronecker is not None else ([], [])
         reduced = self.communicator.reduce(work, ok, self._context())  # distributed: the fallback gradients too
+        # the local records are replaced by the reduced ones: their factor statistics (the size of
+        # the factors) are released here, not kept alive through the inverses' temporaries
+        del work
         ok = reduced.ok
         if kronecker is not None:
             self._kronecker_step(kronecker, reduced.work, loose, ok, inverse_step)
