@@ -23,6 +23,7 @@ import types
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any, cast
 
 import torch
@@ -673,7 +674,11 @@ class KroneckerOptimizer(Optimizer):
         self._record_noise(curvature, ok)
         if group["kl_clip"] is not None and curvature:
             lr = group["lr"] if group["trust_region"] == "step" else 1.0
-            nu = _clip_to_trust_region(curvature, lr, group["kl_clip"])
+            nu = _trust_region_scale(curvature, lr, group["kl_clip"])
+            work = [
+                item if item.first_order else replace(item, direction=cast(Tensor, item.direction) * nu)
+                for item in work
+            ]
             self._nu_history.append(nu)
             del self._nu_history[:-_NU_HISTORY]
         params, directions = [p for p, _ in loose], [d for _, d in loose]
@@ -833,8 +838,8 @@ class KFAC(KroneckerOptimizer):
 
 
 # ---------------------------------------------------------------------------------- helpers
-def _clip_to_trust_region(work: Sequence[LayerWork], lr: float | Tensor, kl_clip: float) -> Tensor:
-    """Scale all directions by ``ν = min(1, √(κ / (lr² Σ_ℓ ⟨d_ℓ, g_ℓ⟩)))`` (K-FAC's KL clipping); return ν.
+def _trust_region_scale(work: Sequence[LayerWork], lr: float | Tensor, kl_clip: float) -> Tensor:
+    """``ν = min(1, √(κ / (lr² Σ_ℓ ⟨d_ℓ, g_ℓ⟩)))``, the factor on all directions of K-FAC's KL clipping.
 
     ``trust_region="direction"`` passes ``lr = 1``: the clip then bounds the direction, not the step.
 
@@ -851,11 +856,7 @@ def _clip_to_trust_region(work: Sequence[LayerWork], lr: float | Tensor, kl_clip
     ]
     total = torch.stack(inners).sum()
     estimate = (total * (lr * lr)).abs()
-    nu = Fn.safe_divide(torch.full_like(estimate, kl_clip), estimate, estimate > kl_clip, 1.0).sqrt()
-    for item in work:
-        if item.direction is not None:
-            item.direction = item.direction * nu
-    return nu
+    return Fn.safe_divide(torch.full_like(estimate, kl_clip), estimate, estimate > kl_clip, 1.0).sqrt()
 
 
 def _caller_level() -> int:
