@@ -10,7 +10,7 @@ module                                            layer type(s)
 ================================================  =============================================================
 ``nn.Linear`` (or a subclass keeping its forward)  :class:`LinearLayer`; sequence-first inputs:
                                                   :class:`SequenceFirstLinearLayer`
-``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d``,    :class:`Conv2dLayer`, :class:`ConvNdLayer`
+``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d``,    :class:`ConvLayer`
 ``groups=1``
 ``nn.MultiheadAttention``                         one :class:`AttentionProjectionLayer` per in-projection; the
                                                   module is converted in place to :class:`fop.nn.MultiheadAttention`
@@ -48,8 +48,7 @@ from .nn import register_projection_hook
 __all__ = [
     "LAYER_TYPES",
     "AttentionProjectionLayer",
-    "Conv2dLayer",
-    "ConvNdLayer",
+    "ConvLayer",
     "EmbeddingLayer",
     "LayerType",
     "LinearLayer",
@@ -99,18 +98,21 @@ class LinearLayer(KroneckerLayer):
         return grad_out.sum(dim=tuple(range(1, grad_out.dim() - 1)), dtype=dtype)
 
 
-class Conv2dLayer(KroneckerLayer):
-    """``nn.Conv2d`` with ``groups=1``: rows are the (sample, output position) patches.
+class ConvLayer(KroneckerLayer):
+    """``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` with ``groups=1``: rows are the (sample, output position) patches.
 
-    The input factor uses the unfolded patches (exact ``Σ a aᵀ``, unfolded in chunks of samples);
-    the sub-batch gradients use ``torch.nn.grad.conv2d_weight`` (no unfolding). Non-zero padding
-    modes and string paddings are applied to the input explicitly, so both see the padded input.
+    With ``d`` spatial dims, output position ``p`` of sample ``n`` is ``y_{n,p} = W_f a_{n,p}``, where the
+    patch ``a_{n,p}`` is the receptive field of ``p`` in the padded input, arranged ``(C, k_1, …, k_d)`` like
+    the weight (bias: a trailing 1). The input factor uses the patches (exact ``Σ a aᵀ``, unfolded in
+    chunks of samples, :meth:`unfold_chunks`); the sub-batch gradients use
+    ``torch.nn.grad.conv{1,2,3}d_weight`` (no unfolding). Non-zero padding modes and string paddings
+    are applied to the input explicitly, so both see the padded input.
     """
-
-    _unbatched_dims = 3
 
     def __init__(self, name: str, module: nn.Conv1d | nn.Conv2d | nn.Conv3d, mode: CaptureMode) -> None:
         super().__init__(name, module, mode)
+        self.spatial = self.weight.dim() - 2
+        self._unbatched_dims = self.spatial + 1  # one sample: (C, *spatial)
         self.kernel_size = module.kernel_size
         self.stride = module.stride
         self.dilation = module.dilation
@@ -118,13 +120,16 @@ class Conv2dLayer(KroneckerLayer):
         self._pad_mode = module.padding_mode if module.padding_mode != "zeros" else "constant"
         if isinstance(module.padding, str) or module.padding_mode != "zeros":
             self._explicit_pad = _explicit_padding(module)
-            self.padding: tuple[int, int] = (0, 0)
+            self.padding: tuple[int, ...] = (0,) * self.spatial
         else:
-            self.padding = module.padding  # type: ignore[assignment]
+            self.padding = module.padding
+
+    def _batched(self, t: Tensor) -> Tensor:
+        """``t`` with a batch dim: an unbatched ``(C, *spatial)`` input or output gradient as one sample."""
+        return t.unsqueeze(0) if t.dim() == self._unbatched_dims else t
 
     def _padded(self, x: Tensor) -> Tensor:
-        if x.dim() == 3:
-            x = x.unsqueeze(0)
+        x = self._batched(x)
         if self._explicit_pad is None:
             return x
         return F.pad(x, self._explicit_pad, mode=self._pad_mode)
@@ -135,8 +140,7 @@ class Conv2dLayer(KroneckerLayer):
         total: Tensor | None = None
         count = 0
         for chunk in self.unfold_chunks(x):
-            patches = F.unfold(chunk, self.kernel_size, self.dilation, self.padding, self.stride)
-            rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+            rows = self.patch_rows(chunk)
             moment = fold_bias_moment(rows, self.bias is not None, dtype)
             total = moment if total is None else total.add_(moment)
             count += rows.shape[0]
@@ -159,32 +163,16 @@ class Conv2dLayer(KroneckerLayer):
         per_sample = positions * x.shape[1] * math.prod(self.kernel_size)
         return x.split(max(1, x.numel() // max(1, per_sample)))
 
-    def _output_rows(self, grad_out: Tensor) -> Tensor:
-        if grad_out.dim() == 3:
-            grad_out = grad_out.unsqueeze(0)
-        return grad_out.permute(0, 2, 3, 1).reshape(-1, grad_out.shape[1])
-
-    # The two reductions below work on the (N, C, positions) layout of the output gradient as it
-    # comes (a view): the (rows, C) layout of _output_rows is a permuted copy of the whole tensor,
-    # which cost more than the reductions themselves. Both serve Conv1d/3d too (_unbatched_dims).
-    def _output_sum(self, grad_out: Tensor) -> Tensor:
-        if grad_out.dim() == self._unbatched_dims:
-            grad_out = grad_out.unsqueeze(0)
-        return grad_out.sum((0, *range(2, grad_out.dim())))
-
-    def _output_second_moment(self, grad_out: Tensor, dtype: torch.dtype) -> Tensor:
-        if grad_out.dim() == self._unbatched_dims:
-            grad_out = grad_out.unsqueeze(0)
-        n, c = grad_out.shape[:2]
-        if n * c * c > grad_out.numel():  # the per-sample moments would outgrow the copy they avoid
-            return super()._output_second_moment(grad_out, dtype)
-        per_sample = grad_out.reshape(n, c, -1).to(dtype)
-        return (per_sample @ per_sample.transpose(1, 2)).sum(0)  # Σ_n Σ_positions δ δᵀ
-
-    # K-FAC-reduce (WEIGHT_SHARING): the positions are the output positions. Written for any number
-    # of spatial dims, so fop.layers.ConvNdLayer (Conv1d/3d) shares them.
-    def _has_shared_positions(self, grad_out: Tensor) -> bool:
-        return True
+    def patch_rows(self, x: Tensor) -> Tensor:
+        """The patches ``a_{n,p}`` of the padded batched input ``x``, ``(samples · positions, C · Π k)``."""
+        if self.spatial == 2:
+            # F.unfold (im2col) is one kernel for 2-D, the common case; it has no other dimensions
+            patches = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
+            return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+        windows = self.patch_windows(x)
+        d = self.spatial
+        order = (0, *range(2, 2 + d), 1, *range(2 + d, 2 + 2 * d))  # (N, *positions, C, *kernel)
+        return windows.permute(order).reshape(-1, windows.shape[1] * math.prod(self.kernel_size))
 
     def patch_windows(self, x: Tensor) -> Tensor:
         """The receptive fields of the padded input ``x`` as a view, ``(N, C, *positions, *kernel)``.
@@ -200,29 +188,51 @@ class Conv2dLayer(KroneckerLayer):
                 x = x[..., ::d]
         return x
 
+    def _output_rows(self, grad_out: Tensor) -> Tensor:
+        grad_out = self._batched(grad_out)
+        return grad_out.movedim(1, -1).reshape(-1, grad_out.shape[1])
+
+    # The two reductions below work on the (N, C, positions) layout of the output gradient as it
+    # comes (a view): the (rows, C) layout of _output_rows is a permuted copy of the whole tensor,
+    # which cost more than the reductions themselves.
+    def _output_sum(self, grad_out: Tensor) -> Tensor:
+        grad_out = self._batched(grad_out)
+        return grad_out.sum((0, *range(2, grad_out.dim())))
+
+    def _output_second_moment(self, grad_out: Tensor, dtype: torch.dtype) -> Tensor:
+        grad_out = self._batched(grad_out)
+        n, c = grad_out.shape[:2]
+        if n * c * c > grad_out.numel():  # the per-sample moments would outgrow the copy they avoid
+            return super()._output_second_moment(grad_out, dtype)
+        per_sample = grad_out.reshape(n, c, -1).to(dtype)
+        return (per_sample @ per_sample.transpose(1, 2)).sum(0)  # Σ_n Σ_positions δ δᵀ
+
+    # K-FAC-reduce (WEIGHT_SHARING): the positions are the output positions
+    def _has_shared_positions(self, grad_out: Tensor) -> bool:
+        return True
+
     def _mean_input_rows(self, x: Tensor) -> Tensor:
         # a reduction over the window view: reads the input Π k times, writes no unfolded patches
         windows = self.patch_windows(self._padded(x))
-        spatial = (windows.dim() - 2) // 2
-        means = windows.mean(dim=tuple(range(2, 2 + spatial)), dtype=compute_dtype(self.weight.dtype))
+        means = windows.mean(dim=tuple(range(2, 2 + self.spatial)), dtype=compute_dtype(self.weight.dtype))
         return means.reshape(means.shape[0], -1)
 
     def _summed_output_rows(self, grad_out: Tensor, dtype: torch.dtype) -> Tensor:
-        if grad_out.dim() == self._unbatched_dims:
-            grad_out = grad_out.unsqueeze(0)
+        grad_out = self._batched(grad_out)
         return grad_out.sum(dim=tuple(range(2, grad_out.dim())), dtype=dtype)
 
     def _folded_grad(self, x: Tensor, grad_out: Tensor) -> Tensor:
         x = self._padded(x)
-        if grad_out.dim() == 3:
-            grad_out = grad_out.unsqueeze(0)
-        grad_out = grad_out.to(x.dtype)
-        w = conv2d_weight(x, self.weight.shape, grad_out, self.stride, self.padding, self.dilation, 1).reshape(
-            self.out_features, -1
-        )
+        grad_out = self._batched(grad_out).to(x.dtype)
+        weight_grad = _WEIGHT_GRAD[self.spatial]
+        w = weight_grad(x, self.weight.shape, grad_out, self.stride, self.padding, self.dilation, 1)
+        w = w.reshape(self.out_features, -1)
         if self.bias is None:
             return w
-        return torch.cat([w, grad_out.sum((0, 2, 3))[:, None].to(w.dtype)], dim=1)
+        return torch.cat([w, grad_out.sum((0, *range(2, grad_out.dim())))[:, None].to(w.dtype)], dim=1)
+
+
+_WEIGHT_GRAD = {1: conv1d_weight, 2: conv2d_weight, 3: conv3d_weight}  # ∂W of a convolution, by spatial dims
 
 
 def _explicit_padding(module: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> list[int]:
@@ -237,68 +247,6 @@ def _explicit_padding(module: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> list[int]:
         return pad
     padding = cast(tuple[int, ...], module.padding)  # a tuple once the string forms are handled above
     return [p for size in reversed(padding) for p in (size, size)]
-
-
-_WEIGHT_GRAD = {1: conv1d_weight, 2: conv2d_weight, 3: conv3d_weight}
-
-
-class ConvNdLayer(Conv2dLayer):
-    """``nn.Conv1d`` / ``nn.Conv3d`` with ``groups=1``: rows are the (sample, output position) patches.
-
-    Patches come from the window view :meth:`Conv2dLayer.patch_windows`, arranged as
-    ``(C, k_1, …, k_d)`` like the weight; the sub-batch gradients from ``torch.nn.grad.conv{1,3}d_weight``.
-    K-FAC-reduce's mean patches are Conv2dLayer's, which serve any number of spatial dims.
-    """
-
-    def __init__(self, name: str, module: nn.Conv1d | nn.Conv2d | nn.Conv3d, mode: CaptureMode) -> None:
-        super().__init__(name, module, mode)
-        self.spatial = self.weight.dim() - 2
-        self._unbatched_dims = self.spatial + 1
-        if self._explicit_pad is not None:
-            self.padding = (0,) * self.spatial  # type: ignore[assignment]
-
-    def _padded(self, x: Tensor) -> Tensor:
-        if x.dim() == self.spatial + 1:
-            x = x.unsqueeze(0)
-        if self._explicit_pad is None:
-            return x
-        return F.pad(x, self._explicit_pad, mode=self._pad_mode)
-
-    def _patch_rows(self, x: Tensor) -> Tensor:
-        """``(samples · positions, C · Π k)`` receptive fields of the padded input ``x``."""
-        x = self.patch_windows(x)
-        order = (0, *range(2, 2 + self.spatial), 1, *range(2 + self.spatial, 2 + 2 * self.spatial))
-        return x.permute(order).reshape(-1, x.shape[1] * math.prod(self.kernel_size))
-
-    def _input_second_moment(self, x: Tensor) -> tuple[Tensor, int]:
-        x = self._padded(x)
-        dtype = compute_dtype(self.weight.dtype)
-        total: Tensor | None = None
-        count = 0
-        for chunk in self.unfold_chunks(x):
-            rows = self._patch_rows(chunk)
-            moment = fold_bias_moment(rows, self.bias is not None, dtype)
-            total = moment if total is None else total.add_(moment)
-            count += rows.shape[0]
-        assert total is not None
-        return total, count
-
-    def _output_rows(self, grad_out: Tensor) -> Tensor:
-        if grad_out.dim() == self.spatial + 1:
-            grad_out = grad_out.unsqueeze(0)
-        return grad_out.movedim(1, -1).reshape(-1, grad_out.shape[1])
-
-    def _folded_grad(self, x: Tensor, grad_out: Tensor) -> Tensor:
-        x = self._padded(x)
-        if grad_out.dim() == self.spatial + 1:
-            grad_out = grad_out.unsqueeze(0)
-        grad_out = grad_out.to(x.dtype)
-        weight_grad = _WEIGHT_GRAD[self.spatial]
-        w = weight_grad(x, self.weight.shape, grad_out, self.stride, self.padding, self.dilation, 1)
-        w = w.reshape(self.out_features, -1)
-        if self.bias is None:
-            return w
-        return torch.cat([w, grad_out.sum((0, *range(2, grad_out.dim())))[:, None].to(w.dtype)], dim=1)
 
 
 class TransposedLinearLayer(LinearLayer):
@@ -546,7 +494,7 @@ def _gpt2_conv1d_layers(name: str, module: nn.Module, mode: CaptureMode, batch_d
 
 def _convolution_layers(name: str, module: nn.Module, mode: CaptureMode, batch_dim: int) -> list[KroneckerLayer]:
     assert isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
-    return [(Conv2dLayer if isinstance(module, nn.Conv2d) else ConvNdLayer)(name, module, mode)]
+    return [ConvLayer(name, module, mode)]
 
 
 def _linear_layers(name: str, module: nn.Module, mode: CaptureMode, batch_dim: int) -> list[KroneckerLayer]:
