@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +55,7 @@ __all__ = [
     "SequenceFirstEmbeddingLayer",
     "SequenceFirstLinearLayer",
     "TransposedLinearLayer",
+    "TransposedWeight",
     "is_attention",
     "is_convolution",
     "is_dense_embedding",
@@ -249,15 +250,16 @@ def _explicit_padding(module: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> list[int]:
     return [p for size in reversed(padding) for p in (size, size)]
 
 
-class TransposedLinearLayer(LinearLayer):
-    """GPT-2's ``Conv1D``: ``y = x W + b`` with ``W`` of shape ``(in, out)``, i.e. a Linear with ``Wᵀ``.
+class TransposedWeight(KroneckerLayer):
+    """Mixin for a layer whose weight is stored ``(in, out)``, the transpose of ``nn.Linear``'s ``(out, in)``.
 
-    The folded matrix is ``[Wᵀ | b]``, so factors and directions are those of the equivalent
-    ``nn.Linear``; only the conversion to and from the parameter's layout transposes.
+    The folded matrix is ``[Wᵀ | b]``, ``(out, in_f)`` as for every layer, so the factors and directions
+    are those of the equivalent ``nn.Linear``; only the conversion to and from the parameter's layout
+    (:meth:`as_matrix`, :meth:`from_matrix`) transposes.
     """
 
-    def __init__(self, name: str, module: nn.Module, mode: CaptureMode, weight: nn.Parameter | None = None) -> None:
-        super().__init__(name, module, mode, weight=weight)  # weight given: no bias (EmbeddingLayer)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.out_features = self.weight.shape[1]
         self.in_features = self.weight.shape[0] + (1 if self.bias is not None else 0)
 
@@ -268,7 +270,11 @@ class TransposedLinearLayer(LinearLayer):
         return matrix.T.contiguous()
 
 
-class EmbeddingLayer(TransposedLinearLayer):
+class TransposedLinearLayer(TransposedWeight, LinearLayer):
+    """GPT-2's ``Conv1D``: ``y = x W + b`` with ``W`` of shape ``(in, out)``, i.e. a Linear with ``Wᵀ``."""
+
+
+class EmbeddingLayer(TransposedWeight):
     """``nn.Embedding``: ``y = W[x]`` is the Linear ``y = Wᵀ e_x`` on the one-hot input ``e_x`` (no bias).
 
     The folded matrix is ``Wᵀ`` (embedding_dim, num_embeddings). Over the ``R`` looked-up positions
@@ -301,6 +307,7 @@ class EmbeddingLayer(TransposedLinearLayer):
     _unbatched_dims = 0  # any index tensor is a batch: (batch,) or (batch, seq, ...)
 
     def __init__(self, name: str, module: nn.Embedding, mode: CaptureMode) -> None:
+        # the weight given explicitly: nn.Embedding has no ``bias`` attribute for the base to read
         super().__init__(name, module, mode, weight=cast(nn.Parameter, module.weight))
         self.padding_idx: int | None = module.padding_idx
 
