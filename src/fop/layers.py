@@ -5,27 +5,24 @@ optimizer: :class:`~fop.curvature.KroneckerLayer`). A layer type here supplies i
 rows ``a`` (bias column of ones folded in) and output rows ``δ`` of its factors, its folded gradient
 ``[∂W | ∂b]``, and for K-FAC-reduce each sample's mean input row and summed output rows.
 
-================================================  =============================================================
-module                                            layer type(s)
-================================================  =============================================================
-``nn.Linear`` (or a subclass keeping its forward)  :class:`LinearLayer`; sequence-first inputs:
-                                                  :class:`SequenceFirstLinearLayer`
-``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d``,    :class:`ConvLayer`
-``groups=1``
-``nn.MultiheadAttention``                         one :class:`AttentionProjectionLayer` per in-projection; the
-                                                  module is converted in place to :class:`fop.nn.MultiheadAttention`
-                                                  so the projections run where the hooks see them, and
-                                                  ``out_proj`` is an ordinary ``nn.Linear`` layer
-GPT-2's ``Conv1D`` (weight ``(in, out)``,         :class:`TransposedLinearLayer`, recognised by its structure
-``y = x W + b``)                                  (:func:`is_gpt2_conv1d`) without importing ``transformers``
-``nn.Embedding`` (dense gradients,                :class:`EmbeddingLayer` (sequence-first indices:
-``scale_grad_by_freq=False``)                     :class:`SequenceFirstEmbeddingLayer`): a Linear on one-hot
-                                                  inputs whose input factor is diagonal (token frequencies)
-================================================  =============================================================
+* ``nn.Linear`` (or a subclass keeping its forward): :class:`LinearLayer`; on sequence-first inputs
+  (:func:`linear_layouts`) :class:`SequenceFirstLinearLayer`.
+* ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` with ``groups=1``: :class:`ConvLayer`.
+* ``nn.MultiheadAttention``: one :class:`AttentionProjectionLayer` per in-projection; the module is
+  converted in place to :class:`fop.nn.MultiheadAttention` so the projections run where the hooks see
+  them, and ``out_proj`` is an ordinary ``nn.Linear`` layer.
+* GPT-2's ``Conv1D`` (``transformers.pytorch_utils.Conv1D``: weight ``(in, out)``, ``y = x W + b``),
+  recognised by its structure (:func:`is_gpt2_conv1d`) without importing ``transformers``:
+  :class:`TransposedLinearLayer`.
+* ``nn.Embedding`` (dense gradients, ``scale_grad_by_freq=False``): :class:`EmbeddingLayer` (sequence-first
+  indices: :class:`SequenceFirstEmbeddingLayer`), a Linear on one-hot inputs whose input factor is
+  diagonal (token frequencies). It shares with GPT-2's layer only :class:`TransposedWeight`: a weight
+  stored ``(in, out)``.
 
-The table is :data:`LAYER_TYPES`, one :class:`LayerType` per row. :func:`supports` and :func:`make_layers`
-are what the optimizer asks; :func:`unsupported_reason` names the weight-bearing modules that fall back
-to the first-order rule, for its warning; :func:`linear_layouts` finds the sequence-first ones.
+:data:`LAYER_TYPES` is this list, one :class:`LayerType` (how the module is recognised, which layers it
+gets) per item: the one registry. :func:`supports` and :func:`make_layers` are what the optimizer asks;
+:func:`unsupported_reason` names the weight-bearing modules that fall back to the first-order rule, for
+its warning. A new layer type is a :class:`~fop.curvature.KroneckerLayer` subclass and an entry there.
 """
 
 from __future__ import annotations
@@ -338,8 +335,8 @@ class _SequenceFirst(KroneckerLayer):
     Every capture (halves, sample counts) sees the batch first; the factors do not depend on row order.
     """
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.batch_dim = 1
 
     def _backward_hook(self, x: Tensor, grad_out: Tensor, mode: CaptureMode) -> None:
@@ -508,7 +505,8 @@ def _linear_layers(name: str, module: nn.Module, mode: CaptureMode, batch_dim: i
     return [(SequenceFirstLinearLayer if batch_dim == 1 else LinearLayer)(name, module, mode)]
 
 
-# Every module kind with Kronecker curvature, in the order a module is matched against them.
+# Every module kind with Kronecker curvature. A module gets the first entry that recognises it; the
+# kinds are disjoint but for duck-typed look-alikes (a Conv1D-structured Linear subclass is GPT-2's).
 LAYER_TYPES: tuple[LayerType, ...] = (
     LayerType("Embedding", is_dense_embedding, _embedding_layers),
     LayerType("MultiheadAttention", is_attention, _attention_layers),
@@ -535,7 +533,7 @@ def make_layers(name: str, module: nn.Module, mode: CaptureMode, batch_dim: int 
     """
     kind = layer_type(module)
     if kind is None:
-        supported = ", ".join(kind.name for kind in LAYER_TYPES)
+        supported = ", ".join(entry.name for entry in LAYER_TYPES)
         raise TypeError(f"{type(module).__name__} has no Kronecker curvature; supported: {supported}")
     return kind.make(name, module, mode, batch_dim)
 
