@@ -68,6 +68,7 @@ class SweepConfig:
     layers: int | None = None
     lr_scaling: str | None = None
     base_lrs: tuple[tuple[str, float], ...] = ()
+    lr_factors: tuple[tuple[str, float], ...] = ()  # --lr-factor: one factor for a named optimizer
     curvature_interval: int | None = None
     damping: float | None = None
     bf16: bool = True
@@ -178,7 +179,9 @@ def plan_runs(config: SweepConfig, task: Task, dataset: Any, optimizers: Sequenc
             # a variant's fallback rule (fbsgd, fbadamw) takes the library's default learning rate
             # for that rule, a variant's flX a fixed one; otherwise the task's rule (_fallback_lr)
             own_fallback = fixed_fallback_lr is not None or "fallback" in spec.options
-            for factor, second in itertools.product(config.lr_grid, second_axis(config, spec)):
+            pinned = dict(config.lr_factors).get(spec.name)
+            grid = config.lr_grid if pinned is None else (pinned,)
+            for factor, second in itertools.product(grid, second_axis(config, spec)):
                 lr = factor * scaled_lr(base_lr, batch_size, task.reference_batch, scaling)
                 default_damping = config.damping or task.curvature.damping
                 hyperparameters = Hyperparameters(
