@@ -181,12 +181,12 @@ def test_step_does_not_synchronise_with_the_host(cls: type, curvature: bool) -> 
 def test_input_factor_of_half_precision_rows_equals_the_float32_product(half: torch.dtype, bias: bool) -> None:
     """Autocast hands the hooks bf16/fp16 inputs; their factor (a half-precision GEMM accumulated in
     float32 on CUDA) equals the float32 product of the up-cast rows up to summation order."""
-    from fop.curvature import _fold_bias_moment
+    from fop.curvature import fold_bias_moment
 
     gen = torch.Generator().manual_seed(3)
     for n_rows, n_cols in [(5000, 70), (40, 300)]:  # the block-assembled and the augmented-rows paths
         rows = torch.randn(n_rows, n_cols, generator=gen).to(DEVICE, half)
-        got = _fold_bias_moment(rows, bias, torch.float32)
+        got = fold_bias_moment(rows, bias, torch.float32)
         assert got.dtype == torch.float32
         up = rows.double()
         if bias:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from fop import FOP, KFAC
-from fop.distributed import DistributedCommunicator, LocalCommunicator, assign_owners, layer_cost, state_bytes
+from fop.distributed import (
+    DistributedCommunicator,
+    LocalCommunicator,
+    Reduced,
+    assign_owners,
+    layer_cost,
+    state_bytes,
+)
 
 DTYPE = torch.float64
 GLOBAL_BATCH = 16
@@ -328,10 +336,9 @@ def scenario_odd(rank: int, world: int, out: dict) -> None:
         return
     for opt_name in ("kfac", "fop"):
         model = mlp()
-        split = "equal" if opt_name == "kfac" else "parity"
         opt = make_optimizer(opt_name, model, distributed=DistributedCommunicator(group=sub))
-        size = 12 if split == "equal" else 24
-        data = [local_part(b, rank, 3, split) for b in global_batches("mlp", 4, size)]
+        size = 12 if opt_name == "kfac" else 24
+        data = [local_part(b, rank, 3, "equal") for b in global_batches("mlp", 4, size)]
         train(model, opt, data)
         out[f"odd_{opt_name}"] = {"params": params_of(model), "assignment": dict(opt.communicator.assignment)}
 
@@ -811,13 +818,66 @@ def test_checkpoint_from_rank0_holds_full_state_and_resumes_anywhere(world2, wor
             assert ("A" in keys) == (res["fop_mlp"]["assignment"][name] == rank)
 
 
+class GivenHalves(LocalCommunicator):
+    """One process whose two sub-batch gradients are given, as two process groups would give them."""
+
+    halves_from_processes = True  # the hooks record no in-batch halves
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.halves: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # layer name -> folded (g1, g2)
+
+    def reduce(self, work: Any, ok: torch.Tensor, context: Any) -> Reduced:
+        given = [(item, *self.halves[item.layer.name]) for item in work]
+        return Reduced([replace(item, g1=g1, g2=g2, grad=0.5 * (g1 + g2)) for item, g1, g2 in given], ok)
+
+
+def odd_fop_reference(batches: list, world: int = 3) -> list[torch.Tensor]:
+    """FOP on ``world`` processes with equal local batches (rank r: the r-th chunk), on one process.
+
+    The factors are the global batch's (equal local batches); the halves are the groups' means of
+    their processes' gradients, ``g1`` over the ``⌈N/2⌉`` even ranks and ``g2`` over the ``⌊N/2⌋``
+    odd ones, computed here by autograd on a hook-free copy of the model; ``grad = (g1 + g2) / 2``
+    (not the global batch's mean gradient when the groups differ in size).
+    """
+    model = mlp()
+    halves = GivenHalves()
+    opt = make_optimizer("fop", model, distributed=halves)
+    for x, y in batches:
+        parts = [local_part((x, y), r, world, "equal") for r in range(world)]
+        copy = mlp()
+        copy.load_state_dict(model.state_dict())
+        folded = []
+        for parity in (0, 1):
+            members = parts[parity::2]
+            copy.zero_grad()
+            (sum(F.cross_entropy(copy(xr), yr) for xr, yr in members) / len(members)).backward()
+            folded.append(
+                {
+                    name: torch.cat([m.weight.grad, m.bias.grad[:, None]], dim=1)
+                    for name, m in copy.named_modules()
+                    if isinstance(m, nn.Linear)
+                }
+            )
+        halves.halves = {name: (folded[0][name], folded[1][name]) for name in folded[0]}
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return params_of(model)
+
+
 def test_odd_number_of_processes(world4) -> None:
     members = world4[:3]
     # K-FAC has no halves: equal local batches give the single-process result
     for res in members:
         assert_params(res["odd_kfac"]["params"], reference("kfac", "mlp", size=12))
-    # FOP: groups of 2 (ranks 0, 2) and 1 (rank 1); every process ends with the same parameters
+    # FOP: groups of 2 (ranks 0, 2) and 1 (rank 1), 8 samples each: g1 the mean of two processes'
+    # gradients, g2 one process's
     assert_ranks_agree(members, "odd_fop")
+    expected = odd_fop_reference(global_batches("mlp", 4, 24))
+    assert_params(members[0]["odd_fop"]["params"], expected)
+    # the groups' sizes acted: the in-batch halves of the global batch (12 and 12 samples) differ
+    assert not torch.allclose(expected[0], reference("fop", "mlp", size=24)[0])
     assert set(members[0]["odd_fop"]["assignment"].values()) <= {0, 1, 2}
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Protocol
 
-__all__ = ["SHARED_SCALARS", "LayerShape", "WorkAssignment", "assign_owners", "layer_cost", "tri"]
+__all__ = ["SHARED_SCALARS", "LayerShape", "WorkAssignment", "assign_owners", "factor_entries", "layer_cost", "tri"]
 
 # shared with every layer's direction: β*, η*, s (diagnostics), ⟨d, g⟩ (the KL trust region) and,
 # for FOP, the gradient-noise terms tr Σ, |G|² (diagnostics)
@@ -43,6 +43,16 @@ class _Shaped(Protocol):
 def tri(n: int) -> int:
     """Entries of the upper triangle of an ``n × n`` symmetric matrix."""
     return n * (n + 1) // 2
+
+
+def factor_entries(n: int, diagonal: bool = False) -> int:
+    """Entries an ``n × n`` Kronecker factor takes in a collective's buffer.
+
+    A dense (symmetric) factor travels as its upper triangle, ``n(n+1)/2``; a diagonal one (the
+    input factor of an ``nn.Embedding``, kept as its diagonal) as its ``n`` entries. The one place
+    that decides it: :class:`fop.codec.FactorCodec` packs by it, the byte counts count by it.
+    """
+    return n if diagonal else tri(n)
 
 
 def layer_cost(
@@ -94,6 +104,7 @@ class LayerShape:
     in_features: int
     out_features: int
     itemsize: int = 4
+    diagonal_input: bool = False  # the input factor is diagonal (nn.Embedding)
 
     @property
     def numel(self) -> int:
@@ -101,8 +112,8 @@ class LayerShape:
 
     @property
     def triangles(self) -> int:
-        """Entries of the packed factor statistics: the upper triangles of ``A`` and ``G``."""
-        return tri(self.in_features) + tri(self.out_features)
+        """Entries of the packed factor statistics ``[A | G]`` (:func:`factor_entries` of each)."""
+        return factor_entries(self.in_features, self.diagonal_input) + factor_entries(self.out_features)
 
 
 @dataclass(frozen=True)

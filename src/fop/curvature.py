@@ -1,14 +1,16 @@
 """Per-layer curvature capture: Kronecker factors and sub-batch gradients from module hooks.
 
-One :class:`KroneckerLayer` wraps one supported module (``nn.Linear`` and ``nn.Conv2d`` here; convolutions
-of other dimensions, attention projections, GPT-2's ``Conv1D`` and embeddings in :mod:`fop.layers`). During an
-ordinary forward/backward pass its hooks record, for the pending optimizer step:
+One :class:`KroneckerLayer` wraps one supported module. This module is the engine every layer type
+shares: the hooks, the halves, the factor statistics and their hand-over to the optimizer. What differs
+between layer types (their input rows ``a``, output rows ``δ`` and folded gradient ``[∂W | ∂b]``) is
+supplied by the subclasses in :mod:`fop.layers`, which also says which module gets which type. During an
+ordinary forward/backward pass a layer's hooks record, for the pending optimizer step:
 
 * the two sub-batch gradients: each forward batch is split into a first half (``ceil(n/2)``
   samples) and a second half, and the weight/bias gradient of each half is formed from the saved
   layer input and the output gradient (``g1``, ``g2``: mean-loss gradients of the halves);
 * on curvature steps, the factor statistics ``Σ a aᵀ`` (layer inputs, bias folded in as a
-  trailing column of ones; Conv2d: unfolded patches) and ``Σ δ δᵀ`` (output gradients), from every
+  trailing column of ones; convolutions: unfolded patches) and ``Σ δ δᵀ`` (output gradients), from every
   sample of the forward batch or, with ``factor_samples``, from an evenly strided subset of them
   (:func:`factor_subset`). For layers whose weight is applied at several positions of a sample
   (convolutions, sequence inputs) the rows are every (sample, position) pair ("expand") or, with
@@ -25,16 +27,12 @@ refuse in-place modifications of their outputs.
 
 from __future__ import annotations
 
-import math
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, cast
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.grad import conv2d_weight
 
 from .functional import compute_dtype, safe_divide
 from .profiling import phase
@@ -44,13 +42,11 @@ __all__ = [
     "WEIGHT_SHARING",
     "CaptureMode",
     "KroneckerLayer",
-    "LinearLayer",
-    "Conv2dLayer",
     "LayerWork",
+    "as_computed",
     "factor_subset",
+    "fold_bias_moment",
     "loss_scale_ratio",
-    "make_layer",
-    "supports",
 ]
 
 # The curvature state the optimizer keeps per layer (in ``optimizer.state[layer.weight]``): the
@@ -148,9 +144,10 @@ class LayerWork:
     averaged and its output gradients summed over the positions (:data:`WEIGHT_SHARING`).
     ``direction`` is filled in by the layer's owner.
 
-    Phases: from :meth:`from_capture` to the communicator's ``reduce`` the fields are this
-    process's own; after it, ``grad``, ``g1``, ``g2``, ``a_factor``, ``g_factor`` are the reduced values on
-    the layer's owner (``a_factor``, ``g_factor``, ``g1``, ``g2`` None elsewhere); after ``share``, ``direction``
+    Phases: :meth:`from_capture` makes this process's record; the communicator's ``reduce``
+    returns new records (:class:`fop.distributed.Reduced`) whose ``grad``, ``g1``, ``g2``, ``a_factor``,
+    ``g_factor`` are the reduced values on the layer's owner (``a_factor``, ``g_factor``, ``g1``, ``g2``
+    None elsewhere); the owner fills in ``direction``; ``share`` returns records whose ``direction``
     and ``dg`` hold the owner's result on every process.
     """
 
@@ -240,10 +237,13 @@ def _add(acc: Tensor | None, value: Tensor) -> Tensor:
 
 
 class KroneckerLayer:
-    """Curvature capture for one module; subclasses know the layer type's algebra.
+    """Curvature capture for one module; subclasses (:mod:`fop.layers`) know the layer type's algebra.
 
     The folded weight matrix is ``W_f = [W.reshape(out, -1) | b]`` of shape ``(out, in_f)`` with
-    ``in_f = in + 1`` when the module has a bias.
+    ``in_f = in + 1`` when the module has a bias. A layer type supplies the methods under "per type"
+    below: its input rows' moment ``Σ a aᵀ`` and output rows ``δ``, its folded gradient ``δᵀ a`` of some
+    samples, and for K-FAC-reduce each sample's mean input row and summed output rows; a type whose
+    weight is stored otherwise than ``(out, …)`` also overrides :meth:`as_matrix` / :meth:`from_matrix`.
     """
 
     def __init__(
@@ -415,7 +415,7 @@ class KroneckerLayer:
     def _reduced_input_moment(self, x: Tensor) -> tuple[Tensor, int]:
         """``(Σ_n ā_n ā_nᵀ, samples)``: each sample's input row averaged over its positions, bias folded in."""
         means = self._mean_input_rows(x)
-        return _fold_bias_moment(means, self.bias is not None, means.dtype), means.shape[0]
+        return fold_bias_moment(means, self.bias is not None, means.dtype), means.shape[0]
 
     def _reduced_output_moment(self, grad_out: Tensor, dtype: torch.dtype) -> Tensor:
         """``Σ_n δ̂_n δ̂_nᵀ`` in ``dtype``: each sample's output gradients summed over its positions."""
@@ -540,7 +540,7 @@ class KroneckerLayer:
         return matrix.reshape(self.weight.shape)
 
     # ----------------------------------------------------------------------------- per type
-    _unbatched_dims = 1
+    _unbatched_dims = 1  # dims of one sample's input without a batch dim (an input with more is batched)
     # the input factor is diagonal and kept as its 1-D diagonal (fop.layers.EmbeddingLayer)
     diagonal_input = False
 
@@ -613,7 +613,7 @@ def _tf32(x: Tensor) -> bool:
     return x.is_cuda and (torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32)
 
 
-def _fold_bias_moment(rows: Tensor, with_bias: bool, dtype: torch.dtype) -> Tensor:
+def fold_bias_moment(rows: Tensor, with_bias: bool, dtype: torch.dtype) -> Tensor:
     """``Σ a aᵀ`` over rows, in ``dtype``, with a trailing all-ones column appended to ``a`` when biased."""
     if not with_bias:
         return _gram(rows, dtype)
@@ -652,196 +652,3 @@ def _gram(rows: Tensor, dtype: torch.dtype) -> Tensor:
             _half_gram_on_device = False
     rows = rows.to(dtype)
     return rows.T @ rows
-
-
-class LinearLayer(KroneckerLayer):
-    """``nn.Linear`` on inputs ``(batch, *, in)``: every leading position is a row of the factors."""
-
-    def _input_second_moment(self, x: Tensor) -> tuple[Tensor, int]:
-        rows = x.reshape(-1, x.shape[-1])
-        return _fold_bias_moment(rows, self.bias is not None, compute_dtype(self.weight.dtype)), rows.shape[0]
-
-    def _output_rows(self, grad_out: Tensor) -> Tensor:
-        return grad_out.reshape(-1, grad_out.shape[-1])
-
-    def _folded_grad(self, x: Tensor, grad_out: Tensor) -> Tensor:
-        a = x.reshape(-1, x.shape[-1])
-        g = grad_out.reshape(-1, grad_out.shape[-1])
-        w = g.T @ a
-        if self.bias is None:
-            return w
-        return torch.cat([w, g.sum(0)[:, None].to(w.dtype)], dim=1)
-
-    # (batch, *positions, features): the positions are the dims between the first and the last,
-    # reduced in place (no reshape: a sequence-first input arrives as a transposed view)
-    def _has_shared_positions(self, grad_out: Tensor) -> bool:
-        return grad_out.dim() > 2
-
-    def _mean_input_rows(self, x: Tensor) -> Tensor:
-        return x.mean(dim=tuple(range(1, x.dim() - 1)), dtype=compute_dtype(self.weight.dtype))
-
-    def _summed_output_rows(self, grad_out: Tensor, dtype: torch.dtype) -> Tensor:
-        return grad_out.sum(dim=tuple(range(1, grad_out.dim() - 1)), dtype=dtype)
-
-
-class Conv2dLayer(KroneckerLayer):
-    """``nn.Conv2d`` with ``groups=1``: rows are the (sample, output position) patches.
-
-    The input factor uses the unfolded patches (exact ``Σ a aᵀ``, unfolded in chunks of samples);
-    the sub-batch gradients use ``torch.nn.grad.conv2d_weight`` (no unfolding). Non-zero padding
-    modes and string paddings are applied to the input explicitly, so both see the padded input.
-    """
-
-    _unbatched_dims = 3
-
-    def __init__(self, name: str, module: nn.Conv2d, mode: CaptureMode) -> None:
-        super().__init__(name, module, mode)
-        self.kernel_size = module.kernel_size
-        self.stride = module.stride
-        self.dilation = module.dilation
-        self._explicit_pad: list[int] | None = None
-        self._pad_mode = module.padding_mode if module.padding_mode != "zeros" else "constant"
-        if isinstance(module.padding, str) or module.padding_mode != "zeros":
-            self._explicit_pad = _explicit_padding(module)
-            self.padding: tuple[int, int] = (0, 0)
-        else:
-            self.padding = module.padding  # type: ignore[assignment]
-
-    def _padded(self, x: Tensor) -> Tensor:
-        if x.dim() == 3:
-            x = x.unsqueeze(0)
-        if self._explicit_pad is None:
-            return x
-        return F.pad(x, self._explicit_pad, mode=self._pad_mode)
-
-    def _input_second_moment(self, x: Tensor) -> tuple[Tensor, int]:
-        x = self._padded(x)
-        dtype = compute_dtype(self.weight.dtype)
-        total: Tensor | None = None
-        count = 0
-        for chunk in self.unfold_chunks(x):
-            patches = F.unfold(chunk, self.kernel_size, self.dilation, self.padding, self.stride)
-            rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
-            total = _add(total, _fold_bias_moment(rows, self.bias is not None, dtype))
-            count += rows.shape[0]
-        assert total is not None
-        return total, count
-
-    def unfold_chunks(self, x: Tensor) -> tuple[Tensor, ...]:
-        """The padded input split along samples so that no chunk's patches outgrow the input itself.
-
-        A convolution's patches hold ``Π k`` times its input (nine times for 3x3), and the Gram
-        product takes a transposed copy of them: unfolded all at once they held several times the
-        activations the layer keeps for backward (the peak of a whole training step). Chunks whose
-        patches hold at most as many elements as ``x`` bound these temporaries by twice the input;
-        each chunk still makes one large product (its rows are samples × positions).
-        """
-        positions = math.prod(
-            (size + 2 * p - d * (k - 1) - 1) // s + 1
-            for size, k, s, d, p in zip(x.shape[2:], self.kernel_size, self.stride, self.dilation, self.padding)
-        )
-        per_sample = positions * x.shape[1] * math.prod(self.kernel_size)
-        return x.split(max(1, x.numel() // max(1, per_sample)))
-
-    def _output_rows(self, grad_out: Tensor) -> Tensor:
-        if grad_out.dim() == 3:
-            grad_out = grad_out.unsqueeze(0)
-        return grad_out.permute(0, 2, 3, 1).reshape(-1, grad_out.shape[1])
-
-    # The two reductions below work on the (N, C, positions) layout of the output gradient as it
-    # comes (a view): the (rows, C) layout of _output_rows is a permuted copy of the whole tensor,
-    # which cost more than the reductions themselves. Both serve Conv1d/3d too (_unbatched_dims).
-    def _output_sum(self, grad_out: Tensor) -> Tensor:
-        if grad_out.dim() == self._unbatched_dims:
-            grad_out = grad_out.unsqueeze(0)
-        return grad_out.sum((0, *range(2, grad_out.dim())))
-
-    def _output_second_moment(self, grad_out: Tensor, dtype: torch.dtype) -> Tensor:
-        if grad_out.dim() == self._unbatched_dims:
-            grad_out = grad_out.unsqueeze(0)
-        n, c = grad_out.shape[:2]
-        if n * c * c > grad_out.numel():  # the per-sample moments would outgrow the copy they avoid
-            return super()._output_second_moment(grad_out, dtype)
-        per_sample = grad_out.reshape(n, c, -1).to(dtype)
-        return (per_sample @ per_sample.transpose(1, 2)).sum(0)  # Σ_n Σ_positions δ δᵀ
-
-    # K-FAC-reduce (WEIGHT_SHARING): the positions are the output positions. Written for any number
-    # of spatial dims, so fop.layers.ConvNdLayer (Conv1d/3d) shares them.
-    def _has_shared_positions(self, grad_out: Tensor) -> bool:
-        return True
-
-    def patch_windows(self, x: Tensor) -> Tensor:
-        """The receptive fields of the padded input ``x`` as a view, ``(N, C, *positions, *kernel)``.
-
-        ``Tensor.unfold`` along each spatial dim (window ``d(k−1)+1``, step ``s``, every ``d``-th
-        element: dilation); no copy is made. Indexed ``[n, c, *p, *k]`` like the weight ``[o, c, *k]``.
-        """
-        if any(self.padding):
-            x = F.pad(x, [p for pad in reversed(self.padding) for p in (pad, pad)])
-        for i, (k, s, d) in enumerate(zip(self.kernel_size, self.stride, self.dilation)):
-            x = x.unfold(2 + i, d * (k - 1) + 1, s)
-            if d > 1:
-                x = x[..., ::d]
-        return x
-
-    def _mean_input_rows(self, x: Tensor) -> Tensor:
-        # a reduction over the window view: reads the input Π k times, writes no unfolded patches
-        windows = self.patch_windows(self._padded(x))
-        spatial = (windows.dim() - 2) // 2
-        means = windows.mean(dim=tuple(range(2, 2 + spatial)), dtype=compute_dtype(self.weight.dtype))
-        return means.reshape(means.shape[0], -1)
-
-    def _summed_output_rows(self, grad_out: Tensor, dtype: torch.dtype) -> Tensor:
-        if grad_out.dim() == self._unbatched_dims:
-            grad_out = grad_out.unsqueeze(0)
-        return grad_out.sum(dim=tuple(range(2, grad_out.dim())), dtype=dtype)
-
-    def _folded_grad(self, x: Tensor, grad_out: Tensor) -> Tensor:
-        x = self._padded(x)
-        if grad_out.dim() == 3:
-            grad_out = grad_out.unsqueeze(0)
-        grad_out = grad_out.to(x.dtype)
-        w = conv2d_weight(x, self.weight.shape, grad_out, self.stride, self.padding, self.dilation, 1).reshape(
-            self.out_features, -1
-        )
-        if self.bias is None:
-            return w
-        return torch.cat([w, grad_out.sum((0, 2, 3))[:, None].to(w.dtype)], dim=1)
-
-
-def _explicit_padding(module: nn.Conv2d) -> list[int]:
-    """``F.pad`` amounts (left, right, top, bottom) equivalent to the module's own padding."""
-    if module.padding == "valid":
-        return [0, 0, 0, 0]
-    if module.padding == "same":
-        pad: list[int] = []
-        for k, d in zip(reversed(module.kernel_size), reversed(module.dilation)):
-            total = d * (k - 1)
-            pad += [total // 2, total - total // 2]
-        return pad
-    padding = cast(tuple[int, ...], module.padding)  # a tuple once the string forms are handled above
-    return [p for size in reversed(padding) for p in (size, size)]
-
-
-def supports(module: nn.Module) -> bool:
-    """Whether ``module`` gets Kronecker curvature (else its parameters use the fallback rule)."""
-    if type(module) is nn.Linear or (isinstance(module, nn.Linear) and _is_plain_linear(module)):
-        return True
-    return isinstance(module, nn.Conv2d) and module.groups == 1
-
-
-def _is_plain_linear(module: nn.Linear) -> bool:
-    # subclasses that keep Linear's forward (e.g. NonDynamicallyQuantizableLinear) are fine;
-    # ones that override forward may not pass their weight through the input we capture
-    return type(module).forward is nn.Linear.forward
-
-
-_LAYER_TYPES: dict[type, Callable[..., KroneckerLayer]] = {nn.Linear: LinearLayer, nn.Conv2d: Conv2dLayer}
-
-
-def make_layer(name: str, module: nn.Module, mode: CaptureMode) -> KroneckerLayer:
-    """The :class:`KroneckerLayer` for a supported module."""
-    for base, cls in _LAYER_TYPES.items():
-        if isinstance(module, base):
-            return cls(name, module, mode)
-    raise TypeError(f"{type(module).__name__} has no Kronecker curvature; supported: Linear, Conv2d")

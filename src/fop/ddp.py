@@ -24,16 +24,19 @@ triangles on curvature steps and one all-reduce of the layers' bias-sized loss-s
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .assignment import tri
+from .assignment import factor_entries
+from .codec import FactorCodec
 from .curvature import KroneckerLayer, LayerWork, loss_scale_ratio
-from .distributed import LocalCommunicator, StepContext, TriangleCodec
+from .distributed import LocalCommunicator, Reduced, StepContext
 from .functional import compute_dtype
 
 __all__ = ["DDPCommunicator", "bytes_per_step", "dual_gradient_hook"]
@@ -59,7 +62,7 @@ class DDPCommunicator(LocalCommunicator):
         self.splits = bool(optimizer.splits_batch)
         self.n_even, self.n_odd = (self.world_size + 1) // 2, self.world_size // 2
         self._halves: dict[int, tuple[Tensor, Tensor]] = {}  # id(param) -> (g1, g2) of the last backward
-        self._tri = TriangleCodec()
+        self._codec = FactorCodec()
         self.last_step_bytes: dict[str, int] = {"hook_all_reduce": 0, "all_reduce": 0}  # of the last step()
         self._hook_bytes = 0  # since the last step()
         if self.world_size < 2:
@@ -110,45 +113,40 @@ class DDPCommunicator(LocalCommunicator):
                 offset += ref.numel()
         return loss_scale_ratio(list(layers))
 
-    def reduce(self, work: Sequence[LayerWork], ok: Tensor, context: StepContext) -> Tensor:
-        if self.splits:
-            for item in work:
-                # the bucket held the back-propagated loss's gradient; p.grad may since have been
-                # unscaled (GradScaler) or clipped: the halves follow p.grad's units, as G does
-                item.g1, item.g2 = (self._folded(item.layer, k, item.grad) for k in (0, 1))
-                if item.loss_scale is not None:
-                    item.g1, item.g2 = item.loss_scale * item.g1, item.loss_scale * item.g2
-                item.grad = 0.5 * (item.g1 + item.g2)
-                item.half_batch = item.samples * self.world_size / 2  # the halves: even and odd ranks' batches
-            self._halves = {}  # consumed: a step without a hooked backward must not reuse them
+    def reduce(self, work: Sequence[LayerWork], ok: Tensor, context: StepContext) -> Reduced:
+        work = [self._with_halves(item) for item in work] if self.splits else list(work)
+        self._halves = {}  # consumed: a step without a hooked backward must not reuse them
+        return Reduced(self._mean_factors(work), ok)
+
+    def _with_halves(self, item: LayerWork) -> LayerWork:
+        """The record with the hook's halves ``g1``, ``g2`` and ``grad = (g1 + g2) / 2``."""
+        # the bucket held the back-propagated loss's gradient; p.grad may since have been
+        # unscaled (GradScaler) or clipped: the halves follow p.grad's units, as G does
+        g1, g2 = (self._folded(item.layer, k, item.grad) for k in (0, 1))
+        if item.loss_scale is not None:
+            g1, g2 = item.loss_scale * g1, item.loss_scale * g2
+        half_batch = item.samples * self.world_size / 2  # the halves: even and odd ranks' batches
+        return replace(item, g1=g1, g2=g2, grad=0.5 * (g1 + g2), half_batch=half_batch)
+
+    def _mean_factors(self, work: list[LayerWork]) -> list[LayerWork]:
+        """The records with their factor statistics averaged over the processes (one all-reduce)."""
         factored = [
             (item, a, g) for item in work if (a := item.a_factor) is not None and (g := item.g_factor) is not None
         ]
         if factored:
-            # a diagonal input factor (nn.Embedding) travels as its diagonal, a dense one as its upper triangle
-            sizes = [(_factor_size(a), tri(g.shape[0])) for _, a, g in factored]
+            sizes = [self._codec.size(a, g) for _, a, g in factored]
             first = factored[0][1]
-            flat = torch.zeros(sum(na + ng for na, ng in sizes), dtype=first.dtype, device=first.device)
-            offset = 0
-            for (_, a, g), (na, ng) in zip(factored, sizes):
-                if a.dim() == 1:
-                    flat[offset : offset + na].copy_(a)
-                else:
-                    self._tri.pack(a, flat[offset : offset + na])
-                self._tri.pack(g, flat[offset + na : offset + na + ng])
-                offset += na + ng
+            flat = torch.zeros(sum(sizes), dtype=first.dtype, device=first.device)
+            offsets = [0, *itertools.accumulate(sizes)][:-1]
+            for (_, a, g), off, size in zip(factored, offsets, sizes):
+                self._codec.pack(a, g, flat[off : off + size])
             self._all_reduce(flat)
-            offset = 0
-            for (item, a, g), (na, ng) in zip(factored, sizes):
-                reduced = flat[offset : offset + na]
-                if a.dim() == 2:
-                    reduced = self._tri.unpack(reduced, a.shape[0], a.dtype)
-                item.a_factor = reduced / self.world_size
-                item.g_factor = (
-                    self._tri.unpack(flat[offset + na : offset + na + ng], g.shape[0], g.dtype) / self.world_size
-                )
-                offset += na + ng
-        return ok
+            mean = {}
+            for (item, a, g), off, size in zip(factored, offsets, sizes):
+                a, g = self._codec.unpack(flat[off : off + size], a, g)
+                mean[id(item)] = replace(item, a_factor=a / self.world_size, g_factor=g / self.world_size)
+            work = [mean.get(id(item), item) for item in work]
+        return work
 
     def _all_reduce(self, flat: Tensor) -> None:
         dist.all_reduce(flat, group=self.group)
@@ -171,11 +169,6 @@ class DDPCommunicator(LocalCommunicator):
         return torch.cat([w, b[:, None]], dim=1)
 
 
-def _factor_size(a: Tensor) -> int:
-    """Elements an input factor takes in the all-reduce: its diagonal (1-D) or its upper triangle."""
-    return a.shape[0] if a.dim() == 1 else tri(a.shape[0])
-
-
 def bytes_per_step(optimizer: Any, curvature_step: bool = True) -> dict[str, int]:
     """Payload bytes of one step under :func:`dual_gradient_hook`, and plain DDP's for comparison.
 
@@ -190,8 +183,9 @@ def bytes_per_step(optimizer: Any, curvature_step: bool = True) -> dict[str, int
     for layer in optimizer.layers:
         size = torch.empty((), dtype=compute_dtype(layer.weight.dtype)).element_size()
         if curvature_step:
-            n_a = layer.in_features if layer.diagonal_input else tri(layer.in_features)
-            extra += (n_a + tri(layer.out_features)) * size
+            extra += (
+                factor_entries(layer.in_features, layer.diagonal_input) + factor_entries(layer.out_features)
+            ) * size
         if layer.bias is not None and layer.bias.requires_grad:
             extra += layer.out_features * size
         elif layer.is_reference:

@@ -7,9 +7,11 @@ communicator keeps no reference to the optimizer:
 
 1. ``reduce(work, ok, context)``: combine the processes' per-layer gradients, sub-batch gradients
    and factor statistics (each :class:`fop.curvature.LayerWork`) and the fallback parameters'
-   gradients, and agree on the finite-gradient flag (returned);
+   gradients, and agree on the finite-gradient flag; returns a :class:`Reduced` (new records, the
+   given ones are left as they were);
 2. ``owns(layer)``: only the owner of a layer updates its curvature and computes its direction;
-3. ``share(work)``: hand every process the directions computed by their owners;
+3. ``share(work)``: hand every process the directions computed by their owners; returns the
+   records with every layer's direction;
 
 and, outside the step, ``setup`` (construction; ``halves_from_processes`` then tells the engine
 whether the two sub-batches are process groups), ``has_factors`` (whether a layer's curvature has
@@ -49,6 +51,10 @@ optimizer is built inside an initialised process group of two or more processes:
   same buffers), and a presence count per layer that detects processes whose layers did not all
   receive gradients.
 
+The checks that the processes agree (configuration, call sequence, presence of gradients) and
+their messages are in :mod:`fop.agreement`; the flat buffers' offsets in :mod:`fop.assignment`,
+the factors' packing in :mod:`fop.codec`, the collectives in :mod:`fop.transport`.
+
 See ``docs/distributed.md`` for the recipe, the byte counts and the failure behaviour.
 """
 
@@ -57,14 +63,29 @@ from __future__ import annotations
 import datetime
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .assignment import SHARED_SCALARS, LayerShape, WorkAssignment, assign_owners, layer_cost, tri
+from .agreement import (
+    DistributedConfigError,
+    call_sequence,
+    check_agreement,
+    check_layout,
+    ddp_wrapper_message,
+    flatten,
+    presence_message,
+    raise_uncaptured,
+    refuse_diagonal,
+    same_call_message,
+    sequence_message,
+    signature,
+)
+from .assignment import SHARED_SCALARS, CommonLayout, LayerShape, WorkAssignment, assign_owners, layer_cost
+from .codec import FactorCodec
 from .curvature import KroneckerLayer, LayerWork, loss_scale_ratio
 from .functional import compute_dtype, inner
 from .intervals import Interval, mean_interval
@@ -76,8 +97,8 @@ __all__ = [
     "DistributedCommunicator",
     "DistributedConfigError",
     "LocalCommunicator",
+    "Reduced",
     "StepContext",
-    "TriangleCodec",
     "WorkAssignment",
     "assign_owners",
     "layer_cost",
@@ -87,22 +108,7 @@ __all__ = [
 ]
 
 _NOISE_KEYS = ("noise_trace", "noise_grad_sq")
-_SEQ_MOD = 4096  # call counters travel modulo this (exact float32 sums for up to 4096 processes)
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
-
-_DDP_MESSAGE = (
-    "{name} must own the gradient reduction in distributed training: pass the bare model, not a "
-    "DistributedDataParallel wrapper. DDP's single averaged all-reduce erases the two sub-batch "
-    "gradients (even ranks, odd ranks) that FOP needs; {name} reduces the gradients itself (and "
-    "broadcasts the initial parameters from rank 0, as DDP does). Write: model = Net().to(device); "
-    "optimizer = {name}(model, ...) inside an initialised process group, without DDP. "
-    "Or keep DDP and let its communication hook keep the halves: optimizer = {name}(ddp_model.module, ...); "
-    "ddp_model.register_comm_hook(optimizer, fop.dual_gradient_hook)."
-)
-
-
-class DistributedConfigError(ValueError):
-    """The processes of a distributed optimizer disagree on its configuration or its data."""
 
 
 # ================================================================================ interface
@@ -130,6 +136,20 @@ class StepContext:
     params: tuple[Tensor, ...] = ()  # every parameter with a gradient this step
 
 
+@dataclass(frozen=True)
+class Reduced:
+    """What ``reduce`` hands the engine: the step's layer records over the processes, and the agreed flag.
+
+    ``work`` holds one new :class:`fop.curvature.LayerWork` per given record, in the same order: on
+    a layer's owner ``grad``, ``g1``, ``g2``, ``a_factor``, ``g_factor`` are the reduced values; on
+    the other processes the record keeps its local ``grad`` and has no halves or factors (its
+    owner computes the direction). ``ok``: every process's gradients are finite (0-dim bool).
+    """
+
+    work: list[LayerWork]
+    ok: Tensor
+
+
 class Communicator:
     """Interface between the optimizer engine and the processes that share a step."""
 
@@ -148,14 +168,18 @@ class Communicator:
         """The loss-scale ratio of :func:`fop.curvature.loss_scale_ratio` (DDP's hook averages first)."""
         return loss_scale_ratio(list(layers))
 
-    def reduce(self, work: Sequence[LayerWork], ok: Tensor, context: StepContext) -> Tensor:
-        """Combine this step's gradients and statistics over the processes; the agreed finite-gradient flag."""
+    def reduce(self, work: Sequence[LayerWork], ok: Tensor, context: StepContext) -> Reduced:
+        """Combine this step's gradients and statistics over the processes (see :class:`Reduced`)."""
         raise NotImplementedError
 
     def owns(self, layer: KroneckerLayer) -> bool:
         raise NotImplementedError
 
-    def share(self, work: Sequence[LayerWork]) -> None:
+    def share(self, work: Sequence[LayerWork]) -> list[LayerWork]:
+        """The records with every layer's ``direction`` (and ``dg``, ``diagnostics``) from its owner.
+
+        ``work``: :attr:`Reduced.work` with the directions of the layers owned here filled in.
+        """
         raise NotImplementedError
 
     def has_factors(self, state: dict, layer: KroneckerLayer) -> bool:
@@ -184,7 +208,7 @@ class LocalCommunicator(Communicator):
     def __init__(self, auto: bool = False) -> None:
         self._auto = auto
 
-    def reduce(self, work: Sequence[LayerWork], ok: Tensor, context: StepContext) -> Tensor:
+    def reduce(self, work: Sequence[LayerWork], ok: Tensor, context: StepContext) -> Reduced:
         if self._auto:
             self._auto = False
             if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -196,13 +220,13 @@ class LocalCommunicator(Communicator):
                     "ddp_model.register_comm_hook(optimizer, dual_gradient_hook)",
                     stacklevel=4,
                 )
-        return ok
+        return Reduced(list(work), ok)
 
     def owns(self, layer: KroneckerLayer) -> bool:
         return True
 
-    def share(self, work: Sequence[LayerWork]) -> None:
-        return None
+    def share(self, work: Sequence[LayerWork]) -> list[LayerWork]:
+        return list(work)
 
 
 def make_communicator(
@@ -221,7 +245,7 @@ def make_communicator(
     from torch.nn.parallel import DistributedDataParallel
 
     if isinstance(model, DistributedDataParallel):
-        raise TypeError(_DDP_MESSAGE.format(name=name))
+        raise TypeError(ddp_wrapper_message(name))
     if isinstance(distributed, Communicator):
         if replicated and isinstance(distributed, DistributedCommunicator):
             distributed.replicated = True
@@ -298,7 +322,13 @@ def _work_assignment(
     mode = next((g["damping_mode"] for g in optimizer.param_groups if "damping_mode" in g), "exact")
     costs = [float(cost(layer)) if cost else layer_cost(layer, projection, interval, mode) for layer in found.layers]
     shapes = [
-        LayerShape(layer.name, layer.in_features, layer.out_features, _itemsize(compute_dtype(layer.weight.dtype)))
+        LayerShape(
+            layer.name,
+            layer.in_features,
+            layer.out_features,
+            _itemsize(compute_dtype(layer.weight.dtype)),
+            layer.diagonal_input,
+        )
         for layer in found.layers
     ]
     return WorkAssignment(
@@ -347,85 +377,6 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 # ================================================================================ helpers
-class TriangleCodec:
-    """Symmetric matrices to and from their upper triangles (``torch.triu_indices`` cached per size, device)."""
-
-    def __init__(self) -> None:
-        self._cache: dict[tuple[int, str], Tensor] = {}
-
-    def indices(self, n: int, device: torch.device) -> Tensor:
-        key = (n, str(device))
-        if key not in self._cache:
-            self._cache[key] = torch.triu_indices(n, n, device=device)
-        return self._cache[key]
-
-    def pack(self, matrix: Tensor, out: Tensor) -> None:
-        iu = self.indices(matrix.shape[0], matrix.device)
-        out.copy_(matrix[iu[0], iu[1]])
-
-    def unpack(self, values: Tensor, n: int, dtype: torch.dtype) -> Tensor:
-        iu = self.indices(n, values.device)
-        matrix = values.new_zeros(n, n, dtype=dtype)
-        matrix[iu[0], iu[1]] = values.to(dtype)
-        matrix[iu[1], iu[0]] = values.to(dtype)
-        return matrix
-
-
-def _plain(value: Any) -> Any:
-    """A picklable, comparable description of a hyperparameter."""
-    if isinstance(value, Tensor):
-        return value.detach().cpu().tolist()
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if callable(value):
-        return f"<callable {getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', type(value).__name__)}>"
-    return value
-
-
-def _flatten(signature: dict[str, Any]) -> dict[str, Any]:
-    """``{"param_groups": [{"lr": 0.1}]}`` -> ``{"param_groups[0].lr": 0.1}`` (for precise messages)."""
-    flat: dict[str, Any] = {}
-    for key, value in signature.items():
-        if key == "param_groups":
-            flat["param_groups"] = len(value)
-            for g, group in enumerate(value):
-                for name, entry in group.items():
-                    flat[f"param_groups[{g}].{name}"] = entry
-        else:
-            flat[key] = value
-    return flat
-
-
-def _short(value: Any, limit: int = 120) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _refuse_diagonal(layers: Sequence[KroneckerLayer]) -> None:
-    """The specialist layout packs every input factor as a dense triangle: no diagonal (Embedding) ones.
-
-    Raised by every process alike (their layers agree) before the step's first collective.
-    """
-    diagonal = [f"{layer.name} ({type(layer.module).__name__})" for layer in layers if layer.diagonal_input]
-    if diagonal:
-        raise NotImplementedError(
-            "DistributedCommunicator does not support layers with a diagonal input factor: "
-            + ", ".join(diagonal)
-            + ". Pass exclude=[...] for them (their parameters then take the fallback rule), or train through "
-            "DistributedDataParallel with fop.dual_gradient_hook, which supports them"
-        )
-
-
-def _raise_uncaptured(layers: Sequence[KroneckerLayer]) -> None:
-    if layers:
-        name = layers[0].name
-        raise RuntimeError(
-            f"{name}: its bias has a gradient but its weight has none (a frozen weight with a trained bias); "
-            f"distributed training cannot reduce it: exclude the module (exclude=[{name!r}]) so that its "
-            "parameters use the fallback rule"
-        )
-
-
 # ================================================================================ distributed
 class DistributedCommunicator(Communicator):
     """FOP / K-FAC across ``torch.distributed`` processes (the paper's Algorithm 1).
@@ -470,11 +421,43 @@ class DistributedCommunicator(Communicator):
         self.sync_buffers = sync_buffers
         self.broadcast_parameters = broadcast_parameters
         self.cost = cost
-        self.work: WorkAssignment | None = None
+        self._codec = FactorCodec()
+        # the group and what the collectives carry (setup)
         self.transport: Transport | None = None
-        self._codec = TriangleCodec()
-        self._index: dict[int, int] = {}
-        self._factored: set[int] = set()
+        self.world_size, self.rank = 1, 0  # the group's
+        self.backend = ""
+        self.work: WorkAssignment | None = None
+        self.layers: list[KroneckerLayer] = []
+        self.device = torch.device("cpu")
+        self.dtype = torch.float32  # of the collectives
+        self.splits = False  # FOP: two gradient slots, the even and the odd ranks
+        self._fallback: list[Tensor] = []
+        self._buffers: list[Tensor] = []
+        self._buffer_names: list[str] = []
+        self._index: dict[int, int] = {}  # id(layer) -> its index in the assignment
+        self._laid_out: set[int] = set()  # ids of the parameters with a place in the collectives
+        self._names: dict[int, str] = {}  # id(parameter) -> its name, for messages
+        self._optimizer_name = ""
+        # the assignment's offsets in the step's buffers, at hand for packing (_adopt)
+        self._numel: list[int] = []
+        self._factor_len: list[int] = []
+        self._n_even = self._n_odd = 0
+        self._grad_off: dict[int, int] = {}
+        self._bucket_grad_len: list[int] = []
+        self._fac_off: dict[int, int] = {}
+        self._share_off: dict[int, int] = {}
+        self._share_len: list[int] = []
+        self._members: list[list[int]] = []
+        self._common = CommonLayout((), (), 0, 0, 0, 0)
+        # the run
+        self._factored: set[int] = set()  # layers whose owner holds running factors
+        self._context = StepContext(0, 0, False, self.device, False)  # of the step in progress
+        self._pending: list[Any] = []  # reductions to other owners still in flight
+        self._last_pattern: Any = None  # which layers had gradients and factors at the last step
+        self._presence_cache: dict[Any, Tensor] = {}
+        self._check_now = True  # raise on disagreement at this step (a host synchronisation)
+        self._force_check = True  # ... and at the next one
+        self._checked_identical = True  # the warning on identical halves was considered
 
     # ----------------------------------------------------------------------------- the assignment
     @property
@@ -536,12 +519,7 @@ class DistributedCommunicator(Communicator):
         self._check_agreement(optimizer, "construction", 0)
         if self.broadcast_parameters:
             self._link.broadcast_tensors(list(model.parameters()) + list(model.buffers()))
-        self._factored = set()
-        self._context = StepContext(0, 0, False, found.device, self.splits)  # of the step in progress
-        self._pending: list = []
-        self._last_pattern: Any = None
-        self._presence_cache: dict[Any, Tensor] = {}
-        self._force_check = True
+        self._context = StepContext(0, 0, False, found.device, self.splits)
         self._checked_identical = not self.splits
 
     def _adopt(self, found: _Trainables, work: WorkAssignment) -> None:
@@ -553,9 +531,10 @@ class DistributedCommunicator(Communicator):
         self._laid_out = {id(p) for p in found.params}
         self.splits = work.splits
         self._numel = [layer.numel for layer in work.layers]
+        self._factor_len = [layer.triangles for layer in work.layers]
         self._n_even, self._n_odd = work.group_sizes
         self._grad_off, self._bucket_grad_len = work.grad_offsets
-        self._fac_off, self._bucket_fac_len = work.factor_offsets
+        self._fac_off = work.factor_offsets[0]
         self._share_off, self._share_len = work.share_offsets
         self._members = work.buckets
         self._common = work.common
@@ -567,56 +546,20 @@ class DistributedCommunicator(Communicator):
         self.group = None
 
     # ----------------------------------------------------------------------------- agreement
-    def _signature(self, optimizer: Engine, steps: int) -> dict[str, Any]:
-        groups = []
-        for group in optimizer.param_groups:
-            entry = {k: _plain(v) for k, v in sorted(group.items()) if k != "params"}
-            entry["params"] = [(tuple(p.shape), str(p.dtype)) for p in group["params"]]
-            groups.append(entry)
-        return {
-            "optimizer": type(optimizer).__name__,
-            "mode": "replicated" if self.replicated else "specialists",
-            "world_size": self.world_size,
-            "layers": [
-                (
-                    layer.name,
-                    type(layer.module).__name__,
-                    layer.out_features,
-                    layer.in_features,
-                    str(layer.weight.dtype),
-                )
-                for layer in self.layers
-            ],
-            "param_groups": groups,
-            "curvature_update_interval": _plain(optimizer.curvature_update_interval),
-            "inverse_update_interval": _plain(optimizer.inverse_update_interval),
-            "synced_buffers": [(name, tuple(b.shape)) for name, b in zip(self._buffer_names, self._buffers)],
-            "device_type": self.device.type,
-            "steps": int(steps),
-            "factored": sorted(self._factored),
-        }
-
     def _check_agreement(self, optimizer: Engine, when: str, steps: int) -> None:
         """All processes compare their configuration; every one raises on a mismatch (no hang)."""
-        mine = _flatten(self._signature(optimizer, steps))
-        everyone = self._link.all_gather_object(mine)
-        problems = []
-        for key in sorted(
-            set().union(*everyone), key=lambda k: (k not in mine, list(mine).index(k) if k in mine else 0)
-        ):
-            values = [sig.get(key, "<missing>") for sig in everyone]
-            if any(v != values[0] for v in values[1:]):
-                per_rank = "; ".join(f"rank {r}: {_short(v)}" for r, v in enumerate(values))
-                problems.append(f"  {key}: {per_rank}")
-            if len(problems) >= 12:
-                problems.append("  ...")
-                break
-        if problems:
-            raise DistributedConfigError(
-                f"{type(optimizer).__name__}: the {self.world_size} processes disagree at {when} "
-                "(every process must build the same model and optimizer, and load the same checkpoint):\n"
-                + "\n".join(problems)
-            )
+        mine = signature(
+            optimizer,
+            mode="replicated" if self.replicated else "specialists",
+            world_size=self.world_size,
+            layers=self.layers,
+            synced_buffers=list(zip(self._buffer_names, self._buffers)),
+            device_type=self.device.type,
+            steps=steps,
+            factored=self._factored,
+        )
+        mine = flatten(mine)
+        check_agreement(mine, self._link.all_gather_object(mine), type(optimizer).__name__, when)
 
     # ----------------------------------------------------------------------------- the step
     def owns(self, layer: KroneckerLayer) -> bool:
@@ -625,23 +568,12 @@ class DistributedCommunicator(Communicator):
     def has_factors(self, state: dict, layer: KroneckerLayer) -> bool:
         return self._index.get(id(layer), -1) in self._factored  # tracked here: owners hold the factors
 
-    def _check_layout(self, params: Sequence[Tensor]) -> None:
-        for p in params:
-            if id(p) not in self._laid_out:
-                name = self._names.get(id(p), f"a parameter of shape {tuple(p.shape)}")
-                raise DistributedConfigError(
-                    f"{name} was frozen (requires_grad=False) when the optimizer was built and now has a "
-                    f"gradient: distributed {self._optimizer_name} lays out its collectives at construction, "
-                    "for the parameters that train then. Build the optimizer after unfreezing (load the old "
-                    "one's state_dict() into it to keep its state)"
-                )
-
-    def reduce(self, work: Sequence[LayerWork], ok: Tensor, context: StepContext) -> Tensor:
+    def reduce(self, work: Sequence[LayerWork], ok: Tensor, context: StepContext) -> Reduced:
         self._context = context
         # at the first step, not at construction: under DDP, dual_gradient_hook replaces this
         # communicator (which supports them) before any step; the layers agree across processes
-        _refuse_diagonal(self.layers)
-        self._check_layout(context.params)
+        refuse_diagonal(self.layers)
+        check_layout(context.params, self._laid_out, self._names, self._optimizer_name)
         items = {self._index[id(item.layer)]: item for item in work}
         # raised after the first collective, whose sequence and presence checks name the cause on
         # every process when the processes disagree (e.g. a second step() without a new backward)
@@ -654,9 +586,9 @@ class DistributedCommunicator(Communicator):
         self._link.new_step()
         common = self._pack_common(items, ok, curvature)
         if self.replicated:
-            ok = self._reduce_replicated(items, common, curvature, uncaptured)
+            ok, reduced = self._reduce_replicated(items, common, curvature, uncaptured)
         else:
-            ok = self._reduce_to_owners(items, common, curvature, uncaptured)
+            ok, reduced = self._reduce_to_owners(items, common, curvature, uncaptured)
         fresh = [
             i
             for i, it in items.items()
@@ -666,30 +598,34 @@ class DistributedCommunicator(Communicator):
         # as factored only after a good step (one host synchronisation, until every layer is)
         if fresh and bool(ok):
             self._factored.update(fresh)
-        for i, item in items.items():
-            if not self._work.owns(self.rank, i):
-                item.a_factor = item.g_factor = item.g1 = item.g2 = None  # computed by the owner only
-        self._warn_if_identical(items)
-        return ok
+        self._warn_if_identical(reduced)
+        # the owner's reduced record; elsewhere the local one without what only the owner computes with
+        records = [
+            reduced[i] if i in reduced else replace(item, a_factor=None, g_factor=None, g1=None, g2=None)
+            for i, item in items.items()
+        ]
+        return Reduced(records, ok)
 
     def _reduce_replicated(
         self, items: dict[int, LayerWork], common: Tensor, curvature: bool, uncaptured: list[KroneckerLayer]
-    ) -> Tensor:
-        """One all-reduce of everything: [slots | factor triangles | common]."""
+    ) -> tuple[Tensor, dict[int, LayerWork]]:
+        """One all-reduce of everything: [slots | factor triangles | common]; the flag and every reduced record."""
         length = self._work.bucket_len(0, curvature)
         flat = torch.zeros(length + self._common.length, dtype=self.dtype, device=self.device)
         self._pack_bucket(flat, 0, items, curvature)
         flat[length:].copy_(common)
         self._link.all_reduce_now(flat, "the gradient all-reduce")
         ok = self._unpack_common(flat[length:], items)
-        _raise_uncaptured(uncaptured)
-        self._unpack_bucket(flat, 0, items, curvature)
-        return ok
+        raise_uncaptured(uncaptured)
+        return ok, self._unpack_bucket(flat, 0, items, curvature)
 
     def _reduce_to_owners(
         self, items: dict[int, LayerWork], common: Tensor, curvature: bool, uncaptured: list[KroneckerLayer]
-    ) -> Tensor:
-        """The common all-reduce and one reduce per owner, launched together; wait for the own bucket only."""
+    ) -> tuple[Tensor, dict[int, LayerWork]]:
+        """The common all-reduce and one reduce per owner, launched together; wait for the own bucket only.
+
+        Returns the flag and the reduced records of the layers owned here.
+        """
         common_handle = self._link.all_reduce(common)
         mine = None
         self._pending = []
@@ -705,35 +641,41 @@ class DistributedCommunicator(Communicator):
                 mine = (handle, bucket)
         self._link.wait(common_handle, "the gradient all-reduce")
         ok = self._unpack_common(common, items)
-        _raise_uncaptured(uncaptured)
-        if mine is not None:
-            self._link.wait(mine[0], "the reduction to this layer owner")
-            self._unpack_bucket(mine[1], self.rank, items, curvature)
-        return ok
+        raise_uncaptured(uncaptured)
+        if mine is None:
+            return ok, {}
+        self._link.wait(mine[0], "the reduction to this layer owner")
+        return ok, self._unpack_bucket(mine[1], self.rank, items, curvature)
 
-    def share(self, work: Sequence[LayerWork]) -> None:
+    def share(self, work: Sequence[LayerWork]) -> list[LayerWork]:
         for handle in self._pending:
             self._link.wait(handle, "the reduction to the layer owners")
         self._pending = []
         if self.replicated:
-            return
+            return list(work)
         items = {self._index[id(item.layer)]: item for item in work}
+        shared: dict[int, LayerWork] = {}
         received = []
         for r in range(self.world_size):
             if self._share_len[r] == 0:
                 continue
             bucket = torch.zeros(self._share_len[r], dtype=self.dtype, device=self.device)
             if r == self.rank:
-                self._pack_share(bucket, items)
+                shared.update(self._pack_share(bucket, items))
             received.append((r, self._link.broadcast(bucket, r), bucket))
         for r, handle, bucket in received:
             self._link.wait(handle, "the broadcast of the owners' directions")
             if r != self.rank:
-                self._unpack_share(bucket, r, items)
+                shared.update(self._unpack_share(bucket, r, items))
+        return [shared[i] for i in items]
 
-    def _pack_share(self, bucket: Tensor, items: dict[int, LayerWork]) -> None:
-        """This owner's directions and their scalars: ``[d | β*, η*, s, ⟨d, g⟩, tr Σ, |G|²]`` per layer."""
+    def _pack_share(self, bucket: Tensor, items: dict[int, LayerWork]) -> dict[int, LayerWork]:
+        """This owner's directions and their scalars: ``[d | β*, η*, s, ⟨d, g⟩, tr Σ, |G|²]`` per layer.
+
+        Returns the owned records with ``dg`` (and the diagnostics) as every other process reads them.
+        """
         zero = torch.zeros((), dtype=self.dtype, device=self.device)
+        shared = {}
         for i in self._members[self.rank]:
             item = items.get(i)
             if item is None:
@@ -741,7 +683,7 @@ class DistributedCommunicator(Communicator):
             assert item.direction is not None
             off = self._share_off[i]
             bucket[off : off + self._numel[i]].copy_(item.direction.reshape(-1))
-            diagnostics = item.diagnostics
+            diagnostics = dict(item.diagnostics)
             values = [
                 diagnostics.get("beta", zero),
                 diagnostics.get("eta", zero + 1),
@@ -754,9 +696,13 @@ class DistributedCommunicator(Communicator):
             values += [diagnostics.get(key, zero) for key in _NOISE_KEYS]
             scalars = bucket[off + self._numel[i] : off + self._numel[i] + SHARED_SCALARS]
             scalars.copy_(torch.stack([v.to(self.dtype).reshape(()) for v in values]))
-            item.dg = scalars[3].to(item.grad.dtype)  # as every other process will read it
+            # ⟨d, g⟩ as every other process will read it
+            shared[i] = replace(item, dg=scalars[3].to(item.grad.dtype), diagnostics=diagnostics)
+        return shared
 
-    def _unpack_share(self, bucket: Tensor, r: int, items: dict[int, LayerWork]) -> None:
+    def _unpack_share(self, bucket: Tensor, r: int, items: dict[int, LayerWork]) -> dict[int, LayerWork]:
+        """Owner ``r``'s layers' records with the direction, ``dg`` and diagnostics it broadcast."""
+        shared = {}
         for i in self._members[r]:
             item = items.get(i)
             if item is None:
@@ -764,14 +710,15 @@ class DistributedCommunicator(Communicator):
             off = self._share_off[i]
             layer = item.layer
             dtype = compute_dtype(layer.weight.dtype)
-            item.direction = bucket[off : off + self._numel[i]].view(layer.out_features, layer.in_features).to(dtype)
+            direction = bucket[off : off + self._numel[i]].view(layer.out_features, layer.in_features).to(dtype)
             scalars = bucket[off + self._numel[i] : off + self._numel[i] + SHARED_SCALARS].to(dtype)
-            item.dg = scalars[3]
-            if item.first_order:  # no curvature: no diagnostics
-                continue
-            item.diagnostics = {"beta": scalars[0], "eta": scalars[1], "projection": scalars[2]}
-            if self.splits:
-                item.diagnostics.update(zip(_NOISE_KEYS, scalars[4:6]))
+            diagnostics = {}
+            if not item.first_order:  # no curvature: no diagnostics
+                diagnostics = {"beta": scalars[0], "eta": scalars[1], "projection": scalars[2]}
+                if self.splits:
+                    diagnostics.update(zip(_NOISE_KEYS, scalars[4:6]))
+            shared[i] = replace(item, direction=direction, dg=scalars[3], diagnostics=diagnostics)
+        return shared
 
     # ----------------------------------------------------------------------------- packing
     def _pattern(self, items: dict[int, LayerWork], curvature: bool) -> tuple:
@@ -811,36 +758,8 @@ class DistributedCommunicator(Communicator):
         return common
 
     def _sequence(self) -> tuple[float, float]:
-        """Where this process is in the run: ``(step() calls + 1, zero_grad() calls)``, modulo 4096.
-
-        Summed over the processes in the step's first collective: every process must find
-        ``world_size`` times its own values. A process that skipped ``step()`` (and cleared its
-        gradients for the next batch), called it twice, or called ``state_dict()`` alone (which
-        sends zeros in the same collective) is caught at once, on every process. The modulus keeps
-        the sums exact in float32 for up to 4096 processes.
-        """
-        context = self._context
-        return float(context.step % _SEQ_MOD + 1), float(context.zero_grads % _SEQ_MOD)
-
-    def _sequence_message(self, summed: list[float]) -> str:
-        own = self._sequence()
-        lines = [
-            f"fop: the {self.world_size} processes are out of step: this process (rank {self.rank}) is at step() call "
-            f"{int(own[0])} after {int(own[1])} zero_grad() calls (modulo {_SEQ_MOD})"
-        ]
-        if self.world_size == 2:
-            other = (summed[0] - own[0], summed[1] - own[1])
-            if other[0] == 0:
-                lines.append("; the other process called state_dict() or load_state_dict() meanwhile")
-            else:
-                lines.append(f"; the other one at step() call {int(other[0])} after {int(other[1])} zero_grad() calls")
-        lines.append(
-            ". Every process must call zero_grad() and step() the same number of times, and state_dict() / "
-            "load_state_dict() together: one process skipped step() (a `continue` on some ranks only), called "
-            "it twice, or saved a checkpoint alone (state_dict() is a collective: call it on every process, "
-            "save rank 0's)"
-        )
-        return "".join(lines)
+        """This process's :func:`fop.agreement.call_sequence` in the step in progress."""
+        return call_sequence(self._context.step, self._context.zero_grads)
 
     def _unpack_common(self, common: Tensor, items: dict[int, LayerWork]) -> Tensor:
         n = self.world_size
@@ -857,30 +776,13 @@ class DistributedCommunicator(Communicator):
         if self._check_now or steps & (steps - 1) == 0:  # and at steps 1, 2, 4, ... on GPUs
             self._force_check = False
             if not bool(in_step):
-                raise DistributedConfigError(self._sequence_message(sequence.tolist()))
+                summed = sequence.tolist()
+                raise DistributedConfigError(sequence_message(self._sequence(), summed, self.world_size, self.rank))
             if not bool(consistent):
-                raise DistributedConfigError(self._presence_message(presence))
+                counts = [int(c) for c in presence.round().tolist()]
+                names, shapes = [layer.name for layer in self.layers], [tuple(p.shape) for p in self._fallback]
+                raise DistributedConfigError(presence_message(counts, names, shapes, self.world_size))
         return (common[self._common.flag] == 0) & consistent
-
-    def _presence_message(self, presence: Tensor) -> str:
-        counts = [int(c) for c in presence.round().tolist()]
-        n, n_layers = self.world_size, len(self.layers)
-        lines = []
-        for i, layer in enumerate(self.layers):
-            if counts[i] not in (0, n):
-                lines.append(f"  {layer.name}: gradients on {counts[i]} of {n} processes")
-            if counts[n_layers + i] not in (0, n):
-                lines.append(f"  {layer.name}: factor statistics on {counts[n_layers + i]} of {n} processes")
-        for j, p in enumerate(self._fallback):
-            if counts[2 * n_layers + j] not in (0, n):
-                lines.append(
-                    f"  fallback parameter #{j} {tuple(p.shape)}: gradients on {counts[2 * n_layers + j]} of {n} processes"
-                )
-        return (
-            "the processes did not all produce gradients for the same parameters this step "
-            "(every process must run the same layers forward and backward before each step(), "
-            "as with DDP's find_unused_parameters=False):\n" + "\n".join(lines)
-        )
 
     def _pack_bucket(self, bucket: Tensor, r: int, items: dict[int, LayerWork], curvature: bool) -> None:
         members = self._members[r]
@@ -894,15 +796,20 @@ class DistributedCommunicator(Communicator):
             bucket[off : off + self._numel[i]].copy_(item.grad.reshape(-1))
             if curvature and item.a_factor is not None and item.g_factor is not None:
                 foff = grad_len + self._fac_off[i]
-                n_in, n_out = self.layers[i].in_features, self.layers[i].out_features
-                self._codec.pack(item.a_factor, bucket[foff : foff + tri(n_in)])
-                self._codec.pack(item.g_factor, bucket[foff + tri(n_in) : foff + tri(n_in) + tri(n_out)])
+                self._codec.pack(item.a_factor, item.g_factor, bucket[foff : foff + self._factor_len[i]])
 
-    def _unpack_bucket(self, bucket: Tensor, r: int, items: dict[int, LayerWork], curvature: bool) -> None:
-        members = self._members[r]
+    def _unpack_bucket(
+        self, bucket: Tensor, r: int, items: dict[int, LayerWork], curvature: bool
+    ) -> dict[int, LayerWork]:
+        """Owner ``r``'s layers' records with the summed values turned into means over the processes.
+
+        ``g1 = S_even / ⌈N/2⌉``, ``g2 = S_odd / ⌊N/2⌋``, ``grad = (g1 + g2) / 2`` (FOP; K-FAC:
+        ``grad = S / N``), the factors ``S_A / N``, ``S_G / N``.
+        """
         grad_len = self._bucket_grad_len[r]
         n = self.world_size
-        for i in members:
+        reduced = {}
+        for i in self._members[r]:
             item = items.get(i)
             if item is None:
                 continue
@@ -910,25 +817,27 @@ class DistributedCommunicator(Communicator):
             shape = (layer.out_features, layer.in_features)
             dtype = item.grad.dtype
             off, numel = self._grad_off[i], self._numel[i]
-            if self.splits:
-                item.g1 = (bucket[off : off + numel].view(shape) / self._n_even).to(dtype)
-                item.g2 = (bucket[off + numel : off + 2 * numel].view(shape) / self._n_odd).to(dtype)
-                item.grad = 0.5 * (item.g1 + item.g2)
-                item.half_batch = item.samples * n / 2  # the halves: even and odd ranks' local batches
-            else:
-                item.grad = (bucket[off : off + numel].view(shape) / n).to(dtype)
+            a_factor = g_factor = None
             if curvature and item.a_factor is not None and item.g_factor is not None:
                 foff = grad_len + self._fac_off[i]
-                n_in, n_out = layer.in_features, layer.out_features
-                item.a_factor = self._codec.unpack(bucket[foff : foff + tri(n_in)], n_in, item.a_factor.dtype) / n
-                item.g_factor = (
-                    self._codec.unpack(
-                        bucket[foff + tri(n_in) : foff + tri(n_in) + tri(n_out)], n_out, item.g_factor.dtype
-                    )
-                    / n
+                a, g = self._codec.unpack(bucket[foff : foff + self._factor_len[i]], item.a_factor, item.g_factor)
+                a_factor, g_factor = a / n, g / n
+            if self.splits:
+                g1 = (bucket[off : off + numel].view(shape) / self._n_even).to(dtype)
+                g2 = (bucket[off + numel : off + 2 * numel].view(shape) / self._n_odd).to(dtype)
+                reduced[i] = replace(
+                    item,
+                    grad=0.5 * (g1 + g2),
+                    g1=g1,
+                    g2=g2,
+                    a_factor=a_factor,
+                    g_factor=g_factor,
+                    half_batch=item.samples * n / 2,  # the halves: even and odd ranks' local batches
                 )
             else:
-                item.a_factor = item.g_factor = None
+                grad = (bucket[off : off + numel].view(shape) / n).to(dtype)
+                reduced[i] = replace(item, grad=grad, a_factor=a_factor, g_factor=g_factor)
+        return reduced
 
     def _warn_if_identical(self, items: dict[int, LayerWork]) -> None:
         """Once: warn when the two groups' gradients are bitwise equal (DDP-averaged gradients?)."""
@@ -972,11 +881,7 @@ class DistributedCommunicator(Communicator):
         self._link.all_reduce_now(probe, f"the {what} collective")
         sequence = probe[self._common.sequence : self._common.sequence + 2]
         if bool((sequence != 0).any()):
-            raise DistributedConfigError(
-                f"fop: {what} is a collective and this process (rank {self.rank}) called it while "
-                f"{'another process' if self.world_size == 2 else 'other processes'} called step(): "
-                "call it on every process at the same point of the loop (and save rank 0's state)"
-            )
+            raise DistributedConfigError(same_call_message(what, self.rank, self.world_size))
 
     def loaded(self, optimizer: Engine, steps: int) -> None:
         """After every process loaded the same (full) checkpoint: shard it and check agreement."""

@@ -1,77 +1,136 @@
-"""Which modules get Kronecker curvature, and the layer types beyond ``nn.Linear`` / ``nn.Conv2d``.
+"""Kronecker layer types, and the registry that says which module gets which.
 
-* ``nn.Conv1d`` / ``nn.Conv3d`` (``groups=1``): :class:`ConvNdLayer`, the algebra of
-  :class:`fop.curvature.Conv2dLayer` over any number of spatial dims.
-* ``nn.MultiheadAttention``: :class:`AttentionProjectionLayer` for its in-projection(s); the module
-  is converted in place to :class:`fop.nn.MultiheadAttention` so the projections run where the
-  hooks see them, and ``out_proj`` is an ordinary ``nn.Linear`` layer.
+:mod:`fop.curvature` is the engine every layer shares (hooks, halves, factor statistics, hand-over to the
+optimizer: :class:`~fop.curvature.KroneckerLayer`). A layer type here supplies its algebra: the input
+rows ``a`` (bias column of ones folded in) and output rows ``δ`` of its factors, its folded gradient
+``[∂W | ∂b]``, and for K-FAC-reduce each sample's mean input row and summed output rows.
+
+* ``nn.Linear`` (or a subclass keeping its forward): :class:`LinearLayer`; on sequence-first inputs
+  (:func:`linear_layouts`) :class:`SequenceFirstLinearLayer`.
+* ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` with ``groups=1``: :class:`ConvLayer`.
+* ``nn.MultiheadAttention``: one :class:`AttentionProjectionLayer` per in-projection; the module is
+  converted in place to :class:`fop.nn.MultiheadAttention` so the projections run where the hooks see
+  them, and ``out_proj`` is an ordinary ``nn.Linear`` layer.
 * GPT-2's ``Conv1D`` (``transformers.pytorch_utils.Conv1D``: weight ``(in, out)``, ``y = x W + b``),
-  recognised by its structure: :class:`TransposedLinearLayer`.
-* ``nn.Embedding`` (dense gradients, ``scale_grad_by_freq=False``): :class:`EmbeddingLayer`, a
-  Linear on one-hot inputs whose input factor is diagonal (token frequencies).
+  recognised by its structure (:func:`is_gpt2_conv1d`) without importing ``transformers``:
+  :class:`TransposedLinearLayer`.
+* ``nn.Embedding`` (dense gradients, ``scale_grad_by_freq=False``): :class:`EmbeddingLayer` (sequence-first
+  indices: :class:`SequenceFirstEmbeddingLayer`), a Linear on one-hot inputs whose input factor is
+  diagonal (token frequencies). It shares with GPT-2's layer only :class:`TransposedWeight`: a weight
+  stored ``(in, out)``.
 
-:func:`supports` and :func:`make_layers` are what the optimizer asks; :func:`unsupported_reason`
-names the weight-bearing modules that fall back to the first-order rule, for its warning.
+:data:`LAYER_TYPES` is this list, one :class:`LayerType` (how the module is recognised, which layers it
+gets) per item: the one registry. :func:`supports` and :func:`make_layers` are what the optimizer asks;
+:func:`unsupported_reason` names the weight-bearing modules that fall back to the first-order rule, for
+its warning. A new layer type is a :class:`~fop.curvature.KroneckerLayer` subclass and an entry there.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.grad import conv1d_weight, conv2d_weight, conv3d_weight
 
-from . import curvature
-from .curvature import CaptureMode, Conv2dLayer, KroneckerLayer, LinearLayer, _add, _fold_bias_moment
+from .curvature import CaptureMode, KroneckerLayer, fold_bias_moment
 from .functional import compute_dtype
 from .nn import MultiheadAttention as CapturedAttention
 from .nn import register_projection_hook
 
 __all__ = [
+    "LAYER_TYPES",
     "AttentionProjectionLayer",
-    "ConvNdLayer",
+    "ConvLayer",
     "EmbeddingLayer",
+    "LayerType",
+    "LinearLayer",
     "SequenceFirstEmbeddingLayer",
     "SequenceFirstLinearLayer",
     "TransposedLinearLayer",
+    "TransposedWeight",
+    "is_attention",
+    "is_convolution",
+    "is_dense_embedding",
+    "is_gpt2_conv1d",
+    "is_plain_linear",
+    "layer_type",
     "linear_layouts",
     "make_layers",
     "supports",
     "unsupported_reason",
 ]
 
-_WEIGHT_GRAD = {1: conv1d_weight, 2: conv2d_weight, 3: conv3d_weight}
+
+class LinearLayer(KroneckerLayer):
+    """``nn.Linear`` on inputs ``(batch, *, in)``: every leading position is a row of the factors."""
+
+    def _input_second_moment(self, x: Tensor) -> tuple[Tensor, int]:
+        rows = x.reshape(-1, x.shape[-1])
+        return fold_bias_moment(rows, self.bias is not None, compute_dtype(self.weight.dtype)), rows.shape[0]
+
+    def _output_rows(self, grad_out: Tensor) -> Tensor:
+        return grad_out.reshape(-1, grad_out.shape[-1])
+
+    def _folded_grad(self, x: Tensor, grad_out: Tensor) -> Tensor:
+        a = x.reshape(-1, x.shape[-1])
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        w = g.T @ a
+        if self.bias is None:
+            return w
+        return torch.cat([w, g.sum(0)[:, None].to(w.dtype)], dim=1)
+
+    # (batch, *positions, features): the positions are the dims between the first and the last,
+    # reduced in place (no reshape: a sequence-first input arrives as a transposed view)
+    def _has_shared_positions(self, grad_out: Tensor) -> bool:
+        return grad_out.dim() > 2
+
+    def _mean_input_rows(self, x: Tensor) -> Tensor:
+        return x.mean(dim=tuple(range(1, x.dim() - 1)), dtype=compute_dtype(self.weight.dtype))
+
+    def _summed_output_rows(self, grad_out: Tensor, dtype: torch.dtype) -> Tensor:
+        return grad_out.sum(dim=tuple(range(1, grad_out.dim() - 1)), dtype=dtype)
 
 
-class ConvNdLayer(Conv2dLayer):
-    """``nn.Conv1d`` / ``nn.Conv3d`` with ``groups=1``: rows are the (sample, output position) patches.
+class ConvLayer(KroneckerLayer):
+    """``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` with ``groups=1``: rows are the (sample, output position) patches.
 
-    Patches come from the window view :meth:`~fop.curvature.Conv2dLayer.patch_windows`, arranged as
-    ``(C, k_1, …, k_d)`` like the weight; the sub-batch gradients from ``torch.nn.grad.conv{1,3}d_weight``.
-    K-FAC-reduce's mean patches are Conv2dLayer's, which serve any number of spatial dims.
+    With ``d`` spatial dims, output position ``p`` of sample ``n`` is ``y_{n,p} = W_f a_{n,p}``, where the
+    patch ``a_{n,p}`` is the receptive field of ``p`` in the padded input, arranged ``(C, k_1, …, k_d)`` like
+    the weight (bias: a trailing 1). The input factor uses the patches (exact ``Σ a aᵀ``, unfolded in
+    chunks of samples, :meth:`unfold_chunks`); the sub-batch gradients use
+    ``torch.nn.grad.conv{1,2,3}d_weight`` (no unfolding). Non-zero padding modes and string paddings
+    are applied to the input explicitly, so both see the padded input.
     """
 
-    def __init__(self, name: str, module: nn.Module, mode: CaptureMode) -> None:
+    def __init__(self, name: str, module: nn.Conv1d | nn.Conv2d | nn.Conv3d, mode: CaptureMode) -> None:
         super().__init__(name, module, mode)
-        self.spatial = module.weight.dim() - 2
-        self._unbatched_dims = self.spatial + 1
-        if self._explicit_pad is not None:
-            self.padding = (0,) * self.spatial  # type: ignore[assignment]
+        self.spatial = self.weight.dim() - 2
+        self._unbatched_dims = self.spatial + 1  # one sample: (C, *spatial)
+        self.kernel_size = module.kernel_size
+        self.stride = module.stride
+        self.dilation = module.dilation
+        self._explicit_pad: list[int] | None = None
+        self._pad_mode = module.padding_mode if module.padding_mode != "zeros" else "constant"
+        if isinstance(module.padding, str) or module.padding_mode != "zeros":
+            self._explicit_pad = _explicit_padding(module)
+            self.padding: tuple[int, ...] = (0,) * self.spatial
+        else:
+            self.padding = module.padding
+
+    def _batched(self, t: Tensor) -> Tensor:
+        """``t`` with a batch dim: an unbatched ``(C, *spatial)`` input or output gradient as one sample."""
+        return t.unsqueeze(0) if t.dim() == self._unbatched_dims else t
 
     def _padded(self, x: Tensor) -> Tensor:
-        if x.dim() == self.spatial + 1:
-            x = x.unsqueeze(0)
+        x = self._batched(x)
         if self._explicit_pad is None:
             return x
         return F.pad(x, self._explicit_pad, mode=self._pad_mode)
-
-    def _patch_rows(self, x: Tensor) -> Tensor:
-        """``(samples · positions, C · Π k)`` receptive fields of the padded input ``x``."""
-        x = self.patch_windows(x)
-        order = (0, *range(2, 2 + self.spatial), 1, *range(2 + self.spatial, 2 + 2 * self.spatial))
-        return x.permute(order).reshape(-1, x.shape[1] * math.prod(self.kernel_size))
 
     def _input_second_moment(self, x: Tensor) -> tuple[Tensor, int]:
         x = self._padded(x)
@@ -79,22 +138,90 @@ class ConvNdLayer(Conv2dLayer):
         total: Tensor | None = None
         count = 0
         for chunk in self.unfold_chunks(x):
-            rows = self._patch_rows(chunk)
-            total = _add(total, _fold_bias_moment(rows, self.bias is not None, dtype))
+            rows = self.patch_rows(chunk)
+            moment = fold_bias_moment(rows, self.bias is not None, dtype)
+            total = moment if total is None else total.add_(moment)
             count += rows.shape[0]
         assert total is not None
         return total, count
 
+    def unfold_chunks(self, x: Tensor) -> tuple[Tensor, ...]:
+        """The padded input split along samples so that no chunk's patches outgrow the input itself.
+
+        A convolution's patches hold ``Π k`` times its input (nine times for 3x3), and the Gram
+        product takes a transposed copy of them: unfolded all at once they held several times the
+        activations the layer keeps for backward (the peak of a whole training step). Chunks whose
+        patches hold at most as many elements as ``x`` bound these temporaries by twice the input;
+        each chunk still makes one large product (its rows are samples × positions).
+        """
+        positions = math.prod(
+            (size + 2 * p - d * (k - 1) - 1) // s + 1
+            for size, k, s, d, p in zip(x.shape[2:], self.kernel_size, self.stride, self.dilation, self.padding)
+        )
+        per_sample = positions * x.shape[1] * math.prod(self.kernel_size)
+        return x.split(max(1, x.numel() // max(1, per_sample)))
+
+    def patch_rows(self, x: Tensor) -> Tensor:
+        """The patches ``a_{n,p}`` of the padded batched input ``x``, ``(samples · positions, C · Π k)``."""
+        if self.spatial == 2:
+            # F.unfold (im2col) is one kernel for 2-D, the common case; it has no other dimensions
+            patches = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
+            return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+        windows = self.patch_windows(x)
+        d = self.spatial
+        order = (0, *range(2, 2 + d), 1, *range(2 + d, 2 + 2 * d))  # (N, *positions, C, *kernel)
+        return windows.permute(order).reshape(-1, windows.shape[1] * math.prod(self.kernel_size))
+
+    def patch_windows(self, x: Tensor) -> Tensor:
+        """The receptive fields of the padded input ``x`` as a view, ``(N, C, *positions, *kernel)``.
+
+        ``Tensor.unfold`` along each spatial dim (window ``d(k−1)+1``, step ``s``, every ``d``-th
+        element: dilation); no copy is made. Indexed ``[n, c, *p, *k]`` like the weight ``[o, c, *k]``.
+        """
+        if any(self.padding):
+            x = F.pad(x, [p for pad in reversed(self.padding) for p in (pad, pad)])
+        for i, (k, s, d) in enumerate(zip(self.kernel_size, self.stride, self.dilation)):
+            x = x.unfold(2 + i, d * (k - 1) + 1, s)
+            if d > 1:
+                x = x[..., ::d]
+        return x
+
     def _output_rows(self, grad_out: Tensor) -> Tensor:
-        if grad_out.dim() == self.spatial + 1:
-            grad_out = grad_out.unsqueeze(0)
+        grad_out = self._batched(grad_out)
         return grad_out.movedim(1, -1).reshape(-1, grad_out.shape[1])
+
+    # The two reductions below work on the (N, C, positions) layout of the output gradient as it
+    # comes (a view): the (rows, C) layout of _output_rows is a permuted copy of the whole tensor,
+    # which cost more than the reductions themselves.
+    def _output_sum(self, grad_out: Tensor) -> Tensor:
+        grad_out = self._batched(grad_out)
+        return grad_out.sum((0, *range(2, grad_out.dim())))
+
+    def _output_second_moment(self, grad_out: Tensor, dtype: torch.dtype) -> Tensor:
+        grad_out = self._batched(grad_out)
+        n, c = grad_out.shape[:2]
+        if n * c * c > grad_out.numel():  # the per-sample moments would outgrow the copy they avoid
+            return super()._output_second_moment(grad_out, dtype)
+        per_sample = grad_out.reshape(n, c, -1).to(dtype)
+        return (per_sample @ per_sample.transpose(1, 2)).sum(0)  # Σ_n Σ_positions δ δᵀ
+
+    # K-FAC-reduce (WEIGHT_SHARING): the positions are the output positions
+    def _has_shared_positions(self, grad_out: Tensor) -> bool:
+        return True
+
+    def _mean_input_rows(self, x: Tensor) -> Tensor:
+        # a reduction over the window view: reads the input Π k times, writes no unfolded patches
+        windows = self.patch_windows(self._padded(x))
+        means = windows.mean(dim=tuple(range(2, 2 + self.spatial)), dtype=compute_dtype(self.weight.dtype))
+        return means.reshape(means.shape[0], -1)
+
+    def _summed_output_rows(self, grad_out: Tensor, dtype: torch.dtype) -> Tensor:
+        grad_out = self._batched(grad_out)
+        return grad_out.sum(dim=tuple(range(2, grad_out.dim())), dtype=dtype)
 
     def _folded_grad(self, x: Tensor, grad_out: Tensor) -> Tensor:
         x = self._padded(x)
-        if grad_out.dim() == self.spatial + 1:
-            grad_out = grad_out.unsqueeze(0)
-        grad_out = grad_out.to(x.dtype)
+        grad_out = self._batched(grad_out).to(x.dtype)
         weight_grad = _WEIGHT_GRAD[self.spatial]
         w = weight_grad(x, self.weight.shape, grad_out, self.stride, self.padding, self.dilation, 1)
         w = w.reshape(self.out_features, -1)
@@ -103,15 +230,33 @@ class ConvNdLayer(Conv2dLayer):
         return torch.cat([w, grad_out.sum((0, *range(2, grad_out.dim())))[:, None].to(w.dtype)], dim=1)
 
 
-class TransposedLinearLayer(LinearLayer):
-    """GPT-2's ``Conv1D``: ``y = x W + b`` with ``W`` of shape ``(in, out)``, i.e. a Linear with ``Wᵀ``.
+_WEIGHT_GRAD = {1: conv1d_weight, 2: conv2d_weight, 3: conv3d_weight}  # ∂W of a convolution, by spatial dims
 
-    The folded matrix is ``[Wᵀ | b]``, so factors and directions are those of the equivalent
-    ``nn.Linear``; only the conversion to and from the parameter's layout transposes.
+
+def _explicit_padding(module: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> list[int]:
+    """``F.pad`` amounts (left, right, top, bottom) equivalent to the module's own padding."""
+    if module.padding == "valid":
+        return [0, 0, 0, 0]
+    if module.padding == "same":
+        pad: list[int] = []
+        for k, d in zip(reversed(module.kernel_size), reversed(module.dilation)):
+            total = d * (k - 1)
+            pad += [total // 2, total - total // 2]
+        return pad
+    padding = cast(tuple[int, ...], module.padding)  # a tuple once the string forms are handled above
+    return [p for size in reversed(padding) for p in (size, size)]
+
+
+class TransposedWeight(KroneckerLayer):
+    """Mixin for a layer whose weight is stored ``(in, out)``, the transpose of ``nn.Linear``'s ``(out, in)``.
+
+    The folded matrix is ``[Wᵀ | b]``, ``(out, in_f)`` as for every layer, so the factors and directions
+    are those of the equivalent ``nn.Linear``; only the conversion to and from the parameter's layout
+    (:meth:`as_matrix`, :meth:`from_matrix`) transposes.
     """
 
-    def __init__(self, name: str, module: nn.Module, mode: CaptureMode, weight: nn.Parameter | None = None) -> None:
-        super().__init__(name, module, mode, weight=weight)  # weight given: no bias (EmbeddingLayer)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.out_features = self.weight.shape[1]
         self.in_features = self.weight.shape[0] + (1 if self.bias is not None else 0)
 
@@ -122,7 +267,11 @@ class TransposedLinearLayer(LinearLayer):
         return matrix.T.contiguous()
 
 
-class EmbeddingLayer(TransposedLinearLayer):
+class TransposedLinearLayer(TransposedWeight, LinearLayer):
+    """GPT-2's ``Conv1D``: ``y = x W + b`` with ``W`` of shape ``(in, out)``, i.e. a Linear with ``Wᵀ``."""
+
+
+class EmbeddingLayer(TransposedWeight):
     """``nn.Embedding``: ``y = W[x]`` is the Linear ``y = Wᵀ e_x`` on the one-hot input ``e_x`` (no bias).
 
     The folded matrix is ``Wᵀ`` (embedding_dim, num_embeddings). Over the ``R`` looked-up positions
@@ -154,8 +303,9 @@ class EmbeddingLayer(TransposedLinearLayer):
     diagonal_input = True
     _unbatched_dims = 0  # any index tensor is a batch: (batch,) or (batch, seq, ...)
 
-    def __init__(self, name: str, module: nn.Module, mode: CaptureMode) -> None:
-        super().__init__(name, module, mode, weight=module.weight)
+    def __init__(self, name: str, module: nn.Embedding, mode: CaptureMode) -> None:
+        # the weight given explicitly: nn.Embedding has no ``bias`` attribute for the base to read
+        super().__init__(name, module, mode, weight=cast(nn.Parameter, module.weight))
         self.padding_idx: int | None = module.padding_idx
 
     def _input_second_moment(self, x: Tensor) -> tuple[Tensor, int]:
@@ -185,8 +335,8 @@ class _SequenceFirst(KroneckerLayer):
     Every capture (halves, sample counts) sees the batch first; the factors do not depend on row order.
     """
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.batch_dim = 1
 
     def _backward_hook(self, x: Tensor, grad_out: Tensor, mode: CaptureMode) -> None:
@@ -208,12 +358,13 @@ class AttentionProjectionLayer(LinearLayer):
     bias takes the first-order rule.
     """
 
-    def __init__(self, name: str, module: nn.Module, mode: CaptureMode, key: str) -> None:
+    def __init__(self, name: str, module: nn.MultiheadAttention, mode: CaptureMode, key: str) -> None:
         if key == "in_proj":
             weight, bias = module.in_proj_weight, module.in_proj_bias
         else:
             weight, bias = getattr(module, f"{key}_weight"), None
         super().__init__(f"{name}.{key}", module, mode, weight=weight, bias=bias)
+        self.module: nn.MultiheadAttention = module
         self.key = key
         self.uncaptured_reason: str | None = None
 
@@ -268,10 +419,29 @@ def linear_layouts(model: nn.Module, batch_first: bool | None) -> tuple[set[int]
             visit(child, flag)
 
     visit(model, None)
-    linears = {id(m) for m in model.modules() if isinstance(m, nn.Linear) or _is_embedding(m)} - internal
+    linears = {id(m) for m in model.modules() if isinstance(m, nn.Linear) or is_dense_embedding(m)} - internal
     sequence_first = linears if batch_first is False else linears & scoped
     undetermined = linears - sequence_first if batch_first is None and sequence_first else set()
     return sequence_first, undetermined
+
+
+# ----------------------------------------------------------------------------- the registry
+def is_plain_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear``, or a subclass keeping its forward (e.g. ``NonDynamicallyQuantizableLinear``).
+
+    A subclass that overrides ``forward`` may not pass its weight through the input the hooks capture.
+    """
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+
+
+def is_convolution(module: nn.Module) -> bool:
+    """An ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` with ``groups=1`` (one Kronecker block)."""
+    return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.groups == 1
+
+
+def is_attention(module: nn.Module) -> bool:
+    """An ``nn.MultiheadAttention`` of torch's own forward, or one already converted by :mod:`fop.nn`."""
+    return type(module) in (nn.MultiheadAttention, CapturedAttention)
 
 
 def is_gpt2_conv1d(module: nn.Module) -> bool:
@@ -287,11 +457,7 @@ def is_gpt2_conv1d(module: nn.Module) -> bool:
     )
 
 
-def _is_attention(module: nn.Module) -> bool:
-    return type(module) in (nn.MultiheadAttention, CapturedAttention)
-
-
-def _is_embedding(module: nn.Module) -> bool:
+def is_dense_embedding(module: nn.Module) -> bool:
     """An ``nn.Embedding`` (or subclass keeping its forward) with a Kronecker-factored gradient."""
     return (
         isinstance(module, nn.Embedding)
@@ -301,31 +467,75 @@ def _is_embedding(module: nn.Module) -> bool:
     )
 
 
+# (name, module, capture mode, batch dim of its inputs) -> the module's layers
+LayerFactory = Callable[[str, nn.Module, CaptureMode, int], list[KroneckerLayer]]
+
+
+@dataclass(frozen=True)
+class LayerType:
+    """One kind of module with Kronecker curvature: how it is recognised, and the layers it gets."""
+
+    name: str
+    recognises: Callable[[nn.Module], bool]
+    make: LayerFactory
+
+
+def _embedding_layers(name: str, module: nn.Module, mode: CaptureMode, batch_dim: int) -> list[KroneckerLayer]:
+    assert isinstance(module, nn.Embedding)
+    return [(SequenceFirstEmbeddingLayer if batch_dim == 1 else EmbeddingLayer)(name, module, mode)]
+
+
+def _attention_layers(name: str, module: nn.Module, mode: CaptureMode, batch_dim: int) -> list[KroneckerLayer]:
+    # the projections are called batch first whatever the module's flag (fop.nn): batch_dim does not apply
+    assert isinstance(module, nn.MultiheadAttention)
+    keys = ["in_proj"] if module.in_proj_weight is not None else ["q_proj", "k_proj", "v_proj"]
+    return [AttentionProjectionLayer(name, module, mode, key) for key in keys]
+
+
+def _gpt2_conv1d_layers(name: str, module: nn.Module, mode: CaptureMode, batch_dim: int) -> list[KroneckerLayer]:
+    return [TransposedLinearLayer(name, module, mode)]
+
+
+def _convolution_layers(name: str, module: nn.Module, mode: CaptureMode, batch_dim: int) -> list[KroneckerLayer]:
+    assert isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+    return [ConvLayer(name, module, mode)]
+
+
+def _linear_layers(name: str, module: nn.Module, mode: CaptureMode, batch_dim: int) -> list[KroneckerLayer]:
+    return [(SequenceFirstLinearLayer if batch_dim == 1 else LinearLayer)(name, module, mode)]
+
+
+# Every module kind with Kronecker curvature. A module gets the first entry that recognises it; the
+# kinds are disjoint but for duck-typed look-alikes (a Conv1D-structured Linear subclass is GPT-2's).
+LAYER_TYPES: tuple[LayerType, ...] = (
+    LayerType("Embedding", is_dense_embedding, _embedding_layers),
+    LayerType("MultiheadAttention", is_attention, _attention_layers),
+    LayerType("GPT-2 Conv1D", is_gpt2_conv1d, _gpt2_conv1d_layers),
+    LayerType("Conv1d/2d/3d", is_convolution, _convolution_layers),
+    LayerType("Linear", is_plain_linear, _linear_layers),
+)
+
+
+def layer_type(module: nn.Module) -> LayerType | None:
+    """The entry of :data:`LAYER_TYPES` that recognises ``module``, or None (no Kronecker curvature)."""
+    return next((kind for kind in LAYER_TYPES if kind.recognises(module)), None)
+
+
 def supports(module: nn.Module) -> bool:
     """Whether ``module`` gets Kronecker curvature (else its parameters use the fallback rule)."""
-    if curvature.supports(module) or _is_attention(module) or is_gpt2_conv1d(module) or _is_embedding(module):
-        return True
-    return isinstance(module, (nn.Conv1d, nn.Conv3d)) and module.groups == 1
+    return layer_type(module) is not None
 
 
 def make_layers(name: str, module: nn.Module, mode: CaptureMode, batch_dim: int = 0) -> list[KroneckerLayer]:
-    """The :class:`KroneckerLayer` objects of a supported module (an attention module has several).
+    """The :class:`~fop.curvature.KroneckerLayer` objects of a supported module (an attention module has several).
 
     ``batch_dim``: 1 for a Linear or Embedding that sees sequence-first inputs (from :func:`linear_layouts`).
     """
-    if isinstance(module, nn.Embedding):
-        return [(SequenceFirstEmbeddingLayer if batch_dim == 1 else EmbeddingLayer)(name, module, mode)]
-    if _is_attention(module):
-        assert isinstance(module, nn.MultiheadAttention)
-        keys = ["in_proj"] if module.in_proj_weight is not None else ["q_proj", "k_proj", "v_proj"]
-        return [AttentionProjectionLayer(name, module, mode, key) for key in keys]
-    if is_gpt2_conv1d(module):
-        return [TransposedLinearLayer(name, module, mode)]
-    if isinstance(module, (nn.Conv1d, nn.Conv3d)):
-        return [ConvNdLayer(name, module, mode)]
-    if batch_dim == 1 and isinstance(module, nn.Linear):
-        return [SequenceFirstLinearLayer(name, module, mode)]
-    return [curvature.make_layer(name, module, mode)]
+    kind = layer_type(module)
+    if kind is None:
+        supported = ", ".join(entry.name for entry in LAYER_TYPES)
+        raise TypeError(f"{type(module).__name__} has no Kronecker curvature; supported: {supported}")
+    return kind.make(name, module, mode, batch_dim)
 
 
 def unsupported_reason(module: nn.Module) -> str | None:

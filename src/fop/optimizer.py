@@ -17,12 +17,9 @@ sub-batch gradients and the update. Parameters outside supported layers follow a
 from __future__ import annotations
 
 import math
-import os
-import sys
-import types
-import warnings
 import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any, cast
 
 import torch
@@ -31,6 +28,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import functional as Fn
+from . import notices
 from .arguments import (
     FALLBACK_RULES,
     GROUP_KEYS,
@@ -247,7 +245,7 @@ class KroneckerOptimizer(Optimizer):
         self.communicator: Communicator = make_communicator(model, distributed, replicated, type(self).__name__)
         self._steps = 0  # step() calls: drives the update intervals
         self._zero_grads = 0  # zero_grad() calls: distributed processes compare them (skipped steps)
-        self._warned: set[str] = set()
+        self._notices = notices.OnceWarner()
         self._foreign: set[int] = set()  # layers found to get gradient from outside their forward
 
         # No 'betas' in the defaults: torch's momentum-cycling schedulers (OneCycleLR, CyclicLR)
@@ -513,17 +511,16 @@ class KroneckerOptimizer(Optimizer):
         inverse_step = self._steps % interval_at(self.inverse_update_interval, self._steps) == 0
         kronecker = next((group for group in self.param_groups if group["rule"] == "kronecker"), None)
         work, loose = self._gather_work() if kronecker is not None else ([], [])
-        ok = self.communicator.reduce(work, ok, self._context())  # distributed: the fallback gradients too
+        reduced = self.communicator.reduce(work, ok, self._context())  # distributed: the fallback gradients too
+        # the local records are replaced by the reduced ones: their factor statistics (the size of
+        # the factors) are released here, not kept alive through the inverses' temporaries
+        del work
+        ok = reduced.ok
         if kronecker is not None:
-            self._kronecker_step(kronecker, work, loose, ok, inverse_step)
+            self._kronecker_step(kronecker, reduced.work, loose, ok, inverse_step)
         for group in self.param_groups:
             if group["rule"] == "adamw" and "base_momentum" in group:
-                self._warn_once(
-                    "cycled-betas",
-                    "a scheduler cycles 'momentum' (OneCycleLR/CyclicLR with cycle_momentum=True): it applies to "
-                    "the Kronecker and SGD groups; the AdamW fallback group keeps its betas (torch's schedulers "
-                    "cycle one of the two for a whole optimizer)",
-                )
+                self._notices.warn("cycled-betas", notices.CYCLED_BETAS)
             if group["rule"] != "kronecker":
                 self._first_order_step(group, [p for p in group["params"] if p.grad is not None], ok)
         self._skipped.add_((~ok).to(self._skipped.dtype))
@@ -561,24 +558,13 @@ class KroneckerOptimizer(Optimizer):
     def _report_skipped(self, ok: Tensor) -> None:
         """Warn once about skipped steps, reading the device counter at steps 1, 2, 4, 8, ... only."""
         k = self._steps + 1
-        if "skipped" in self._warned or k & (k - 1):
+        if "skipped" in self._notices or k & (k - 1):
             return
         skipped = int(self._skipped)
         if skipped == 0:
             return
-        if not bool(ok) and all(bool(torch.isfinite(g).all()) for g in self._grads()):
-            reason = (
-                "the gradients are finite but so large that their norm overflows float32 (entries above "
-                "about 1e19): lower the learning rate or the loss scale, or clip the gradients "
-                "(torch.nn.utils.clip_grad_norm_)"
-            )
-        else:
-            reason = "the gradients contained NaN or Inf (check the loss, the inputs and the learning rate)"
-        self._warn_once(
-            "skipped",
-            f"{type(self).__name__}: {skipped} of the first {k} steps were skipped, changing no parameter and "
-            f"no state: {reason}. optimizer.skipped_steps counts them",
-        )
+        overflow = not bool(ok) and all(bool(torch.isfinite(g).all()) for g in self._grads())
+        self._notices.warn("skipped", notices.skipped_steps(type(self).__name__, skipped, k, overflow))
 
     def _set_capture_mode(self) -> None:
         """After a step or a load: whether the next cycle is on the curvature interval, which layers lack factors."""
@@ -647,14 +633,7 @@ class KroneckerOptimizer(Optimizer):
 
     def _warn_uncaptured(self, layer: KroneckerLayer) -> None:
         """A layer with gradients and no statistics: every cause the optimizer cannot tell apart, named."""
-        self._warn_once(
-            layer.name,
-            getattr(layer, "uncaptured_reason", None)
-            or f"{layer.name}: its parameters have gradients that no backward through the module's forward made "
-            "since the last zero_grad() or step(): either no backward reached it (step() called again, or the "
-            "gradients zeroed by zero_grad(set_to_none=False) and not recomputed), or its weight is used outside "
-            "the module (e.g. F.linear(x, module.weight)); they get the first-order rule this step",
-        )
+        self._notices.warn(layer.name, getattr(layer, "uncaptured_reason", None) or notices.uncaptured(layer.name))
 
     def _kronecker_step(
         self,
@@ -666,13 +645,17 @@ class KroneckerOptimizer(Optimizer):
     ) -> None:
         """Curvature layers, after the reduction: owners compute, directions are shared, all apply."""
         self._owner_directions([item for item in work if self.communicator.owns(item.layer)], group, ok, inverse_step)
-        self.communicator.share(work)
+        work = self.communicator.share(work)
         curvature = [item for item in work if not item.first_order]
         self._diagnostics.update((item.layer.name, item.diagnostics) for item in curvature if item.diagnostics)
         self._record_noise(curvature, ok)
         if group["kl_clip"] is not None and curvature:
             lr = group["lr"] if group["trust_region"] == "step" else 1.0
-            nu = _clip_to_trust_region(curvature, lr, group["kl_clip"])
+            nu = _trust_region_scale(curvature, lr, group["kl_clip"])
+            work = [
+                item if item.first_order else replace(item, direction=cast(Tensor, item.direction) * nu)
+                for item in work
+            ]
             self._nu_history.append(nu)
             del self._nu_history[:-_NU_HISTORY]
         params, directions = [p for p, _ in loose], [d for _, d in loose]
@@ -702,14 +685,7 @@ class KroneckerOptimizer(Optimizer):
             if value > layer.foreign_tolerance():
                 self._foreign.add(id(layer))
                 layer.detach()
-                self._warn_once(
-                    layer.name,
-                    f"{layer.name}: {value:.1%} of its parameters' gradient does not come from the module's own "
-                    "forward (the weight is tied to another module's, or also used outside the module, e.g. "
-                    f"F.linear(h, {layer.name}.weight.T), or p.grad was edited per element or per tensor, e.g. "
-                    "clip_grad_value_), so its sub-batch gradients and Kronecker factors would be wrong; it gets "
-                    f"the first-order rule on p.grad from now on. Pass exclude=[{layer.name!r}] to say so explicitly",
-                )
+                self._notices.warn(layer.name, notices.foreign_gradient(layer.name, value))
 
     def _owner_directions(self, owned: list[LayerWork], group: dict[str, Any], ok: Tensor, inverse_step: bool) -> None:
         """Factor updates, eigendecompositions and FOP/K-FAC directions of the layers owned here."""
@@ -743,11 +719,7 @@ class KroneckerOptimizer(Optimizer):
                 if view.has_factors:
                     item.direction, item.diagnostics = view.direction(item, group, self.projection, self.splits_batch)
                     if self.splits_batch and (item.g1 is None or item.g2 is None):
-                        self._warn_once(
-                            f"single:{item.layer.name}",
-                            f"{item.layer.name}: a forward batch of one sample cannot be split in two halves; "
-                            "this step is a K-FAC step (beta = 0, eta = 1) for the layer",
-                        )
+                        self._notices.warn(f"single:{item.layer.name}", notices.single_sample(item.layer.name))
 
     def _record_noise(self, work: Sequence[LayerWork], ok: Tensor) -> None:
         """Sum this step's gradient-noise terms over the layers (shared by their owners when distributed)."""
@@ -802,11 +774,6 @@ class KroneckerOptimizer(Optimizer):
                     ok=ok,
                 )
 
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(message, stacklevel=_caller_level())
-
 
 class FOP(KroneckerOptimizer):
     """Fisher-Orthogonal Projection (Lu & Armour, AAAI 2026) for Linear, convolution and attention layers.
@@ -832,8 +799,8 @@ class KFAC(KroneckerOptimizer):
 
 
 # ---------------------------------------------------------------------------------- helpers
-def _clip_to_trust_region(work: Sequence[LayerWork], lr: float | Tensor, kl_clip: float) -> Tensor:
-    """Scale all directions by ``ν = min(1, √(κ / (lr² Σ_ℓ ⟨d_ℓ, g_ℓ⟩)))`` (K-FAC's KL clipping); return ν.
+def _trust_region_scale(work: Sequence[LayerWork], lr: float | Tensor, kl_clip: float) -> Tensor:
+    """``ν = min(1, √(κ / (lr² Σ_ℓ ⟨d_ℓ, g_ℓ⟩)))``, the factor on all directions of K-FAC's KL clipping.
 
     ``trust_region="direction"`` passes ``lr = 1``: the clip then bounds the direction, not the step.
 
@@ -850,21 +817,7 @@ def _clip_to_trust_region(work: Sequence[LayerWork], lr: float | Tensor, kl_clip
     ]
     total = torch.stack(inners).sum()
     estimate = (total * (lr * lr)).abs()
-    nu = Fn.safe_divide(torch.full_like(estimate, kl_clip), estimate, estimate > kl_clip, 1.0).sqrt()
-    for item in work:
-        if item.direction is not None:
-            item.direction = item.direction * nu
-    return nu
-
-
-def _caller_level() -> int:
-    """``stacklevel`` of the first frame outside fop and torch (step() is wrapped by torch twice)."""
-    inside = (os.path.dirname(__file__), os.path.dirname(torch.__file__))
-    frame: types.FrameType | None = sys._getframe(2)  # the caller of warnings.warn's caller
-    level = 2
-    while frame is not None and frame.f_code.co_filename.startswith(inside):
-        frame, level = frame.f_back, level + 1
-    return level
+    return Fn.safe_divide(torch.full_like(estimate, kl_clip), estimate, estimate > kl_clip, 1.0).sqrt()
 
 
 def _device_of_layers(layers: Sequence[KroneckerLayer], default: torch.device) -> torch.device:
