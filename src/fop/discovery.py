@@ -18,7 +18,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .arguments import AUTO_FALLBACK_LR
 from .curvature import CaptureMode, KroneckerLayer
-from .layers import make_layers, supports, unsupported_reason
+from .layers import LAYER_TYPES, make_layers, supports, unsupported_reason
 
 __all__ = ["ExcludeSpec", "SPARSE_MESSAGE", "check_model", "discover_layers", "param_groups", "warn_discovery"]
 
@@ -109,7 +109,8 @@ def warn_discovery(
     """The constructor's warnings about the layers found: none, undetermined Linear layouts, tied weights."""
     if not layers:
         warnings.warn(
-            f"{name}: the model has no supported layer (Linear, Conv1d/2d/3d with groups=1, MultiheadAttention, Embedding); "
+            f"{name}: the model has no supported layer ({', '.join(kind.name for kind in reversed(LAYER_TYPES))}; "
+            "docs/layers.md); "
             f"every parameter uses the '{fallback}' fallback rule",
             stacklevel=4,
         )
