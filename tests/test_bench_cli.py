@@ -481,3 +481,30 @@ def test_charlm_bad_data_exits_2_with_one_clear_line(files, argv, message, tmp_p
     assert main([*task, *argv, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("fop-bench: error: ") and message in err, err
+
+
+def test_lr_factor_pins_one_factor_per_optimizer_and_fallback_variants(tmp_path, capsys, monkeypatch):
+    """``--lr-factor``: each named optimizer at its one factor (the seeds at chosen configurations);
+    ``kfac:fbsgd`` / ``kfac:fl4e-3``: the fallback rule and a fixed fallback learning rate."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "train.txt").write_text("int main(void) { return 0; }\n" * 40)
+    (folder / "valid.txt").write_text("int f(void) { return 0; }\n" * 40)
+    monkeypatch.setenv(CHAR_CORPUS_ENV_VAR, str(folder))
+    out = tmp_path / "run"
+    argv = _tiny(out, "--task", "charlm-linux", "--width", "16", "--layers", "1", "--batch-sizes", "4")
+    argv = [*argv, "--max-epochs", "1", "--target", "1", "--extend-edges", "1", "--lr-grid", "1,2"]
+    optimizers = ["--optimizers", "adamw,kfac:fbsgd,kfac:fl4e-3", "--lr-factor", "adamw=2,kfac:fbsgd=0.5"]
+    assert main([*argv, *optimizers]) == 0
+    got = sorted(
+        (r["spec"]["optimizer"], r["spec"]["lr_factor"], r["spec"]["hyperparameters"]["fallback"])
+        + (r["spec"]["hyperparameters"]["fallback_lr"],)
+        for r in _records(out)
+    )
+    # adamw: the task's fallback fields, 2e-3·√(4/64)·2 (unused by AdamW, part of the run's key)
+    assert got[:2] == [("adamw", 2.0, "adamw", pytest.approx(1e-3)), ("kfac:fbsgd", 0.5, "sgd", None)]
+    assert [g[:3] for g in got[2:]] == [("kfac:fl4e-3", f, "adamw") for f in sorted(g[1] for g in got[2:])]
+    assert {g[3] for g in got[2:]} == {4e-3} and {1.0, 2.0} <= {g[1] for g in got[2:]}  # grid, maybe extended
+    capsys.readouterr()
+    assert main([*argv, "--optimizers", "adamw", "--lr-factor", "fop=1"]) == 2
+    assert "--lr-factor names optimizers not in --optimizers: fop" in capsys.readouterr().err

@@ -466,3 +466,45 @@ def test_char_gpt_is_causal_and_ties_on_request():
     with pytest.warns(UserWarning, match="token_embed"):
         tied_layers = {layer.name for layer in FOP(tied, lr=0.01, fallback="adamw").layers}
     assert "head" not in tied_layers and "token_embed" not in tied_layers
+
+
+def test_fallback_variant_tokens_set_the_rule_and_a_fixed_learning_rate():
+    from types import SimpleNamespace
+
+    from fop.bench.runner import SweepConfig, plan_runs
+    from fop.bench.tasks import get_task
+
+    assert resolve_optimizer("kfac:fbsgd").options == {"fallback": "sgd"}
+    assert resolve_optimizer("fop:reduce:fl4e-3").options == {"weight_sharing": "reduce", "fallback_lr": 4e-3}
+    for bad in ("fl0", "fl", "flx", "fl-1e-3"):
+        with pytest.raises(BenchError, match="fl takes a positive learning rate"):
+            resolve_optimizer(f"kfac:{bad}")
+    task = get_task("charlm-linux")  # the task's rule: AdamW at AdamW's lr x the grid factor
+    dataset = SimpleNamespace(summary=lambda: {"kind": "toy"}, train_size=1000)
+    names = ("kfac", "kfac:fbsgd", "kfac:fbadamw", "fop:fl4e-3", "fop:fbsgd:fl0.01")
+    config = SweepConfig(names, (64,), (0.5, 2.0), (0,), 1, 2.6, "cpu")
+    plan = plan_runs(config, task, dataset, [resolve_optimizer(name) for name in names])
+    got = {(run.optimizer, run.lr_factor): run.hyperparameters for run in plan}
+    assert {k: (hp.fallback, hp.fallback_lr) for k, hp in got.items()} == {
+        ("kfac", 0.5): ("adamw", pytest.approx(1e-3)),
+        ("kfac", 2.0): ("adamw", pytest.approx(4e-3)),
+        ("kfac:fbsgd", 0.5): ("sgd", None),  # the library's default: the main lr
+        ("kfac:fbsgd", 2.0): ("sgd", None),
+        ("kfac:fbadamw", 0.5): ("adamw", None),  # the library's default: 1e-3
+        ("kfac:fbadamw", 2.0): ("adamw", None),
+        ("fop:fl4e-3", 0.5): ("adamw", 4e-3),  # fixed, whatever the grid factor
+        ("fop:fl4e-3", 2.0): ("adamw", 4e-3),
+        ("fop:fbsgd:fl0.01", 0.5): ("sgd", 0.01),
+        ("fop:fbsgd:fl0.01", 2.0): ("sgd", 0.01),
+    }
+    assert all(hp.options in ((), (("weight_sharing", "reduce"),)) for hp in got.values())
+    hp = got[("kfac:fbsgd", 2.0)]
+    groups = resolve_optimizer("kfac:fbsgd").build(_tiny_model_with_norm(), hp).param_groups
+    assert [(g["rule"], g["lr"]) for g in groups] == [("kronecker", hp.lr), ("sgd", hp.lr)]
+    hp = got[("fop:fl4e-3", 0.5)]
+    groups = resolve_optimizer("fop:fl4e-3").build(_tiny_model_with_norm(), hp).param_groups
+    assert [(g["rule"], g["lr"]) for g in groups] == [("kronecker", hp.lr), ("adamw", 4e-3)]
+
+
+def _tiny_model_with_norm():
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 3))

@@ -133,7 +133,7 @@ INVALID_EDITS = [
 def test_invalid_param_group_edit_is_refused_at_the_step_and_changes_nothing(
     key: str, value: object, message: str, group_index: int
 ) -> None:
-    model = mlp(norm=True)  # group 0: the Kronecker layers; group 1: the LayerNorm (SGD fallback)
+    model = mlp(norm=True)  # group 0: the Kronecker layers; group 1: the LayerNorm (the AdamW fallback)
     optimizer = FOP(model, lr=0.1, **EVERY_STEP)
     batches = data(3)
     train(model, optimizer, batches[:1])

@@ -317,6 +317,34 @@ def test_add_param_group_uses_fallback_rule() -> None:
 
 
 # ------------------------------------------------------------------------------------ fallback
+def test_default_fallback_is_auto_sgd_for_batch_norm_adamw_for_the_rest() -> None:
+    """The default since 0.4 (docs/evidence.md §12): a user who passes only ``lr`` gets BatchNorm
+    parameters by SGD at ``lr`` (as before: the CNN evidence) and every other parameter outside
+    supported layers (layer norms, position tables, bare parameters) by AdamW at 8e-3."""
+    from fop.arguments import AUTO_FALLBACK_LR
+
+    assert AUTO_FALLBACK_LR == 8e-3
+    position = nn.Parameter(torch.zeros(4, 8, dtype=DTYPE))
+    model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.LayerNorm(8), nn.Linear(8, 3)).to(DTYPE)
+    model.register_parameter("position", position)
+    for cls in (FOP, KFAC):
+        optimizer = cls(model, lr=0.3)
+        rules = [(g["rule"], g["lr"], {id(p) for p in g["params"]}) for g in optimizer.param_groups]
+        assert rules == [
+            ("kronecker", 0.3, {id(p) for i in (0, 3) for p in model[i].parameters()}),
+            ("sgd", 0.3, {id(p) for p in model[1].parameters()}),
+            ("adamw", 8e-3, {id(p) for p in [*model[2].parameters(), position]}),
+        ]
+        assert optimizer.defaults["rule"] == "sgd"  # add_param_group's default rule, as before
+        assert cls(model, lr=0.3, fallback_lr=3e-3).param_groups[2]["lr"] == 3e-3
+        one = cls(model, lr=0.3, fallback="sgd").param_groups  # the default before 0.4: one group
+        assert [(g["rule"], g["lr"], len(g["params"])) for g in one] == [("kronecker", 0.3, 4), ("sgd", 0.3, 5)]
+    cnn_groups = FOP(cnn(), lr=0.3).param_groups  # BatchNorm only: the same groups as fallback="sgd"
+    assert [(g["rule"], g["lr"]) for g in cnn_groups] == [
+        (g["rule"], g["lr"]) for g in FOP(cnn(), lr=0.3, fallback="sgd").param_groups
+    ]
+
+
 class Bare(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -20,6 +20,8 @@ from .functional import DAMPING_MODES, ETA_CONVENTIONS
 from .intervals import Interval, check_interval
 
 __all__ = [
+    "AUTO_FALLBACK_LR",
+    "FALLBACKS",
     "FALLBACK_RULES",
     "FISHER_TYPES",
     "GROUP_KEYS",
@@ -30,7 +32,11 @@ __all__ = [
     "check_param_group",
 ]
 
-FALLBACK_RULES = ("sgd", "adamw")
+FALLBACK_RULES = ("sgd", "adamw")  # the rules a param group can follow besides "kronecker"
+# the constructor's choices: "auto" (the default since 0.4) gives BatchNorm parameters SGD at lr and
+# every other fallback parameter AdamW at fallback_lr (default AUTO_FALLBACK_LR); docs/evidence.md §12
+FALLBACKS = ("auto", *FALLBACK_RULES)
+AUTO_FALLBACK_LR = 8e-3
 FISHER_TYPES = ("empirical", "mc")
 TRUST_REGIONS = ("step", "direction")
 
@@ -134,7 +140,7 @@ def check_constructor_arguments(
     check_interval("curvature_update_interval", curvature_update_interval)
     check_interval("inverse_update_interval", inverse_update_interval)
     _check_choice("fisher", fisher, FISHER_TYPES)
-    _check_choice("fallback", fallback, FALLBACK_RULES)
+    _check_choice("fallback", fallback, FALLBACKS)
     if fallback_lr is not None:
         _check_nonneg("fallback_lr", fallback_lr, True)
     check_adamw_values(fallback_betas, fallback_eps)

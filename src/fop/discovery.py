@@ -14,9 +14,11 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
+from .arguments import AUTO_FALLBACK_LR
 from .curvature import CaptureMode, KroneckerLayer
-from .layers import make_layers, supports, unsupported_reason
+from .layers import LAYER_TYPES, make_layers, supports, unsupported_reason
 
 __all__ = ["ExcludeSpec", "SPARSE_MESSAGE", "check_model", "discover_layers", "param_groups", "warn_discovery"]
 
@@ -107,7 +109,8 @@ def warn_discovery(
     """The constructor's warnings about the layers found: none, undetermined Linear layouts, tied weights."""
     if not layers:
         warnings.warn(
-            f"{name}: the model has no supported layer (Linear, Conv1d/2d/3d with groups=1, MultiheadAttention, Embedding); "
+            f"{name}: the model has no supported layer ({', '.join(kind.name for kind in reversed(LAYER_TYPES))}; "
+            "docs/layers.md); "
             f"every parameter uses the '{fallback}' fallback rule",
             stacklevel=4,
         )
@@ -126,7 +129,8 @@ def warn_discovery(
             "parameters shared between modules (tied weights) get gradient from more than one forward, "
             "so a Kronecker factorisation of one module would be wrong: "
             + "; ".join(f"{layer} shares {', '.join(names)}" for layer, names in tied.items())
-            + f". These layers use the '{fallback}' fallback rule (one update per step for a shared "
+            + f". These layers use the '{fallback}' fallback rule{' (AdamW)' if fallback == 'auto' else ''} "
+            "(one update per step for a shared "
             "parameter); pass exclude=[...] for them to silence this warning",
             stacklevel=4,
         )
@@ -148,15 +152,32 @@ def param_groups(
     model: nn.Module,
     layers: Sequence[KroneckerLayer],
     fallback: str,
-    default_lr: float | Tensor,
+    lr: float | Tensor,
     fallback_lr: float | None,
 ) -> list[dict[str, Any]]:
-    """The Kronecker group (the layers' parameters) and the fallback group (every other parameter)."""
+    """The Kronecker group (the layers' parameters) and the fallback group (every other parameter).
+
+    ``fallback="sgd"``: SGD at ``fallback_lr`` (default ``lr``); ``"adamw"``: AdamW at ``fallback_lr``
+    (default 1e-3). ``"auto"``: two fallback groups, BatchNorm parameters by SGD at ``lr`` and every
+    other one (layer norms, position tables, tied weights, bare parameters) by AdamW at
+    ``fallback_lr`` (default :data:`~fop.arguments.AUTO_FALLBACK_LR`).
+    """
     curvature_ids = {id(p) for layer in layers for p in layer.params()}
     rest = [p for p in _unique_params(model) if id(p) not in curvature_ids]
     groups: list[dict[str, Any]] = []
     if layers:
         groups.append({"params": [p for layer in layers for p in layer.params()], "rule": "kronecker"})
-    if rest:
+    if fallback == "auto":
+        batch_norm = {id(p) for m in model.modules() if isinstance(m, _BatchNorm) for p in m.parameters(False)}
+        sgd = [p for p in rest if id(p) in batch_norm]
+        adamw = [p for p in rest if id(p) not in batch_norm]
+        if sgd:
+            groups.append({"params": sgd, "rule": "sgd", "lr": lr})
+        if adamw:
+            groups.append(
+                {"params": adamw, "rule": "adamw", "lr": AUTO_FALLBACK_LR if fallback_lr is None else fallback_lr}
+            )
+    elif rest:
+        default_lr = lr if fallback == "sgd" else 1e-3
         groups.append({"params": rest, "rule": fallback, "lr": default_lr if fallback_lr is None else fallback_lr})
     return groups

@@ -511,7 +511,7 @@ LAYER_TYPES: tuple[LayerType, ...] = (
     LayerType("Embedding", is_dense_embedding, _embedding_layers),
     LayerType("MultiheadAttention", is_attention, _attention_layers),
     LayerType("GPT-2 Conv1D", is_gpt2_conv1d, _gpt2_conv1d_layers),
-    LayerType("Conv1d/2d/3d", is_convolution, _convolution_layers),
+    LayerType("Conv1d/2d/3d with groups=1", is_convolution, _convolution_layers),
     LayerType("Linear", is_plain_linear, _linear_layers),
 )
 

@@ -96,7 +96,7 @@ class KroneckerOptimizer(Optimizer):
         eta: str = "mean",
         factor_samples: int | None = None,
         weight_sharing: str = "expand",
-        fallback: str = "sgd",
+        fallback: str = "auto",
         fallback_lr: float | None = None,
         fallback_betas: tuple[float, float] = (0.9, 0.999),
         fallback_eps: float = 1e-8,
@@ -167,8 +167,12 @@ class KroneckerOptimizer(Optimizer):
                     Kept in the param groups (and so in ``state_dict()``); read at each forward.
                 eta: FOP's step-scale convention: ``"mean"`` (``g_tot = (g1+g2)/2``, η* ∈ [½, 1]) or
                     ``"sum"`` (the paper's literal ``g_tot = g1 + g2``, η* ∈ [1, 2]). K-FAC ignores it.
-                fallback: ``"sgd"`` or ``"adamw"``, the rule for parameters outside supported layers.
-                fallback_lr: learning rate of the fallback group (default ``lr`` for SGD, 1e-3 for AdamW).
+                fallback: the rule for parameters outside supported layers: ``"auto"`` (BatchNorm
+                    parameters by SGD at ``lr``, every other one, such as layer norms, position tables
+                    and tied weights, by AdamW at ``fallback_lr``; the default since 0.4), ``"sgd"`` or
+                    ``"adamw"`` (all of them by that rule).
+                fallback_lr: learning rate of the fallback group: for ``"auto"`` its AdamW group's
+                    (default 8e-3), ``"sgd"``'s (default ``lr``), ``"adamw"``'s (default 1e-3).
                 fallback_betas: AdamW's ``(β1, β2)`` for the fallback group.
             fallback_eps: AdamW's ``ε`` for the fallback group.
                 exclude: a list of modules (instances, names as in ``model.named_modules()`` or types) kept
@@ -247,11 +251,9 @@ class KroneckerOptimizer(Optimizer):
         # No 'betas' in the defaults: torch's momentum-cycling schedulers (OneCycleLR, CyclicLR)
         # cycle betas[0] instead of 'momentum' as soon as the defaults hold 'betas'. The optimizer
         # behaves as SGD with momentum, so only AdamW groups carry their own betas and eps.
-        defaults = group_values | {"rule": fallback}
+        defaults = group_values | {"rule": "sgd" if fallback == "auto" else fallback}  # of add_param_group
         self._adamw_defaults = {"betas": tuple(fallback_betas), "eps": fallback_eps}
-        super().__init__(
-            param_groups(model, self.layers, fallback, lr if fallback == "sgd" else 1e-3, fallback_lr), defaults
-        )
+        super().__init__(param_groups(model, self.layers, fallback, lr, fallback_lr), defaults)
         self._mode.settings = weakref.WeakMethod(self._capture_settings)
         self._set_capture_mode()
         for layer in self.layers:
@@ -292,7 +294,8 @@ class KroneckerOptimizer(Optimizer):
 
     # ------------------------------------------------------------------------------ torch.optim API
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group of parameters; user-added groups follow the fallback rule (``rule`` key)."""
+        """Add a group of parameters; user-added groups follow the fallback rule (``rule`` key; with
+        ``fallback="auto"``, ``"sgd"`` at the group's or the optimizer's ``lr``)."""
         rule = param_group.setdefault("rule", self.defaults["rule"])
         if rule == "kronecker" and any(group["rule"] == "kronecker" for group in self.param_groups):
             raise ValueError(

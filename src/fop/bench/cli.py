@@ -139,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
         "the best is reported (default: the task's)",
     )
     what.add_argument(
+        "--lr-factor",
+        metavar="NAME=F,...",
+        type=_list_of(_name_value, "NAME=VALUE pairs"),
+        help="one learning-rate factor for a named optimizer instead of --lr-grid, e.g. adamw=2,kfac=0.5: "
+        "the seeds at each one's chosen configuration (no edge extension for it)",
+    )
+    what.add_argument(
         "--max-epochs",
         metavar="N",
         type=_single(_positive_int, "a positive integer"),
@@ -570,6 +577,7 @@ def _sweep_config(run: _Run) -> SweepConfig:
         layers=args.layers,
         lr_scaling=args.lr_scaling,
         base_lrs=tuple(args.base_lr or ()),
+        lr_factors=_lr_factors(args.lr_factor, run.optimizers),
         curvature_interval=args.curvature_interval,
         damping=args.damping,
         bf16=not args.fp32,
@@ -704,6 +712,14 @@ def _print_summary(run: _Run, config: SweepConfig, records: list[dict[str, Any]]
     print(f"\nfull report: {out / 'results.md'}; plot: {out / metric.plot_file}; runs: {out / 'runs.jsonl'}")
 
 
+def _lr_factors(pairs: Sequence[tuple[str, float]] | None, optimizers: dict[str, OptimizerSpec]) -> tuple:
+    """``--lr-factor``'s pairs, each naming an optimizer of the run."""
+    unknown = [name for name, _ in pairs or () if name not in optimizers]
+    if unknown:
+        raise BenchError(f"--lr-factor names optimizers not in --optimizers: {', '.join(unknown)}")
+    return tuple(pairs or ())
+
+
 def _check_budget(config: SweepConfig, optimizers: dict[str, OptimizerSpec]) -> None:
     """The same number of trials for every optimizer: both second axes, or neither, equally long."""
     from fop.bench.runner import second_axis
@@ -749,7 +765,10 @@ def _edge_extension(
         for axis, value in enumerate((spec["lr_factor"], hp.get("damping"), hp.get("weight_decay"))):
             if value is not None:
                 sets[axis].add(value)
+    pinned = dict(config.lr_factors)
     for (batch_size, name), cell in summarize(records).items():
+        if name in pinned:  # --lr-factor: one chosen configuration, not a grid
+            continue
         factors, dampings, decays = (sorted(values) for values in tried[(batch_size, name)])
         one = dataclasses.replace(config, optimizers=(name,), batch_sizes=(batch_size,))
         if "lr" in cell.edges:

@@ -320,6 +320,10 @@ VARIANT_TOKENS: dict[str, dict[str, Any]] = {
     "replicated": {"replicated": True},
     # K-FAC-reduce: one factor row per sample for convolutions and sequence layers (weight sharing)
     "reduce": {"weight_sharing": "reduce"},
+    # the first-order rule of the parameters outside supported layers, at the library's default
+    # learning rate for it (sgd: the main lr; adamw: 1e-3) instead of the task's rule; flX fixes it
+    "fbsgd": {"fallback": "sgd"},
+    "fbadamw": {"fallback": "adamw"},
 }
 
 
@@ -344,6 +348,7 @@ def _positive_int(text: str) -> int | None:
 _NUMBER_TOKENS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "kl": ("kl_clip", _positive_float, "a positive number, e.g. kl0.1"),
     "fs": ("factor_samples", _positive_int, "a whole number of samples > 0, e.g. fs512"),
+    "fl": ("fallback_lr", _positive_float, "a positive learning rate, e.g. fl4e-3"),
 }
 
 
@@ -358,7 +363,7 @@ def _variant(key: str) -> OptimizerSpec:
             parts = MODEL_TOKENS[token]
             continue
         number = _NUMBER_TOKENS.get(token[:2]) if token not in VARIANT_TOKENS else None
-        if number is not None:  # kl0.1: kl_clip=0.1; fs512: factor_samples=512
+        if number is not None:  # kl0.1: kl_clip=0.1; fs512: factor_samples=512; fl4e-3: fallback_lr=4e-3
             argument, parse, wanted = number
             value = parse(token[2:])
             if value is None:

@@ -68,6 +68,7 @@ class SweepConfig:
     layers: int | None = None
     lr_scaling: str | None = None
     base_lrs: tuple[tuple[str, float], ...] = ()
+    lr_factors: tuple[tuple[str, float], ...] = ()  # --lr-factor: one factor for a named optimizer
     curvature_interval: int | None = None
     damping: float | None = None
     bf16: bool = True
@@ -173,7 +174,14 @@ def plan_runs(config: SweepConfig, task: Task, dataset: Any, optimizers: Sequenc
             fallback_lr = _fallback_lr(task, config, base_lr_overrides, batch_size)
             options = dict(spec.options)
             factor_decay = options.pop("factor_decay", task.curvature.factor_decay)
-            for factor, second in itertools.product(config.lr_grid, second_axis(config, spec)):
+            fallback = options.pop("fallback", task.curvature.fallback)
+            fixed_fallback_lr = options.pop("fallback_lr", None)
+            # a variant's fallback rule (fbsgd, fbadamw) takes the library's default learning rate
+            # for that rule, a variant's flX a fixed one; otherwise the task's rule (_fallback_lr)
+            own_fallback = fixed_fallback_lr is not None or "fallback" in spec.options
+            pinned = dict(config.lr_factors).get(spec.name)
+            grid = config.lr_grid if pinned is None else (pinned,)
+            for factor, second in itertools.product(grid, second_axis(config, spec)):
                 lr = factor * scaled_lr(base_lr, batch_size, task.reference_batch, scaling)
                 default_damping = config.damping or task.curvature.damping
                 hyperparameters = Hyperparameters(
@@ -182,8 +190,10 @@ def plan_runs(config: SweepConfig, task: Task, dataset: Any, optimizers: Sequenc
                     damping=second if spec.uses_curvature and second is not None else default_damping,
                     factor_decay=factor_decay,
                     curvature_interval=interval,
-                    fallback=task.curvature.fallback,
-                    fallback_lr=None if fallback_lr is None else factor * fallback_lr,
+                    fallback=fallback,
+                    fallback_lr=(
+                        fixed_fallback_lr if own_fallback else None if fallback_lr is None else factor * fallback_lr
+                    ),
                     options=tuple(sorted(options.items())),
                 )
                 for seed in config.seeds:
