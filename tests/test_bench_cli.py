@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from _data import CHAR_CORPUS_ENV_VAR, ENV_VAR, require_char_corpus, require_pack
@@ -468,6 +469,7 @@ def test_charlm_data_from_the_environment_variable(tmp_path, capsys, monkeypatch
         ({"train.txt": "a" * 500, "valid.txt": "abc" * 100}, ["--data", "{folder}"], "1 distinct characters"),
         (None, ["--data", "{folder}/train.txt"], "is a file: give the folder"),
         (None, ["--task", "digits-mlp", "--layers", "2"], "--layers does not apply to task digits-mlp"),
+        (None, ["--task", "digits-mlp", "--tied-head"], "--tied-head does not apply to task digits-mlp"),
     ],
 )
 def test_charlm_bad_data_exits_2_with_one_clear_line(files, argv, message, tmp_path, capsys, monkeypatch):
@@ -483,16 +485,56 @@ def test_charlm_bad_data_exits_2_with_one_clear_line(files, argv, message, tmp_p
     assert err.count("\n") == 1 and err.startswith("fop-bench: error: ") and message in err, err
 
 
-def test_lr_factor_pins_one_factor_per_optimizer_and_fallback_variants(tmp_path, capsys, monkeypatch):
-    """``--lr-factor``: each named optimizer at its one factor (the seeds at chosen configurations);
-    ``kfac:fbsgd`` / ``kfac:fl4e-3``: the fallback rule and a fixed fallback learning rate."""
+def _toy_charlm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path, list[str]]:
+    """A two-line C corpus named by the environment variable, its output folder, and a tiny GPT's argv."""
     folder = tmp_path / "corpus"
     folder.mkdir()
     (folder / "train.txt").write_text("int main(void) { return 0; }\n" * 40)
     (folder / "valid.txt").write_text("int f(void) { return 0; }\n" * 40)
     monkeypatch.setenv(CHAR_CORPUS_ENV_VAR, str(folder))
     out = tmp_path / "run"
-    argv = _tiny(out, "--task", "charlm-linux", "--width", "16", "--layers", "1", "--batch-sizes", "4")
+    return folder, out, _tiny(out, "--task", "charlm-linux", "--width", "16", "--layers", "1", "--batch-sizes", "4")
+
+
+def test_tied_head_shares_the_weight_and_is_its_own_run(tmp_path, capsys, monkeypatch):
+    """``--tied-head``: the head's weight is the token embedding's, the record says so, and the
+    untied run of the same configuration stays a separate run with the key it had before."""
+    from fop.bench.data import load_char_corpus
+    from fop.bench.optimizers import Hyperparameters, resolve_optimizer
+    from fop.bench.runner import RunSpec, build_model_and_optimizer
+    from fop.bench.tasks import get_task
+
+    folder, out, argv = _toy_charlm(tmp_path, monkeypatch)
+    argv = [*argv, "--max-epochs", "1", "--target", "1", "--optimizers", "adamw,kfac", "--lr-grid", "1"]
+    assert main(argv) == 0
+    untied = {r["key"]: r for r in _records(out)}
+    assert all("tied_head" not in r["spec"] for r in untied.values())
+    with pytest.warns(UserWarning, match="token_embed"):  # K-FAC: the shared weight takes the fallback
+        assert main([*argv, "--tied-head"]) == 0
+    records = _records(out)
+    tied = [r for r in records if r["key"] not in untied]
+    assert len(records) == 4 and len(tied) == 2 and all(r["spec"]["tied_head"] is True for r in tied)
+    capsys.readouterr()
+    assert main([*argv, "--tied-head"]) == 0  # resumes both kinds
+    assert "resuming: 2 of 2 runs already finished" in capsys.readouterr().err
+
+    kfac = next(r for r in tied if r["spec"]["optimizer"] == "kfac")
+    fields = dict(kfac["spec"])
+    hp = fields.pop("hyperparameters")
+    hp["options"] = tuple(tuple(option) for option in hp["options"])
+    run = RunSpec(**fields, hyperparameters=Hyperparameters(**hp))
+    task, dataset = get_task("charlm-linux"), load_char_corpus(folder, 128)
+    with pytest.warns(UserWarning, match="token_embed"):
+        model, optimizer = build_model_and_optimizer(run, task, dataset, torch.device("cpu"), resolve_optimizer("kfac"))
+    assert model.head.weight is model.token_embed.weight
+    rules = {g["rule"]: g["params"] for g in optimizer.param_groups}
+    assert any(p is model.head.weight for p in rules["adamw"])  # the shared weight: the AdamW fallback
+
+
+def test_lr_factor_pins_one_factor_per_optimizer_and_fallback_variants(tmp_path, capsys, monkeypatch):
+    """``--lr-factor``: each named optimizer at its one factor (the seeds at chosen configurations);
+    ``kfac:fbsgd`` / ``kfac:fl4e-3``: the fallback rule and a fixed fallback learning rate."""
+    folder, out, argv = _toy_charlm(tmp_path, monkeypatch)
     argv = [*argv, "--max-epochs", "1", "--target", "1", "--extend-edges", "1", "--lr-grid", "1,2"]
     optimizers = ["--optimizers", "adamw,kfac:fbsgd,kfac:fl4e-3", "--lr-factor", "adamw=2,kfac:fbsgd=0.5"]
     assert main([*argv, *optimizers]) == 0
@@ -501,9 +543,9 @@ def test_lr_factor_pins_one_factor_per_optimizer_and_fallback_variants(tmp_path,
         + (r["spec"]["hyperparameters"]["fallback_lr"],)
         for r in _records(out)
     )
-    # adamw: the task's fallback fields, 2e-3·√(4/64)·2 (unused by AdamW, part of the run's key)
-    assert got[:2] == [("adamw", 2.0, "adamw", pytest.approx(1e-3)), ("kfac:fbsgd", 0.5, "sgd", None)]
-    assert [g[:3] for g in got[2:]] == [("kfac:fl4e-3", f, "adamw") for f in sorted(g[1] for g in got[2:])]
+    # adamw: the task's fallback fields (the library's default; unused by AdamW, part of the run's key)
+    assert got[:2] == [("adamw", 2.0, "auto", None), ("kfac:fbsgd", 0.5, "sgd", None)]
+    assert [g[:3] for g in got[2:]] == [("kfac:fl4e-3", f, "auto") for f in sorted(g[1] for g in got[2:])]
     assert {g[3] for g in got[2:]} == {4e-3} and {1.0, 2.0} <= {g[1] for g in got[2:]}  # grid, maybe extended
     capsys.readouterr()
     assert main([*argv, "--optimizers", "adamw", "--lr-factor", "fop=1"]) == 2

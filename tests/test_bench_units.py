@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+import fop
+from fop.arguments import AUTO_FALLBACK_LR
 from fop.bench import BenchError
 from fop.bench.data import (
     BatchPipeline,
@@ -479,21 +481,21 @@ def test_fallback_variant_tokens_set_the_rule_and_a_fixed_learning_rate():
     for bad in ("fl0", "fl", "flx", "fl-1e-3"):
         with pytest.raises(BenchError, match="fl takes a positive learning rate"):
             resolve_optimizer(f"kfac:{bad}")
-    task = get_task("charlm-linux")  # the task's rule: AdamW at AdamW's lr x the grid factor
+    task = get_task("charlm-linux")  # the task's rule: the library's default (auto, its fallback_lr)
     dataset = SimpleNamespace(summary=lambda: {"kind": "toy"}, train_size=1000)
     names = ("kfac", "kfac:fbsgd", "kfac:fbadamw", "fop:fl4e-3", "fop:fbsgd:fl0.01")
     config = SweepConfig(names, (64,), (0.5, 2.0), (0,), 1, 2.6, "cpu")
     plan = plan_runs(config, task, dataset, [resolve_optimizer(name) for name in names])
     got = {(run.optimizer, run.lr_factor): run.hyperparameters for run in plan}
     assert {k: (hp.fallback, hp.fallback_lr) for k, hp in got.items()} == {
-        ("kfac", 0.5): ("adamw", pytest.approx(1e-3)),
-        ("kfac", 2.0): ("adamw", pytest.approx(4e-3)),
+        ("kfac", 0.5): ("auto", None),  # what FOP(model, lr=...) builds, whatever the factor
+        ("kfac", 2.0): ("auto", None),
         ("kfac:fbsgd", 0.5): ("sgd", None),  # the library's default: the main lr
         ("kfac:fbsgd", 2.0): ("sgd", None),
         ("kfac:fbadamw", 0.5): ("adamw", None),  # the library's default: 1e-3
         ("kfac:fbadamw", 2.0): ("adamw", None),
-        ("fop:fl4e-3", 0.5): ("adamw", 4e-3),  # fixed, whatever the grid factor
-        ("fop:fl4e-3", 2.0): ("adamw", 4e-3),
+        ("fop:fl4e-3", 0.5): ("auto", 4e-3),  # fixed, whatever the grid factor
+        ("fop:fl4e-3", 2.0): ("auto", 4e-3),
         ("fop:fbsgd:fl0.01", 0.5): ("sgd", 0.01),
         ("fop:fbsgd:fl0.01", 2.0): ("sgd", 0.01),
     }
@@ -504,6 +506,11 @@ def test_fallback_variant_tokens_set_the_rule_and_a_fixed_learning_rate():
     hp = got[("fop:fl4e-3", 0.5)]
     groups = resolve_optimizer("fop:fl4e-3").build(_tiny_model_with_norm(), hp).param_groups
     assert [(g["rule"], g["lr"]) for g in groups] == [("kronecker", hp.lr), ("adamw", 4e-3)]
+    hp = got[("kfac", 2.0)]
+    groups = resolve_optimizer("kfac").build(_tiny_model_with_norm(), hp).param_groups
+    shipped = fop.KFAC(_tiny_model_with_norm(), lr=hp.lr).param_groups
+    assert [(g["rule"], g["lr"]) for g in groups] == [(g["rule"], g["lr"]) for g in shipped]
+    assert [(g["rule"], g["lr"]) for g in groups] == [("kronecker", hp.lr), ("adamw", AUTO_FALLBACK_LR)]
 
 
 def _tiny_model_with_norm():

@@ -287,6 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="model depth, for tasks with a depth option (charlm-linux: transformer blocks; default: the task's)",
     )
     machine.add_argument(
+        "--tied-head",
+        action="store_true",
+        help="share the output head's weight with the token embedding (charlm-linux; GPT-2, nanoGPT); "
+        "K-FAC and FOP train the shared weight by their first-order fallback rule",
+    )
+    machine.add_argument(
         "--out",
         metavar="DIR",
         type=Path,
@@ -417,12 +423,15 @@ def _target(value: float, metric: str) -> float:
 
 def _check_task_options(args: argparse.Namespace, task: Task) -> None:
     """Reject data and model options the task does not read (``--data`` for digits, ``--imbalance``
-    off CIFAR-10-LT, ``--layers`` for a model without a depth option)."""
+    off CIFAR-10-LT, ``--layers`` for a model without a depth option, ``--tied-head`` for one
+    without a token embedding)."""
     for flag, field, value in (("--data", "path", args.data), ("--imbalance", "imbalance", args.imbalance)):
         if value is not None and field not in task.data_options:
             raise BenchError(f"{flag} does not apply to task {task.name}")
     if args.layers is not None and "layers" not in task.model_options:
         raise BenchError(f"--layers does not apply to task {task.name}")
+    if args.tied_head and "tied_head" not in task.model_options:
+        raise BenchError(f"--tied-head does not apply to task {task.name} (it has no token embedding)")
 
 
 def _protocol_lines(
@@ -575,6 +584,7 @@ def _sweep_config(run: _Run) -> SweepConfig:
         micro_batch=args.micro_batch,
         width=args.width,
         layers=args.layers,
+        tied_head=args.tied_head,
         lr_scaling=args.lr_scaling,
         base_lrs=tuple(args.base_lr or ()),
         lr_factors=_lr_factors(args.lr_factor, run.optimizers),

@@ -58,7 +58,8 @@ class Hyperparameters:
     """Everything an optimizer of one run is built with.
 
     The curvature fields are read by K-FAC and FOP only. ``fallback_lr`` is the learning rate of
-    their first-order fallback group (``None``: the main ``lr``).
+    their first-order fallback group (``None``: the library's default for ``fallback``: the main
+    ``lr`` for SGD, ``fallback_lr``'s default for AdamW and for the AdamW half of ``"auto"``).
     """
 
     lr: float

@@ -66,6 +66,7 @@ class SweepConfig:
     micro_batch: int | None = None
     width: int | None = None
     layers: int | None = None
+    tied_head: bool = False
     lr_scaling: str | None = None
     base_lrs: tuple[tuple[str, float], ...] = ()
     lr_factors: tuple[tuple[str, float], ...] = ()  # --lr-factor: one factor for a named optimizer
@@ -110,13 +111,16 @@ class RunSpec:
     # another version is not resumed as if it were this one
     library: str = ""
     layers: int | None = None  # model depth (tasks with "layers" in model_options); None: the task's
+    tied_head: bool = False  # head weight shared with the token embedding ("tied_head" in model_options)
 
     def stored(self) -> dict[str, Any]:
-        """The fields as a record stores them; ``layers`` only when set, so that records written
-        before it existed keep their keys."""
+        """The fields as a record stores them; ``layers`` and ``tied_head`` only when set, so that
+        records written before they existed keep their keys."""
         fields = dataclasses.asdict(self)
         if fields["layers"] is None:
             del fields["layers"]
+        if not fields["tied_head"]:
+            del fields["tied_head"]
         return fields
 
     @property
@@ -213,6 +217,7 @@ def plan_runs(config: SweepConfig, task: Task, dataset: Any, optimizers: Sequenc
                             target=config.target,
                             width=config.width,
                             layers=config.layers,
+                            tied_head=config.tied_head,
                             device=torch.device(config.device).type,
                             bf16=config.bf16,
                             stop_at_target=config.stop_at_target,
@@ -556,7 +561,8 @@ def build_model_and_optimizer(
 ) -> tuple[nn.Module, torch.optim.Optimizer]:
     """The run's model (seeded, on ``device``, channels_last on CUDA, in training mode) and optimizer."""
     torch.manual_seed(spec.seed)
-    model = task.build_model(dataset, spec.width, spec.layers).to(device)
+    model_options = {"tied_head": True} if spec.tied_head else {}
+    model = task.build_model(dataset, spec.width, spec.layers, **model_options).to(device)
     if optimizer_spec.batch_norm_parts > 1:
         split_batch_norm(model, optimizer_spec.batch_norm_parts)
     if device.type == "cuda":

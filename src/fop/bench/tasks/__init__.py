@@ -52,8 +52,9 @@ class CurvatureDefaults:
     ``reference_interval`` is the curvature (and inverse) update interval in steps at the task's
     reference batch size; see :func:`fop.bench.optimizers.curvature_interval` for how it shrinks
     with larger batches, down to ``min_interval``. ``fallback`` is the first-order rule of the
-    parameters outside Linear/Conv2d layers (``"sgd"`` or ``"adamw"``; with ``"adamw"`` their
-    learning rate follows the AdamW schedule of the task).
+    parameters outside Kronecker-factored layers (``"sgd"``, ``"adamw"`` or ``"auto"``; with
+    ``"adamw"`` their learning rate follows the AdamW schedule of the task, with ``"auto"`` it is the
+    library's default ``fallback_lr``).
     """
 
     damping: float = 1e-3
@@ -72,7 +73,8 @@ class Task:
         summary: one line for ``--list``.
         load_data: reads the dataset (raises :class:`BenchError` on bad input).
         build_model: ``(dataset, width, layers=None) -> nn.Module``; ``None`` means the standard size
-            (``layers`` stays ``None`` unless the task lists ``"layers"`` in ``model_options``).
+            (``layers`` stays ``None`` unless the task lists ``"layers"`` in ``model_options``; a
+            task listing ``"tied_head"`` also takes ``tied_head=True``).
         default_target: target of the metric for a loaded dataset (it may depend on its ``kind``).
         batch_sizes: default ``--batch-sizes``.
         reference_batch: the batch size at which ``base_lrs`` hold (learning-rate scaling rule).
@@ -88,7 +90,8 @@ class Task:
             (held-out cross-entropy, lower is better); see :mod:`fop.bench.metrics`.
         data_options: which :class:`DataOptions` fields the task reads (``"path"``, ``"imbalance"``).
         data_env: environment variable giving the default of ``--data`` (tasks reading ``"path"``).
-        model_options: which size options beyond ``--width`` the model takes (``"layers"``).
+        model_options: which model options beyond ``--width`` the model takes (``"layers"``,
+            ``"tied_head"``).
         evaluations_per_epoch: held-out evaluations per epoch (at equal step intervals); a task
             whose runs last a few epochs measures its time to target more finely with several.
         make_pipeline: ``(dataset, device) -> pipeline`` serving its batches on ``device``
@@ -101,7 +104,7 @@ class Task:
     name: str
     summary: str
     load_data: Callable[[DataOptions], Any]
-    build_model: Callable[..., nn.Module]  # (dataset, width, layers=None)
+    build_model: Callable[..., nn.Module]  # (dataset, width, layers=None[, tied_head=False])
     default_target: Callable[[Any], float]
     batch_sizes: tuple[int, ...]
     reference_batch: int

@@ -6,10 +6,13 @@ plus one unknown id. A sample is a window of 128 characters; the batch size coun
 default batch of 64 is 8,192 tokens per step.
 
 Model: :class:`fop.bench.models.CharGPT`, width 64 and 2 layers by default (``--width``,
-``--layers`` scale it), one head per 32 of width, untied head (so the token embedding and the head
-both get Kronecker curvature; a tied weight would take the fallback rule). K-FAC and FOP give
-curvature to the embedding, the attention projections, the MLPs and the head; the layer norms and
-the position table take the AdamW fallback, whose learning rate follows the AdamW schedule.
+``--layers`` scale it), one head per 32 of width, untied head by default (so the token embedding and
+the head both get Kronecker curvature; ``--tied-head`` shares them, and the shared weight then takes
+the fallback rule). K-FAC and FOP give curvature to the embedding, the attention projections, the
+MLPs and the head; the layer norms and the position table take the library's default fallback
+(``fallback="auto"``: AdamW at ``fallback_lr`` 8e-3, whatever the batch size or learning-rate
+factor), so that ``kfac`` and ``fop`` here are what a user who passes only ``lr`` gets. Before 0.4
+the task gave them AdamW at the AdamW schedule's rate times the run's factor.
 
 Metric: held-out cross-entropy in nats per character on ``valid.txt`` (bits per character in the
 reports too), evaluated 8 times per epoch, untimed. One epoch by default (248 steps at batch 64):
@@ -44,12 +47,14 @@ def _load(options: DataOptions) -> TokenDataset:
     return load_char_corpus(options.path, CONTEXT, subset=options.subset)
 
 
-def _model(dataset: TokenDataset, width: int | None, layers: int | None = None) -> nn.Module:
+def _model(dataset: TokenDataset, width: int | None, layers: int | None = None, tied_head: bool = False) -> nn.Module:
     dim = width or DEFAULT_WIDTH
     heads = max(1, dim // HEAD_DIM)
     while dim % heads:  # a width that is not a multiple of HEAD_DIM: the nearest divisor below
         heads -= 1
-    return CharGPT(dataset.vocab_size, dataset.context, dim=dim, depth=layers or DEFAULT_LAYERS, heads=heads)
+    return CharGPT(
+        dataset.vocab_size, dataset.context, dim=dim, depth=layers or DEFAULT_LAYERS, heads=heads, tied=tied_head
+    )
 
 
 def _target(dataset: TokenDataset) -> float:
@@ -73,14 +78,14 @@ TASK = register(
         weight_decays={"adamw": 0.1, "default": 0.0},
         max_epochs=1,
         warmup_epochs=0.1,
-        curvature=CurvatureDefaults(damping=1e-3, reference_interval=10, fallback="adamw"),
+        curvature=CurvatureDefaults(damping=1e-3, reference_interval=10, fallback="auto"),
         lr_grid=(0.5, 1.0, 2.0),
         optimizers=("adamw", "kfac", "fop"),
         max_micro_batch=256,
         metric="loss",
         data_options=frozenset({"path"}),
         data_env=DATA_ENV,
-        model_options=frozenset({"layers"}),
+        model_options=frozenset({"layers", "tied_head"}),
         evaluations_per_epoch=8,
         make_pipeline=TokenPipeline,
     )
