@@ -16,6 +16,11 @@ ordinary forward/backward pass a layer's hooks record, for the pending optimizer
   (convolutions, sequence inputs) the rows are every (sample, position) pair ("expand") or, with
   ``weight_sharing="reduce"``, one row per sample (K-FAC-reduce, see :data:`WEIGHT_SHARING`).
 
+A weight that other modules apply too (:attr:`KroneckerLayer.uses`: a token embedding tied to the
+output head, :class:`fop.layers.TiedHeadLayer`) gets hooks on those modules as well, which add their
+gradient to the halves (and nothing to the factors): the halves are then those of the summed gradient
+that ``p.grad`` holds.
+
 Statistics are *pending* until :meth:`KroneckerLayer.collect` hands them to the optimizer, so a
 skipped step (``GradScaler`` found inf, ``zero_grad()`` without ``step()``) leaves no trace.
 
@@ -28,6 +33,7 @@ refuse in-place modifications of their outputs.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -262,6 +268,10 @@ class KroneckerLayer:
         self.bias: nn.Parameter | None = module.bias if weight is None else bias  # type: ignore[assignment]
         self.out_features = self.weight.shape[0]
         self.in_features = self.weight[0].numel() + (1 if self.bias is not None else 0)
+        # other modules that apply this same weight (a tied weight: fop.layers.TiedHeadLayer's embedding).
+        # Their backward adds gradient only (the halves, the verified and reference sums), never factor
+        # statistics: the factors stay this module's (see _capture_use)
+        self.uses: tuple[nn.Module, ...] = ()
         self.is_reference = False  # records its full gradient for the loss-scale ratio (no biases)
         self.batch_dim = 0  # the inputs' batch dimension (1: fop.layers.SequenceFirstLinearLayer)
         self.verify = True  # until the first step: check that p.grad is all the hooks' own gradient
@@ -276,6 +286,8 @@ class KroneckerLayer:
     # ----------------------------------------------------------------------------- hooks
     def attach(self) -> None:
         self._handles.append(self.module.register_forward_hook(self._forward_hook))
+        for use in self.uses:
+            self._handles.append(use.register_forward_hook(self._use_forward_hook))
 
     def detach(self) -> None:
         for handle in self._handles:
@@ -287,10 +299,22 @@ class KroneckerLayer:
         self._pending = _Pending()
 
     def _forward_hook(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        if not self._handles:  # the hook of a copied model (see _InertLayer), which has no _hook_output
+            return
+        self._hook_output(args, output, self._backward_hook)
+
+    def _use_forward_hook(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        """The forward of another module applying the weight (:attr:`uses`): its backward adds gradient only."""
+        if not self._handles:  # as in _forward_hook
+            return
+        self._hook_output(args, output, self._use_backward_hook)
+
+    def _hook_output(
+        self, args: tuple, output: Tensor, backward: Callable[[Tensor, Tensor, CaptureMode], None]
+    ) -> None:
+        """Register ``backward(x, grad_out, mode)`` on the output of a forward that applied the weight to ``args[0]``."""
         # module.training is not consulted: eval mode (frozen BatchNorm statistics, no dropout) is a
         # legitimate way to train, and an evaluation forward that no backward reaches records nothing
-        if not self._handles:  # the hook of a copied model (see _InertLayer)
-            return
         if not (torch.is_grad_enabled() and self.weight.requires_grad):
             return
         if not (isinstance(output, Tensor) and output.requires_grad):
@@ -301,7 +325,7 @@ class KroneckerLayer:
             self.reset()
         x = args[0].detach()
         mode = self.mode.for_forward()  # this forward's settings, whatever step() changes before backward
-        output.register_hook(lambda grad_out: self._backward_hook(x, grad_out, mode))
+        output.register_hook(lambda grad_out: backward(x, grad_out, mode))
 
     def _backward_hook(self, x: Tensor, grad_out: Tensor, mode: CaptureMode) -> None:
         x = as_computed(x, grad_out)
@@ -312,6 +336,13 @@ class KroneckerLayer:
                 self._capture_sampled(x, grad_out, mode)
             else:
                 self._capture_backward(x, grad_out, mode)
+
+    def _use_backward_hook(self, x: Tensor, grad_out: Tensor, mode: CaptureMode) -> None:
+        if self.mode.sampling:  # the Monte-Carlo pass feeds G, which is the main module's alone
+            return
+        x = as_computed(x, grad_out)
+        with phase("capture"), torch.autocast(x.device.type, enabled=False):
+            self._capture_use(x, grad_out, mode)
 
     def _capture_sampled(self, x: Tensor, grad_out: Tensor, mode: CaptureMode) -> None:
         """Monte-Carlo Fisher pass: only ``Σ δδᵀ`` of the sampled labels' summed loss (same samples as ``A``)."""
@@ -367,12 +398,49 @@ class KroneckerLayer:
         if bias_reference:
             # Σδ of the whole batch = the first half's bias column (already summed) + the second half's
             pending.reference = _add(pending.reference, c1[:, -1] + self._output_sum(grad_out[n1:]).to(dtype))
+        self._add_first_half(c1, n, n1, lambda: self._folded_grad(x[n1:], grad_out[n1:]).to(dtype))
+
+    def _capture_use(self, x: Tensor, grad_out: Tensor, mode: CaptureMode) -> None:
+        """Record the share of another module applying the weight (:attr:`uses`, a tied weight): gradient only.
+
+        ``p.grad`` holds the sum of every use's gradient, and the second half's gradient is recovered
+        from it as ``p.grad/r − ΣC1`` (:meth:`collect`): so each use adds its own first-half ``C1``
+        (and ``C2`` when split unlike the cycle's first forward) to the same sums, as it adds to the
+        verified gradient and, for a bias-free reference layer, to the loss-scale reference. A
+        bias reference (``Σδ``) is the main module's alone: the other use has no bias. The factor
+        statistics, sample counts and backward calls stay the main module's. The use's layout is
+        given by :meth:`_use_folded_grad` and :attr:`_use_unbatched_dims`.
+        """
+        pending = self._pending
+        n = x.shape[0] if x.dim() > self._use_unbatched_dims else 1
+        dtype = compute_dtype(self.weight.dtype)
+        grad_out = grad_out.detach()
+        if self.verify:
+            pending.hooked = _add(pending.hooked, self._use_folded_grad(x, grad_out).to(dtype))
+            pending.low_precision |= grad_out.dtype in _HALF_DTYPES or x.dtype in _HALF_DTYPES or _tf32(x)
+        bias_reference = self.bias is not None and self.bias.requires_grad
+        if not bias_reference and self.is_reference and (mode.total or mode.halves):
+            pending.reference = _add(pending.reference, self._use_folded_grad(x, grad_out).to(dtype))
+        if mode.halves and n < 2:
+            pending.single_sample = True
+        if not mode.halves or n < 2:
+            return
+        n1 = (n + 1) // 2
+        c1 = self._use_folded_grad(x[:n1], grad_out[:n1]).to(dtype)
+        self._add_first_half(c1, n, n1, lambda: self._use_folded_grad(x[n1:], grad_out[n1:]).to(dtype))
+
+    def _add_first_half(self, c1: Tensor, n: int, n1: int, second_half: Callable[[], Tensor]) -> None:
+        """Add a forward's first-half gradient ``C1`` (of ``n1`` of its ``n`` samples) to the pending sums.
+
+        ``second_half()`` gives its ``C2``, formed only when this forward is split unlike the cycle's first.
+        """
+        pending = self._pending
         pending.g1 = _add(pending.g1, c1 * (n / n1))
         pending.c1 = _add(pending.c1, c1)
         if pending.split is None:
             pending.split = (n, n1)
         elif pending.split != (n, n1):
-            c2 = self._folded_grad(x[n1:], grad_out[n1:]).to(dtype)
+            c2 = second_half()
             pending.g2_other = _add(pending.g2_other, c2 * (n / (n - n1)))
             pending.c2_other = _add(pending.c2_other, c2)
 
@@ -565,6 +633,12 @@ class KroneckerLayer:
         """``[∂W | ∂b]`` contributed by these samples, ``(out, in_f)``."""
         raise NotImplementedError
 
+    _use_unbatched_dims = 1  # as _unbatched_dims, for the inputs of the other uses (:attr:`uses`)
+
+    def _use_folded_grad(self, x: Tensor, grad_out: Tensor) -> Tensor:
+        """``[∂W | ∂b]`` contributed by these samples through another use of the weight (:attr:`uses`), ``(out, in_f)``."""
+        raise NotImplementedError
+
     def _has_shared_positions(self, grad_out: Tensor) -> bool:
         """Whether the weight is applied at several positions of each sample (what ``reduce`` reduces)."""
         return False
@@ -588,6 +662,9 @@ class _InertLayer:
     _handles: tuple = ()
 
     def _forward_hook(self, module: nn.Module, args: tuple, output: object) -> None:
+        return None
+
+    def _use_forward_hook(self, module: nn.Module, args: tuple, output: object) -> None:
         return None
 
 
