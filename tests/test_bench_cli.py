@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -509,7 +510,8 @@ def test_tied_head_shares_the_weight_and_is_its_own_run(tmp_path, capsys, monkey
     assert main(argv) == 0
     untied = {r["key"]: r for r in _records(out)}
     assert all("tied_head" not in r["spec"] for r in untied.values())
-    with pytest.warns(UserWarning, match="token_embed"):  # K-FAC: the shared weight takes the fallback
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # K-FAC: the tied pair is one layer (the head's factors)
         assert main([*argv, "--tied-head"]) == 0
     records = _records(out)
     tied = [r for r in records if r["key"] not in untied]
@@ -524,11 +526,13 @@ def test_tied_head_shares_the_weight_and_is_its_own_run(tmp_path, capsys, monkey
     hp["options"] = tuple(tuple(option) for option in hp["options"])
     run = RunSpec(**fields, hyperparameters=Hyperparameters(**hp))
     task, dataset = get_task("charlm-linux"), load_char_corpus(folder, 128)
-    with pytest.warns(UserWarning, match="token_embed"):
-        model, optimizer = build_model_and_optimizer(run, task, dataset, torch.device("cpu"), resolve_optimizer("kfac"))
+    model, optimizer = build_model_and_optimizer(run, task, dataset, torch.device("cpu"), resolve_optimizer("kfac"))
     assert model.head.weight is model.token_embed.weight
     rules = {g["rule"]: g["params"] for g in optimizer.param_groups}
-    assert any(p is model.head.weight for p in rules["adamw"])  # the shared weight: the AdamW fallback
+    # the shared weight: one Kronecker layer, the head's (fop.layers.TiedHeadLayer), not the AdamW fallback
+    assert sum(p is model.head.weight for p in rules["kronecker"]) == 1
+    assert not any(p is model.head.weight for p in rules["adamw"])
+    assert [layer.name for layer in optimizer.layers if layer.weight is model.head.weight] == ["head"]
 
 
 def test_lr_factor_pins_one_factor_per_optimizer_and_fallback_variants(tmp_path, capsys, monkeypatch):

@@ -128,10 +128,21 @@ class TiedLM(nn.Module):
         return self.out(torch.tanh(self.mix(self.emb(tokens))))
 
 
-def test_tied_embedding_and_output_layer_get_one_first_order_update() -> None:
+def test_tied_embedding_and_output_layer_are_one_layer_named_after_the_output_layer() -> None:
+    """The tied pair gets the head's curvature on the summed gradient (tests/test_tied.py), no warning."""
+    model = TiedLM().to(DTYPE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        optimizer = FOP(model, lr=0.3, **EXACT)
+    assert [layer.name for layer in optimizer.layers] == ["mix", "out"]
+    assert optimizer.layers[1].uses == (model.emb,)
+
+
+def test_tied_embedding_excluded_gets_one_first_order_update() -> None:
+    """exclude=[the embedding] (or the head): the old behaviour, the shared weight on the fallback rule."""
     model = TiedLM().to(DTYPE)
     with pytest.warns(UserWarning, match=r"tied weights.*out shares emb\.weight.*'sgd' fallback rule"):
-        optimizer = FOP(model, lr=0.3, fallback="sgd", **EXACT)
+        optimizer = FOP(model, lr=0.3, fallback="sgd", exclude=[model.emb], **EXACT)
     assert [layer.name for layer in optimizer.layers] == ["mix"]
     tokens, targets = torch.randint(0, 10, (8,)), torch.randint(0, 10, (8,))
     F.cross_entropy(model(tokens), targets).backward()

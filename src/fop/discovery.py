@@ -2,7 +2,9 @@
 
 :func:`discover_layers` walks ``model.named_modules()`` once, at construction: supported modules
 (:func:`fop.layers.supports`) become :class:`~fop.curvature.KroneckerLayer` objects, unless excluded
-or sharing a parameter with another module (tied weights); :func:`param_groups` puts their parameters
+or sharing a parameter with another module (tied weights). The one sharing with curvature is an
+``nn.Linear`` head tied to an ``nn.Embedding`` (GPT-2's ``lm_head`` / ``wte``): the pair becomes one
+:class:`~fop.layers.TiedHeadLayer` named after the head. :func:`param_groups` puts their parameters
 in the ``kronecker`` group and every other parameter in the fallback group. The constructor's
 warnings about what was found live here too.
 """
@@ -10,7 +12,7 @@ warnings about what was found live here too.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from torch import Tensor, nn
@@ -18,7 +20,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .arguments import AUTO_FALLBACK_LR
 from .curvature import CaptureMode, KroneckerLayer
-from .layers import LAYER_TYPES, make_layers, supports, unsupported_reason
+from .layers import LAYER_TYPES, is_tied_head, make_layers, make_tied_layer, supports, unsupported_reason
 
 __all__ = ["ExcludeSpec", "SPARSE_MESSAGE", "check_model", "discover_layers", "param_groups", "warn_discovery"]
 
@@ -29,7 +31,11 @@ SPARSE_MESSAGE = "{name} needs dense gradients: build nn.Embedding / nn.Embeddin
 def discover_layers(
     model: nn.Module, exclude: ExcludeSpec, mode: CaptureMode, sequence_first: set[int]
 ) -> tuple[list[KroneckerLayer], dict[str, list[str]]]:
-    """The Kronecker layers, and the supported layers left out because a parameter is shared."""
+    """The Kronecker layers, and the supported layers left out because a parameter is shared.
+
+    An output head tied to a token embedding (:func:`_tied_heads`) is one layer, hooking both modules;
+    ``exclude`` of either module leaves both out of curvature, as any other shared parameter.
+    """
     if isinstance(exclude, (str, nn.Module, type)):
         raise TypeError(f"exclude takes a list of modules, module names or module types: write exclude=[{exclude!r}]")
     exclude = list(exclude)
@@ -61,21 +67,58 @@ def discover_layers(
     for name, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):
             owners.setdefault(id(p), {}).setdefault(id(module), f"{name}.{pname}" if name else pname)
+
+    def excluded(module: nn.Module) -> bool:
+        return id(module) in excluded_modules or isinstance(module, excluded_types)
+
+    heads = _tied_heads(model, owners, excluded, sequence_first)
+    embeddings = {id(embedding) for embedding in heads.values()}
     layers: list[KroneckerLayer] = []
     tied: dict[str, list[str]] = {}
     for name, module in model.named_modules():
-        if not supports(module):
-            continue
-        if id(module) in excluded_modules or isinstance(module, excluded_types):
+        if not supports(module) or excluded(module) or id(module) in embeddings:  # a tied embedding: its head's layer
             continue
         name = name or type(module).__name__
+        batch_dim = 1 if id(module) in sequence_first else 0
+        if id(module) in heads:
+            layers.append(make_tied_layer(name, module, heads[id(module)], mode, batch_dim))
+            continue
         shared = [n for p in module.parameters(recurse=False) for m, n in owners[id(p)].items() if m != id(module)]
         if shared:
             tied[name] = shared
             continue
-        layers += make_layers(name, module, mode, 1 if id(module) in sequence_first else 0)
+        layers += make_layers(name, module, mode, batch_dim)
     _warn_unsupported(model, exclude_ids=excluded_modules, exclude_names=excluded_names, exclude_types=excluded_types)
     return layers, tied
+
+
+def _tied_heads(
+    model: nn.Module,
+    owners: dict[int, dict[int, str]],
+    excluded: Callable[[nn.Module], bool],
+    sequence_first: set[int],
+) -> dict[int, nn.Module]:
+    """``{id(head): embedding}``: the output heads tied to a token embedding that get one layer together.
+
+    A plain ``nn.Linear`` whose weight is a dense ``nn.Embedding``'s table and no other module's, whose
+    bias is its own, neither module excluded, both of one layout (:func:`fop.layers.is_tied_head`,
+    :class:`fop.layers.TiedHeadLayer`). Any other sharing is left to the tied-weights warning.
+    """
+    modules = {id(module): module for module in model.modules()}
+    heads: dict[int, nn.Module] = {}
+    for head in modules.values():
+        weight, bias = getattr(head, "weight", None), getattr(head, "bias", None)
+        if not isinstance(weight, nn.Parameter) or excluded(head):
+            continue
+        users = [modules[m] for m in owners.get(id(weight), {}) if m != id(head)]
+        if len(users) != 1 or not is_tied_head(head, users[0]) or excluded(users[0]):
+            continue
+        if isinstance(bias, nn.Parameter) and set(owners[id(bias)]) != {id(head)}:
+            continue
+        if (id(head) in sequence_first) != (id(users[0]) in sequence_first):
+            continue
+        heads[id(head)] = users[0]
+    return heads
 
 
 def _warn_unsupported(model: nn.Module, exclude_ids: set[int], exclude_names: set[str], exclude_types: tuple) -> None:

@@ -18,6 +18,10 @@ rows ``a`` (bias column of ones folded in) and output rows ``δ`` of its factors
   indices: :class:`SequenceFirstEmbeddingLayer`), a Linear on one-hot inputs whose input factor is
   diagonal (token frequencies). It shares with GPT-2's layer only :class:`TransposedWeight`: a weight
   stored ``(in, out)``.
+* an ``nn.Linear`` output head whose weight is an ``nn.Embedding``'s (a tied token embedding, and no
+  third user): one :class:`TiedHeadLayer` for the pair, the head's factors on the summed gradient
+  (:func:`is_tied_head`, :func:`make_tied_layer`; the optimizer's discovery finds the pairs, as it
+  alone sees which modules share a parameter).
 
 :data:`LAYER_TYPES` is this list, one :class:`LayerType` (how the module is recognised, which layers it
 gets) per item: the one registry. :func:`supports` and :func:`make_layers` are what the optimizer asks;
@@ -51,6 +55,8 @@ __all__ = [
     "LinearLayer",
     "SequenceFirstEmbeddingLayer",
     "SequenceFirstLinearLayer",
+    "SequenceFirstTiedHeadLayer",
+    "TiedHeadLayer",
     "TransposedLinearLayer",
     "TransposedWeight",
     "is_attention",
@@ -58,9 +64,12 @@ __all__ = [
     "is_dense_embedding",
     "is_gpt2_conv1d",
     "is_plain_linear",
+    "is_tied_head",
     "layer_type",
     "linear_layouts",
+    "lookup_grad",
     "make_layers",
+    "make_tied_layer",
     "supports",
     "unsupported_reason",
 ]
@@ -322,11 +331,19 @@ class EmbeddingLayer(TransposedWeight):
         return False  # expand under either weight_sharing (see the class docstring)
 
     def _folded_grad(self, x: Tensor, grad_out: Tensor) -> Tensor:
-        index = x.reshape(-1)
-        rows = self._output_rows(grad_out)
-        if self.padding_idx is not None:
-            rows = rows * (index != self.padding_idx)[:, None].to(rows.dtype)
-        return rows.new_zeros(self.in_features, self.out_features).index_add_(0, index, rows).T
+        return lookup_grad(x, self._output_rows(grad_out), self.padding_idx, self.in_features).T
+
+
+def lookup_grad(x: Tensor, rows: Tensor, padding_idx: int | None, num_embeddings: int) -> Tensor:
+    """``Σ_r e_{x_r} δ_rᵀ``: the gradient of an embedding table ``(num_embeddings, dim)`` from its lookups.
+
+    ``x``: the looked-up indices (any shape), ``rows``: their output gradients ``(x.numel(), dim)``; a
+    position holding ``padding_idx`` adds nothing (torch gives the padding row no gradient).
+    """
+    index = x.reshape(-1)
+    if padding_idx is not None:
+        rows = rows * (index != padding_idx)[:, None].to(rows.dtype)
+    return rows.new_zeros(num_embeddings, rows.shape[1]).index_add_(0, index, rows)
 
 
 class _SequenceFirst(KroneckerLayer):
@@ -343,6 +360,13 @@ class _SequenceFirst(KroneckerLayer):
         if x.dim() > self._unbatched_dims + 1:  # an unbatched input has no batch dim to move
             x, grad_out = x.transpose(0, 1), grad_out.transpose(0, 1)
         super()._backward_hook(x, grad_out, mode)
+
+    def _use_backward_hook(self, x: Tensor, grad_out: Tensor, mode: CaptureMode) -> None:
+        # the other uses of the weight (a tied embedding) are sequence-first too: discovery ties
+        # only modules of one layout
+        if x.dim() > self._use_unbatched_dims + 1:
+            x, grad_out = x.transpose(0, 1), grad_out.transpose(0, 1)
+        super()._use_backward_hook(x, grad_out, mode)
 
 
 class SequenceFirstEmbeddingLayer(_SequenceFirst, EmbeddingLayer):
@@ -388,6 +412,51 @@ class SequenceFirstLinearLayer(_SequenceFirst, LinearLayer):
     Used for the feed-forward layers of ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer``
     with ``batch_first=False`` (see :func:`linear_layouts`); the factors do not depend on row order.
     """
+
+
+class TiedHeadLayer(LinearLayer):
+    """An ``nn.Linear`` output head whose weight is also an ``nn.Embedding``'s table (GPT-2, nanoGPT).
+
+    The weight ``W`` ``(V, D)`` is applied twice: by the head to its inputs ``h_r`` (logits
+    ``W h_r + b``, output gradients ``δ_r``) and by the embedding to its indices ``x_s`` (rows
+    ``W[x_s]``, output gradients ``ε_s``). ``p.grad`` holds the sum of both uses,
+
+        ∇W = Σ_r δ_r h_rᵀ + Σ_s e_{x_s} ε_sᵀ          (the bias column, if any, from the head alone)
+
+    and the layer preconditions that sum with **the head's Kronecker factors**:
+
+        Δ = (A ⊗ G + λI)⁻¹ vec ∇W_f,     A = E[h hᵀ] (D×D, bias folded),  G = E[δ δᵀ] (V×V)
+
+    (``A ⊗ G`` acting on the column-major ``vec`` of the folded ``(V, D[+1])`` matrix, as for every
+    layer), i.e. the curvature ``G ⊗ A`` of the head alone and the gradient of the tied weight. Each use
+    alone has a Kronecker factorisation in this layout, the lookup's ``diag(c)/R ⊗ G_emb`` and the
+    head's; their sum is not one (``docs/layers.md``). The head's is kept because it is the dense one
+    (the logits' curvature) and the lookup's gradient is kept because ``p.grad`` contains it: FOP's
+    halves and K-FAC's gradient must be those of the parameter the step moves. So the factors are
+    exactly those of the head's :class:`LinearLayer` (expand / reduce, ``factor_samples``, the
+    Monte-Carlo Fisher), while the embedding's hooks (:attr:`~fop.curvature.KroneckerLayer.uses`) add
+    its gradient to the halves, to the check that ``p.grad`` is all the hooks saw, and to the
+    loss-scale reference of a bias-free model. Built by discovery for a Linear whose weight is shared
+    with exactly one dense ``nn.Embedding`` (:func:`is_tied_head`); named after the head.
+    """
+
+    _use_unbatched_dims = 0  # the embedding's indices: any index tensor is a batch (as EmbeddingLayer)
+
+    def __init__(self, name: str, head: nn.Linear, embedding: nn.Embedding, mode: CaptureMode) -> None:
+        super().__init__(name, head, mode)
+        self.uses = (embedding,)
+        self.padding_idx: int | None = embedding.padding_idx
+
+    def _use_folded_grad(self, x: Tensor, grad_out: Tensor) -> Tensor:
+        # the table's gradient (V, D) is the head's layout already (the embedding's own is its transpose)
+        w = lookup_grad(x, grad_out.reshape(-1, grad_out.shape[-1]), self.padding_idx, self.out_features)
+        if self.bias is None:
+            return w
+        return torch.cat([w, w.new_zeros(w.shape[0], 1)], dim=1)
+
+
+class SequenceFirstTiedHeadLayer(_SequenceFirst, TiedHeadLayer):
+    """:class:`TiedHeadLayer` on sequence-first inputs: the head's ``(seq, batch, D)``, the embedding's ``(seq, batch)``."""
 
 
 def linear_layouts(model: nn.Module, batch_first: bool | None) -> tuple[set[int], set[int]]:
@@ -524,6 +593,35 @@ def layer_type(module: nn.Module) -> LayerType | None:
 def supports(module: nn.Module) -> bool:
     """Whether ``module`` gets Kronecker curvature (else its parameters use the fallback rule)."""
     return layer_type(module) is not None
+
+
+def is_tied_head(head: nn.Module, embedding: nn.Module) -> bool:
+    """Whether ``head`` is an output head tied to ``embedding``: a plain ``nn.Linear`` ``(D → V)`` whose
+    weight is the very ``(V, D)`` table of a dense ``nn.Embedding`` (one :class:`TiedHeadLayer`).
+
+    That the weight has no third user, and that the head's bias is its own, is for the caller to check.
+    """
+    if not (is_plain_linear(head) and is_dense_embedding(embedding)):
+        return False
+    linear, table = cast(nn.Linear, head), cast(nn.Embedding, embedding)
+    return (
+        linear.weight is table.weight
+        and linear.in_features == table.embedding_dim
+        and linear.out_features == table.num_embeddings
+    )
+
+
+def make_tied_layer(
+    name: str, head: nn.Module, embedding: nn.Module, mode: CaptureMode, batch_dim: int = 0
+) -> KroneckerLayer:
+    """The one layer of an output head tied to a token embedding (:func:`is_tied_head`); named ``name`` (the head's).
+
+    ``batch_dim``: 1 when both modules see sequence-first inputs (from :func:`linear_layouts`).
+    """
+    if not is_tied_head(head, embedding):
+        raise TypeError(f"{name}: not an nn.Linear head tied to an nn.Embedding's weight")
+    kind = SequenceFirstTiedHeadLayer if batch_dim == 1 else TiedHeadLayer
+    return kind(name, cast(nn.Linear, head), cast(nn.Embedding, embedding), mode)
 
 
 def make_layers(name: str, module: nn.Module, mode: CaptureMode, batch_dim: int = 0) -> list[KroneckerLayer]:
