@@ -130,6 +130,25 @@ def embedding_net(seed: int = 0) -> nn.Module:
     return EmbeddingNet().to(DTYPE)
 
 
+class TiedNet(nn.Module):
+    """Token indices (batch, 5) and 13 classes from a head tied to the embedding: one TiedHeadLayer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 4)
+        self.mix = nn.Linear(4, 4)
+        self.head = nn.Linear(4, VOCAB)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.mix(self.emb(x))).mean(1))
+
+
+def tied_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return TiedNet().to(DTYPE)
+
+
 VOCAB = 13
 MODELS = {
     "mlp": (mlp, (6,), 4),
@@ -138,6 +157,7 @@ MODELS = {
     "norm": (norm_only, (6,), 6),
     "attn": (attention_net, (4, 6), 3),
     "emb": (embedding_net, (5,), 3),
+    "tied": (tied_net, (5,), VOCAB),
 }
 
 
@@ -146,7 +166,7 @@ def global_batches(kind: str, steps: int, size: int = GLOBAL_BATCH, seed: int = 
     gen = torch.Generator().manual_seed(seed)
 
     def inputs() -> torch.Tensor:
-        if kind == "emb":
+        if kind in ("emb", "tied"):
             return torch.randint(0, VOCAB, (size, *shape), generator=gen)
         return torch.randn(size, *shape, generator=gen, dtype=DTYPE)
 
@@ -243,7 +263,7 @@ def _expect_error(fn: Any) -> str:
 
 def scenario_equivalence(rank: int, world: int, out: dict) -> None:
     for opt_name in ("fop", "kfac"):
-        for kind in ("mlp", "cnn"):
+        for kind in ("mlp", "cnn", "tied"):
             out[f"{opt_name}_{kind}"] = _run(rank, world, opt_name, kind)
     out["fop_mlp_replicated"] = _run(rank, world, "fop", "mlp", replicated=True)
     out["kfac_cnn_replicated"] = _run(rank, world, "kfac", "cnn", replicated=True)
@@ -361,7 +381,8 @@ def scenario_ddp(rank: int, world: int, out: dict) -> None:
     from fop import dual_gradient_hook
     from fop.ddp import bytes_per_step as ddp_bytes_per_step
 
-    for opt_name, kind in (("fop", "mlp"), ("fop", "cnn"), ("kfac", "mlp"), ("fop", "emb")):
+    kinds = (("fop", "mlp"), ("fop", "cnn"), ("kfac", "mlp"), ("fop", "emb"), ("fop", "tied"), ("kfac", "tied"))
+    for opt_name, kind in kinds:
         model, ddp, opt = hooked_ddp(kind, opt_name, bucket_cap_mb=1e-4)  # several buckets
         train(ddp, opt, [local_part(b, rank, world) for b in global_batches(kind, 4)])
         out[f"ddp_{opt_name}_{kind}"] = {
@@ -602,7 +623,7 @@ def assert_ranks_agree(results: list[dict], key: str, field: str = "params") -> 
 
 # ===================================================================================== tests
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "tied"])  # tied: a head tied to the embedding
 @pytest.mark.parametrize("opt_name", ["fop", "kfac"])
 def test_distributed_equals_single_process_on_global_batch(request, world, kind, opt_name) -> None:
     results = request.getfixturevalue(f"world{world}")
@@ -983,7 +1004,7 @@ if __name__ == "__main__" and len(sys.argv) >= 4 and sys.argv[1] == "--worker":
 
 
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("case", ["fop_mlp", "fop_cnn", "kfac_mlp", "fop_emb"])
+@pytest.mark.parametrize("case", ["fop_mlp", "fop_cnn", "kfac_mlp", "fop_emb", "fop_tied", "kfac_tied"])
 def test_ddp_comm_hook_equals_single_process_on_global_batch(request, world, case) -> None:
     """FOP(ddp.module) + ddp.register_comm_hook(optimizer, dual_gradient_hook) = one process on the global batch."""
     results = request.getfixturevalue(f"world{world}")
