@@ -9,8 +9,9 @@ few steps on a synthetic repeating-token corpus on the CPU, in one process or un
 GPT-2's ``Conv1D`` projections (``c_attn``, ``c_proj``, ``c_fc``) are recognised by their structure
 and its position embedding ``wpe`` gets a diagonal input factor (the batch passes ``position_ids``
 per sample, so ``wpe`` sees a batch it can split in halves). The token embedding ``wte`` is tied
-to ``lm_head``: a tied weight gets gradient from two modules, so both take the first-order
-fallback rule (one warning names them; pass ``exclude=[...]`` to silence it). The Trainer's
+to ``lm_head``: fop would make the pair one layer with the head's factors, whose output factor is
+``vocab × vocab`` (10 GB for GPT-2's real 50,257 tokens), so the recipe excludes both and the tied
+weight takes the first-order fallback rule. The Trainer's
 gradient clipping (``max_grad_norm``) scales every gradient by one factor, which the optimizer
 measures and accounts for.
 

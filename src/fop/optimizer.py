@@ -169,7 +169,7 @@ class KroneckerOptimizer(Optimizer):
                     ``"sum"`` (the paper's literal ``g_tot = g1 + g2``, η* ∈ [1, 2]). K-FAC ignores it.
                 fallback: the rule for parameters outside supported layers: ``"auto"`` (BatchNorm
                     parameters by SGD at ``lr``, every other one, such as layer norms, position tables
-                    and tied weights, by AdamW at ``fallback_lr``; the default since 0.4), ``"sgd"`` or
+                    and shared weights, by AdamW at ``fallback_lr``; the default since 0.4), ``"sgd"`` or
                     ``"adamw"`` (all of them by that rule).
                 fallback_lr: learning rate of the fallback group: for ``"auto"`` its AdamW group's
                     (default 8e-3), ``"sgd"``'s (default ``lr``), ``"adamw"``'s (default 1e-3).
@@ -179,7 +179,9 @@ class KroneckerOptimizer(Optimizer):
                     out of curvature, with every layer inside them; their parameters use the fallback rule
                     (e.g. ``exclude=[model.fc]``, ``exclude=["layer4"]``).
                     Layers whose parameters are shared with another module (tied weights) are kept out
-                    automatically, with a warning.
+                    automatically, with a warning; except an ``nn.Linear`` head tied to an ``nn.Embedding``
+                    (GPT-2's ``lm_head`` / ``wte``), which is one layer with the head's factors on the
+                    summed gradient (:class:`fop.layers.TiedHeadLayer`; ``exclude=[head]`` keeps it out).
                 batch_first: whether ``nn.Linear`` inputs of three or more dimensions are ``(batch, seq, ...)``
                     (``True``) or ``(seq, batch, ...)`` (``False``); the halves are split along the batch.
                     Linear layers inside a module built with ``batch_first=False`` (``nn.Transformer``, its

@@ -198,10 +198,10 @@ class CharGPT(nn.Module):
     Token embedding (``nn.Embedding``: K-FAC/FOP give it curvature with a diagonal input factor),
     a learned position table (a bare parameter: the first-order fallback rule), ``depth`` pre-norm
     blocks of causal self-attention (``nn.Linear`` ``qkv`` and ``proj``) and a GELU MLP, a final
-    layer norm and a linear head. The head is untied by default, so that it and the embedding both
-    get Kronecker curvature; ``tied=True`` shares the head's weight with the token embedding (GPT-2,
-    nanoGPT), which sends that weight to the fallback rule (fop does not factor a weight used by
-    two modules). Initialisation as GPT-2: normal(0, 0.02), residual projections scaled by
+    layer norm and a linear head. The head is untied by default, so that it and the embedding each
+    get their own Kronecker curvature; ``tied=True`` shares the head's weight with the token embedding
+    (GPT-2, nanoGPT), which makes the pair one layer with the head's factors on the summed gradient
+    (:class:`fop.layers.TiedHeadLayer`). Initialisation as GPT-2: normal(0, 0.02), residual projections scaled by
     ``1/sqrt(2 depth)``.
     """
 
