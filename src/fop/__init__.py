@@ -19,4 +19,4 @@ __all__ = [
     "functional",
     "nn",
 ]
-__version__ = "0.4.0"
+__version__ = "0.5.0.dev0"
