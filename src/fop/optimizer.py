@@ -174,7 +174,7 @@ class KroneckerOptimizer(Optimizer):
                 fallback_lr: learning rate of the fallback group: for ``"auto"`` its AdamW group's
                     (default 8e-3), ``"sgd"``'s (default ``lr``), ``"adamw"``'s (default 1e-3).
                 fallback_betas: AdamW's ``(β1, β2)`` for the fallback group.
-            fallback_eps: AdamW's ``ε`` for the fallback group.
+                fallback_eps: AdamW's ``ε`` for the fallback group.
                 exclude: a list of modules (instances, names as in ``model.named_modules()`` or types) kept
                     out of curvature, with every layer inside them; their parameters use the fallback rule
                     (e.g. ``exclude=[model.fc]``, ``exclude=["layer4"]``).
