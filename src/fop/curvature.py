@@ -370,9 +370,6 @@ class KroneckerLayer:
         dtype = compute_dtype(self.weight.dtype)
         grad_out = grad_out.detach()
         pending.batch_samples += n
-        if self.verify:
-            pending.hooked = _add(pending.hooked, self._folded_grad(x, grad_out).to(dtype))
-            pending.low_precision |= grad_out.dtype in _HALF_DTYPES or x.dtype in _HALF_DTYPES or _tf32(x)
         if mode.factors:
             # the input statistics are taken here, not in the forward hook: a forward that no
             # backward reaches (an unused output, a logged prediction) must leave no trace
@@ -382,23 +379,16 @@ class KroneckerLayer:
             if mode.empirical:
                 pending.gg_sum = _add(pending.gg_sum, self._sampled_output_moment(grad_out, subset, dtype, reduce))
                 pending.samples += n
-        bias_reference = self.bias is not None and self.bias.requires_grad
         if self.bias is not None and not self.bias.requires_grad:
             pending.frozen_bias = _add(pending.frozen_bias, self._output_sum(grad_out).to(dtype))
-        if not bias_reference and self.is_reference and (mode.total or mode.halves):
-            pending.reference = _add(pending.reference, self._folded_grad(x, grad_out).to(dtype))
-        if mode.halves and n < 2:
-            pending.single_sample = True
-        if not mode.halves or n < 2:
-            if bias_reference:
+        halves = self._record_gradient(x, grad_out, mode, n, self._folded_grad)
+        if self.bias is not None and self.bias.requires_grad:  # the bias gradient Σδ is the reference
+            if halves is None:
                 pending.reference = _add(pending.reference, self._output_sum(grad_out).to(dtype))
-            return
-        n1 = (n + 1) // 2
-        c1 = self._folded_grad(x[:n1], grad_out[:n1]).to(dtype)
-        if bias_reference:
-            # Σδ of the whole batch = the first half's bias column (already summed) + the second half's
-            pending.reference = _add(pending.reference, c1[:, -1] + self._output_sum(grad_out[n1:]).to(dtype))
-        self._add_first_half(c1, n, n1, lambda: self._folded_grad(x[n1:], grad_out[n1:]).to(dtype))
+            else:
+                # Σδ of the whole batch = the first half's bias column (already summed) + the second half's
+                n1, c1 = halves
+                pending.reference = _add(pending.reference, c1[:, -1] + self._output_sum(grad_out[n1:]).to(dtype))
 
     def _capture_use(self, x: Tensor, grad_out: Tensor, mode: CaptureMode) -> None:
         """Record the share of another module applying the weight (:attr:`uses`, a tied weight): gradient only.
@@ -411,38 +401,42 @@ class KroneckerLayer:
         statistics, sample counts and backward calls stay the main module's. The use's layout is
         given by :meth:`_use_folded_grad` and :attr:`_use_unbatched_dims`.
         """
-        pending = self._pending
         n = x.shape[0] if x.dim() > self._use_unbatched_dims else 1
+        self._record_gradient(x, grad_out.detach(), mode, n, self._use_folded_grad)
+
+    def _record_gradient(
+        self, x: Tensor, grad_out: Tensor, mode: CaptureMode, n: int, folded: Callable[[Tensor, Tensor], Tensor]
+    ) -> tuple[int, Tensor] | None:
+        """Add one use's gradient ``folded(x, grad_out)`` of ``n`` samples to the gradient sums.
+
+        The verified sum (while :attr:`verify`), the loss-scale reference of a layer without a trained
+        bias, and the halves: the first half's ``C1`` (of ``n1 = ⌈n/2⌉`` samples) and, for a forward
+        split unlike the cycle's first, its ``C2``. Returns ``(n1, C1)``, or None when this forward
+        records no halves (K-FAC, or a single sample).
+        """
+        pending = self._pending
         dtype = compute_dtype(self.weight.dtype)
-        grad_out = grad_out.detach()
         if self.verify:
-            pending.hooked = _add(pending.hooked, self._use_folded_grad(x, grad_out).to(dtype))
+            pending.hooked = _add(pending.hooked, folded(x, grad_out).to(dtype))
             pending.low_precision |= grad_out.dtype in _HALF_DTYPES or x.dtype in _HALF_DTYPES or _tf32(x)
         bias_reference = self.bias is not None and self.bias.requires_grad
         if not bias_reference and self.is_reference and (mode.total or mode.halves):
-            pending.reference = _add(pending.reference, self._use_folded_grad(x, grad_out).to(dtype))
+            pending.reference = _add(pending.reference, folded(x, grad_out).to(dtype))
         if mode.halves and n < 2:
             pending.single_sample = True
         if not mode.halves or n < 2:
-            return
+            return None
         n1 = (n + 1) // 2
-        c1 = self._use_folded_grad(x[:n1], grad_out[:n1]).to(dtype)
-        self._add_first_half(c1, n, n1, lambda: self._use_folded_grad(x[n1:], grad_out[n1:]).to(dtype))
-
-    def _add_first_half(self, c1: Tensor, n: int, n1: int, second_half: Callable[[], Tensor]) -> None:
-        """Add a forward's first-half gradient ``C1`` (of ``n1`` of its ``n`` samples) to the pending sums.
-
-        ``second_half()`` gives its ``C2``, formed only when this forward is split unlike the cycle's first.
-        """
-        pending = self._pending
+        c1 = folded(x[:n1], grad_out[:n1]).to(dtype)
         pending.g1 = _add(pending.g1, c1 * (n / n1))
         pending.c1 = _add(pending.c1, c1)
         if pending.split is None:
             pending.split = (n, n1)
         elif pending.split != (n, n1):
-            c2 = second_half()
+            c2 = folded(x[n1:], grad_out[n1:]).to(dtype)
             pending.g2_other = _add(pending.g2_other, c2 * (n / (n - n1)))
             pending.c2_other = _add(pending.c2_other, c2)
+        return n1, c1
 
     def _reduces(self, grad_out: Tensor, mode: CaptureMode) -> bool:
         """Whether this forward's factors take one row per sample (K-FAC-reduce, :data:`WEIGHT_SHARING`)."""

@@ -357,16 +357,19 @@ class _SequenceFirst(KroneckerLayer):
         self.batch_dim = 1
 
     def _backward_hook(self, x: Tensor, grad_out: Tensor, mode: CaptureMode) -> None:
-        if x.dim() > self._unbatched_dims + 1:  # an unbatched input has no batch dim to move
-            x, grad_out = x.transpose(0, 1), grad_out.transpose(0, 1)
-        super()._backward_hook(x, grad_out, mode)
+        super()._backward_hook(*_batch_major(x, grad_out, self._unbatched_dims), mode)
 
     def _use_backward_hook(self, x: Tensor, grad_out: Tensor, mode: CaptureMode) -> None:
         # the other uses of the weight (a tied embedding) are sequence-first too: discovery ties
         # only modules of one layout
-        if x.dim() > self._use_unbatched_dims + 1:
-            x, grad_out = x.transpose(0, 1), grad_out.transpose(0, 1)
-        super()._use_backward_hook(x, grad_out, mode)
+        super()._use_backward_hook(*_batch_major(x, grad_out, self._use_unbatched_dims), mode)
+
+
+def _batch_major(x: Tensor, grad_out: Tensor, unbatched_dims: int) -> tuple[Tensor, Tensor]:
+    """A sequence-first forward's input and output gradient with the batch moved to dim 0."""
+    if x.dim() > unbatched_dims + 1:  # an unbatched input has no batch dim to move
+        return x.transpose(0, 1), grad_out.transpose(0, 1)
+    return x, grad_out
 
 
 class SequenceFirstEmbeddingLayer(_SequenceFirst, EmbeddingLayer):
