@@ -290,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tied-head",
         action="store_true",
         help="share the output head's weight with the token embedding (charlm-linux; GPT-2, nanoGPT); "
-        "K-FAC and FOP train the shared weight by their first-order fallback rule",
+        "K-FAC and FOP give the pair one layer, the head's factors on the summed gradient",
     )
     machine.add_argument(
         "--out",

@@ -7,8 +7,8 @@ default batch of 64 is 8,192 tokens per step.
 
 Model: :class:`fop.bench.models.CharGPT`, width 64 and 2 layers by default (``--width``,
 ``--layers`` scale it), one head per 32 of width, untied head by default (so the token embedding and
-the head both get Kronecker curvature; ``--tied-head`` shares them, and the shared weight then takes
-the fallback rule). K-FAC and FOP give curvature to the embedding, the attention projections, the
+the head each get their own Kronecker curvature; ``--tied-head`` shares them, and the pair is then
+one layer with the head's factors on the summed gradient). K-FAC and FOP give curvature to the embedding, the attention projections, the
 MLPs and the head; the layer norms and the position table take the library's default fallback
 (``fallback="auto"``: AdamW at ``fallback_lr`` 8e-3, whatever the batch size or learning-rate
 factor), so that ``kfac`` and ``fop`` here are what a user who passes only ``lr`` gets. Before 0.4
