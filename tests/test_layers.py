@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _checkpoint import train_and_resume
 from fop import FOP, KFAC
 from fop.functional import fop_direction
 from fop.nn import MultiheadAttention, convert_attention
@@ -735,29 +736,10 @@ def test_sequence_first_embedding_needs_batch_first_false_and_is_named_otherwise
 
 def test_embedding_checkpoint_resumes_exactly() -> None:
     """The 1-D factor through state_dict(): the shape check knows it, the resumed run is bitwise the same."""
-    import io
-
     model, x, y = make_tokens("padding", 6)
-    kw = dict(lr=0.1, curvature_update_interval=1, inverse_update_interval=2)
-
-    def train(model: nn.Module, optimizer: FOP, steps: int) -> None:
-        for _ in range(steps):
-            optimizer.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            optimizer.step()
-
-    optimizer = FOP(model, **kw)
-    train(model, optimizer, 2)
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, buffer)
-    train(model, optimizer, 2)
-    buffer.seek(0)
-    checkpoint = torch.load(buffer, weights_only=True)
     resumed = make_tokens("padding", 6, seed=3)[0]
-    resumed.load_state_dict(checkpoint["model"])
-    optimizer2 = FOP(resumed, **kw)
-    optimizer2.load_state_dict(checkpoint["optim"])
-    train(resumed, optimizer2, 2)
+    kw = dict(lr=0.1, curvature_update_interval=1, inverse_update_interval=2)
+    train_and_resume(model, resumed, FOP, lambda m: F.cross_entropy(m(x), y), **kw)
     for a, b in zip(resumed.parameters(), model.parameters()):
         assert torch.equal(a, b)
 

@@ -11,7 +11,6 @@ torch forward hook, the step by a dense solve with the explicit Kronecker produc
 from __future__ import annotations
 
 import copy
-import io
 import warnings
 
 import pytest
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _checkpoint import train_and_resume
 from fop import FOP, KFAC
 from fop.functional import fop_direction
 from fop.layers import TiedHeadLayer
@@ -386,28 +386,11 @@ def test_other_sharing_keeps_the_tied_weights_warning(build: type) -> None:
 @pytest.mark.parametrize("cls", [FOP, KFAC])
 def test_checkpoint_of_the_tied_model_resumes_exactly(cls: type) -> None:
     model, x, y = make("bias", 6)
-    kw = dict(lr=0.1, curvature_update_interval=1, inverse_update_interval=2)
-
-    def train(model: nn.Module, optimizer: FOP, steps: int) -> None:
-        for _ in range(steps):
-            optimizer.zero_grad()
-            loss_of(model, x, y).backward()
-            optimizer.step()
-
-    optimizer = cls(model, **kw)
-    train(model, optimizer, 2)
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, buffer)
-    train(model, optimizer, 2)
-    buffer.seek(0)
-    checkpoint = torch.load(buffer, weights_only=True)
     resumed = make("bias", 6, seed=3)[0]
-    resumed.load_state_dict(checkpoint["model"])
+    kw = dict(lr=0.1, curvature_update_interval=1, inverse_update_interval=2)
+    optimizer = train_and_resume(model, resumed, cls, lambda m: loss_of(m, x, y), **kw)
     assert resumed.head.weight is resumed.embed.weight
-    optimizer2 = cls(resumed, **kw)
-    optimizer2.load_state_dict(checkpoint["optim"])
-    assert optimizer2.state[resumed.head.weight]["G"].shape == (VOCAB, VOCAB)
-    train(resumed, optimizer2, 2)
+    assert optimizer.state[resumed.head.weight]["G"].shape == (VOCAB, VOCAB)
     for a, b in zip(resumed.parameters(), model.parameters()):
         assert torch.equal(a, b)
 
