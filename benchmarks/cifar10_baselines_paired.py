@@ -1,16 +1,17 @@
-"""Paired comparison of the CIFAR point's baselines with K-FAC and FOP, across two result folders.
+"""Paired comparison of an image task's baselines with K-FAC and FOP, across two result folders.
 
 ``fop-bench``'s report pairs only the runs of one folder and one command. On the CIFAR point
-(docs/evidence.md §11) the baselines (AdamW, Muon, SOAP, LAMB, ...) are in one folder, tuned on
+(docs/evidence.md §11) and the long-tailed point (§15) the baselines (AdamW, Muon, SOAP, LAMB, ...) are in one folder, tuned on
 seed 0 over a learning-rate grid and then run on seeds 1-4 at the chosen factor, and K-FAC and FOP
 (0.3 defaults, lr ×0.3, seeds 0-4) in another. This script reads both ``runs.jsonl`` files, picks
 each baseline's learning-rate factor on seed 0 (fewest epochs to the target, then the higher final
-accuracy; a miss counts as never), takes every seed run at that factor, and prints the report's
+accuracy; a miss counts as never), shows the records' own metric (test accuracy, or Top-1 error for
+``cifar10-lt-resnet32``), takes every seed run at that factor, and prints the report's
 own paired tables (:func:`fop.bench.report.format_paired_table`: median per-seed difference with a
 95% percentile-bootstrap interval) against each reference, plus the per-seed runs with the machine
 each ran on. ``--replace FILE ...``: reference runs in these ``runs.jsonl`` files (e.g. a seed rerun on
 the machine the baselines' seed ran on) replace the reference runs of the same optimizer and seed in a
-second set of paired tables. Writes the Markdown to ``BASELINES/paired.md``::
+second set of paired tables. Writes the Markdown to ``BASELINES/paired.md`` (or ``--output``)::
 
     python benchmarks/cifar10_baselines_paired.py results/evidence/cifar10-baselines \\
         results/evidence/cifar10-halfbn --replace results/evidence/cifar10-reduce/expand-same-machine/*-runs.jsonl
@@ -27,6 +28,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from fop.bench.metrics import Metric, get_metric
 from fop.bench.report import format_paired_table, summarize
 
 
@@ -62,7 +64,12 @@ def _epochs(value: float | None) -> str:
 
 
 def _paired_sections(
-    records: list[dict[str, Any]], batch_size: int, names: list[str], reference_names: list[str], title: str
+    records: list[dict[str, Any]],
+    batch_size: int,
+    names: list[str],
+    reference_names: list[str],
+    title: str,
+    metric: Metric,
 ) -> list[str]:
     cells = summarize(records)
     lines: list[str] = []
@@ -75,7 +82,7 @@ def _paired_sections(
             "its 95% percentile-bootstrap interval (10,000 resamples), seeds in the row's favour; epochs over "
             "the seeds on which both reached the target (a miss is left out, not counted as slower).",
             "",
-            format_paired_table(cells, [batch_size], names, reference, "accuracy"),
+            format_paired_table(cells, [batch_size], names, reference, metric.name),
         ]
     return lines
 
@@ -94,6 +101,8 @@ def report(
     records = chosen + ref_records
     (batch_size,) = {r["spec"]["batch_size"] for r in records}
     target = records[0]["spec"]["target"]
+    metric = get_metric(records[0].get("metric", "accuracy"))
+    shown = metric.title.removesuffix(" (%)")  # "test accuracy", "Top-1 error"
     by_name: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for run in records:
         by_name[run["spec"]["optimizer"]].append(run)
@@ -110,19 +119,19 @@ def report(
         f"Made by `python benchmarks/cifar10_baselines_paired.py {baselines} {references}"
         f"{' --replace ' + ' '.join(str(p) for p in replacements) if replacements else ''}` from the "
         f"`runs.jsonl` files. Each baseline's learning-rate factor is chosen on seed {selection_seed} (fewest "
-        f"epochs to {target:.0%}, then higher final accuracy); every seed run at that factor is used. "
+        f"epochs to {target:.0%} test accuracy, then higher final accuracy); every seed run at that factor is used. "
         f"{', '.join(reference_names)}: every run of `{references.name}` under that name.",
         "",
         f"## Per optimizer (batch {batch_size}), fastest median first",
         "",
         f"| optimizer | lr factor | lr | seeds | reached {target:.0%} | epochs, median [min–max] "
-        "| final accuracy %, median [min–max] | machines |",
+        f"| final {shown} %, median [min–max] | machines |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name in names:
         runs = sorted(by_name[name], key=lambda r: r["spec"]["seed"])
         hits = [r["epochs_to_target"] for r in runs if r["epochs_to_target"] is not None]
-        finals = [100 * r["final_accuracy"] for r in runs]
+        finals = sorted(metric.shown(r["final_accuracy"]) for r in runs)
         median_epochs = statistics.median(_rank(r)[0] for r in runs)
         spread = f" [{min(hits)}–{max(hits)}]" if hits else ""
         machines = ", ".join(sorted({_machine(r) for r in runs}))
@@ -130,12 +139,12 @@ def report(
             f"| {name} | ×{runs[0]['spec']['lr_factor']:g} | {runs[0]['spec']['hyperparameters']['lr']:.3g} "
             f"| {', '.join(str(r['spec']['seed']) for r in runs)} | {len(hits)}/{len(runs)} "
             f"| {'—' if math.isinf(median_epochs) else f'{median_epochs:g}'}{spread} "
-            f"| {statistics.median(finals):.2f} [{min(finals):.2f}–{max(finals):.2f}] | {machines} |"
+            f"| {statistics.median(finals):.2f} [{finals[0]:.2f}–{finals[-1]:.2f}] | {machines} |"
         )
     seeds = sorted({r["spec"]["seed"] for r in records})
     lines += [
         "",
-        f"## Per seed: epochs to {target:.0%} / final accuracy % (machine)",
+        f"## Per seed: epochs to {target:.0%} test accuracy / final {shown} % (machine)",
         "",
         "| optimizer | " + " | ".join(f"seed {s}" for s in seeds) + " |",
         "| --- |" + " --- |" * len(seeds),
@@ -148,17 +157,17 @@ def report(
             row.append(
                 "not run"
                 if run is None
-                else f"{_epochs(run['epochs_to_target'])} / {100 * run['final_accuracy']:.2f} ({_machine(run)})"
+                else f"{_epochs(run['epochs_to_target'])} / {metric.text(run['final_accuracy'])} ({_machine(run)})"
             )
         lines.append(f"| {name} | " + " | ".join(row) + " |")
-    lines += _paired_sections(records, batch_size, names, reference_names, "Paired comparison against")
+    lines += _paired_sections(records, batch_size, names, reference_names, "Paired comparison against", metric)
     if replacements:
         swaps = [r for path in replacements for r in load(path) if r["spec"]["optimizer"] in reference_names]
         swapped = {(r["spec"]["optimizer"], r["spec"]["seed"]) for r in swaps}
         kept = [r for r in records if (r["spec"]["optimizer"], r["spec"]["seed"]) not in swapped]
         described = "; ".join(
             f"{r['spec']['optimizer']} seed {r['spec']['seed']}: {_epochs(r['epochs_to_target'])} / "
-            f"{100 * r['final_accuracy']:.2f} ({_machine(r)})"
+            f"{metric.text(r['final_accuracy'])} ({_machine(r)})"
             for r in swaps
         )
         lines += [
@@ -166,12 +175,14 @@ def report(
             f"Below, these reference runs replace those of the same optimizer and seed: {described} "
             f"(from {', '.join(str(p) for p in replacements)}).",
         ]
-        lines += _paired_sections(kept + swaps, batch_size, names, reference_names, "With the replaced runs, against")
+        lines += _paired_sections(
+            kept + swaps, batch_size, names, reference_names, "With the replaced runs, against", metric
+        )
     lines += [
         "",
         f"## Seed {selection_seed} at every learning rate tried",
         "",
-        f"| optimizer | lr factor | epochs to {target:.0%} | final accuracy % | machine |",
+        f"| optimizer | lr factor | epochs to {target:.0%} | final {shown} % | machine |",
         "| --- | --- | --- | --- | --- |",
     ]
     for run in sorted(
@@ -181,7 +192,7 @@ def report(
         mark = " ✓" if run["spec"]["lr_factor"] == factors[run["spec"]["optimizer"]] else ""
         lines.append(
             f"| {run['spec']['optimizer']} | ×{run['spec']['lr_factor']:.3g}{mark} | {_epochs(run['epochs_to_target'])} "
-            f"| {100 * run['final_accuracy']:.2f} | {_machine(run)} |"
+            f"| {metric.text(run['final_accuracy'])} | {_machine(run)} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -195,9 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--replace", type=Path, nargs="*", default=[], help="runs.jsonl files of reference runs to swap in"
     )
+    parser.add_argument("--output", type=Path, help="where to write the Markdown (BASELINES/paired.md)")
     args = parser.parse_args(argv)
     text = report(args.baselines, args.references, args.names.split(","), args.selection_seed, args.replace)
-    (args.baselines / "paired.md").write_text(text, encoding="utf-8")
+    (args.output or args.baselines / "paired.md").write_text(text, encoding="utf-8")
     sys.stdout.write(text)
     return 0
 
