@@ -11,7 +11,11 @@ own paired tables (:func:`fop.bench.report.format_paired_table`: median per-seed
 95% percentile-bootstrap interval) against each reference, plus the per-seed runs with the machine
 each ran on. ``--replace FILE ...``: reference runs in these ``runs.jsonl`` files (e.g. a seed rerun on
 the machine the baselines' seed ran on) replace the reference runs of the same optimizer and seed in a
-second set of paired tables. Writes the Markdown to ``BASELINES/paired.md`` (or ``--output``)::
+second set of paired tables. ``--profile FILE``: a ``fop-bench --profile`` table (``profile.md``) of
+the same task and batch size, from which a section gives each optimizer's training seconds to the
+target at its profiled step time (median epochs × steps per epoch × ms per step; the step times of one
+process, side by side, where the runs' own seconds come from shared machines). Writes the Markdown to
+``BASELINES/paired.md`` (or ``--output``)::
 
     python benchmarks/cifar10_baselines_paired.py results/evidence/cifar10-baselines \\
         results/evidence/cifar10-halfbn --replace results/evidence/cifar10-reduce/expand-same-machine/*-runs.jsonl
@@ -63,6 +67,58 @@ def _epochs(value: float | None) -> str:
     return "—" if value is None else f"{value:g}"
 
 
+def profiled_step_ms(path: Path, batch_size: int) -> tuple[str, dict[str, tuple[float, float]]]:
+    """The heading of the step-time ratio (``× sgd``) and, per optimizer, (ms per step, that ratio)
+    at ``batch_size``, from a ``fop-bench --profile`` Markdown table."""
+    steps: dict[str, tuple[float, float]] = {}
+    columns: list[str] = []
+    ratio_column = 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if cells[:2] == ["batch", "optimizer"]:
+            columns = cells
+            # the first "× <baseline>" column is the step-time ratio (the second is memory's)
+            ratio_column = next(i for i, c in enumerate(columns) if c.startswith("× "))
+        elif columns and len(cells) == len(columns) and cells[0] == str(batch_size):
+            ms = float(cells[columns.index("ms/step")])
+            steps[cells[columns.index("optimizer")]] = (ms, float(cells[ratio_column]))
+    if not steps:
+        raise SystemExit(f"{path}: no profile rows at batch {batch_size}")
+    return columns[ratio_column], steps
+
+
+def _seconds_section(
+    by_name: dict[str, list[dict[str, Any]]], batch_size: int, target: float, profile: Path
+) -> list[str]:
+    ratio_heading, step_ms = profiled_step_ms(profile, batch_size)
+    # the profile's first line: "<task> step profile: <hardware>; torch ...; command: ..."
+    hardware = profile.read_text(encoding="utf-8").split("\n", 1)[0].partition(": ")[2].partition("; command")[0]
+    rows = []
+    for name, runs in by_name.items():
+        if name not in step_ms:
+            raise SystemExit(f"{profile}: no profile row for {name} at batch {batch_size}")
+        ms, ratio = step_ms[name]
+        (steps_per_epoch,) = {r["steps_per_epoch"] for r in runs}
+        epochs = statistics.median(_rank(r)[0] for r in runs)
+        seconds = epochs * steps_per_epoch * ms / 1000
+        rows.append((seconds, name, ms, ratio, steps_per_epoch, epochs))
+    lines = [
+        "",
+        f"## Training seconds to {target:.0%} at the profiled step time, fastest first",
+        "",
+        f"Median epochs to the target × steps per epoch × ms per step of `{profile}` ({hardware}; every "
+        "optimizer in one process, side by side). A median that is a miss has no time.",
+        "",
+        f"| optimizer | ms/step | {ratio_heading} | steps per epoch | epochs, median | seconds to target |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for seconds, name, ms, ratio, steps_per_epoch, epochs in sorted(rows):
+        time_text = "—" if math.isinf(seconds) else f"{seconds:.1f}"
+        epochs_text = "—" if math.isinf(epochs) else f"{epochs:g}"
+        lines.append(f"| {name} | {ms:.1f} | {ratio:.2f} | {steps_per_epoch} | {epochs_text} | {time_text} |")
+    return lines
+
+
 def _paired_sections(
     records: list[dict[str, Any]],
     batch_size: int,
@@ -93,6 +149,7 @@ def report(
     reference_names: list[str],
     selection_seed: int,
     replacements: list[Path],
+    profile: Path | None = None,
 ) -> str:
     base_records = load(baselines / "runs.jsonl")
     ref_records = [r for r in load(references / "runs.jsonl") if r["spec"]["optimizer"] in reference_names]
@@ -117,7 +174,8 @@ def report(
         f"# Baselines against {', '.join(reference_names)} (paired by seed)",
         "",
         f"Made by `python benchmarks/cifar10_baselines_paired.py {baselines} {references}"
-        f"{' --replace ' + ' '.join(str(p) for p in replacements) if replacements else ''}` from the "
+        f"{' --replace ' + ' '.join(str(p) for p in replacements) if replacements else ''}"
+        f"{f' --profile {profile}' if profile else ''}` from the "
         f"`runs.jsonl` files. Each baseline's learning-rate factor is chosen on seed {selection_seed} (fewest "
         f"epochs to {target:.0%} test accuracy, then higher final accuracy); every seed run at that factor is used. "
         f"{', '.join(reference_names)}: every run of `{references.name}` under that name.",
@@ -141,6 +199,8 @@ def report(
             f"| {'—' if math.isinf(median_epochs) else f'{median_epochs:g}'}{spread} "
             f"| {statistics.median(finals):.2f} [{finals[0]:.2f}–{finals[-1]:.2f}] | {machines} |"
         )
+    if profile is not None:
+        lines += _seconds_section(by_name, batch_size, target, profile)
     seeds = sorted({r["spec"]["seed"] for r in records})
     lines += [
         "",
@@ -206,9 +266,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--replace", type=Path, nargs="*", default=[], help="runs.jsonl files of reference runs to swap in"
     )
+    parser.add_argument("--profile", type=Path, help="fop-bench --profile table of the same task and batch size")
     parser.add_argument("--output", type=Path, help="where to write the Markdown (BASELINES/paired.md)")
     args = parser.parse_args(argv)
-    text = report(args.baselines, args.references, args.names.split(","), args.selection_seed, args.replace)
+    names = args.names.split(",")
+    text = report(args.baselines, args.references, names, args.selection_seed, args.replace, args.profile)
     (args.output or args.baselines / "paired.md").write_text(text, encoding="utf-8")
     sys.stdout.write(text)
     return 0
