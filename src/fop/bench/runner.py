@@ -188,6 +188,10 @@ def plan_runs(config: SweepConfig, task: Task, dataset: Any, optimizers: Sequenc
             for factor, second in itertools.product(grid, second_axis(config, spec)):
                 lr = factor * scaled_lr(base_lr, batch_size, task.reference_batch, scaling)
                 default_damping = config.damping or task.curvature.damping
+                # the task's fallback rate moves with the grid factor; a variant's own one does not
+                run_fallback_lr = fixed_fallback_lr
+                if not own_fallback and fallback_lr is not None:
+                    run_fallback_lr = factor * fallback_lr
                 hyperparameters = Hyperparameters(
                     lr=lr,
                     weight_decay=task.weight_decay(spec.lr_name) if spec.uses_curvature or second is None else second,
@@ -195,9 +199,7 @@ def plan_runs(config: SweepConfig, task: Task, dataset: Any, optimizers: Sequenc
                     factor_decay=factor_decay,
                     curvature_interval=interval,
                     fallback=fallback,
-                    fallback_lr=(
-                        fixed_fallback_lr if own_fallback else None if fallback_lr is None else factor * fallback_lr
-                    ),
+                    fallback_lr=run_fallback_lr,
                     options=tuple(sorted(options.items())),
                 )
                 for seed in config.seeds:
