@@ -67,10 +67,10 @@ def _epochs(value: float | None) -> str:
     return "—" if value is None else f"{value:g}"
 
 
-def profiled_step_ms(path: Path, batch_size: int) -> tuple[str, dict[str, tuple[float, float]]]:
-    """The heading of the step-time ratio (``× sgd``) and, per optimizer, (ms per step, that ratio)
-    at ``batch_size``, from a ``fop-bench --profile`` Markdown table."""
-    steps: dict[str, tuple[float, float]] = {}
+def profiled_step_ms(path: Path, batch_size: int) -> tuple[str, dict[str, tuple[float, float, float]]]:
+    """The heading of the step-time ratio (``× sgd``) and, per optimizer, (ms per step, that ratio,
+    ms in forward and backward) at ``batch_size``, from a ``fop-bench --profile`` Markdown table."""
+    steps: dict[str, tuple[float, float, float]] = {}
     columns: list[str] = []
     ratio_column = 0
     for line in path.read_text(encoding="utf-8").splitlines():
@@ -80,8 +80,8 @@ def profiled_step_ms(path: Path, batch_size: int) -> tuple[str, dict[str, tuple[
             # the first "× <baseline>" column is the step-time ratio (the second is memory's)
             ratio_column = next(i for i, c in enumerate(columns) if c.startswith("× "))
         elif columns and len(cells) == len(columns) and cells[0] == str(batch_size):
-            ms = float(cells[columns.index("ms/step")])
-            steps[cells[columns.index("optimizer")]] = (ms, float(cells[ratio_column]))
+            ms, forward_backward = (float(cells[columns.index(name)]) for name in ("ms/step", "fwd+bwd ms"))
+            steps[cells[columns.index("optimizer")]] = (ms, float(cells[ratio_column]), forward_backward)
     if not steps:
         raise SystemExit(f"{path}: no profile rows at batch {batch_size}")
     return columns[ratio_column], steps
@@ -97,25 +97,29 @@ def _seconds_section(
     for name, runs in by_name.items():
         if name not in step_ms:
             raise SystemExit(f"{profile}: no profile row for {name} at batch {batch_size}")
-        ms, ratio = step_ms[name]
+        ms, ratio, forward_backward = step_ms[name]
         (steps_per_epoch,) = {r["steps_per_epoch"] for r in runs}
         epochs = statistics.median(_rank(r)[0] for r in runs)
         seconds = epochs * steps_per_epoch * ms / 1000
-        rows.append((seconds, name, ms, ratio, steps_per_epoch, epochs))
+        rows.append((seconds, name, ms, ratio, forward_backward, steps_per_epoch, epochs))
     lines = [
         "",
         f"## Training seconds to {target:.0%} at the profiled step time, fastest first",
         "",
         f"Median epochs to the target × steps per epoch × ms per step of `{profile}` ({hardware}; every "
-        "optimizer in one process, side by side). A median that is a miss has no time.",
+        "optimizer in one process, side by side). A median that is a miss has no time. The forward and backward "
+        "pass is the same work for every optimizer: its spread is the measurement's noise.",
         "",
-        f"| optimizer | ms/step | {ratio_heading} | steps per epoch | epochs, median | seconds to target |",
-        "| --- | --- | --- | --- | --- | --- |",
+        f"| optimizer | ms/step | {ratio_heading} | fwd+bwd ms | steps per epoch | epochs, median | seconds to target |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for seconds, name, ms, ratio, steps_per_epoch, epochs in sorted(rows):
+    for seconds, name, ms, ratio, forward_backward, steps_per_epoch, epochs in sorted(rows):
         time_text = "—" if math.isinf(seconds) else f"{seconds:.1f}"
         epochs_text = "—" if math.isinf(epochs) else f"{epochs:g}"
-        lines.append(f"| {name} | {ms:.1f} | {ratio:.2f} | {steps_per_epoch} | {epochs_text} | {time_text} |")
+        lines.append(
+            f"| {name} | {ms:.1f} | {ratio:.2f} | {forward_backward:.0f} | {steps_per_epoch} | {epochs_text} "
+            f"| {time_text} |"
+        )
     return lines
 
 
