@@ -23,6 +23,12 @@ CASES = {
         "--profile",
         f"{EVIDENCE}/cifar10-baselines/profile.md",
     ],
+    "cifar10-lt-baselines": [
+        f"{EVIDENCE}/cifar10-lt-baselines",
+        f"{EVIDENCE}/cifar10-lt-medium",
+        "--profile",
+        f"{EVIDENCE}/cifar10-lt-baselines/profile.md",
+    ],
 }
 
 
